@@ -1,0 +1,68 @@
+"""The ``annserve`` command: run the daemon in the foreground.
+
+Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 2 for bad arguments,
+3 when a store cannot be opened, 4 when the address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from annserve.errors import AnnServeError
+from annserve.server.app import create_server
+from annserve.server.store import open_store
+
+logger = logging.getLogger("annserve")
+
+EXIT_STORE = 3
+EXIT_BIND = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``annserve``."""
+    parser = argparse.ArgumentParser(
+        prog="annserve", description="Serve AnnData minibatches to remote trainers over gRPC.")
+    parser.add_argument("--store", required=True, metavar="PATH",
+                        help=".h5ad file or AnnData zarr store, opened read-only")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=50051,
+                        help="port to bind; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+                        help="time in-flight streams get to finish on shutdown (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        store = open_store(args.store)
+    except AnnServeError as e:
+        print(f"annserve: {e}", file=sys.stderr)
+        return EXIT_STORE
+    try:
+        server, port = create_server({store.path.name: store}, f"{args.host}:{args.port}")
+    except OSError as e:
+        print(f"annserve: {e}", file=sys.stderr)
+        return EXIT_BIND
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    logger.info("listening on %s:%d", args.host, port)
+    stop.wait()
+    logger.info("shutting down; in-flight streams get %.1f s", args.grace)
+    server.stop(args.grace).wait()
+    logger.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Turn rows of a preload buffer into wire arrays (``raw`` or ``compact`` encoding).
+
+Work is split in two: :func:`prepare` converts a whole preload buffer to wire
+dtypes once (narrowing is cheaper before the gather than after), and
+:func:`frame_arrays` gathers one frame's rows from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.server.store import CSRRows, DenseRows
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from annserve.server.store import ObsColumnData
+
+_UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+
+
+def smallest_uint(max_value: int) -> np.dtype | None:
+    """Return the smallest unsigned dtype holding ``0..max_value``, None if over uint32."""
+    return next((dt for dt in _UINTS if max_value <= np.iinfo(dt).max), None)
+
+
+def compact_values(values: np.ndarray) -> np.ndarray:
+    """Narrow values losslessly for the ``compact`` encoding.
+
+    Parameters
+    ----------
+    values
+        Any shape, numeric dtype.
+
+    Returns
+    -------
+    ``values`` as the smallest unsigned integer dtype (uint8/16/32) when all are
+    non-negative integers (counts) up to 2**32 - 1, otherwise as float32 (which is
+    what the client yields, so nothing is lost that the client would keep).
+    """
+    if values.size == 0:
+        return values.astype(np.uint8)
+    lo, hi = values.min(), values.max()
+    dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
+    if dtype is not None:
+        narrowed = values.astype(dtype)
+        if values.dtype.kind in "ui" or np.array_equal(narrowed, values):
+            return narrowed
+    return values.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WireRows:
+    """A preload buffer converted to wire dtypes; same row order as the buffer."""
+
+    sparse: bool
+    indptr: np.ndarray | None
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of X held in wire dtypes."""
+        return self.values.nbytes + (self.indices.nbytes if self.indices is not None else 0)
+
+
+def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int) -> WireRows:
+    """Convert a preload buffer to the wire dtypes of ``encoding``.
+
+    Parameters
+    ----------
+    block
+        Rows read from the store.
+    encoding
+        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+    n_vars
+        Columns of X; picks uint16 (<= 65,536) or uint32 column indices when compact.
+    """
+    compact = encoding == pb.ENCODING_COMPACT
+    if isinstance(block, DenseRows):
+        return WireRows(False, None, None, compact_values(block.values) if compact else block.values)
+    if not compact:
+        return WireRows(True, block.indptr, block.indices, block.data)
+    index_dtype = np.uint16 if n_vars <= 1 << 16 else np.uint32
+    return WireRows(True, block.indptr, block.indices.astype(index_dtype),
+                    compact_values(block.data))
+
+
+def frame_arrays(rows: WireRows, positions: np.ndarray, encoding: int
+                 ) -> list[tuple[str, np.ndarray]]:
+    """Gather the X arrays of one frame.
+
+    Parameters
+    ----------
+    rows
+        The prepared preload buffer.
+    positions
+        Positions of the frame's rows in the buffer, shape ``(n,)``, int64, in yield order.
+    encoding
+        ``pb.ENCODING_RAW`` (``indptr`` int64, ``n + 1`` entries) or
+        ``pb.ENCODING_COMPACT`` (``row_nnz`` uint16/uint32, ``n`` entries).
+
+    Returns
+    -------
+    ``[("X", dense)]`` or ``[("indptr" | "row_nnz", ...), ("indices", ...), ("data", ...)]``.
+    """
+    if not rows.sparse:
+        return [("X", rows.values[positions])]
+    starts = rows.indptr[positions]
+    lengths = rows.indptr[positions + 1] - starts
+    ends = np.cumsum(lengths)
+    gather = np.repeat(starts - ends + lengths, lengths) + np.arange(ends[-1] if len(ends) else 0)
+    if encoding == pb.ENCODING_COMPACT:
+        max_len = int(lengths.max()) if len(lengths) else 0
+        row_part = ("row_nnz", lengths.astype(smallest_uint(max_len) or np.uint64))
+    else:
+        row_part = ("indptr", np.r_[np.int64(0), ends])
+    return [row_part, ("indices", rows.indices[gather]), ("data", rows.values[gather])]
+
+
+def obs_arrays(columns: Sequence[ObsColumnData], global_rows: np.ndarray
+               ) -> tuple[list[tuple[str, np.ndarray]], list[pb.StringColumn]]:
+    """Slice the requested obs columns at the frame's rows.
+
+    Parameters
+    ----------
+    columns
+        Requested columns.
+    global_rows
+        Store row indices of the frame, shape ``(n,)``, int64.
+
+    Returns
+    -------
+    ``("obs/<name>", values)`` arrays for categorical (codes) and numeric columns,
+    and string columns as protobuf messages.
+    """
+    arrays, strings = [], []
+    for col in columns:
+        values = col.values[global_rows]
+        if col.kind == "str":
+            strings.append(pb.StringColumn(name=col.name, values=values.tolist()))
+        else:
+            arrays.append((f"obs/{col.name}", values))
+    return arrays, strings

@@ -1,0 +1,87 @@
+"""Validate a ``StreamBatchesRequest`` into a :class:`StreamPlan` (no gRPC here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from annserve.errors import InvalidRequestError
+from annserve.server.store import AnnDataStore, ObsColumnData
+from annserve.v1 import annserve_pb2 as pb
+
+_POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """A validated stream request.
+
+    Attributes
+    ----------
+    batch_size
+        Rows per minibatch; same meaning as annbatch ``Loader.batch_size``.
+    chunk_size
+        Contiguous rows per chunk; same meaning as annbatch ``ChunkSampler.chunk_size``.
+    preload_nchunks
+        Chunks per preload buffer; same meaning as annbatch ``preload_nchunks``.
+    shuffle
+        Permute chunks and rows within preload buffers.
+    drop_last
+        Drop the epoch's final batch when it is short.
+    seed
+        Generator seed; with ``epoch`` it fixes the permutation.
+    epoch
+        Epoch number, >= 0.
+    obs
+        The requested obs columns, in request order.
+    return_index
+        Send the global row index of every row.
+    encoding
+        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+    """
+
+    batch_size: int
+    chunk_size: int
+    preload_nchunks: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    epoch: int
+    obs: tuple[ObsColumnData, ...]
+    return_index: bool
+    encoding: int
+
+
+def plan_stream(request: pb.StreamBatchesRequest, store: AnnDataStore) -> StreamPlan:
+    """Check a request against a store.
+
+    Raises
+    ------
+    InvalidRequestError
+        Naming the first bad field and its allowed values.
+    """
+    for field in _POSITIVE:
+        if getattr(request, field) <= 0:
+            msg = f"{field} must be a positive integer, got {getattr(request, field)}"
+            raise InvalidRequestError(msg)
+    if request.epoch < 0:
+        msg = f"epoch must be >= 0, got {request.epoch}"
+        raise InvalidRequestError(msg)
+    unknown = [k for k in request.obs_keys if k not in store.obs]
+    if unknown:
+        msg = f"obs_keys: unknown column(s) {unknown}; the store has {sorted(store.obs)}"
+        raise InvalidRequestError(msg)
+    if request.encoding not in pb.Encoding.values():
+        msg = f"encoding: unknown value {request.encoding}; allowed {list(pb.Encoding.keys())}"
+        raise InvalidRequestError(msg)
+    return StreamPlan(
+        batch_size=request.batch_size,
+        chunk_size=request.chunk_size,
+        preload_nchunks=request.preload_nchunks,
+        shuffle=request.shuffle,
+        drop_last=request.drop_last,
+        seed=request.seed,
+        epoch=request.epoch,
+        obs=tuple(store.obs[k] for k in request.obs_keys),
+        return_index=request.return_index,
+        encoding=request.encoding or pb.ENCODING_COMPACT,
+    )

@@ -1,0 +1,278 @@
+"""Read-only access to one AnnData store (``.h5ad`` or zarr) by row ranges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.core.sync import sync as zarr_sync
+
+from annserve.errors import StoreFormatError, StoreNotFoundError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class RangeReader(Protocol):
+    """Reads several ``[start, stop)`` element ranges of one 1-d or 2-d on-disk array."""
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Return the ranges concatenated along axis 0, in the given order."""
+        ...
+
+
+class _H5Ranges:
+    """Range reads of an h5py dataset, one hyperslab read per range."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self._ds = dataset
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        return _concat([self._ds[a:b] for a, b in ranges], self._ds)
+
+
+class _ZarrRanges:
+    """Range reads of a zarr array, all ranges fetched concurrently on zarr's event loop."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self._array = array
+        self._async = array.async_array
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        async def fetch() -> list[np.ndarray]:
+            return await asyncio.gather(*(self._async.getitem(slice(a, b)) for a, b in ranges))
+
+        return _concat(zarr_sync(fetch()), self._array)
+
+
+def _concat(parts: list[np.ndarray], array: h5py.Dataset | zarr.Array) -> np.ndarray:
+    if not parts:
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class CSRRows:
+    """Rows of a CSR X held in memory, in store order.
+
+    Attributes
+    ----------
+    indptr
+        Row offsets into ``indices``/``data``, shape ``(n_rows + 1,)``, int64, starting at 0.
+    indices
+        Column (gene) index of each non-zero, shape ``(nnz,)``, the store's integer dtype.
+    data
+        Value of each non-zero, shape ``(nnz,)``, the store's dtype.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class DenseRows:
+    """Rows of a dense X held in memory, shape ``(n_rows, n_vars)``, the store's dtype."""
+
+    values: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ObsColumnData:
+    """One obs column prepared for slicing by row.
+
+    Attributes
+    ----------
+    name
+        Column name.
+    kind
+        ``"category"`` (``values`` are the integer codes, -1 = missing), ``"numeric"``
+        (numeric or bool numpy values) or ``"str"`` (``values`` is an object array of str).
+    values
+        Shape ``(n_obs,)``.
+    dtype
+        dtype name reported to clients.
+    categories
+        Category labels as strings (``kind == "category"`` only).
+    ordered
+        Whether the categorical is ordered.
+    """
+
+    name: str
+    kind: str
+    values: np.ndarray
+    dtype: str
+    categories: tuple[str, ...] = ()
+    ordered: bool = False
+
+
+def _obs_column(name: str, series: pd.Series) -> ObsColumnData:
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        cats = tuple(str(c) for c in series.cat.categories)
+        return ObsColumnData(name, "category", np.asarray(series.cat.codes), "category", cats,
+                             bool(series.cat.ordered))
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind in "biuf":
+        return ObsColumnData(name, "numeric", series.to_numpy(), series.dtype.name)
+    return ObsColumnData(name, "str", series.astype(str).to_numpy(dtype=object), "str")
+
+
+class AnnDataStore:
+    """One AnnData store opened read-only, serving X rows and obs columns.
+
+    Use :func:`open_store` to create one.
+
+    Attributes
+    ----------
+    path
+        Where the store lies.
+    n_obs, n_vars
+        Shape of X (cells, genes).
+    var_names
+        Gene names, length ``n_vars``.
+    obs
+        Prepared obs columns by name.
+    x_sparse
+        True for CSR X, False for dense X.
+    x_dtype
+        dtype of X (of its ``data`` array when sparse).
+    """
+
+    def __init__(self, path: Path, root: h5py.Group | zarr.Group) -> None:
+        self.path = path
+        self._root = root
+        x = _child(root, "X", path)
+        self.x_sparse = _x_is_csr(x, path)
+        if self.x_sparse:
+            self.n_obs, self.n_vars = (int(s) for s in x.attrs["shape"])
+            self._indptr = np.asarray(x["indptr"][...], dtype=np.int64)
+            self._indices = _range_reader(x["indices"])
+            self._data = _range_reader(x["data"])
+            self.x_dtype = np.dtype(x["data"].dtype)
+        else:
+            self.n_obs, self.n_vars = (int(s) for s in x.shape)
+            self._dense = _range_reader(x)
+            self.x_dtype = np.dtype(x.dtype)
+        obs = _read_frame(root, "obs", path)
+        self.var_names = tuple(str(v) for v in _read_frame(root, "var", path).index)
+        self.obs = {str(k): _obs_column(str(k), obs[k]) for k in obs.columns}
+        if len(obs) != self.n_obs or len(self.var_names) != self.n_vars:
+            msg = (f"{path}: obs/var lengths ({len(obs)}, {len(self.var_names)}) do not match "
+                   f"X shape ({self.n_obs}, {self.n_vars})")
+            raise StoreFormatError(msg)
+
+    def read_rows(self, rows: np.ndarray) -> CSRRows | DenseRows:
+        """Read rows of X, coalescing contiguous runs into single range reads.
+
+        Parameters
+        ----------
+        rows
+            Global row indices, shape ``(n,)``, int64, strictly increasing.
+
+        Returns
+        -------
+        The rows in the given order: :class:`CSRRows` for sparse X, else :class:`DenseRows`.
+        """
+        runs = row_runs(rows)
+        if not self.x_sparse:
+            return DenseRows(self._dense.read(runs))
+        starts, stops = self._indptr[rows], self._indptr[rows + 1]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(stops - starts, out=indptr[1:])
+        nnz_runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in runs]
+        return CSRRows(indptr, self._indices.read(nnz_runs), self._data.read(nnz_runs))
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split strictly increasing row indices into maximal ``[start, stop)`` runs.
+
+    Parameters
+    ----------
+    rows
+        Shape ``(n,)``, integer, strictly increasing.
+
+    Returns
+    -------
+    Runs in increasing order; their lengths add up to ``n``.
+    """
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def _range_reader(array: h5py.Dataset | zarr.Array) -> RangeReader:
+    return _H5Ranges(array) if isinstance(array, h5py.Dataset) else _ZarrRanges(array)
+
+
+def _child(group: h5py.Group | zarr.Group, key: str, path: Path) -> h5py.Group | zarr.Group:
+    if key not in group:
+        msg = f"{path}: not an AnnData store (no {key!r} element)"
+        raise StoreFormatError(msg)
+    return group[key]
+
+
+def _x_is_csr(x: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, path: Path) -> bool:
+    encoding = x.attrs.get("encoding-type", "array")
+    if encoding == "csr_matrix":
+        return True
+    if encoding == "array" and len(x.shape) == 2:
+        return False
+    msg = (f"{path}: X has encoding {encoding!r}; annserve serves CSR or dense X "
+           "(convert CSC to CSR first)")
+    raise StoreFormatError(msg)
+
+
+def _read_frame(root: h5py.Group | zarr.Group, key: str, path: Path) -> pd.DataFrame:
+    try:
+        return ad.io.read_elem(_child(root, key, path))
+    except StoreFormatError:
+        raise
+    except Exception as e:  # anndata raises many types for a malformed element
+        msg = f"{path}: cannot read {key}: {e}"
+        raise StoreFormatError(msg) from e
+
+
+def open_store(path: str | Path) -> AnnDataStore:
+    """Open an AnnData store read-only.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file, or a directory holding an AnnData zarr store (v2 or v3 format).
+
+    Returns
+    -------
+    The opened store; it keeps the file open for the life of the process.
+
+    Raises
+    ------
+    StoreNotFoundError
+        If ``path`` does not exist.
+    StoreFormatError
+        If ``path`` is not a readable AnnData store with CSR or dense X.
+    """
+    p = Path(path)
+    if not p.exists():
+        msg = f"store not found: {p}"
+        raise StoreNotFoundError(msg)
+    try:
+        root = h5py.File(p, "r") if p.is_file() else zarr.open_group(p, mode="r")
+    except Exception as e:  # h5py/zarr raise OSError, ValueError, KeyError... on foreign files
+        msg = f"{p}: not a readable .h5ad file or zarr store: {e}"
+        raise StoreFormatError(msg) from e
+    store = AnnDataStore(p, root)
+    logger.info("opened %s: %d obs x %d vars, %s X (%s)", p, store.n_obs, store.n_vars,
+                "CSR" if store.x_sparse else "dense", store.x_dtype)
+    return store

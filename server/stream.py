@@ -1,0 +1,84 @@
+"""The frames of one epoch: sampler → preload buffer → batches → frames."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.server.encode import frame_arrays, obs_arrays, prepare
+from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import encode_frame
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from annserve.server.encode import WireRows
+    from annserve.server.request import StreamPlan
+    from annserve.server.sampler import Sampler
+    from annserve.server.store import AnnDataStore
+
+#: Most rows in one frame; frames this size measured fastest on loopback.
+MAX_FRAME_ROWS = 1024
+#: Target payload of one frame, bytes; 1-4 MB messages measured fastest.
+TARGET_FRAME_BYTES = 2 << 20
+
+
+def epoch_frames(store: AnnDataStore, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
+    """Yield the serialized frames of one epoch.
+
+    The epoch's rows are the sampler's preload buffers concatenated; they are cut
+    into batches of ``plan.batch_size`` rows (leftover rows of a buffer open the
+    next batch, as in annbatch), and each batch into frames that never span two
+    buffers, so only one buffer is needed at a time.
+
+    Parameters
+    ----------
+    store
+        Store to read.
+    sampler
+        Row order of the epoch.
+    plan
+        Validated request.
+
+    Yields
+    ------
+    Serialized ``BatchFrame`` messages, in order.
+    """
+    n_rows = sampler.n_rows
+    n_emit = n_rows - n_rows % plan.batch_size if plan.drop_last else n_rows
+    emitted = 0
+    for rows in sampler.preloads(plan.epoch):
+        rows = rows[: n_emit - emitted]
+        if len(rows) == 0:
+            break
+        sorted_rows = np.sort(rows)
+        wire = prepare(store.read_rows(sorted_rows), plan.encoding, store.n_vars)
+        positions = np.searchsorted(sorted_rows, rows)
+        step = _frame_rows(wire.nbytes, len(rows))
+        start = 0
+        while start < len(rows):
+            batch, row_start = divmod(emitted, plan.batch_size)
+            batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
+            n = min(step, batch_rows - row_start, len(rows) - start)
+            header = pb.BatchHeader(batch=batch, batch_rows=batch_rows, row_start=row_start,
+                                    n_rows=n, n_vars=store.n_vars, sparse=wire.sparse)
+            yield _frame(header, wire, positions[start:start + n], rows[start:start + n], plan)
+            start += n
+            emitted += n
+
+
+def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
+    per_row = max(1, buffer_bytes // max(1, buffer_rows))
+    return int(np.clip(TARGET_FRAME_BYTES // per_row, 1, MAX_FRAME_ROWS))
+
+
+def _frame(header: pb.BatchHeader, wire: WireRows, positions: np.ndarray, global_rows: np.ndarray,
+           plan: StreamPlan) -> bytes:
+    arrays = frame_arrays(wire, positions, plan.encoding)
+    obs, strings = obs_arrays(plan.obs, global_rows)
+    arrays += obs
+    header.string_obs.extend(strings)
+    if plan.return_index:
+        arrays.append(("index", global_rows))
+    return encode_frame(header, arrays)

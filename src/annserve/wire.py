@@ -1,0 +1,151 @@
+"""The frame codec shared by server and client.
+
+A frame is the protobuf encoding of ``annserve.v1.BatchFrame``: field 1 (the
+small :class:`BatchHeader`) written by protobuf, field 2 (``payload``) written
+here directly from the arrays' buffers, so the bulk bytes are copied once when
+the frame is built and never when it is read. Each array starts at an 8-byte
+aligned offset of the payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.errors import FrameDecodeError
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+_PAYLOAD_KEY = b"\x12"  # field 2, wire type 2 (length-delimited)
+_ALIGN = 8
+_ALLOWED_KINDS = frozenset("biuf")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    msg = "frame truncated inside a varint"
+    raise FrameDecodeError(msg)
+
+
+def encode_frame(header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
+    """Serialize a frame; fills ``header.arrays`` with the payload layout.
+
+    Parameters
+    ----------
+    header
+        Frame header without ``arrays``; modified in place.
+    arrays
+        ``(name, array)`` pairs; arrays must be numeric or bool, any shape.
+
+    Returns
+    -------
+    The serialized ``BatchFrame``.
+    """
+    parts: list[bytes | np.ndarray] = []
+    offset = 0
+    for name, array in arrays:
+        arr = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        pad = -offset % _ALIGN
+        if pad:
+            parts.append(bytes(pad))
+            offset += pad
+        header.arrays.add(name=name, dtype=arr.dtype.str, shape=arr.shape, offset=offset)
+        parts.append(arr.reshape(-1).view(np.uint8))
+        offset += arr.nbytes
+    head = pb.BatchFrame(header=header).SerializeToString()
+    return b"".join([head, _PAYLOAD_KEY, _varint(offset), *parts])
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame: its header and read-only array views into the received bytes."""
+
+    header: pb.BatchHeader
+    arrays: dict[str, np.ndarray]
+
+
+def decode_frame(buf: bytes) -> Frame:
+    """Parse a serialized ``BatchFrame`` without copying its payload.
+
+    Parameters
+    ----------
+    buf
+        The frame as received.
+
+    Returns
+    -------
+    The header and, per array, a read-only numpy view into ``buf``.
+
+    Raises
+    ------
+    FrameDecodeError
+        If the frame is truncated, malformed, or its arrays do not fit the payload.
+    """
+    mv = memoryview(buf)
+    header, payload = None, None
+    pos = 0
+    while pos < len(mv):
+        key, pos = _read_varint(mv, pos)
+        if key & 7 != 2:
+            msg = f"unexpected wire type {key & 7} for field {key >> 3}"
+            raise FrameDecodeError(msg)
+        size, pos = _read_varint(mv, pos)
+        if pos + size > len(mv):
+            msg = f"frame truncated: field {key >> 3} needs {size} bytes, {len(mv) - pos} left"
+            raise FrameDecodeError(msg)
+        if key >> 3 == 1:
+            header = _parse_header(mv[pos:pos + size])
+        elif key >> 3 == 2:
+            payload = mv[pos:pos + size]
+        pos += size
+    if header is None:
+        msg = "frame has no header"
+        raise FrameDecodeError(msg)
+    payload = payload if payload is not None else memoryview(b"")
+    return Frame(header, {spec.name: _array_view(spec, payload) for spec in header.arrays})
+
+
+def _parse_header(raw: memoryview) -> pb.BatchHeader:
+    try:
+        return pb.BatchHeader.FromString(bytes(raw))
+    except Exception as e:  # protobuf's DecodeError
+        msg = f"frame header does not parse: {e}"
+        raise FrameDecodeError(msg) from e
+
+
+def _array_view(spec: pb.ArraySpec, payload: memoryview) -> np.ndarray:
+    try:
+        dtype = np.dtype(spec.dtype)
+    except TypeError as e:
+        msg = f"array {spec.name!r}: unknown dtype {spec.dtype!r}"
+        raise FrameDecodeError(msg) from e
+    shape = tuple(spec.shape)
+    if dtype.kind not in _ALLOWED_KINDS or dtype.byteorder == ">" or any(s < 0 for s in shape):
+        msg = f"array {spec.name!r}: unsupported dtype {spec.dtype!r} or shape {shape}"
+        raise FrameDecodeError(msg)
+    count = int(np.prod(shape, dtype=np.int64))
+    if spec.offset < 0 or spec.offset + count * dtype.itemsize > len(payload):
+        msg = (f"array {spec.name!r} ({count} x {dtype.itemsize} bytes at offset {spec.offset}) "
+               f"overruns the {len(payload)}-byte payload")
+        raise FrameDecodeError(msg)
+    return np.frombuffer(payload, dtype=dtype, count=count, offset=spec.offset).reshape(shape)
