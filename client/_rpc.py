@@ -1,0 +1,114 @@
+"""The client's gRPC connection: channel options, calls with deadlines, error mapping."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from annserve.errors import (
+    AnnServeError,
+    InvalidRequestError,
+    ServerUnavailableError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_SERVICE = "/annserve.v1.AnnServe/"
+#: Largest frame accepted, bytes; the server sizes frames at a few MB.
+MAX_RECEIVE_BYTES = 256 << 20
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    # detect a dead server during a long stream instead of waiting forever
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+_ERROR_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: StoreNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: StoreFormatError,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+}
+
+
+def translate(error: grpc.RpcError, address: str) -> AnnServeError:
+    """Map a failed call to the annserve error a caller can act on.
+
+    Parameters
+    ----------
+    error
+        The exception grpc raised; also a ``grpc.Call`` carrying code and details.
+    address
+        Server address, named in the message.
+    """
+    code, details = error.code(), error.details()  # type: ignore[attr-defined]
+    cls = _ERROR_OF.get(code, AnnServeError)
+    return cls(f"annserve at {address}: {code.name}: {details}")
+
+
+class Connection:
+    """A channel to one annserve server.
+
+    Parameters
+    ----------
+    address
+        ``host:port`` or ``unix:/path``.
+    timeout
+        Deadline of unary calls and of waiting for the channel, seconds.
+    """
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._describe = self._channel.unary_unary(
+            _SERVICE + "DescribeStore",
+            request_serializer=pb.DescribeStoreRequest.SerializeToString,
+            response_deserializer=pb.StoreInfo.FromString,
+        )
+        # no deserializer: frames arrive as bytes and are decoded without protobuf copies
+        self._stream = self._channel.unary_stream(
+            _SERVICE + "StreamBatches",
+            request_serializer=pb.StreamBatchesRequest.SerializeToString,
+        )
+
+    def describe(self, store: str) -> pb.StoreInfo:
+        """Call ``DescribeStore``.
+
+        Raises
+        ------
+        ServerUnavailableError
+            If no server answers at the address within ``timeout`` seconds.
+        AnnServeError
+            Any other failure, mapped from its status code (e.g. ``StoreNotFoundError``).
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
+        except grpc.FutureTimeoutError:
+            msg = f"no annserve server answered at {self.address} within {self.timeout:g} s"
+            raise ServerUnavailableError(msg) from None
+        try:
+            return self._describe(pb.DescribeStoreRequest(store=store), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+
+    def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
+        """Open ``StreamBatches``; the result iterates serialized frames and can be cancelled."""
+        return self._stream(request)
+
+    def close(self) -> None:
+        """Close the channel, cancelling its calls."""
+        self._channel.close()
+
+
+def frames_of(call: grpc.Call, address: str) -> Iterator[bytes]:
+    """Iterate a stream's frames, turning a failed call into an :class:`AnnServeError`."""
+    try:
+        yield from call  # type: ignore[misc]
+    except grpc.RpcError as e:
+        raise translate(e, address) from None

@@ -1,0 +1,246 @@
+"""``RemoteLoader``: a torch ``IterableDataset`` of minibatches streamed from annserve."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from annserve.client._assemble import BatchAssembler
+from annserve.client._rpc import Connection, frames_of
+from annserve.client._torch import to_device, to_torch
+from annserve.errors import InvalidRequestError
+from annserve.prefetch import Prefetcher
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+_ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
+
+
+class RemoteLoader(IterableDataset):
+    """Minibatches of an AnnData store served by an ``annserve`` daemon.
+
+    Each iteration is one epoch. The server reads contiguous chunks into preload
+    buffers ahead of the stream and shuffles rows within them (annbatch
+    ``ChunkSampler`` semantics); this object decodes frames on a background thread
+    so the training loop does not wait on parsing. Use it directly, or through
+    ``torch.utils.data.DataLoader(loader, batch_size=None)`` with ``num_workers``
+    0 or 1 (the server already reads ahead).
+
+    Parameters
+    ----------
+    address
+        Server address, ``host:port`` or ``unix:/path``.
+    store
+        Name of a store configured on the server; empty for its default store.
+    batch_size
+        Rows (cells) per minibatch; same meaning as annbatch ``Loader.batch_size``.
+    chunk_size
+        Contiguous rows read per chunk; same meaning as annbatch ``ChunkSampler.chunk_size``.
+    preload_nchunks
+        Chunks per preload buffer; same meaning as annbatch ``preload_nchunks``.
+    shuffle
+        Shuffle chunk order and rows within preload buffers each epoch.
+    drop_last
+        Drop the epoch's final batch when it has fewer than ``batch_size`` rows.
+    seed
+        Seed of the permutation: an int >= 0, a ``numpy.random.Generator`` (one seed is
+        drawn from it now), or None (a fresh random seed). ``(seed, epoch)`` fixes an
+        epoch's order.
+    obs_keys
+        obs columns to return with each batch.
+    return_index
+        Also return the global row index (position in the store) of each row.
+    to_torch
+        Yield torch tensors; False yields numpy arrays (X as :class:`CSRArrays`, no scipy).
+    to_dense
+        Yield X dense even when the store is sparse.
+    device
+        Move tensors to this torch device (e.g. ``"cuda"``); None keeps them on the CPU.
+    encoding
+        Wire encoding, ``"compact"`` (lossless narrow types, default) or ``"raw"``.
+    timeout
+        Deadline for connecting and for unary calls, seconds.
+    prefetch
+        Decoded batches that may wait ahead of the training loop.
+
+    Raises
+    ------
+    ServerUnavailableError
+        If no server answers at ``address`` within ``timeout`` (a ``ConnectionError``).
+    StoreNotFoundError
+        If the server has no store named ``store``.
+    InvalidRequestError
+        If a size is not positive, an obs key is unknown, or an option is not supported
+        (a ``ValueError``).
+
+    Examples
+    --------
+    >>> loader = RemoteLoader("127.0.0.1:50051", batch_size=4096, obs_keys=["cell_type"])
+    >>> for batch in loader:
+    ...     x, obs = batch["X"], batch["obs"]  # (4096, n_vars) sparse CSR float32, DataFrame
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        store: str = "",
+        batch_size: int = 4096,
+        chunk_size: int = 32,
+        preload_nchunks: int = 256,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int | np.random.Generator | None = None,
+        obs_keys: Sequence[str] = (),
+        return_index: bool = False,
+        to_torch: bool = True,
+        to_dense: bool = False,
+        device: str | torch.device | None = None,
+        encoding: str = "compact",
+        timeout: float = 10.0,
+        prefetch: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
+                            ("preload_nchunks", preload_nchunks), ("prefetch", prefetch)):
+            if value <= 0:
+                msg = f"{name} must be a positive integer, got {value}"
+                raise InvalidRequestError(msg)
+        if encoding not in _ENCODINGS:
+            msg = f"encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
+            raise InvalidRequestError(msg)
+        self.address, self.store = address, store
+        self.batch_size, self.chunk_size, self.preload_nchunks = batch_size, chunk_size, preload_nchunks
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.seed = _resolve_seed(seed)
+        self.obs_keys = tuple(obs_keys)
+        self.return_index, self.to_torch, self.to_dense = return_index, to_torch, to_dense
+        self.device = _resolve_device(device)
+        self.encoding, self.timeout, self.prefetch = encoding, timeout, prefetch
+        self._epoch = 0
+        self._conn: Connection | None = None
+        self._info = self._connection().describe(store)
+        missing = sorted(set(self.obs_keys) - {c.name for c in self._info.obs_columns})
+        if missing:
+            msg = (f"obs_keys: unknown column(s) {missing}; the store has "
+                   f"{sorted(c.name for c in self._info.obs_columns)}")
+            raise InvalidRequestError(msg)
+
+    # --- store facts -------------------------------------------------------------
+    @property
+    def n_obs(self) -> int:
+        """Rows (cells) in the store."""
+        return self._info.n_obs
+
+    @property
+    def n_vars(self) -> int:
+        """Columns (genes) of X."""
+        return self._info.n_vars
+
+    @property
+    def var_names(self) -> list[str]:
+        """Gene names, length ``n_vars``."""
+        return list(self._info.var_names)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch the next iteration streams."""
+        return self._epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(self.n_obs / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration streams (as ``DistributedSampler.set_epoch``).
+
+        Without calls to it, each iteration streams the epoch after the previous one,
+        so successive passes are differently shuffled. The same ``(seed, epoch)``
+        always gives the same order.
+
+        Raises
+        ------
+        InvalidRequestError
+            If ``epoch`` is negative.
+        """
+        if epoch < 0:
+            msg = f"epoch must be >= 0, got {epoch}"
+            raise InvalidRequestError(msg)
+        self._epoch = epoch
+
+    # --- iteration ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Stream one epoch of batches ``{"X", "obs", "index"?}``.
+
+        Raises
+        ------
+        AnnServeError
+            If the server rejects the request or fails mid-stream (mapped from its status).
+        FrameDecodeError
+            If a received frame is malformed; no batch built from it is yielded.
+        """
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            msg = ("RemoteLoader does not shard across DataLoader workers: use num_workers <= 1 "
+                   "(the server already reads ahead)")
+            raise InvalidRequestError(msg)
+        conn = self._connection()
+        call = conn.stream(self._request(self._epoch))
+        self._epoch += 1
+        assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars)
+
+        def produce() -> Iterator[dict[str, Any]]:
+            for batch in assembler.batches(frames_of(call, conn.address)):
+                yield to_torch(batch, to_dense=self.to_dense) if self.to_torch else batch
+
+        batches = Prefetcher(produce, self.prefetch, name="annserve-decode")
+        try:
+            for batch in batches:
+                yield to_device(batch, self.device) if self.device is not None else batch
+        finally:
+            call.cancel()
+            batches.close()
+
+    def _request(self, epoch: int) -> pb.StreamBatchesRequest:
+        return pb.StreamBatchesRequest(
+            store=self.store, batch_size=self.batch_size, chunk_size=self.chunk_size,
+            preload_nchunks=self.preload_nchunks, shuffle=self.shuffle, drop_last=self.drop_last,
+            seed=self.seed, epoch=epoch, obs_keys=self.obs_keys, return_index=self.return_index,
+            encoding=_ENCODINGS[self.encoding])
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = Connection(self.address, self.timeout)
+        return self._conn
+
+    # channels do not pickle: DataLoader workers started by spawn reconnect lazily
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_conn": None}
+
+
+def _resolve_seed(seed: int | np.random.Generator | None) -> int:
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(2**63))
+    if seed is None:
+        return int(np.random.default_rng().integers(2**63))
+    if seed < 0:
+        msg = f"seed must be >= 0, got {seed}"
+        raise InvalidRequestError(msg)
+    return int(seed)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {str(device)!r} requested but torch finds no CUDA device"
+        raise InvalidRequestError(msg)
+    return device
