@@ -120,7 +120,8 @@ class BatchAssembler:
         indices = _concat(frames, "indices", index_dtype)
         data = _concat(frames, "data", np.float32)
         if len(indices) != total or len(data) != total:
-            msg = f"CSR arrays disagree: {total} non-zeros by row, {len(indices)} indices, {len(data)} values"
+            msg = (f"CSR arrays disagree: {total} non-zeros by row, {len(indices)} indices, "
+                   f"{len(data)} values")
             raise _fail(msg)
         return CSRArrays(data, indices, indptr, (n_rows, self._n_vars))
 

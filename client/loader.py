@@ -116,7 +116,8 @@ class RemoteLoader(IterableDataset):
             msg = f"encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
             raise InvalidRequestError(msg)
         self.address, self.store = address, store
-        self.batch_size, self.chunk_size, self.preload_nchunks = batch_size, chunk_size, preload_nchunks
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.preload_nchunks = preload_nchunks
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed = _resolve_seed(seed)
         self.obs_keys = tuple(obs_keys)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051,
                         help="port to bind; 0 picks a free one (default %(default)s)")
     parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                        help="time in-flight streams get to finish on shutdown (default %(default)s)")
+                        help="seconds in-flight streams get on shutdown (default %(default)s)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser

@@ -82,7 +82,8 @@ def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int) -> WireRows:
     """
     compact = encoding == pb.ENCODING_COMPACT
     if isinstance(block, DenseRows):
-        return WireRows(False, None, None, compact_values(block.values) if compact else block.values)
+        values = compact_values(block.values) if compact else block.values
+        return WireRows(False, None, None, values)
     if not compact:
         return WireRows(True, block.indptr, block.indices, block.data)
     index_dtype = np.uint16 if n_vars <= 1 << 16 else np.uint32

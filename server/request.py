@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from annserve.errors import InvalidRequestError
-from annserve.server.store import AnnDataStore, ObsColumnData
 from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from annserve.server.store import AnnDataStore, ObsColumnData
 
 _POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
 

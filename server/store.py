@@ -162,8 +162,8 @@ class AnnDataStore:
             self.n_obs, self.n_vars = (int(s) for s in x.shape)
             self._dense = _range_reader(x)
             self.x_dtype = np.dtype(x.dtype)
-        obs = _read_frame(root, "obs", path)
-        self.var_names = tuple(str(v) for v in _read_frame(root, "var", path).index)
+        obs, var = _read_annotations(root, path)
+        self.var_names = tuple(str(v) for v in var.index)
         self.obs = {str(k): _obs_column(str(k), obs[k]) for k in obs.columns}
         if len(obs) != self.n_obs or len(self.var_names) != self.n_vars:
             msg = (f"{path}: obs/var lengths ({len(obs)}, {len(self.var_names)}) do not match "
@@ -234,13 +234,21 @@ def _x_is_csr(x: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, path: Path
     raise StoreFormatError(msg)
 
 
-def _read_frame(root: h5py.Group | zarr.Group, key: str, path: Path) -> pd.DataFrame:
+def _read_annotations(root: h5py.Group | zarr.Group, path: Path
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read obs and var with anndata, whatever version of the on-disk format wrote them."""
+    obs_elem, var_elem = _child(root, "obs", path), _child(root, "var", path)
     try:
-        return ad.io.read_elem(_child(root, key, path))
-    except StoreFormatError:
-        raise
+        if isinstance(obs_elem, h5py.Dataset):
+            # pre-0.7 h5ad (obs/var as compound datasets): anndata's backed reader knows the
+            # legacy layout; it also loads obsm/layers, so large legacy files should be rewritten
+            backed = ad.read_h5ad(path, backed="r")
+            obs, var = backed.obs, backed.var
+            backed.file.close()
+            return obs, var
+        return ad.io.read_elem(obs_elem), ad.io.read_elem(var_elem)
     except Exception as e:  # anndata raises many types for a malformed element
-        msg = f"{path}: cannot read {key}: {e}"
+        msg = f"{path}: cannot read obs/var: {e}"
         raise StoreFormatError(msg) from e
 
 
