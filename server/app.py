@@ -11,7 +11,7 @@ from annserve.server.service import SERVICE_NAME, AnnServeService
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from annserve.server.store import AnnDataStore
 
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 MAX_MESSAGE_BYTES = 256 << 20
 
 
-def create_server(stores: Mapping[str, AnnDataStore], address: str = "127.0.0.1:0",
-                  max_workers: int = 32) -> tuple[grpc.Server, int]:
+def create_server(stores: Mapping[str, AnnDataStore], addresses: Sequence[str] = ("127.0.0.1:0",),
+                  max_workers: int = 32) -> tuple[grpc.Server, list[int]]:
     """Create and start a server for ``stores``.
 
     The stream method is registered without a response serializer: the servicer
@@ -30,14 +30,14 @@ def create_server(stores: Mapping[str, AnnDataStore], address: str = "127.0.0.1:
     ----------
     stores
         Store by name; the first is the default.
-    address
-        ``host:port`` (port 0 picks a free port) or ``unix:/path``.
+    addresses
+        Where to listen: ``host:port`` (port 0 picks a free port) or ``unix:/path`` each.
     max_workers
         Threads serving RPCs; each open stream holds one.
 
     Returns
     -------
-    The started server and the bound port (0 for unix sockets).
+    The started server and the bound port of each address (0 for unix sockets).
 
     Raises
     ------
@@ -62,10 +62,12 @@ def create_server(stores: Mapping[str, AnnDataStore], address: str = "127.0.0.1:
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        msg = f"cannot bind {address}: {e}"
-        raise OSError(msg) from e
+    ports = []
+    for address in addresses:
+        try:
+            ports.append(server.add_insecure_port(address))
+        except RuntimeError as e:
+            msg = f"cannot bind {address}: {e}"
+            raise OSError(msg) from e
     server.start()
-    return server, port
+    return server, ports

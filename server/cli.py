@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=50051,
                         help="port to bind; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--unix", metavar="PATH",
+                        help="also listen on this unix domain socket (same-host trainers connect "
+                             "with address unix:PATH; faster than TCP loopback)")
     parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                         help="seconds in-flight streams get on shutdown (default %(default)s)")
     parser.add_argument("--log-level", default="INFO",
@@ -48,15 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     except AnnServeError as e:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_STORE
+    addresses = [f"{args.host}:{args.port}"] + ([f"unix:{args.unix}"] if args.unix else [])
     try:
-        server, port = create_server({store.path.name: store}, f"{args.host}:{args.port}")
+        server, ports = create_server({store.path.name: store}, addresses)
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_BIND
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    logger.info("listening on %s:%d", args.host, port)
+    logger.info("listening on %s:%d", args.host, ports[0])
+    if args.unix:
+        logger.info("listening on unix:%s", args.unix)
     stop.wait()
     logger.info("shutting down; in-flight streams get %.1f s", args.grace)
     server.stop(args.grace).wait()

@@ -80,7 +80,7 @@ def serve():
 
     def start(*paths: Path) -> str:
         stores = {p.name: open_store(p) for p in paths}
-        server, port = create_server(stores, "127.0.0.1:0")
+        server, (port,) = create_server(stores, ["127.0.0.1:0"])
         servers.append(server)
         return f"127.0.0.1:{port}"
 

@@ -163,3 +163,18 @@ def test_abandoned_stream_stops_server_reader(serve):
             break
         time.sleep(0.05)
     assert alive == []
+
+
+def test_unix_socket_address(tmp_path, real_adata):
+    from annserve.server import create_server, open_store
+    from conftest import real_path
+
+    sock = tmp_path / "annserve.sock"
+    server, _ = create_server({"wu": open_store(real_path("wu2020"))}, [f"unix:{sock}"])
+    try:
+        loader = RemoteLoader(f"unix:{sock}", batch_size=64, return_index=True, seed=0,
+                              timeout=10)
+        rows = np.concatenate([check_batch(b, real_adata("wu2020"), []) for b in loader])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(200))
+    finally:
+        server.stop(grace=None).wait(timeout=10)
