@@ -238,10 +238,14 @@ def _child(group: h5py.Group | zarr.Group, key: str, path: Path) -> h5py.Group |
 
 
 def _x_is_csr(x: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, path: Path) -> bool:
+    if "encoding-type" not in x.attrs and not isinstance(x, h5py.Dataset | zarr.Array):
+        msg = (f"{path}: X is a group without anndata encoding metadata (a pre-0.7 file?); "
+               "rewrite it with current anndata (read_h5ad + write_h5ad)")
+        raise StoreFormatError(msg)
     encoding = x.attrs.get("encoding-type", "array")
     if encoding == "csr_matrix":
         return True
-    if encoding == "array" and len(x.shape) == 2:
+    if encoding == "array" and isinstance(x, h5py.Dataset | zarr.Array) and len(x.shape) == 2:
         return False
     msg = (f"{path}: X has encoding {encoding!r}; annserve serves CSR or dense X "
            "(convert CSC to CSR first)")
@@ -294,7 +298,13 @@ def open_store(path: str | Path) -> AnnDataStore:
     except Exception as e:  # h5py/zarr raise OSError, ValueError, KeyError... on foreign files
         msg = f"{p}: not a readable .h5ad file or zarr store: {e}"
         raise StoreFormatError(msg) from e
-    store = AnnDataStore(p, root)
+    try:
+        store = AnnDataStore(p, root)
+    except StoreFormatError:
+        raise
+    except Exception as e:  # a malformed element: missing arrays, wrong attrs, bad shapes
+        msg = f"{p}: not a readable AnnData store: {e!r}"
+        raise StoreFormatError(msg) from e
     logger.info("opened %s: %d obs x %d vars, %s X (%s)", p, store.n_obs, store.n_vars,
                 "CSR" if store.x_sparse else "dense", store.x_dtype)
     return store

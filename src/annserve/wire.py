@@ -47,15 +47,39 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     raise FrameDecodeError(msg)
 
 
-def encode_frame(header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """A 1-d array sent as the concatenation of slices of one contiguous buffer.
+
+    Attributes
+    ----------
+    parts
+        1-d slices of one C-contiguous, little-endian array, in wire order.
+    dtype
+        Their common dtype.
+    length
+        Total elements of ``parts``.
+    """
+
+    parts: list[np.ndarray]
+    dtype: np.dtype
+    length: int
+
+
+def encode_frame(header: pb.BatchHeader,
+                 arrays: Sequence[tuple[str, np.ndarray | Pieces]]) -> bytes:
     """Serialize a frame; fills ``header.arrays`` with the payload layout.
+
+    The payload is assembled by a single ``bytes.join`` over the arrays' buffers,
+    so :class:`Pieces` (e.g. one slice of a preload buffer per row) are gathered
+    by that same copy and never materialised on their own.
 
     Parameters
     ----------
     header
         Frame header without ``arrays``; modified in place.
     arrays
-        ``(name, array)`` pairs; arrays must be numeric or bool, any shape.
+        ``(name, array)`` pairs; each a numeric or bool array of any shape, or pieces.
 
     Returns
     -------
@@ -64,14 +88,19 @@ def encode_frame(header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray]
     parts: list[bytes | np.ndarray] = []
     offset = 0
     for name, array in arrays:
-        arr = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         pad = -offset % _ALIGN
         if pad:
             parts.append(bytes(pad))
             offset += pad
-        header.arrays.add(name=name, dtype=arr.dtype.str, shape=arr.shape, offset=offset)
-        parts.append(arr.reshape(-1).view(np.uint8))
-        offset += arr.nbytes
+        if isinstance(array, Pieces):
+            dtype, shape, nbytes = array.dtype, (array.length,), array.length * array.dtype.itemsize
+            parts.extend(array.parts)
+        else:
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            dtype, shape, nbytes = array.dtype, array.shape, array.nbytes
+            parts.append(array.reshape(-1))
+        header.arrays.add(name=name, dtype=dtype.str, shape=shape, offset=offset)
+        offset += nbytes
     head = pb.BatchFrame(header=header).SerializeToString()
     return b"".join([head, _PAYLOAD_KEY, _varint(offset), *parts])
 
