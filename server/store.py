@@ -13,14 +13,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import BasicIndexer, ChunkProjection
 from zarr.core.sync import sync as zarr_sync
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
+
+#: zarr codec pipeline of the ``zarrs`` package (Rust): decodes chunks several times faster.
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
 class RangeReader(Protocol):
@@ -56,22 +61,68 @@ class _H5Ranges:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class _RangesIndexer:
+    """A zarr ``Indexer`` selecting several row ranges, concatenated along axis 0.
+
+    Handing all ranges of a preload buffer to zarr as one selection lets its codec
+    pipeline fetch and decode every chunk in one batch: one ``getitem`` per range
+    costs ~0.3 ms of Python each, which dominated reads of 32-row chunks.
+    """
+
+    shape: tuple[int, ...]
+    drop_axes: tuple[int, ...]
+    parts: tuple[tuple[int, BasicIndexer], ...]
+
+    @classmethod
+    def build(cls, ranges: Sequence[tuple[int, int]], array: zarr.AsyncArray) -> _RangesIndexer:
+        parts, offset, grid = [], 0, array.metadata.chunk_grid
+        for a, b in ranges:
+            parts.append((offset, BasicIndexer(slice(a, b), array.shape, grid)))
+            offset += b - a
+        return cls((offset, *array.shape[1:]), (), tuple(parts))
+
+    def __iter__(self) -> Iterator[ChunkProjection]:
+        for offset, indexer in self.parts:
+            for p in indexer:
+                rows = p.out_selection[0]
+                out = (slice(rows.start + offset, rows.stop + offset), *p.out_selection[1:])
+                yield ChunkProjection(p.chunk_coords, p.chunk_selection, out, p.is_complete_chunk)
+
+
 class _ZarrRanges:
-    """Range reads of a zarr array, all ranges fetched concurrently on zarr's event loop."""
+    """Range reads of a zarr array, decoded in one batch by zarr's codec pipeline.
+
+    The batched read goes through ``AsyncArray._get_selection`` (not public API, the
+    route annbatch takes too); if a zarr release changes it, reads fall back to one
+    public ``getitem`` per range, gathered concurrently, and a warning is logged once.
+    """
 
     def __init__(self, array: zarr.Array) -> None:
-        self._array = array
         self._async = array.async_array
+        self._batched = True
 
     def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        if self._batched:
+            try:
+                return self._read_batched(ranges)
+            except (AttributeError, TypeError) as e:
+                logger.warning("zarr batched reads unavailable (%s); reading range by range", e)
+                self._batched = False
+        return self._read_each(ranges)
+
+    def _read_batched(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        indexer = _RangesIndexer.build(ranges, self._async)
+        selection = self._async._get_selection(indexer, prototype=default_buffer_prototype())
+        return np.asarray(zarr_sync(selection))
+
+    def _read_each(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
         async def fetch() -> list[np.ndarray]:
             return await asyncio.gather(*(self._async.getitem(slice(a, b)) for a, b in ranges))
 
         parts = zarr_sync(fetch())
-        if len(parts) == 1:
-            return parts[0]
         if not parts:
-            return np.empty((0, *self._array.shape[1:]), dtype=self._array.dtype)
+            return np.empty((0, *self._async.shape[1:]), dtype=self._async.dtype)
         return np.concatenate(parts)
 
 

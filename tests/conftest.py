@@ -5,8 +5,10 @@ from pathlib import Path
 import anndata as ad
 import grpc
 import pytest
+import zarr
 
 from annserve.server import create_server, open_store
+from annserve.server.store import ZARRS_PIPELINE
 from annserve.v1 import annserve_pb2 as pb
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -56,9 +58,14 @@ def zarr_stores(tmp_path_factory, real_adata):
     return make
 
 
-@pytest.fixture(params=["h5ad", "zarr-v2", "zarr-v3"])
-def store_format(request) -> str:
-    return request.param
+@pytest.fixture(params=["h5ad", "zarr-v2", "zarr-v3", "zarr-v2-zarrs", "zarr-v3-zarrs"])
+def store_format(request):
+    """On-disk format; ``-zarrs`` reads through the zarrs codec pipeline, as the daemon does."""
+    if request.param.endswith("-zarrs"):
+        with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
+            yield request.param
+    else:
+        yield request.param
 
 
 @pytest.fixture
@@ -68,7 +75,7 @@ def store_path(store_format, zarr_stores):
     def path(name: str) -> Path:
         if store_format == "h5ad":
             return real_path(name)
-        return zarr_stores(name, int(store_format[-1]))
+        return zarr_stores(name, int(store_format.split("-")[1][1]))
 
     return path
 
