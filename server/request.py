@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from annserve.server.store import AnnDataStore, ObsColumnData
 
 _POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
+#: Largest ``compression_level`` of each codec (0 = the codec's default).
+_MAX_LEVEL = {pb.COMPRESSION_NONE: 0, pb.COMPRESSION_ZSTD: 22, pb.COMPRESSION_LZ4: 0,
+              pb.COMPRESSION_BLOSC: 9}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,10 @@ class StreamPlan:
         Send the global row index of every row.
     encoding
         ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+    compression
+        ``pb.Compression`` value applied to each frame's payload.
+    compression_level
+        Codec level, 0 for the codec's default.
     """
 
     batch_size: int
@@ -52,6 +59,8 @@ class StreamPlan:
     obs: tuple[ObsColumnData, ...]
     return_index: bool
     encoding: int
+    compression: int
+    compression_level: int
 
 
 def plan_stream(request: pb.StreamBatchesRequest, store: AnnDataStore) -> StreamPlan:
@@ -76,6 +85,15 @@ def plan_stream(request: pb.StreamBatchesRequest, store: AnnDataStore) -> Stream
     if request.encoding not in pb.Encoding.values():
         msg = f"encoding: unknown value {request.encoding}; allowed {list(pb.Encoding.keys())}"
         raise InvalidRequestError(msg)
+    if request.compression not in _MAX_LEVEL:
+        msg = (f"compression: unknown value {request.compression}; "
+               f"allowed {list(pb.Compression.keys())}")
+        raise InvalidRequestError(msg)
+    if not 0 <= request.compression_level <= _MAX_LEVEL[request.compression]:
+        name = pb.Compression.Name(request.compression)
+        msg = (f"compression_level must be in 0..{_MAX_LEVEL[request.compression]} for {name}, "
+               f"got {request.compression_level}")
+        raise InvalidRequestError(msg)
     return StreamPlan(
         batch_size=request.batch_size,
         chunk_size=request.chunk_size,
@@ -87,4 +105,6 @@ def plan_stream(request: pb.StreamBatchesRequest, store: AnnDataStore) -> Stream
         obs=tuple(store.obs[k] for k in request.obs_keys),
         return_index=request.return_index,
         encoding=request.encoding or pb.ENCODING_COMPACT,
+        compression=request.compression,
+        compression_level=request.compression_level,
     )

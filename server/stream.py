@@ -81,4 +81,4 @@ def _frame(header: pb.BatchHeader, wire: WireRows, positions: np.ndarray, global
     header.string_obs.extend(strings)
     if plan.return_index:
         arrays.append(("index", global_rows))
-    return encode_frame(header, arrays)
+    return encode_frame(header, arrays, plan.compression, plan.compression_level)

@@ -60,11 +60,19 @@ def test_unknown_obs_key_lists_allowed_columns(address):
     assert served_rows(address) == 200
 
 
-def test_unknown_encoding_is_invalid_argument(address):
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"encoding": 99}, "encoding"),
+    ({"compression": 42}, "compression"),
+    ({"compression": 1, "compression_level": 23}, "compression_level"),
+    ({"compression": 3, "compression_level": -1}, "compression_level"),
+    ({"compression": 2, "compression_level": 4}, "compression_level"),
+])
+def test_unknown_wire_option_is_invalid_argument(address, fields, named):
     with pytest.raises(grpc.RpcError) as err:
-        raw_stream(address, **GOOD, encoding=99)
+        raw_stream(address, **GOOD, **fields)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "encoding" in err.value.details()
+    assert named in err.value.details()
+    assert served_rows(address) == 200
 
 
 def test_unknown_store_name_is_not_found(address):
@@ -83,6 +91,8 @@ def test_client_checks_before_streaming(address):
         RemoteLoader(address, obs_keys=["cell_type"], timeout=5)
     with pytest.raises(InvalidRequestError, match="encoding"):
         RemoteLoader(address, encoding="gzip", timeout=5)
+    with pytest.raises(InvalidRequestError, match="compression"):
+        RemoteLoader(address, compression="gzip", timeout=5)
     with pytest.raises(InvalidRequestError, match="epoch"):
         RemoteLoader(address, timeout=5).set_epoch(-1)
 

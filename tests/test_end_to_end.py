@@ -66,15 +66,17 @@ def test_full_epoch_equals_anndata(serve, store_path, real_adata, name):
     assert not np.array_equal(rows, np.arange(adata.n_obs))  # shuffled
 
 
-@pytest.mark.parametrize("encoding", ["raw", "compact"])
+@pytest.mark.parametrize(("encoding", "compression"),
+                         [("raw", None), ("compact", None), ("compact", "zstd")])
 @pytest.mark.parametrize("to_dense", [False, True])
-def test_encodings_and_dense_output(serve, real_adata, encoding, to_dense):
+def test_encodings_and_dense_output(serve, real_adata, encoding, compression, to_dense):
     from conftest import real_path
 
     adata = real_adata("wu2020")
     loader = RemoteLoader(serve(real_path("wu2020")), batch_size=64, chunk_size=8,
                           preload_nchunks=4, seed=1, return_index=True, encoding=encoding,
-                          to_dense=to_dense, obs_keys=["source"], timeout=10)
+                          compression=compression, to_dense=to_dense, obs_keys=["source"],
+                          timeout=10)
     seen = []
     for batch in loader:
         if to_dense:

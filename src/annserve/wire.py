@@ -10,7 +10,8 @@ aligned offset of the payload.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -19,6 +20,43 @@ from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+class Codec(Protocol):
+    """A numcodecs-style byte codec."""
+
+    def encode(self, buf: bytes) -> bytes: ...  # noqa: D102
+    def decode(self, buf: bytes | memoryview) -> bytes: ...  # noqa: D102
+
+
+@cache
+def payload_codec(compression: int, level: int = 0) -> Codec | None:
+    """Return the numcodecs codec of a ``Compression`` value, None for ``COMPRESSION_NONE``.
+
+    Parameters
+    ----------
+    compression
+        A ``pb.Compression`` value.
+    level
+        Codec level, 0 for the codec's default (ZSTD 1-22, BLOSC 1-9; ignored by LZ4).
+
+    Raises
+    ------
+    ValueError
+        If ``compression`` is not a known value.
+    """
+    if compression == pb.COMPRESSION_NONE:
+        return None
+    import numcodecs  # only streams that ask for compression need it
+
+    if compression == pb.COMPRESSION_ZSTD:
+        return numcodecs.Zstd(level=level or 1)
+    if compression == pb.COMPRESSION_LZ4:
+        return numcodecs.LZ4()
+    if compression == pb.COMPRESSION_BLOSC:
+        return numcodecs.Blosc(cname="lz4", clevel=level or 5, shuffle=numcodecs.Blosc.NOSHUFFLE)
+    msg = f"unknown compression {compression}; allowed {list(pb.Compression.keys())}"
+    raise ValueError(msg)
+
 
 _PAYLOAD_KEY = b"\x12"  # field 2, wire type 2 (length-delimited)
 _ALIGN = 8
@@ -66,8 +104,8 @@ class Pieces:
     length: int
 
 
-def encode_frame(header: pb.BatchHeader,
-                 arrays: Sequence[tuple[str, np.ndarray | Pieces]]) -> bytes:
+def encode_frame(header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+                 compression: int = pb.COMPRESSION_NONE, level: int = 0) -> bytes:
     """Serialize a frame; fills ``header.arrays`` with the payload layout.
 
     The payload is assembled by a single ``bytes.join`` over the arrays' buffers,
@@ -80,6 +118,9 @@ def encode_frame(header: pb.BatchHeader,
         Frame header without ``arrays``; modified in place.
     arrays
         ``(name, array)`` pairs; each a numeric or bool array of any shape, or pieces.
+    compression, level
+        Payload compression (a ``pb.Compression`` value) and its level, see
+        :func:`payload_codec`; the payload is then joined once more, compressed.
 
     Returns
     -------
@@ -101,6 +142,12 @@ def encode_frame(header: pb.BatchHeader,
             parts.append(array.reshape(-1))
         header.arrays.add(name=name, dtype=dtype.str, shape=shape, offset=offset)
         offset += nbytes
+    header.payload_nbytes = offset
+    codec = payload_codec(compression, level)
+    if codec is not None:
+        header.compression = compression
+        parts = [codec.encode(b"".join(parts))]
+        offset = len(parts[0])
     head = pb.BatchFrame(header=header).SerializeToString()
     return b"".join([head, _PAYLOAD_KEY, _varint(offset), *parts])
 
@@ -150,8 +197,26 @@ def decode_frame(buf: bytes) -> Frame:
     if header is None:
         msg = "frame has no header"
         raise FrameDecodeError(msg)
-    payload = payload if payload is not None else memoryview(b"")
+    payload = _decompress(header, payload if payload is not None else memoryview(b""))
     return Frame(header, {spec.name: _array_view(spec, payload) for spec in header.arrays})
+
+
+def _decompress(header: pb.BatchHeader, payload: memoryview) -> memoryview:
+    try:
+        codec = payload_codec(header.compression)
+    except ValueError as e:
+        raise FrameDecodeError(str(e)) from e
+    if codec is None:
+        return payload
+    try:
+        raw = memoryview(codec.decode(payload))
+    except Exception as e:  # numcodecs raises RuntimeError/ValueError on corrupt input
+        msg = f"payload does not decompress: {e}"
+        raise FrameDecodeError(msg) from e
+    if len(raw) != header.payload_nbytes:
+        msg = f"payload decompressed to {len(raw)} bytes, header says {header.payload_nbytes}"
+        raise FrameDecodeError(msg)
+    return raw
 
 
 def _parse_header(raw: memoryview) -> pb.BatchHeader:

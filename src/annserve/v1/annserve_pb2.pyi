@@ -12,9 +12,20 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_RAW: _ClassVar[Encoding]
     ENCODING_COMPACT: _ClassVar[Encoding]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
+    COMPRESSION_LZ4: _ClassVar[Compression]
+    COMPRESSION_BLOSC: _ClassVar[Compression]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_RAW: Encoding
 ENCODING_COMPACT: Encoding
+COMPRESSION_NONE: Compression
+COMPRESSION_ZSTD: Compression
+COMPRESSION_LZ4: Compression
+COMPRESSION_BLOSC: Compression
 
 class DescribeStoreRequest(_message.Message):
     __slots__ = ("store",)
@@ -53,7 +64,7 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level")
     STORE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +76,8 @@ class StreamBatchesRequest(_message.Message):
     OBS_KEYS_FIELD_NUMBER: _ClassVar[int]
     RETURN_INDEX_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -76,7 +89,9 @@ class StreamBatchesRequest(_message.Message):
     obs_keys: _containers.RepeatedScalarFieldContainer[str]
     return_index: bool
     encoding: Encoding
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
+    compression: Compression
+    compression_level: int
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset")
@@ -99,7 +114,7 @@ class StringColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs")
+    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +123,8 @@ class BatchHeader(_message.Message):
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     STRING_OBS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_NBYTES_FIELD_NUMBER: _ClassVar[int]
     batch: int
     batch_rows: int
     row_start: int
@@ -116,7 +133,9 @@ class BatchHeader(_message.Message):
     sparse: bool
     arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
     string_obs: _containers.RepeatedCompositeFieldContainer[StringColumn]
-    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ...) -> None: ...
+    compression: Compression
+    payload_nbytes: int
+    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
     __slots__ = ("header", "payload")
