@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from annserve.client._buffers import BufferPool
 from annserve.errors import FrameDecodeError
 from annserve.wire import Frame, decode_frame
 
@@ -54,13 +55,16 @@ class BatchAssembler:
         Columns requested with each batch.
     n_vars
         Genes in the store; every column index must be below it.
+    pool
+        Where large output arrays come from; a private pool by default.
     """
 
     def __init__(self, obs_columns: Sequence[pb.ObsColumn], obs_keys: Sequence[str],
-                 n_vars: int) -> None:
+                 n_vars: int, pool: BufferPool | None = None) -> None:
         by_name = {c.name: c for c in obs_columns}
         self._obs = [by_name[k] for k in obs_keys]
         self._n_vars = n_vars
+        self._pool = pool if pool is not None else BufferPool()
 
     def batches(self, frames: Iterator[bytes]) -> Iterator[dict[str, object]]:
         """Yield ``{"X", "obs", "index"?}`` batches as numpy/pandas objects.
@@ -92,7 +96,7 @@ class BatchAssembler:
     def _join(self, frames: list[Frame]) -> dict[str, object]:
         batch: dict[str, object] = {"X": self._x(frames), "obs": self._obs_frame(frames)}
         if "index" in frames[0].arrays:
-            index = _concat(frames, "index", np.int64)
+            index = self._concat(frames, "index", np.int64)
             if len(index) != frames[0].header.batch_rows:
                 msg = f"index has {len(index)} rows, batch has {frames[0].header.batch_rows}"
                 raise _fail(msg)
@@ -102,7 +106,7 @@ class BatchAssembler:
     def _x(self, frames: list[Frame]) -> CSRArrays | np.ndarray:
         n_rows = frames[0].header.batch_rows
         if not frames[0].header.sparse:
-            dense = _concat(frames, "X", np.float32)
+            dense = self._concat(frames, "X", np.float32)
             if dense.shape != (n_rows, self._n_vars):
                 msg = f"dense X has shape {dense.shape}, expected {(n_rows, self._n_vars)}"
                 raise _fail(msg)
@@ -110,15 +114,16 @@ class BatchAssembler:
         lengths = np.concatenate([_row_lengths(f) for f in frames])
         total = int(lengths.sum())
         index_dtype = np.int32 if total < 2**31 else np.int64
-        indptr = np.zeros(n_rows + 1, dtype=index_dtype)
+        indptr = self._pool.empty((n_rows + 1,), index_dtype)
+        indptr[0] = 0
         np.cumsum(lengths, out=indptr[1:])
         for f in frames:
             part = f.arrays.get("indices")
             if part is not None and len(part) and int(part.max()) >= self._n_vars:
                 msg = f"column index {int(part.max())} out of range for {self._n_vars} vars"
                 raise _fail(msg)
-        indices = _concat(frames, "indices", index_dtype)
-        data = _concat(frames, "data", np.float32)
+        indices = self._concat(frames, "indices", index_dtype)
+        data = self._concat(frames, "data", np.float32)
         if len(indices) != total or len(data) != total:
             msg = (f"CSR arrays disagree: {total} non-zeros by row, {len(indices)} indices, "
                    f"{len(data)} values")
@@ -133,16 +138,37 @@ class BatchAssembler:
                           for v in s.values]
                 columns[col.name] = pd.Series(values, dtype=object)
             elif col.dtype == "category":
-                codes = _concat(frames, f"obs/{col.name}", None)
+                codes = self._concat(frames, f"obs/{col.name}", None)
                 columns[col.name] = _categorical(col, codes)
             else:
-                columns[col.name] = _concat(frames, f"obs/{col.name}", np.dtype(col.dtype))
+                columns[col.name] = self._concat(frames, f"obs/{col.name}", np.dtype(col.dtype))
         n_rows = frames[0].header.batch_rows
         df = pd.DataFrame(columns, index=pd.RangeIndex(n_rows))
         if any(len(v) != n_rows for v in columns.values()):
             msg = f"obs columns do not have {n_rows} rows"
             raise _fail(msg)
         return df
+
+
+    def _concat(self, frames: list[Frame], name: str, dtype: np.dtype | type | None
+                ) -> np.ndarray:
+        """Concatenate one array of every frame, widening to ``dtype`` in the same copy."""
+        parts = []
+        for f in frames:
+            if name not in f.arrays:
+                msg = f"frame of batch {f.header.batch} lacks array {name!r}"
+                raise _fail(msg)
+            parts.append(f.arrays[name])
+            if parts[-1].ndim == 0 or parts[-1].shape[1:] != parts[0].shape[1:]:
+                msg = f"array {name!r} changes shape between frames"
+                raise _fail(msg)
+        out_dtype = np.dtype(dtype) if dtype is not None else parts[0].dtype
+        out = self._pool.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), out_dtype)
+        start = 0
+        for p in parts:
+            out[start:start + len(p)] = p
+            start += len(p)
+        return out
 
 
 def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical:
@@ -171,23 +197,3 @@ def _row_lengths(frame: Frame) -> np.ndarray:
         msg = f"row lengths do not describe {n} rows"
         raise _fail(msg)
     return lengths
-
-
-def _concat(frames: list[Frame], name: str, dtype: np.dtype | type | None) -> np.ndarray:
-    """Concatenate one array of every frame, widening to ``dtype`` in the same copy."""
-    parts = []
-    for f in frames:
-        if name not in f.arrays:
-            msg = f"frame of batch {f.header.batch} lacks array {name!r}"
-            raise _fail(msg)
-        parts.append(f.arrays[name])
-        if parts[-1].ndim == 0 or parts[-1].shape[1:] != parts[0].shape[1:]:
-            msg = f"array {name!r} changes shape between frames"
-            raise _fail(msg)
-    out_dtype = np.dtype(dtype) if dtype is not None else parts[0].dtype
-    out = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=out_dtype)
-    start = 0
-    for p in parts:
-        out[start:start + len(p)] = p
-        start += len(p)
-    return out

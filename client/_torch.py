@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from annserve.client._assemble import CSRArrays
 
+if TYPE_CHECKING:
+    from annserve.client._buffers import BufferPool
 
-def to_torch(batch: dict[str, object], *, to_dense: bool) -> dict[str, object]:
+
+def to_torch(batch: dict[str, object], *, to_dense: bool, pool: BufferPool) -> dict[str, object]:
     """Wrap a numpy batch as torch tensors, sharing memory where possible.
 
     Parameters
@@ -17,6 +22,8 @@ def to_torch(batch: dict[str, object], *, to_dense: bool) -> dict[str, object]:
         ``{"X": CSRArrays | ndarray, "obs": DataFrame, "index"?: ndarray}``.
     to_dense
         Return X as a dense ``(n_rows, n_vars)`` float32 tensor even when it is sparse.
+    pool
+        Where the dense array comes from.
 
     Returns
     -------
@@ -25,7 +32,7 @@ def to_torch(batch: dict[str, object], *, to_dense: bool) -> dict[str, object]:
     out = dict(batch)
     x = batch["X"]
     if isinstance(x, CSRArrays):
-        out["X"] = _dense_from_csr(x) if to_dense else torch.sparse_csr_tensor(
+        out["X"] = _dense_from_csr(x, pool) if to_dense else torch.sparse_csr_tensor(
             torch.from_numpy(x.indptr), torch.from_numpy(x.indices), torch.from_numpy(x.data),
             size=x.shape, check_invariants=False)
     else:
@@ -35,8 +42,9 @@ def to_torch(batch: dict[str, object], *, to_dense: bool) -> dict[str, object]:
     return out
 
 
-def _dense_from_csr(x: CSRArrays) -> torch.Tensor:
-    dense = np.zeros(x.shape, dtype=np.float32)
+def _dense_from_csr(x: CSRArrays, pool: BufferPool) -> torch.Tensor:
+    dense = pool.empty(x.shape, np.float32)
+    dense.fill(0)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     dense[rows, x.indices] = x.data
     return torch.from_numpy(dense)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.client._assemble import BatchAssembler
+from annserve.client._buffers import BufferPool
 from annserve.client._rpc import Connection, frames_of
 from annserve.client._torch import to_device, to_torch
 from annserve.errors import InvalidRequestError
@@ -208,11 +209,14 @@ class RemoteLoader(IterableDataset):
         conn = self._connection()
         call = conn.stream(self._request(self._epoch))
         self._epoch += 1
-        assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars)
+        pool = BufferPool()
+        assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars, pool)
 
         def produce() -> Iterator[dict[str, Any]]:
             for batch in assembler.batches(frames_of(call, conn.address)):
-                yield to_torch(batch, to_dense=self.to_dense) if self.to_torch else batch
+                if self.to_torch:
+                    batch = to_torch(batch, to_dense=self.to_dense, pool=pool)
+                yield batch
 
         batches = Prefetcher(produce, self.prefetch, name="annserve-decode")
         try:

@@ -1,0 +1,56 @@
+"""Reuse large output buffers once nothing refers to them any more.
+
+Fresh large allocations are mmapped and page-faulted on first write; on these
+machines those faults cost about as much as the decoding itself. A buffer
+handed out as part of a batch is reused only after every array and tensor
+viewing it is gone, so a training loop that keeps batches alive is never
+affected: it just gets fresh buffers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+#: Buffers smaller than this come from malloc's own pools anyway, bytes.
+MIN_POOLED_BYTES = 1 << 20
+#: Headroom allocated beyond the request, so slightly larger batches fit later.
+_GROWTH = 1.25
+# references to a free buffer: the pool's list, the loop variable, getrefcount's argument
+_FREE_REFS = 3
+
+
+class BufferPool:
+    """Hands out numpy arrays carved from reusable byte buffers.
+
+    Parameters
+    ----------
+    max_buffers
+        Buffers kept for reuse; beyond that, allocations are not pooled.
+    """
+
+    def __init__(self, max_buffers: int = 32) -> None:
+        self._buffers: list[np.ndarray] = []
+        self._max = max_buffers
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """Return an uninitialised array of ``shape`` and ``dtype``, reusing a free buffer."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < MIN_POOLED_BYTES:
+            return np.empty(shape, dtype)
+        return self._buffer(nbytes)[:nbytes].view(dtype).reshape(shape)
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        best = None
+        for buf in self._buffers:
+            if (buf.nbytes >= nbytes and sys.getrefcount(buf) == _FREE_REFS
+                    and (best is None or buf.nbytes < best.nbytes)):
+                best = buf
+        if best is not None:
+            return best
+        buf = np.empty(int(nbytes * _GROWTH), np.uint8)
+        if len(self._buffers) < self._max:
+            self._buffers.append(buf)
+        return buf

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from annserve.client._buffers import MIN_POOLED_BYTES, BufferPool
+
+N = MIN_POOLED_BYTES  # float32 elements: 4x the pooling threshold
+
+
+def test_buffer_in_use_is_never_handed_out_again():
+    pool = BufferPool()
+    a = pool.empty((N,), np.float32)
+    tensor = torch.from_numpy(a[10:])  # what a yielded batch holds
+    del a
+    b = pool.empty((N,), np.float32)
+    assert not np.shares_memory(b, tensor.numpy())
+    b[:] = 1
+    assert not torch.any(tensor == 1)
+
+
+def test_released_buffer_is_reused():
+    pool = BufferPool()
+    a = pool.empty((N,), np.float32)
+    address = a.__array_interface__["data"][0]
+    del a
+    b = pool.empty((N // 2, 2), np.int32)
+    assert b.__array_interface__["data"][0] == address
+    assert b.shape == (N // 2, 2)
+    assert b.dtype == np.int32
+
+
+def test_small_arrays_are_not_pooled():
+    pool = BufferPool()
+    small = pool.empty((16,), np.float32)
+    assert small.base is None
+
+
+def test_pool_size_is_bounded():
+    pool = BufferPool(max_buffers=2)
+    held = [pool.empty((N,), np.float32) for _ in range(5)]
+    assert len(held) == 5
+    assert len(pool._buffers) == 2
