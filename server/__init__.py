@@ -2,6 +2,6 @@
 
 from annserve.server.app import create_server
 from annserve.server.sampler import ChunkSampler, Sampler
-from annserve.server.store import AnnDataStore, open_store
+from annserve.server.store import Store, open_store
 
-__all__ = ["AnnDataStore", "ChunkSampler", "Sampler", "create_server", "open_store"]
+__all__ = ["Store", "ChunkSampler", "Sampler", "create_server", "open_store"]

@@ -13,13 +13,13 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from annserve.server.store import AnnDataStore
+    from annserve.server.store import Store
 
 #: Largest message either side accepts, bytes; frames are sized far below it.
 MAX_MESSAGE_BYTES = 256 << 20
 
 
-def create_server(stores: Mapping[str, AnnDataStore], addresses: Sequence[str] = ("127.0.0.1:0",),
+def create_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0.0.1:0",),
                   max_workers: int = 32) -> tuple[grpc.Server, list[int]]:
     """Create and start a server for ``stores``.
 

@@ -16,7 +16,8 @@ import zarr
 
 from annserve.errors import AnnServeError
 from annserve.server.app import create_server
-from annserve.server.store import ZARRS_PIPELINE, open_store
+from annserve.server.ranges import ZARRS_PIPELINE
+from annserve.server.store import open_store
 
 logger = logging.getLogger("annserve")
 

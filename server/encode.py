@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annserve.server.store import CSRRows, DenseRows
+from annserve.server.matrix import CSRRows, DenseRows
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import Pieces
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from annserve.server.store import ObsColumnData
+    from annserve.server.obs import ObsColumnData
 
 _UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
 

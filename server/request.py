@@ -9,7 +9,8 @@ from annserve.errors import InvalidRequestError
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
-    from annserve.server.store import AnnDataStore, ObsColumnData
+    from annserve.server.obs import ObsColumnData
+    from annserve.server.store import Store
 
 _POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
 #: Largest ``compression_level`` of each codec (0 = the codec's default).
@@ -63,7 +64,7 @@ class StreamPlan:
     compression_level: int
 
 
-def plan_stream(request: pb.StreamBatchesRequest, store: AnnDataStore) -> StreamPlan:
+def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
     """Check a request against a store.
 
     Raises

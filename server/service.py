@@ -23,7 +23,7 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-    from annserve.server.store import AnnDataStore
+    from annserve.server.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class AnnServeService:
         Store by name; the first one is the default for requests naming none.
     """
 
-    def __init__(self, stores: Mapping[str, AnnDataStore]) -> None:
+    def __init__(self, stores: Mapping[str, Store]) -> None:
         if not stores:
             msg = "at least one store is required"
             raise ValueError(msg)
@@ -63,7 +63,7 @@ class AnnServeService:
         self._default = next(iter(self._stores))
         self._stream_ids = itertools.count(1)
 
-    def _store(self, name: str) -> AnnDataStore:
+    def _store(self, name: str) -> Store:
         try:
             return self._stores[name or self._default]
         except KeyError:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from annserve.server.encode import WireRows
     from annserve.server.request import StreamPlan
     from annserve.server.sampler import Sampler
-    from annserve.server.store import AnnDataStore
+    from annserve.server.store import Store
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
 MAX_FRAME_ROWS = 1024
@@ -24,7 +24,7 @@ MAX_FRAME_ROWS = 1024
 TARGET_FRAME_BYTES = 2 << 20
 
 
-def epoch_frames(store: AnnDataStore, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
+def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
     """Yield the serialized frames of one epoch.
 
     The epoch's rows are the sampler's preload buffers concatenated; they are cut

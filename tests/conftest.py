@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from annserve.server import create_server, open_store
-from annserve.server.store import ZARRS_PIPELINE
+from annserve.server.ranges import ZARRS_PIPELINE
 from annserve.v1 import annserve_pb2 as pb
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

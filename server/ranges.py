@@ -1,0 +1,147 @@
+"""Read many ``[start, stop)`` ranges of one on-disk array (h5py dataset or zarr array)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import h5py
+import numpy as np
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import BasicIndexer, ChunkProjection
+from zarr.core.sync import sync as zarr_sync
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    import zarr
+
+logger = logging.getLogger(__name__)
+
+#: zarr codec pipeline of the ``zarrs`` package (Rust): decodes chunks several times faster.
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+
+
+class RangeReader(Protocol):
+    """Reads several ``[start, stop)`` element ranges of one 1-d or 2-d on-disk array."""
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Return the ranges concatenated along axis 0, in the given order."""
+        ...
+
+
+class _H5Ranges:
+    """Range reads of an h5py dataset: one HDF5 read of the union of the ranges' hyperslabs.
+
+    A single ``H5Dread`` over a multi-hyperslab selection costs about half of one
+    high-level h5py read per range (measured on 256 ranges of ~32 CSR rows).
+    """
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self._ds = dataset
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        ranges = [(a, b) for a, b in ranges if b > a]
+        tail = self._ds.shape[1:]
+        out = np.empty((sum(b - a for a, b in ranges), *tail), self._ds.dtype)
+        if not ranges:
+            return out
+        file_space = self._ds.id.get_space()
+        file_space.select_none()
+        for a, b in ranges:
+            file_space.select_hyperslab((a, *(0,) * len(tail)), (b - a, *tail),
+                                        op=h5py.h5s.SELECT_OR)
+        self._ds.id.read(h5py.h5s.create_simple(out.shape), file_space, out)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _RangesIndexer:
+    """A zarr ``Indexer`` selecting several row ranges, concatenated along axis 0.
+
+    Handing all ranges of a preload buffer to zarr as one selection lets its codec
+    pipeline fetch and decode every chunk in one batch: one ``getitem`` per range
+    costs ~0.3 ms of Python each, which dominated reads of 32-row chunks.
+    """
+
+    shape: tuple[int, ...]
+    drop_axes: tuple[int, ...]
+    parts: tuple[tuple[int, BasicIndexer], ...]
+
+    @classmethod
+    def build(cls, ranges: Sequence[tuple[int, int]], array: zarr.AsyncArray) -> _RangesIndexer:
+        parts, offset, grid = [], 0, array.metadata.chunk_grid
+        for a, b in ranges:
+            parts.append((offset, BasicIndexer(slice(a, b), array.shape, grid)))
+            offset += b - a
+        return cls((offset, *array.shape[1:]), (), tuple(parts))
+
+    def __iter__(self) -> Iterator[ChunkProjection]:
+        for offset, indexer in self.parts:
+            for p in indexer:
+                rows = p.out_selection[0]
+                out = (slice(rows.start + offset, rows.stop + offset), *p.out_selection[1:])
+                yield ChunkProjection(p.chunk_coords, p.chunk_selection, out, p.is_complete_chunk)
+
+
+class _ZarrRanges:
+    """Range reads of a zarr array, decoded in one batch by zarr's codec pipeline.
+
+    The batched read goes through ``AsyncArray._get_selection`` (not public API, the
+    route annbatch takes too); if a zarr release changes it, reads fall back to one
+    public ``getitem`` per range, gathered concurrently, and a warning is logged once.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self._async = array.async_array
+        self._batched = True
+
+    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        if self._batched:
+            try:
+                return self._read_batched(ranges)
+            except (AttributeError, TypeError) as e:
+                logger.warning("zarr batched reads unavailable (%s); reading range by range", e)
+                self._batched = False
+        return self._read_each(ranges)
+
+    def _read_batched(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        indexer = _RangesIndexer.build(ranges, self._async)
+        selection = self._async._get_selection(indexer, prototype=default_buffer_prototype())
+        return np.asarray(zarr_sync(selection))
+
+    def _read_each(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        async def fetch() -> list[np.ndarray]:
+            return await asyncio.gather(*(self._async.getitem(slice(a, b)) for a, b in ranges))
+
+        parts = zarr_sync(fetch())
+        if not parts:
+            return np.empty((0, *self._async.shape[1:]), dtype=self._async.dtype)
+        return np.concatenate(parts)
+
+
+def range_reader(array: h5py.Dataset | zarr.Array) -> RangeReader:
+    """Return the range reader suited to an h5py dataset or a zarr array."""
+    return _H5Ranges(array) if isinstance(array, h5py.Dataset) else _ZarrRanges(array)
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split strictly increasing row indices into maximal ``[start, stop)`` runs.
+
+    Parameters
+    ----------
+    rows
+        Shape ``(n,)``, integer, strictly increasing.
+
+    Returns
+    -------
+    Runs in increasing order; their lengths add up to ``n``.
+    """
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
