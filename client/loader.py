@@ -57,6 +57,11 @@ class RemoteLoader(IterableDataset):
         epoch's order.
     obs_keys
         obs columns to return with each batch.
+    layer
+        Serve this layer (e.g. ``"counts"``) instead of X.
+    var_names
+        Serve only these genes, in this order; ``n_vars`` and ``var_names`` then describe
+        the subset.
     return_index
         Also return the global row index (position in the store) of each row.
     to_torch
@@ -106,6 +111,8 @@ class RemoteLoader(IterableDataset):
         drop_last: bool = False,
         seed: int | np.random.Generator | None = None,
         obs_keys: Sequence[str] = (),
+        layer: str | None = None,
+        var_names: Sequence[str] | None = None,
         return_index: bool = False,
         to_torch: bool = True,
         to_dense: bool = False,
@@ -134,6 +141,8 @@ class RemoteLoader(IterableDataset):
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed = _resolve_seed(seed)
         self.obs_keys = tuple(obs_keys)
+        self.layer = layer
+        self._var_subset = tuple(var_names) if var_names is not None else None
         self.return_index, self.to_torch, self.to_dense = return_index, to_torch, to_dense
         self.device = _resolve_device(device)
         self.encoding, self.timeout, self.prefetch = encoding, timeout, prefetch
@@ -141,11 +150,24 @@ class RemoteLoader(IterableDataset):
         self._epoch = 0
         self._conn: Connection | None = None
         self._info = self._connection().describe(store)
+        self._check_against_store()
+
+    def _check_against_store(self) -> None:
         missing = sorted(set(self.obs_keys) - {c.name for c in self._info.obs_columns})
         if missing:
             msg = (f"obs_keys: unknown column(s) {missing}; the store has "
                    f"{sorted(c.name for c in self._info.obs_columns)}")
             raise InvalidRequestError(msg)
+        if self.layer is not None and self.layer not in self._info.layers:
+            msg = f"layer: unknown layer {self.layer!r}; the store has {list(self._info.layers)}"
+            raise InvalidRequestError(msg)
+        if self._var_subset is not None:
+            known = set(self._info.var_names)
+            unknown = [v for v in self._var_subset if v not in known]
+            if unknown or len(set(self._var_subset)) != len(self._var_subset):
+                msg = (f"var_names: unknown {unknown[:5]} or repeated genes; each must be "
+                       "one of the store's var_names, listed once")
+                raise InvalidRequestError(msg)
 
     # --- store facts -------------------------------------------------------------
     @property
@@ -155,13 +177,13 @@ class RemoteLoader(IterableDataset):
 
     @property
     def n_vars(self) -> int:
-        """Columns (genes) of X."""
-        return self._info.n_vars
+        """Columns (genes) of the served matrix: the store's, or the ``var_names`` subset's."""
+        return len(self._var_subset) if self._var_subset is not None else self._info.n_vars
 
     @property
     def var_names(self) -> list[str]:
-        """Gene names, length ``n_vars``."""
-        return list(self._info.var_names)
+        """Gene names of the served columns, length ``n_vars``."""
+        return list(self._var_subset if self._var_subset is not None else self._info.var_names)
 
     @property
     def epoch(self) -> int:
@@ -232,7 +254,8 @@ class RemoteLoader(IterableDataset):
             preload_nchunks=self.preload_nchunks, shuffle=self.shuffle, drop_last=self.drop_last,
             seed=self.seed, epoch=epoch, obs_keys=self.obs_keys, return_index=self.return_index,
             encoding=_ENCODINGS[self.encoding], compression=_COMPRESSIONS[self.compression],
-            compression_level=self.compression_level)
+            compression_level=self.compression_level, layer=self.layer or "",
+            var_names=self._var_subset or ())
 
     def _connection(self) -> Connection:
         if self._conn is None:

@@ -54,6 +54,38 @@ def compact_values(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
+def select_columns(block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int
+                   ) -> CSRRows | DenseRows:
+    """Keep only some genes of a block, renumbered in the given order.
+
+    Parameters
+    ----------
+    block
+        Rows read from the store.
+    columns
+        Store positions of the genes to keep, in output order, shape ``(k,)``, int64, unique.
+    n_vars
+        Genes in the store.
+
+    Returns
+    -------
+    The block with ``k`` columns; CSR column indices (int64) sorted within each row.
+    """
+    if isinstance(block, DenseRows):
+        return DenseRows(block.values[:, columns])
+    new_of = np.full(n_vars, -1, dtype=np.int64)
+    new_of[columns] = np.arange(len(columns))
+    new = new_of[block.indices]
+    keep = new >= 0
+    n_rows = len(block.indptr) - 1
+    row = np.repeat(np.arange(n_rows), np.diff(block.indptr))[keep]
+    new = new[keep]
+    order = np.lexsort((new, row))
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n_rows), out=indptr[1:])
+    return CSRRows(indptr, new[order], block.data[keep][order])
+
+
 @dataclass(frozen=True, slots=True)
 class WireRows:
     """A preload buffer converted to wire dtypes; same row order as the buffer."""

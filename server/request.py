@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from annserve.errors import InvalidRequestError
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from annserve.server.obs import ObsColumnData
     from annserve.server.store import Store
 
@@ -48,6 +53,13 @@ class StreamPlan:
         ``pb.Compression`` value applied to each frame's payload.
     compression_level
         Codec level, 0 for the codec's default.
+    layer
+        Layer to serve instead of X; None for X.
+    columns
+        Store positions of the requested genes, in request order, shape ``(n_vars,)``,
+        int64; None for all genes.
+    n_vars
+        Genes per served row.
     """
 
     batch_size: int
@@ -62,6 +74,9 @@ class StreamPlan:
     encoding: int
     compression: int
     compression_level: int
+    layer: str | None
+    columns: np.ndarray | None
+    n_vars: int
 
 
 def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
@@ -86,6 +101,8 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
     if request.encoding not in pb.Encoding.values():
         msg = f"encoding: unknown value {request.encoding}; allowed {list(pb.Encoding.keys())}"
         raise InvalidRequestError(msg)
+    _check_layer(request.layer, store)
+    columns = _columns(request.var_names, store)
     if request.compression not in _MAX_LEVEL:
         msg = (f"compression: unknown value {request.compression}; "
                f"allowed {list(pb.Compression.keys())}")
@@ -108,4 +125,28 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
         encoding=request.encoding or pb.ENCODING_COMPACT,
         compression=request.compression,
         compression_level=request.compression_level,
+        layer=request.layer or None,
+        columns=columns,
+        n_vars=store.n_vars if columns is None else len(columns),
     )
+
+
+def _check_layer(layer: str, store: Store) -> None:
+    if layer and layer not in store.layers:
+        msg = f"layer: unknown layer {layer!r}; the store has {list(store.layers)}"
+        raise InvalidRequestError(msg)
+
+
+def _columns(var_names: Sequence[str], store: Store) -> np.ndarray | None:
+    if not var_names:
+        return None
+    unknown = [v for v in var_names if v not in store.var_index]
+    if unknown:
+        msg = (f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
+               f"the store has {store.n_vars} genes, e.g. {list(store.var_names[:5])}")
+        raise InvalidRequestError(msg)
+    if len(set(var_names)) != len(var_names):
+        repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)[:5]
+        msg = f"var_names: genes must be listed once, repeated {repeated}"
+        raise InvalidRequestError(msg)
+    return np.array([store.var_index[v] for v in var_names], dtype=np.int64)

@@ -43,7 +43,8 @@ class ChunkSampler(Sampler):
     """Contiguous chunks, shuffled chunk order, rows shuffled within each preload buffer.
 
     Same semantics as annbatch ``ChunkSampler``: the rows ``0..n_obs-1`` are split into
-    contiguous chunks of ``chunk_size`` rows (the last one may be shorter); with
+    contiguous chunks of ``chunk_size`` rows (the last one of each group may be
+    shorter: chunks never span two groups of a collection); with
     ``shuffle`` the chunk order is a permutation drawn from a
     ``numpy.random.Generator`` seeded with ``(seed, epoch)``; consecutive groups of
     ``preload_nchunks`` chunks form a preload buffer whose rows are permuted by the
@@ -61,15 +62,24 @@ class ChunkSampler(Sampler):
         Whether to permute chunks and rows.
     seed
         Seed of the generator (>= 0).
+    group_offsets
+        First row of each group of a collection, then ``n_obs``; shape ``(n_groups + 1,)``.
+        None: one group.
     """
 
     def __init__(self, n_obs: int, chunk_size: int, preload_nchunks: int, *, shuffle: bool,
-                 seed: int) -> None:
+                 seed: int, group_offsets: np.ndarray | None = None) -> None:
         self._n_obs = n_obs
         self.chunk_size = chunk_size
         self.preload_nchunks = preload_nchunks
         self.shuffle = shuffle
         self.seed = seed
+        offsets = np.asarray(group_offsets if group_offsets is not None else [0, n_obs], np.int64)
+        self._group_starts = offsets[:-1]
+        self._group_ends = offsets[1:]
+        # first chunk id of each group, then the total number of chunks
+        per_group = -(-(self._group_ends - self._group_starts) // chunk_size)
+        self._first_chunk = np.concatenate([[0], np.cumsum(per_group)])
 
     @property
     def n_rows(self) -> int:
@@ -78,7 +88,7 @@ class ChunkSampler(Sampler):
 
     def preloads(self, epoch: int) -> Iterator[np.ndarray]:
         """Yield preload buffers of the epoch; see :meth:`Sampler.preloads`."""
-        n_chunks = -(-self._n_obs // self.chunk_size)
+        n_chunks = int(self._first_chunk[-1])
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
         for first in range(0, n_chunks, self.preload_nchunks):
@@ -87,7 +97,9 @@ class ChunkSampler(Sampler):
             yield rng.permutation(rows) if self.shuffle else rows
 
     def _chunk_rows(self, chunk_ids: np.ndarray) -> np.ndarray:
-        starts = chunk_ids * self.chunk_size
-        lengths = np.minimum(starts + self.chunk_size, self._n_obs) - starts
+        group = np.searchsorted(self._first_chunk, chunk_ids, side="right") - 1
+        index_in_group = chunk_ids - self._first_chunk[group]
+        starts = self._group_starts[group] + index_in_group * self.chunk_size
+        lengths = np.minimum(starts + self.chunk_size, self._group_ends[group]) - starts
         offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
         return offsets + np.arange(int(lengths.sum()), dtype=np.int64)

@@ -86,6 +86,7 @@ class AnnServeService:
                                       ordered=c.ordered) for c in store.obs.values()],
             x_sparse=store.x_sparse,
             x_dtype=store.x_dtype.name,
+            layers=store.layers,
         )
 
     def stream_batches(self, request: pb.StreamBatchesRequest,
@@ -96,9 +97,13 @@ class AnnServeService:
             plan = plan_stream(request, store)
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
+        except Exception:
+            logger.exception("cannot plan a stream for %s", request)
+            context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
         stream_id = next(self._stream_ids)
         sampler = ChunkSampler(store.n_obs, plan.chunk_size, plan.preload_nchunks,
-                               shuffle=plan.shuffle, seed=plan.seed)
+                               shuffle=plan.shuffle, seed=plan.seed,
+                               group_offsets=store.group_offsets)
         frames = Prefetcher(lambda: epoch_frames(store, sampler, plan), FRAME_QUEUE,
                             name=f"annserve-stream-{stream_id}")
         context.add_callback(frames.close)

@@ -80,6 +80,8 @@ class Store:
         Rows in all groups together, genes.
     var_names
         Gene names, length ``n_vars``.
+    var_index
+        Position of each gene name.
     obs
         obs columns present in every group, concatenated in group order.
     layers
@@ -100,6 +102,7 @@ class Store:
                 raise StoreFormatError(msg)
         self.var_names = first.var_names
         self.n_vars = len(self.var_names)
+        self.var_index = {name: i for i, name in enumerate(self.var_names)}
         self.group_offsets = np.cumsum([0] + [g.n_obs for g in self._groups], dtype=np.int64)
         self.n_obs = int(self.group_offsets[-1])
         self.obs = concat_obs([g.obs for g in self._groups])

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annserve.server.encode import frame_arrays, obs_arrays, prepare
+from annserve.server.encode import frame_arrays, obs_arrays, prepare, select_columns
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
@@ -53,7 +53,10 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
         if len(rows) == 0:
             break
         sorted_rows = np.sort(rows)
-        wire = prepare(store.read_rows(sorted_rows), plan.encoding, store.n_vars)
+        block = store.read_rows(sorted_rows, plan.layer)
+        if plan.columns is not None:
+            block = select_columns(block, plan.columns, store.n_vars)
+        wire = prepare(block, plan.encoding, plan.n_vars)
         positions = np.searchsorted(sorted_rows, rows)
         step = _frame_rows(wire.nbytes, len(rows))
         start = 0
@@ -62,7 +65,7 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
             batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
             n = min(step, batch_rows - row_start, len(rows) - start)
             header = pb.BatchHeader(batch=batch, batch_rows=batch_rows, row_start=row_start,
-                                    n_rows=n, n_vars=store.n_vars, sparse=wire.sparse)
+                                    n_rows=n, n_vars=plan.n_vars, sparse=wire.sparse)
             yield _frame(header, wire, positions[start:start + n], rows[start:start + n], plan)
             start += n
             emitted += n

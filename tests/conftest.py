@@ -5,8 +5,10 @@ from pathlib import Path
 import anndata as ad
 import grpc
 import pytest
+import scipy.sparse as sp
 import zarr
 
+from annserve.client import CSRArrays
 from annserve.server import create_server, open_store
 from annserve.server.ranges import ZARRS_PIPELINE
 from annserve.v1 import annserve_pb2 as pb
@@ -104,3 +106,11 @@ def raw_stream(address: str, timeout: float = 30.0, **fields) -> list[bytes]:
         call = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches",
                                     request_serializer=pb.StreamBatchesRequest.SerializeToString)
         return list(call(pb.StreamBatchesRequest(**fields), timeout=timeout))
+
+
+def as_scipy(x) -> sp.csr_matrix:
+    """A batch's X (CSRArrays or torch sparse CSR) as scipy CSR, pattern and order kept."""
+    if isinstance(x, CSRArrays):
+        return sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    return sp.csr_matrix((val.numpy(), col.numpy(), crow.numpy()), shape=tuple(x.shape))

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from annserve.client._assemble import BatchAssembler, CSRArrays
 from annserve.errors import FrameDecodeError
-from annserve.server.request import StreamPlan
+from annserve.server.request import plan_stream
 from annserve.server.sampler import ChunkSampler
 from annserve.server.store import open_store
 from annserve.server.stream import epoch_frames
@@ -36,10 +36,10 @@ def write(tmp_path, x, name="store.h5ad"):
 
 def stream(path, *, encoding="compact", compression="none", batch_size=7, shuffle=True):
     store = open_store(path)
-    plan = StreamPlan(batch_size=batch_size, chunk_size=3, preload_nchunks=2, shuffle=shuffle,
-                      drop_last=False, seed=0, epoch=0, obs=(), return_index=True,
-                      encoding=ENCODINGS[encoding], compression=COMPRESSIONS[compression],
-                      compression_level=0)
+    request = pb.StreamBatchesRequest(
+        batch_size=batch_size, chunk_size=3, preload_nchunks=2, shuffle=shuffle, seed=0,
+        return_index=True, encoding=ENCODINGS[encoding], compression=COMPRESSIONS[compression])
+    plan = plan_stream(request, store)
     sampler = ChunkSampler(store.n_obs, 3, 2, shuffle=shuffle, seed=0)
     return list(epoch_frames(store, sampler, plan)), store
 

@@ -235,7 +235,7 @@ def test_image_command_serves_and_stops_on_sigterm(dockerfile):
         port = wait_for_port(lines, START_TIMEOUT)
         assert port > 0
         info = describe(f"127.0.0.1:{port}")
-        assert info.name == STORE.name
+        assert info.name == STORE.stem  # the default store name: file name without suffix
         assert info.n_obs > 0
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=STOP_TIMEOUT)

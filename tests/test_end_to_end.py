@@ -9,16 +9,10 @@ import scipy.sparse as sp
 import torch
 
 from annserve.client import CSRArrays, RemoteLoader
+from conftest import as_scipy
 
 OBS_KEYS = {"pbmc3k": ["barcode"], "wu2020": ["cluster_orig", "patient"],
             "pbmc68k": ["bulk_labels", "n_genes", "percent_mito", "phase"]}
-
-
-def as_scipy(x) -> sp.csr_matrix:
-    if isinstance(x, CSRArrays):
-        return sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
-    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
-    return sp.csr_matrix((val.numpy(), col.numpy(), crow.numpy()), shape=tuple(x.shape))
 
 
 def check_batch(batch, adata, obs_keys) -> np.ndarray:

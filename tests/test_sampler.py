@@ -49,3 +49,18 @@ def test_shuffle_mixes_rows_within_buffer():
     sampler = ChunkSampler(4096, 32, 16, shuffle=True, seed=0)
     first = next(sampler.preloads(0))
     assert not np.all(np.diff(first) > 0)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_chunks_never_span_two_groups(shuffle):
+    offsets = np.array([0, 10, 11, 45, 100])
+    sampler = ChunkSampler(100, 8, 3, shuffle=shuffle, seed=0, group_offsets=offsets)
+    rows = epoch_rows(sampler, 1)
+    np.testing.assert_array_equal(np.sort(rows), np.arange(100))
+    chunk_starts = [0, 8, 10, 11, 19, 27, 35, 43, 45, 53, 61, 69, 77, 85, 93]
+    chunks = [sampler._chunk_rows(np.array([i])) for i in range(len(chunk_starts))]
+    assert [c[0] for c in chunks] == chunk_starts
+    for chunk in chunks:
+        group = np.searchsorted(offsets, chunk[0], side="right") - 1
+        assert chunk[-1] < offsets[group + 1]
+        np.testing.assert_array_equal(chunk, np.arange(chunk[0], chunk[-1] + 1))
