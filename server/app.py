@@ -51,6 +51,11 @@ def create_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.
             request_deserializer=pb.DescribeStoreRequest.FromString,
             response_serializer=pb.StoreInfo.SerializeToString,
         ),
+        "CountBatches": grpc.unary_unary_rpc_method_handler(
+            service.count_batches,
+            request_deserializer=pb.StreamBatchesRequest.FromString,
+            response_serializer=pb.EpochSize.SerializeToString,
+        ),
         "StreamBatches": grpc.unary_stream_rpc_method_handler(
             service.stream_batches,
             request_deserializer=pb.StreamBatchesRequest.FromString,

@@ -16,13 +16,15 @@ from annserve.errors import (
 )
 from annserve.prefetch import Prefetcher
 from annserve.server.request import plan_stream
-from annserve.server.sampler import ChunkSampler
-from annserve.server.stream import epoch_frames
+from annserve.server.selection import make_sampler
+from annserve.server.stream import epoch_frames, epoch_span
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
+    from annserve.server.request import StreamPlan
+    from annserve.server.sampler import Sampler
     from annserve.server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -89,21 +91,33 @@ class AnnServeService:
             layers=store.layers,
         )
 
-    def stream_batches(self, request: pb.StreamBatchesRequest,
-                       context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
+    def _plan(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+              ) -> tuple[Store, StreamPlan, Sampler]:
+        """Validate a request and build its sampler, aborting the call on bad input."""
         try:
             store = self._store(request.store)
             plan = plan_stream(request, store)
+            return store, plan, make_sampler(store, plan)
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
         except Exception:
             logger.exception("cannot plan a stream for %s", request)
             context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
+        raise AssertionError  # context.abort raises
+
+    def count_batches(self, request: pb.StreamBatchesRequest,
+                      context: grpc.ServicerContext) -> pb.EpochSize:
+        """Handle ``CountBatches``: the shard's epoch size, computed without reading data."""
+        _, plan, sampler = self._plan(request, context)
+        span = epoch_span(sampler, plan)
+        n_rows = span.stop - span.start
+        return pb.EpochSize(n_rows=n_rows, n_batches=-(-n_rows // plan.batch_size))
+
+    def stream_batches(self, request: pb.StreamBatchesRequest,
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
+        store, plan, sampler = self._plan(request, context)
         stream_id = next(self._stream_ids)
-        sampler = ChunkSampler(store.n_obs, plan.chunk_size, plan.preload_nchunks,
-                               shuffle=plan.shuffle, seed=plan.seed,
-                               group_offsets=store.group_offsets)
         frames = Prefetcher(lambda: epoch_frames(store, sampler, plan), FRAME_QUEUE,
                             name=f"annserve-stream-{stream_id}")
         context.add_callback(frames.close)

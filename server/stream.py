@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annserve.server.encode import frame_arrays, obs_arrays, prepare, select_columns
+from annserve.server.epoch import Span, rows_in_span, shard_span
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
@@ -24,13 +25,19 @@ MAX_FRAME_ROWS = 1024
 TARGET_FRAME_BYTES = 2 << 20
 
 
-def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
-    """Yield the serialized frames of one epoch.
+def epoch_span(sampler: Sampler, plan: StreamPlan) -> Span:
+    """Return the positions of the epoch's row sequence the stream's shard covers."""
+    return shard_span(sampler.n_rows, plan.shard, plan.batch_size, drop_last=plan.drop_last)
 
-    The epoch's rows are the sampler's preload buffers concatenated; they are cut
-    into batches of ``plan.batch_size`` rows (leftover rows of a buffer open the
-    next batch, as in annbatch), and each batch into frames that never span two
-    buffers, so only one buffer is needed at a time.
+
+def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
+    """Yield the serialized frames of one shard's epoch, from batch ``plan.start_batch`` on.
+
+    The epoch's rows are the sampler's preload buffers concatenated; the shard's
+    span of them (:func:`epoch_span`) is cut into batches of ``plan.batch_size`` rows
+    (leftover rows of a buffer open the next batch, as in annbatch), and each batch
+    into frames that never span two buffers, so only one buffer is needed at a time.
+    Buffers before ``start_batch`` are skipped without reading the store.
 
     Parameters
     ----------
@@ -45,19 +52,16 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     ------
     Serialized ``BatchFrame`` messages, in order.
     """
-    n_rows = sampler.n_rows
-    n_emit = n_rows - n_rows % plan.batch_size if plan.drop_last else n_rows
-    emitted = 0
-    for rows in sampler.preloads(plan.epoch):
-        rows = rows[: n_emit - emitted]
-        if len(rows) == 0:
-            break
-        sorted_rows = np.sort(rows)
-        block = store.read_rows(sorted_rows, plan.layer)
+    span = epoch_span(sampler, plan)
+    n_emit = span.stop - span.start
+    emitted = min(plan.start_batch * plan.batch_size, n_emit)
+    for rows in rows_in_span(sampler, plan.epoch, Span(span.start + emitted, span.stop)):
+        unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
+        block = store.read_rows(unique_rows, plan.layer)
         if plan.columns is not None:
             block = select_columns(block, plan.columns, store.n_vars)
         wire = prepare(block, plan.encoding, plan.n_vars)
-        positions = np.searchsorted(sorted_rows, rows)
+        positions = np.searchsorted(unique_rows, rows)
         step = _frame_rows(wire.nbytes, len(rows))
         start = 0
         while start < len(rows):

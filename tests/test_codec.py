@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from annserve.client._assemble import BatchAssembler, CSRArrays
 from annserve.errors import FrameDecodeError
 from annserve.server.request import plan_stream
-from annserve.server.sampler import ChunkSampler
+from annserve.server.selection import make_sampler
 from annserve.server.store import open_store
 from annserve.server.stream import epoch_frames
 from annserve.v1 import annserve_pb2 as pb
@@ -40,7 +40,7 @@ def stream(path, *, encoding="compact", compression="none", batch_size=7, shuffl
         batch_size=batch_size, chunk_size=3, preload_nchunks=2, shuffle=shuffle, seed=0,
         return_index=True, encoding=ENCODINGS[encoding], compression=COMPRESSIONS[compression])
     plan = plan_stream(request, store)
-    sampler = ChunkSampler(store.n_obs, 3, 2, shuffle=shuffle, seed=0)
+    sampler = make_sampler(store, plan)
     return list(epoch_frames(store, sampler, plan)), store
 
 

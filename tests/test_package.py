@@ -31,5 +31,5 @@ def test_generated_service_matches_registered_methods():
     from annserve.v1 import annserve_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["AnnServe"]
-    assert {m.name for m in service.methods} == {"DescribeStore", "StreamBatches"}
+    assert {m.name for m in service.methods} == {"DescribeStore", "StreamBatches", "CountBatches"}
     assert service.full_name == "annserve.v1.AnnServe"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from annserve.server.sampler import ChunkSampler
+from annserve.server.sampler import ChunkLayout, ChunkSampler
 
 
 def epoch_rows(sampler: ChunkSampler, epoch: int) -> np.ndarray:
@@ -14,7 +14,8 @@ def epoch_rows(sampler: ChunkSampler, epoch: int) -> np.ndarray:
                          [(1000, 32, 4), (1001, 7, 3), (5, 10, 2), (64, 1, 64), (1, 1, 1)])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_every_row_exactly_once(n_obs, chunk_size, preload_nchunks, shuffle):
-    sampler = ChunkSampler(n_obs, chunk_size, preload_nchunks, shuffle=shuffle, seed=3)
+    sampler = ChunkSampler(ChunkLayout([0, n_obs], chunk_size), preload_nchunks,
+                           shuffle=shuffle, seed=3)
     rows = epoch_rows(sampler, 0)
     assert rows.dtype == np.int64
     np.testing.assert_array_equal(np.sort(rows), np.arange(n_obs))
@@ -22,22 +23,22 @@ def test_every_row_exactly_once(n_obs, chunk_size, preload_nchunks, shuffle):
 
 
 def test_same_seed_and_epoch_same_order_other_epoch_other_order():
-    a = ChunkSampler(1000, 16, 4, shuffle=True, seed=7)
-    b = ChunkSampler(1000, 16, 4, shuffle=True, seed=7)
+    a = ChunkSampler(ChunkLayout([0, 1000], 16), 4, shuffle=True, seed=7)
+    b = ChunkSampler(ChunkLayout([0, 1000], 16), 4, shuffle=True, seed=7)
     np.testing.assert_array_equal(epoch_rows(a, 2), epoch_rows(b, 2))
     assert not np.array_equal(epoch_rows(a, 2), epoch_rows(a, 3))
-    assert not np.array_equal(epoch_rows(a, 2), epoch_rows(ChunkSampler(1000, 16, 4, shuffle=True,
-                                                                        seed=8), 2))
+    other_seed = ChunkSampler(ChunkLayout([0, 1000], 16), 4, shuffle=True, seed=8)
+    assert not np.array_equal(epoch_rows(a, 2), epoch_rows(other_seed, 2))
 
 
 def test_no_shuffle_is_store_order():
-    sampler = ChunkSampler(1003, 10, 7, shuffle=False, seed=0)
+    sampler = ChunkSampler(ChunkLayout([0, 1003], 10), 7, shuffle=False, seed=0)
     np.testing.assert_array_equal(epoch_rows(sampler, 5), np.arange(1003))
 
 
 def test_preload_buffers_hold_whole_chunks():
     chunk_size, preload_nchunks = 8, 4
-    sampler = ChunkSampler(200, chunk_size, preload_nchunks, shuffle=True, seed=1)
+    sampler = ChunkSampler(ChunkLayout([0, 200], chunk_size), preload_nchunks, shuffle=True, seed=1)
     for rows in sampler.preloads(0):
         chunks = np.unique(rows // chunk_size)
         assert len(chunks) <= preload_nchunks
@@ -46,7 +47,7 @@ def test_preload_buffers_hold_whole_chunks():
 
 
 def test_shuffle_mixes_rows_within_buffer():
-    sampler = ChunkSampler(4096, 32, 16, shuffle=True, seed=0)
+    sampler = ChunkSampler(ChunkLayout([0, 4096], 32), 16, shuffle=True, seed=0)
     first = next(sampler.preloads(0))
     assert not np.all(np.diff(first) > 0)
 
@@ -54,11 +55,11 @@ def test_shuffle_mixes_rows_within_buffer():
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_chunks_never_span_two_groups(shuffle):
     offsets = np.array([0, 10, 11, 45, 100])
-    sampler = ChunkSampler(100, 8, 3, shuffle=shuffle, seed=0, group_offsets=offsets)
+    sampler = ChunkSampler(ChunkLayout(offsets, 8), 3, shuffle=shuffle, seed=0)
     rows = epoch_rows(sampler, 1)
     np.testing.assert_array_equal(np.sort(rows), np.arange(100))
     chunk_starts = [0, 8, 10, 11, 19, 27, 35, 43, 45, 53, 61, 69, 77, 85, 93]
-    chunks = [sampler._chunk_rows(np.array([i])) for i in range(len(chunk_starts))]
+    chunks = [sampler.layout.rows(np.array([i])) for i in range(len(chunk_starts))]
     assert [c[0] for c in chunks] == chunk_starts
     for chunk in chunks:
         group = np.searchsorted(offsets, chunk[0], side="right") - 1

@@ -19,6 +19,11 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_ZSTD: _ClassVar[Compression]
     COMPRESSION_LZ4: _ClassVar[Compression]
     COMPRESSION_BLOSC: _ClassVar[Compression]
+
+class SamplerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLER_CHUNK: _ClassVar[SamplerKind]
+    SAMPLER_WEIGHTED: _ClassVar[SamplerKind]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_RAW: Encoding
 ENCODING_COMPACT: Encoding
@@ -26,6 +31,16 @@ COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 COMPRESSION_LZ4: Compression
 COMPRESSION_BLOSC: Compression
+SAMPLER_CHUNK: SamplerKind
+SAMPLER_WEIGHTED: SamplerKind
+
+class EpochSize(_message.Message):
+    __slots__ = ("n_rows", "n_batches")
+    N_ROWS_FIELD_NUMBER: _ClassVar[int]
+    N_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    n_rows: int
+    n_batches: int
+    def __init__(self, n_rows: _Optional[int] = ..., n_batches: _Optional[int] = ...) -> None: ...
 
 class DescribeStoreRequest(_message.Message):
     __slots__ = ("store",)
@@ -66,7 +81,14 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed")
+    class CategoryWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STORE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +104,18 @@ class StreamBatchesRequest(_message.Message):
     COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     VAR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNEVEN_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    START_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_BY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BY_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_SEED_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -97,7 +131,19 @@ class StreamBatchesRequest(_message.Message):
     compression_level: int
     layer: str
     var_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    uneven_shards: bool
+    start_batch: int
+    sampler: SamplerKind
+    balance_by: str
+    category_weights: _containers.ScalarMap[str, float]
+    num_samples: int
+    split: str
+    split_fractions: _containers.RepeatedScalarFieldContainer[float]
+    split_by: str
+    split_seed: int
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset")

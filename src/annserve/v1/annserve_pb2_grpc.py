@@ -44,6 +44,11 @@ class AnnServeStub:
                 request_serializer=annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.SerializeToString,
                 response_deserializer=annserve_dot_v1_dot_annserve__pb2.BatchFrame.FromString,
                 _registered_method=True)
+        self.CountBatches = channel.unary_unary(
+                '/annserve.v1.AnnServe/CountBatches',
+                request_serializer=annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.SerializeToString,
+                response_deserializer=annserve_dot_v1_dot_annserve__pb2.EpochSize.FromString,
+                _registered_method=True)
 
 
 class AnnServeServicer:
@@ -64,6 +69,14 @@ class AnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountBatches(self, request, context):
+        """Size of the epoch StreamBatches would send for this request (no data is
+        read): rows and batches of the requested shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnnServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_AnnServeServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.FromString,
                     response_serializer=annserve_dot_v1_dot_annserve__pb2.BatchFrame.SerializeToString,
+            ),
+            'CountBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountBatches,
+                    request_deserializer=annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.FromString,
+                    response_serializer=annserve_dot_v1_dot_annserve__pb2.EpochSize.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class AnnServe:
             '/annserve.v1.AnnServe/StreamBatches',
             annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.SerializeToString,
             annserve_dot_v1_dot_annserve__pb2.BatchFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/annserve.v1.AnnServe/CountBatches',
+            annserve_dot_v1_dot_annserve__pb2.StreamBatchesRequest.SerializeToString,
+            annserve_dot_v1_dot_annserve__pb2.EpochSize.FromString,
             options,
             channel_credentials,
             insecure,
