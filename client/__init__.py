@@ -2,5 +2,6 @@
 
 from annserve.client._assemble import CSRArrays
 from annserve.client.loader import RemoteLoader
+from annserve.client.options import Balanced, Split
 
-__all__ = ["CSRArrays", "RemoteLoader"]
+__all__ = ["Balanced", "CSRArrays", "RemoteLoader", "Split"]

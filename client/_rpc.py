@@ -71,6 +71,11 @@ class Connection:
             request_serializer=pb.DescribeStoreRequest.SerializeToString,
             response_deserializer=pb.StoreInfo.FromString,
         )
+        self._count = self._channel.unary_unary(
+            _SERVICE + "CountBatches",
+            request_serializer=pb.StreamBatchesRequest.SerializeToString,
+            response_deserializer=pb.EpochSize.FromString,
+        )
         # no deserializer: frames arrive as bytes and are decoded without protobuf copies
         self._stream = self._channel.unary_stream(
             _SERVICE + "StreamBatches",
@@ -94,6 +99,19 @@ class Connection:
             raise ServerUnavailableError(msg) from None
         try:
             return self._describe(pb.DescribeStoreRequest(store=store), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+
+    def count_batches(self, request: pb.StreamBatchesRequest) -> pb.EpochSize:
+        """Call ``CountBatches``: the epoch size the request would stream.
+
+        Raises
+        ------
+        AnnServeError
+            Mapped from the call's status (e.g. ``InvalidRequestError``).
+        """
+        try:
+            return self._count(request, timeout=self.timeout)
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.client._assemble import BatchAssembler
@@ -20,6 +21,8 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    from annserve.client.options import Balanced, Split
+
 _ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
 _COMPRESSIONS = {None: pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD, "lz4": pb.COMPRESSION_LZ4,
                  "blosc": pb.COMPRESSION_BLOSC}
@@ -28,12 +31,24 @@ _COMPRESSIONS = {None: pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD, "lz4": 
 class RemoteLoader(IterableDataset):
     """Minibatches of an AnnData store served by an ``annserve`` daemon.
 
-    Each iteration is one epoch. The server reads contiguous chunks into preload
-    buffers ahead of the stream and shuffles rows within them (annbatch
-    ``ChunkSampler`` semantics); this object decodes frames on a background thread
-    so the training loop does not wait on parsing. Use it directly, or through
-    ``torch.utils.data.DataLoader(loader, batch_size=None)`` with ``num_workers``
-    0 or 1 (the server already reads ahead).
+    Each iteration streams (the rest of) one epoch. The server reads contiguous
+    chunks into preload buffers ahead of the stream and shuffles rows within them
+    (annbatch ``ChunkSampler`` semantics); this object decodes frames on a background
+    thread so the training loop does not wait on parsing. Use it directly, or through
+    ``torch.utils.data.DataLoader(loader, batch_size=None)``.
+
+    Sharding: under ``torch.distributed`` (or with ``rank``/``world_size``), and in each
+    ``DataLoader`` worker, the stream carries only this consumer's shard: a contiguous,
+    disjoint part of the epoch's row sequence, chosen by the server. With
+    ``even_batches`` every rank gets the same number of rows (as
+    ``DistributedSampler``: the epoch's first rows are repeated to pad, or with
+    ``drop_last`` the remainder is dropped); uneven counts make DDP hang.
+
+    Resume: :meth:`state_dict` holds ``(seed, epoch, batches yielded)``; a loader built
+    with the same arguments and given that state (:meth:`load_state_dict`) yields
+    exactly the batches an uninterrupted run would have, from the next one on, from
+    any server serving the same store. The state is that of the process iterating
+    the loader (with ``DataLoader`` workers, use ``torchdata``'s ``StatefulDataLoader``).
 
     Parameters
     ----------
@@ -62,6 +77,16 @@ class RemoteLoader(IterableDataset):
     var_names
         Serve only these genes, in this order; ``n_vars`` and ``var_names`` then describe
         the subset.
+    split
+        Stream one split of the store (:class:`Split`); None streams every row.
+    balance
+        Weighted sampling with replacement (:class:`Balanced`); None visits every row
+        once per epoch.
+    rank, world_size
+        This process's place among data-parallel ranks; default: from
+        ``torch.distributed`` when initialised, else 0 of 1.
+    even_batches
+        Give every rank the same number of rows (default; see above).
     return_index
         Also return the global row index (position in the store) of each row.
     to_torch
@@ -113,6 +138,11 @@ class RemoteLoader(IterableDataset):
         obs_keys: Sequence[str] = (),
         layer: str | None = None,
         var_names: Sequence[str] | None = None,
+        split: Split | None = None,
+        balance: Balanced | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        even_batches: bool = True,
         return_index: bool = False,
         to_torch: bool = True,
         to_dense: bool = False,
@@ -143,11 +173,14 @@ class RemoteLoader(IterableDataset):
         self.obs_keys = tuple(obs_keys)
         self.layer = layer
         self._var_subset = tuple(var_names) if var_names is not None else None
+        self.split, self.balance, self.even_batches = split, balance, even_batches
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.return_index, self.to_torch, self.to_dense = return_index, to_torch, to_dense
         self.device = _resolve_device(device)
         self.encoding, self.timeout, self.prefetch = encoding, timeout, prefetch
         self.compression, self.compression_level = compression, compression_level
         self._epoch = 0
+        self._batch = 0  # batches of the current epoch already yielded
         self._conn: Connection | None = None
         self._info = self._connection().describe(store)
         self._check_against_store()
@@ -191,9 +224,15 @@ class RemoteLoader(IterableDataset):
         return self._epoch
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        rounding = math.floor if self.drop_last else math.ceil
-        return rounding(self.n_obs / self.batch_size)
+        """Batches per epoch of this rank (asks the server; no data is read).
+
+        Raises
+        ------
+        AnnServeError
+            If the server rejects the request.
+        """
+        request = self._request(self._epoch, _Shard(self.rank, self.world_size), 0)
+        return self._connection().count_batches(request).n_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration streams (as ``DistributedSampler.set_epoch``).
@@ -210,7 +249,35 @@ class RemoteLoader(IterableDataset):
         if epoch < 0:
             msg = f"epoch must be >= 0, got {epoch}"
             raise InvalidRequestError(msg)
-        self._epoch = epoch
+        self._epoch, self._batch = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the position of the stream: ``{"seed", "epoch", "batch", "config"}``.
+
+        ``batch`` counts the batches of ``epoch`` already yielded; ``config`` the
+        arguments that shape the epoch, checked by :meth:`load_state_dict`.
+        """
+        return {"seed": self.seed, "epoch": self._epoch, "batch": self._batch,
+                "config": self._config()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration continues after its batch.
+
+        Raises
+        ------
+        InvalidRequestError
+            If the state was saved by a loader configured differently (it would
+            resume a different sequence).
+        """
+        if state["config"] != self._config():
+            msg = (f"state_dict was saved with {state['config']}, this loader has "
+                   f"{self._config()}")
+            raise InvalidRequestError(msg)
+        self.seed, self._epoch, self._batch = state["seed"], state["epoch"], state["batch"]
+
+    def _config(self) -> dict[str, Any]:
+        request = self._request(0, _Shard(self.rank, self.world_size), 0)
+        return {"request": request.SerializeToString(deterministic=True).hex()}
 
     # --- iteration ---------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -223,14 +290,8 @@ class RemoteLoader(IterableDataset):
         FrameDecodeError
             If a received frame is malformed; no batch built from it is yielded.
         """
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            msg = ("RemoteLoader does not shard across DataLoader workers: use num_workers <= 1 "
-                   "(the server already reads ahead)")
-            raise InvalidRequestError(msg)
         conn = self._connection()
-        call = conn.stream(self._request(self._epoch))
-        self._epoch += 1
+        call = conn.stream(self._request(self._epoch, self._shard(), self._batch))
         pool = BufferPool()
         assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars, pool)
 
@@ -243,19 +304,32 @@ class RemoteLoader(IterableDataset):
         batches = Prefetcher(produce, self.prefetch, name="annserve-decode")
         try:
             for batch in batches:
+                self._batch += 1
                 yield to_device(batch, self.device) if self.device is not None else batch
+            self._epoch, self._batch = self._epoch + 1, 0
         finally:
             call.cancel()
             batches.close()
 
-    def _request(self, epoch: int) -> pb.StreamBatchesRequest:
-        return pb.StreamBatchesRequest(
+    def _shard(self) -> _Shard:
+        """Return the shard of this consumer: rank x DataLoader worker."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return _Shard(self.rank * workers + worker, self.world_size * workers)
+
+    def _request(self, epoch: int, shard: _Shard, start_batch: int) -> pb.StreamBatchesRequest:
+        request = pb.StreamBatchesRequest(
             store=self.store, batch_size=self.batch_size, chunk_size=self.chunk_size,
             preload_nchunks=self.preload_nchunks, shuffle=self.shuffle, drop_last=self.drop_last,
             seed=self.seed, epoch=epoch, obs_keys=self.obs_keys, return_index=self.return_index,
             encoding=_ENCODINGS[self.encoding], compression=_COMPRESSIONS[self.compression],
             compression_level=self.compression_level, layer=self.layer or "",
-            var_names=self._var_subset or ())
+            var_names=self._var_subset or (), shard_index=shard.index, shard_count=shard.count,
+            uneven_shards=not self.even_batches, start_batch=start_batch)
+        for option in (self.split, self.balance):
+            if option is not None:
+                option.apply(request)
+        return request
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -265,6 +339,22 @@ class RemoteLoader(IterableDataset):
     # channels do not pickle: DataLoader workers started by spawn reconnect lazily
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_conn": None}
+
+
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    index: int
+    count: int
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        msg = f"rank must be in 0..world_size-1, got rank={rank} world_size={world_size}"
+        raise InvalidRequestError(msg)
+    return rank, world_size
 
 
 def _resolve_seed(seed: int | np.random.Generator | None) -> int:

@@ -125,15 +125,20 @@ def test_epochs_are_reproducible_and_distinct(serve):
     assert not np.array_equal(order(5, 1), order(6, 1))
 
 
-def test_successive_iterations_advance_the_epoch(serve):
+def test_iterations_continue_where_the_last_one_stopped(serve):
     from conftest import real_path
 
-    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=200, chunk_size=4,
+    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=50, chunk_size=4,
                           preload_nchunks=10, seed=0, return_index=True, timeout=10)
-    first = next(iter(loader))["index"].numpy()
+    batches = iter(loader)
+    first = next(batches)["index"].numpy()
+    batches.close()
+    assert (loader.epoch, loader.state_dict()["batch"]) == (0, 1)
+    rest = [b["index"].numpy() for b in loader]  # the other 3 batches of epoch 0
+    assert len(rest) == 3
+    np.testing.assert_array_equal(np.sort(np.concatenate([first, *rest])), np.arange(200))
     assert loader.epoch == 1
-    second = next(iter(loader))["index"].numpy()
-    assert not np.array_equal(first, second)
+    assert not np.array_equal(next(iter(loader))["index"].numpy(), first)
     loader.set_epoch(0)
     np.testing.assert_array_equal(next(iter(loader))["index"].numpy(), first)
 
