@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,9 @@ class RemoteLoader(IterableDataset):
     chunks into preload buffers ahead of the stream and shuffles rows within them
     (annbatch ``ChunkSampler`` semantics); this object decodes frames on a background
     thread so the training loop does not wait on parsing. Use it directly, or through
-    ``torch.utils.data.DataLoader(loader, batch_size=None)``.
+    ``torch.utils.data.DataLoader(loader, batch_size=None)``; with ``num_workers > 0`` pass
+    ``multiprocessing_context="spawn"`` (or ``"forkserver"``): gRPC does not survive
+    ``fork()`` in a process that has used it.
 
     Sharding: under ``torch.distributed`` (or with ``rank``/``world_size``), and in each
     ``DataLoader`` worker, the stream carries only this consumer's shard: a contiguous,
@@ -182,6 +185,7 @@ class RemoteLoader(IterableDataset):
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
         self._conn: Connection | None = None
+        self._conn_pid = os.getpid()
         self._info = self._connection().describe(store)
         self._check_against_store()
 
@@ -332,8 +336,9 @@ class RemoteLoader(IterableDataset):
         return request
 
     def _connection(self) -> Connection:
-        if self._conn is None:
-            self._conn = Connection(self.address, self.timeout)
+        # a channel inherited through fork() is unusable: each process opens its own
+        if self._conn is None or self._conn_pid != os.getpid():
+            self._conn, self._conn_pid = Connection(self.address, self.timeout), os.getpid()
         return self._conn
 
     # channels do not pickle: DataLoader workers started by spawn reconnect lazily

@@ -18,6 +18,7 @@ REAL = {
     "pbmc3k": "pbmc3k_raw.h5ad",  # CSR counts, 32,738 genes
     "wu2020": "wu2020_200_counts.h5ad",  # CSR counts, categorical obs
     "pbmc68k": "pbmc68k_reduced.h5ad",  # dense X, categorical + numeric obs
+    "mouse10x": "mouse10x_10k_subset.h5ad",  # 10,000 cells x 1,000 genes, CSR counts
 }
 
 
