@@ -14,6 +14,7 @@ from annserve.client import RemoteLoader
 from annserve.errors import InvalidRequestError, StoreFormatError
 from annserve.server import create_server, open_store
 from annserve.server.cli import main as cli_main
+from collection_stores import annbatch_collection  # noqa: F401 (a fixture)
 from conftest import as_scipy, raw_stream, real_path
 
 SPLITS = (0, 70, 71, 200)  # wu2020 in three groups, one of a single cell
@@ -150,3 +151,33 @@ def test_cli_rejects_duplicate_store_names(capsys):
     path = str(real_path("wu2020"))
     assert cli_main(["--store", f"a={path}", "--store", f"a={path}", "--port", "0"]) == 3
     assert "unique" in capsys.readouterr().err
+
+
+def check_full_epoch(address, adata, **options) -> None:
+    loader = RemoteLoader(address, batch_size=100, chunk_size=16, preload_nchunks=4, seed=2,
+                          return_index=True, timeout=30, **options)
+    assert (loader.n_obs, loader.n_vars) == adata.shape
+    seen = []
+    for batch in loader:
+        idx = batch["index"].numpy()
+        np.testing.assert_array_equal(as_scipy(batch["X"]).toarray(), adata.X[idx].toarray())
+        seen.append(idx)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(adata.n_obs))
+
+
+def test_annbatch_dataset_collection_served_as_is(serve, annbatch_collection):  # noqa: F811
+    collection = annbatch_collection
+    store = open_store(collection.path)
+    np.testing.assert_array_equal(np.diff(store.group_offsets), collection.group_sizes)
+    check_full_epoch(serve(collection.path), collection.adata)
+
+
+def test_converted_collection_served_end_to_end(serve, tmp_path, real_adata):
+    from annserve.server.convert import convert
+
+    out = tmp_path / "atlas.zarr"
+    convert([real_path("pbmc3k"), real_path("wu2020")], out, seed=1, progress=False,
+            max_bucket_bytes=8 << 20)
+    reference = ad.concat([ad.read_zarr(out / f"dataset_{i}") for i in
+                           range(len(open_store(out).group_offsets) - 1)])
+    check_full_epoch(serve(out), reference, obs_keys=["dataset"])
