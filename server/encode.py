@@ -120,7 +120,7 @@ def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int) -> WireRows:
     if not compact:
         return WireRows(True, block.indptr, block.indices, block.data)
     index_dtype = np.uint16 if n_vars <= 1 << 16 else np.uint32
-    return WireRows(True, block.indptr, block.indices.astype(index_dtype),
+    return WireRows(True, block.indptr, block.indices.astype(index_dtype, copy=False),
                     compact_values(block.data))
 
 

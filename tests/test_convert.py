@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     from annserve.server.convert import Manifest
 
-SMALL_BUCKET = 12 << 20  # bytes: pbmc3k + wu2020 (~20 MB in memory) in 3 groups
-WU_BUCKET = 768 << 10  # bytes: wu2020 (~1.7 MB in memory) in 3 groups
+SMALL_BUCKET = 8 << 20  # bytes: pbmc3k + wu2020 (~14 MB in memory) in 3 groups
+WU_BUCKET = 512 << 10  # bytes: wu2020 (~1.2 MB in memory with uint16 indices) in 3 groups
 
 
 def load(path: Path, manifest: Manifest) -> ad.AnnData:

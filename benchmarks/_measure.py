@@ -1,0 +1,95 @@
+"""Measurement loop shared by the benchmark workers (standard library only).
+
+Imported by ``loader_worker.py`` (the annserve environment) and by
+``annbatch_worker.py`` (the separate Python 3.12 environment), so it must not
+import annserve, anndata or zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+#: Bytes of X payload per non-zero: a float32 value and an int32 column index.
+BYTES_PER_NNZ = 8
+
+
+def proc_status_mb(field: str, pid: int | str = "self") -> float:
+    """Return a memory field of ``/proc/<pid>/status`` (e.g. ``VmHWM``, ``VmRSS``), MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    msg = f"{field} not in /proc/{pid}/status"
+    raise KeyError(msg)
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used so far, user + system, all threads, seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(setup: Callable[[], Iterable[dict[str, Any]]], max_cells: int | None
+            ) -> dict[str, float]:
+    """Build a loader, consume one epoch (or ``max_cells`` cells) and time it.
+
+    Consuming a batch means summing the values of its X (a torch sparse CSR
+    tensor), which touches every value as a model's first layer would (~1 ms per
+    4,096-cell batch); the sums add up to a checksum that must agree, up to float32
+    rounding, between loaders of the same data.
+
+    Parameters
+    ----------
+    setup
+        Returns an iterable of batches ``{"X": tensor, ...}``; its run time is the
+        setup time (open the store, connect, load into memory...).
+    max_cells
+        Stop after the batch that reaches this many cells; None for a full epoch.
+
+    Returns
+    -------
+    ``cells``, ``nnz``, ``batches``, ``checksum``, ``setup_s``, ``first_batch_s``
+    (from asking for the first batch to having it), ``seconds`` (from asking for
+    the first batch to having consumed the last), ``cpu_s`` (process CPU over those
+    seconds), ``rss_base_mb`` (RSS after imports, before setup) and
+    ``rss_peak_mb`` (VmHWM at the end).
+    """
+    rss_base = proc_status_mb("VmRSS")
+    t_setup = time.perf_counter()
+    loader = setup()
+    t0 = time.perf_counter()
+    cpu0 = cpu_seconds()
+    cells = nnz = batches = 0
+    checksum = 0.0
+    first = None
+    for batch in loader:
+        x = batch["X"]
+        values = x.values()
+        checksum += float(values.sum())
+        if first is None:
+            first = time.perf_counter() - t0
+        cells += x.shape[0]
+        nnz += values.numel()
+        batches += 1
+        if max_cells is not None and cells >= max_cells:
+            break
+    seconds = time.perf_counter() - t0
+    return {
+        "cells": cells, "nnz": nnz, "batches": batches, "checksum": checksum,
+        "setup_s": t0 - t_setup, "first_batch_s": first if first is not None else float("nan"),
+        "seconds": seconds, "cpu_s": cpu_seconds() - cpu0,
+        "rss_base_mb": rss_base, "rss_peak_mb": proc_status_mb("VmHWM"),
+    }
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the result as the last line of stdout, JSON, for the orchestrator."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,204 @@
+"""One benchmark repetition of one loader, in a fresh process; prints a JSON line.
+
+Run by ``bench_loaders.py`` (each repetition in its own process, so that peak
+RSS is the loader's own). Kinds:
+
+``remote``
+    annserve ``RemoteLoader`` against a running daemon (``--address``).
+``sampler``
+    The daemon's pipeline in-process, no gRPC: ``open_store`` + ``ChunkSampler``
+    preload buffers + ``store.read_rows``, each batch built as a torch sparse CSR
+    tensor.
+``scipy``
+    The whole X loaded into a scipy CSR matrix, a random permutation of the rows,
+    fancy-indexed batches converted to torch sparse CSR (the upper bound).
+
+Each kind imports only what it needs, so the RSS after imports is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from _measure import emit, measure
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import scipy.sparse as sp
+
+    from annserve.server.sampler import Sampler
+    from annserve.server.store import Store
+
+
+def csr_tensor(m: sp.csr_matrix) -> torch.Tensor:
+    """Wrap a scipy CSR matrix as a torch sparse CSR tensor, sharing its memory."""
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(m.indptr), torch.from_numpy(m.indices), torch.from_numpy(m.data),
+        size=m.shape, check_invariants=False)
+
+
+def run_remote(args: argparse.Namespace) -> dict[str, Any]:
+    """Consume batches from an annserve daemon through ``RemoteLoader``."""
+    from annserve.client import RemoteLoader
+
+    def setup() -> RemoteLoader:
+        return RemoteLoader(args.address, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                            preload_nchunks=args.preload_nchunks, shuffle=args.shuffle,
+                            seed=args.seed, encoding=args.encoding, to_torch=True)
+
+    return measure(setup, args.max_cells)
+
+
+def sampler_batches(store: Store, sampler: Sampler, batch_size: int,
+                    epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the epoch's batches as the daemon cuts them, built in-process.
+
+    Each preload buffer is read with one sorted ``read_rows`` call and its rows are
+    gathered in the sampler's order; rows left over at the end of a buffer open
+    the next batch.
+
+    Yields
+    ------
+    ``{"X": tensor}``, X of shape ``(batch_size, n_vars)`` (the last may be shorter),
+    float32 values, int32 indices.
+    """
+    import scipy.sparse as sp
+
+    pending: list[sp.csr_matrix] = []
+    n_pending = 0
+    for rows in sampler.preloads(epoch):
+        sorted_rows = np.sort(rows)
+        buf = store.read_rows(sorted_rows)
+        m = sp.csr_matrix((buf.data, buf.indices, buf.indptr),
+                          shape=(len(rows), store.n_vars))
+        order = np.searchsorted(sorted_rows, rows)
+        start = 0
+        while start < len(order):
+            take = min(batch_size - n_pending, len(order) - start)
+            pending.append(m[order[start:start + take]])
+            n_pending += take
+            start += take
+            if n_pending == batch_size:
+                yield {"X": csr_tensor(_stack(pending))}
+                pending, n_pending = [], 0
+    if pending:
+        yield {"X": csr_tensor(_stack(pending))}
+
+
+def _stack(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def use_pipeline(name: str) -> None:
+    """Select the zarr codec pipeline as ``annserve --zarr-pipeline NAME`` does."""
+    import zarr
+
+    paths = {"zarrs": "zarrs.ZarrsCodecPipeline",
+             "zarr-python": "zarr.core.codec_pipeline.BatchedCodecPipeline"}
+    zarr.config.set({"codec_pipeline.path": paths[name]})
+
+
+def daemon_sampler(store: Store, args: argparse.Namespace) -> Sampler:
+    """Build the sampler the daemon builds for the same ``StreamBatches`` request."""
+    from annserve.server.request import plan_stream
+    from annserve.v1 import annserve_pb2 as pb
+
+    request = pb.StreamBatchesRequest(
+        batch_size=args.batch_size, chunk_size=args.chunk_size,
+        preload_nchunks=args.preload_nchunks, shuffle=args.shuffle, seed=args.seed)
+    plan = plan_stream(request, store)
+    try:
+        from annserve.server.selection import make_sampler
+    except ImportError:  # a checkout from before stream selection (splits, balance)
+        from annserve.server.sampler import ChunkSampler
+
+        return ChunkSampler(store.n_obs, plan.chunk_size, plan.preload_nchunks,
+                            shuffle=plan.shuffle, seed=plan.seed)
+    return make_sampler(store, plan)
+
+
+def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
+    """Consume batches of the in-process sampler pipeline (no gRPC)."""
+    import scipy.sparse  # noqa: F401  (imported before the RSS baseline)
+
+    from annserve.server.store import open_store
+
+    use_pipeline(args.zarr_pipeline)
+
+    def setup() -> Iterator[dict[str, torch.Tensor]]:
+        store = open_store(args.store)
+        return sampler_batches(store, daemon_sampler(store, args), args.batch_size, epoch=0)
+
+    return measure(setup, args.max_cells)
+
+
+def scipy_batches(x: sp.csr_matrix, batch_size: int, shuffle: bool,
+                  seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield fancy-indexed batches of an in-memory CSR matrix, in a random row order."""
+    n = x.shape[0]
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield {"X": csr_tensor(x[order[start:start + batch_size]])}
+
+
+def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
+    """Consume batches fancy-indexed from X held in memory (the upper bound)."""
+    import anndata as ad
+    import h5py
+    import scipy.sparse as sp
+    import zarr
+
+    use_pipeline(args.zarr_pipeline)
+
+    def setup() -> Iterator[dict[str, torch.Tensor]]:
+        root = h5py.File(args.store, "r") if Path(args.store).is_file() else zarr.open_group(
+            args.store, mode="r")
+        x = ad.io.read_elem(root["X"])
+        # anndata keeps the on-disk int64 indptr next to int32 indices; scipy then
+        # converts the whole index arrays on every fancy-indexing call (~0.2 s per
+        # batch here). Re-wrapping makes both int32, as scipy builds them itself.
+        x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
+        return scipy_batches(x, args.batch_size, args.shuffle, args.seed)
+
+    return measure(setup, args.max_cells)
+
+
+RUNNERS = {"remote": run_remote, "sampler": run_sampler, "scipy": run_scipy}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    p = argparse.ArgumentParser(description="One repetition of one loader; prints JSON.")
+    p.add_argument("kind", choices=sorted(RUNNERS))
+    p.add_argument("--address", help="daemon address, host:port or unix:PATH (remote)")
+    p.add_argument("--encoding", default="compact", choices=["compact", "raw"])
+    p.add_argument("--store", help="AnnData store (sampler, scipy)")
+    p.add_argument("--zarr-pipeline", default="zarrs", choices=["zarrs", "zarr-python"],
+                   help="zarr codec pipeline (sampler, scipy)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--preload-nchunks", type=int, default=256)
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cells", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one repetition and print its JSON result; return the exit code."""
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state", UserWarning)
+    emit(RUNNERS[args.kind](args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
