@@ -103,6 +103,9 @@ class Plan:
         One per input, in input order.
     sources
         The inputs, in input order.
+    compression
+        Codec of the written matrices: ``"lz4"`` (Blosc LZ4, byte shuffle, as annbatch),
+        ``"zstd"`` or ``"none"``.
     """
 
     var: pd.DataFrame
@@ -111,6 +114,7 @@ class Plan:
     index_dtype: np.dtype
     maps: tuple[SourceMap, ...]
     sources: tuple[SourceInfo, ...]
+    compression: str = "lz4"
 
     @property
     def n_vars(self) -> int:

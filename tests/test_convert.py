@@ -393,3 +393,16 @@ def test_annbatch_layout_fixture(annbatch_collection):  # noqa: F811 (the import
         str(real_path("pbmc3k")), str(real_path("wu2020"))]
     with pytest.raises(StoreFormatError, match="not an annserve collection"):
         read_manifest(path)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_compression_choice(tmp_path, real_adata, compression):
+    out = tmp_path / "c.zarr"
+    manifest = convert([real_path("wu2020")], out, progress=False, compression=compression)
+    group = zarr.open_group(out / manifest.groups[0].name, mode="r")
+    compressors = group["X/data"].compressors
+    assert (compressors == ()) if compression == "none" else (len(compressors) == 1)
+    back = ad.read_zarr(out / manifest.groups[0].name)
+    assert back.n_obs == real_adata("wu2020").n_obs
+    with pytest.raises(InvalidRequestError, match="compression"):
+        convert([real_path("wu2020")], tmp_path / "d.zarr", progress=False, compression="gzip")
