@@ -320,18 +320,15 @@ def prepare_annbatch(result: RowResult, args: argparse.Namespace, n_obs: int,
 
 
 def store_facts(store: Path) -> dict[str, Any]:
-    """Shape and non-zeros of the store's X (zarr or h5ad), read from its metadata."""
+    """Shape and non-zeros of the store's X (h5ad, zarr or a collection), from metadata."""
     import h5py
     import zarr
 
-    if store.is_file():
-        with h5py.File(store, "r") as f:
-            x = f["X"]
-            return {"n_obs": int(x.attrs["shape"][0]), "n_vars": int(x.attrs["shape"][1]),
-                    "nnz": int(x["data"].shape[0])}
-    x = zarr.open_group(store, mode="r")["X"]
-    return {"n_obs": int(x.attrs["shape"][0]), "n_vars": int(x.attrs["shape"][1]),
-            "nnz": int(x["data"].shape[0])}
+    root = h5py.File(store, "r") if store.is_file() else zarr.open_group(store, mode="r")
+    xs = [root["X"]] if "X" in root else [g["X"] for _, g in root.groups()]
+    return {"n_obs": sum(int(x.attrs["shape"][0]) for x in xs),
+            "n_vars": int(xs[0].attrs["shape"][1]),
+            "nnz": sum(int(x["data"].shape[0]) for x in xs)}
 
 
 def warm_page_cache(paths: list[Path]) -> float:
