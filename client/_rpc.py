@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
 from annserve.errors import (
     AnnServeError,
+    AuthenticationError,
     InvalidRequestError,
+    ResourceExhaustedError,
     ServerUnavailableError,
     StoreFormatError,
     StoreNotFoundError,
@@ -33,7 +36,44 @@ _ERROR_OF = {
     grpc.StatusCode.FAILED_PRECONDITION: StoreFormatError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How a client proves who it is and checks the server: TLS material and a token.
+
+    Attributes
+    ----------
+    root_certificates
+        PEM CA certificates the server's certificate must chain to; None uses the
+        system's roots. Any of the three PEM fields (or ``tls``) selects TLS.
+    certificate_chain, private_key
+        PEM client certificate and key, for servers requiring mutual TLS.
+    token
+        Bearer token sent as ``authorization: Bearer <token>`` metadata on every call.
+    tls
+        Use TLS even when no PEM field is given (system roots).
+    """
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    token: str | None = None
+    tls: bool = False
+
+    @property
+    def secure(self) -> bool:
+        """Whether the channel uses TLS."""
+        return self.tls or any(v is not None for v in (
+            self.root_certificates, self.certificate_chain, self.private_key))
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Return the call metadata carrying the token, None without one."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
 def translate(error: grpc.RpcError, address: str) -> AnnServeError:
@@ -60,12 +100,31 @@ class Connection:
         ``host:port`` or ``unix:/path``.
     timeout
         Deadline of unary calls and of waiting for the channel, seconds.
+    credentials
+        TLS material and token; None: plaintext, no token.
+
+    Raises
+    ------
+    InvalidRequestError
+        If only one of a client certificate and its key is given.
     """
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, credentials: Credentials | None = None
+                 ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        credentials = credentials or Credentials()
+        self._metadata = credentials.metadata()
+        if (credentials.certificate_chain is None) != (credentials.private_key is None):
+            msg = "certificate_chain and private_key go together (mutual TLS needs both)"
+            raise InvalidRequestError(msg)
+        if credentials.secure:
+            channel_credentials = grpc.ssl_channel_credentials(
+                credentials.root_certificates, credentials.private_key,
+                credentials.certificate_chain)
+            self._channel = grpc.secure_channel(address, channel_credentials, options=_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._describe = self._channel.unary_unary(
             _SERVICE + "DescribeStore",
             request_serializer=pb.DescribeStoreRequest.SerializeToString,
@@ -98,7 +157,8 @@ class Connection:
             msg = f"no annserve server answered at {self.address} within {self.timeout:g} s"
             raise ServerUnavailableError(msg) from None
         try:
-            return self._describe(pb.DescribeStoreRequest(store=store), timeout=self.timeout)
+            return self._describe(pb.DescribeStoreRequest(store=store), timeout=self.timeout,
+                                  metadata=self._metadata)
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
@@ -111,13 +171,13 @@ class Connection:
             Mapped from the call's status (e.g. ``InvalidRequestError``).
         """
         try:
-            return self._count(request, timeout=self.timeout)
+            return self._count(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Open ``StreamBatches``; the result iterates serialized frames and can be cancelled."""
-        return self._stream(request)
+        return self._stream(request, metadata=self._metadata)
 
     def close(self) -> None:
         """Close the channel, cancelling its calls."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +15,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.client._assemble import BatchAssembler
 from annserve.client._buffers import BufferPool
-from annserve.client._rpc import Connection, frames_of
+from annserve.client._rpc import Connection, Credentials, frames_of
 from annserve.client._torch import to_device, to_torch
-from annserve.errors import InvalidRequestError
+from annserve.errors import InvalidRequestError, ServerUnavailableError
 from annserve.prefetch import Prefetcher
 from annserve.v1 import annserve_pb2 as pb
 
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
 
     from annserve.client.options import Balanced, Split
 
+logger = logging.getLogger(__name__)
+
+#: Longest wait between reconnection attempts, seconds.
+_MAX_BACKOFF_S = 8.0
 _ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
 _COMPRESSIONS = {None: pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD, "lz4": pb.COMPRESSION_LZ4,
                  "blosc": pb.COMPRESSION_BLOSC}
@@ -109,11 +115,27 @@ class RemoteLoader(IterableDataset):
         Deadline for connecting and for unary calls, seconds.
     prefetch
         Decoded batches that may wait ahead of the training loop.
+    retries, retry_backoff
+        When the server becomes unavailable mid-epoch, reconnect up to ``retries`` times,
+        waiting ``retry_backoff`` seconds, doubled after each failure (at most 8 s), and
+        resume at the first batch not yet yielded: no batch is lost or repeated.
+    root_certificates
+        PEM CA certificates to verify a TLS server (``annserve --tls-cert``) against.
+        Giving it, or ``certificate_chain``/``private_key``, connects over TLS.
+    certificate_chain, private_key
+        PEM client certificate and key, for a server requiring mutual TLS
+        (``annserve --tls-client-ca``).
+    token
+        Bearer token for a server started with ``--token-file``, sent as
+        ``authorization: Bearer <token>`` metadata on every call.
 
     Raises
     ------
     ServerUnavailableError
-        If no server answers at ``address`` within ``timeout`` (a ``ConnectionError``).
+        If no server answers at ``address`` within ``timeout`` (a ``ConnectionError``;
+        also when the TLS handshake fails).
+    AuthenticationError
+        If the server requires a token and ``token`` is missing or wrong.
     StoreNotFoundError
         If the server has no store named ``store``.
     InvalidRequestError
@@ -155,6 +177,12 @@ class RemoteLoader(IterableDataset):
         compression_level: int = 0,
         timeout: float = 10.0,
         prefetch: int = 2,
+        retries: int = 5,
+        retry_backoff: float = 0.5,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
@@ -182,8 +210,10 @@ class RemoteLoader(IterableDataset):
         self.device = _resolve_device(device)
         self.encoding, self.timeout, self.prefetch = encoding, timeout, prefetch
         self.compression, self.compression_level = compression, compression_level
+        self.retries, self.retry_backoff = retries, retry_backoff
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
+        self._credentials = Credentials(root_certificates, certificate_chain, private_key, token)
         self._conn: Connection | None = None
         self._conn_pid = os.getpid()
         self._info = self._connection().describe(store)
@@ -294,9 +324,26 @@ class RemoteLoader(IterableDataset):
         FrameDecodeError
             If a received frame is malformed; no batch built from it is yielded.
         """
+        pool = BufferPool()
+        for attempt in range(self.retries + 1):
+            try:
+                yield from self._stream_from_cursor(pool)
+            except ServerUnavailableError:
+                if attempt == self.retries:
+                    raise
+                delay = min(self.retry_backoff * 2**attempt, _MAX_BACKOFF_S)
+                logger.warning("annserve at %s unavailable; resuming at epoch %d batch %d in "
+                               "%.1f s (retry %d of %d)", self.address, self._epoch, self._batch,
+                               delay, attempt + 1, self.retries)
+                time.sleep(delay)
+            else:
+                self._epoch, self._batch = self._epoch + 1, 0
+                return
+
+    def _stream_from_cursor(self, pool: BufferPool) -> Iterator[dict[str, Any]]:
+        """Stream the current epoch from the next batch not yet yielded."""
         conn = self._connection()
         call = conn.stream(self._request(self._epoch, self._shard(), self._batch))
-        pool = BufferPool()
         assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars, pool)
 
         def produce() -> Iterator[dict[str, Any]]:
@@ -310,7 +357,6 @@ class RemoteLoader(IterableDataset):
             for batch in batches:
                 self._batch += 1
                 yield to_device(batch, self.device) if self.device is not None else batch
-            self._epoch, self._batch = self._epoch + 1, 0
         finally:
             call.cancel()
             batches.close()
@@ -338,7 +384,8 @@ class RemoteLoader(IterableDataset):
     def _connection(self) -> Connection:
         # a channel inherited through fork() is unusable: each process opens its own
         if self._conn is None or self._conn_pid != os.getpid():
-            self._conn, self._conn_pid = Connection(self.address, self.timeout), os.getpid()
+            self._conn = Connection(self.address, self.timeout, self._credentials)
+            self._conn_pid = os.getpid()
         return self._conn
 
     # channels do not pickle: DataLoader workers started by spawn reconnect lazily

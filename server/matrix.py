@@ -52,6 +52,8 @@ class CSRMatrix:
         ``(n_obs, n_vars)``.
     dtype
         dtype of the stored values.
+    nbytes
+        Bytes all rows take once read (data, indices and indptr as :class:`CSRRows`).
     """
 
     sparse = True
@@ -60,6 +62,9 @@ class CSRMatrix:
         self.shape = tuple(int(s) for s in group.attrs["shape"])
         self.dtype = np.dtype(group["data"].dtype)
         self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+        nnz = int(self._indptr[-1]) if len(self._indptr) else 0
+        self.nbytes = (nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
+                       + 8 * self.shape[0])
         self._indices = range_reader(group["indices"])
         self._data = range_reader(group["data"])
 
@@ -79,13 +84,14 @@ class CSRMatrix:
 
 
 class DenseMatrix:
-    """A dense 2-d matrix element."""
+    """A dense 2-d matrix element; ``nbytes``: bytes of all rows once read."""
 
     sparse = False
 
     def __init__(self, array: h5py.Dataset | zarr.Array) -> None:
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
+        self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
         self._reader: RangeReader = range_reader(array)
 
     def read_rows(self, rows: np.ndarray) -> DenseRows:

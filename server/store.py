@@ -111,6 +111,11 @@ class Store:
         self.x_sparse = first.matrices["X"].sparse
         self.x_dtype = first.matrices["X"].dtype
 
+    def mean_row_bytes(self, layer: str | None = None) -> float:
+        """Return the mean bytes of one row of X (or of a layer) once read into memory."""
+        key = "X" if layer is None else f"layers/{layer}"
+        return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
+
     def read_rows(self, rows: np.ndarray, layer: str | None = None) -> CSRRows | DenseRows:
         """Read rows of X (or of a layer).
 

@@ -11,6 +11,7 @@ N = MIN_POOLED_BYTES  # float32 elements: 4x the pooling threshold
 def test_buffer_in_use_is_never_handed_out_again():
     pool = BufferPool()
     a = pool.empty((N,), np.float32)
+    a[:] = 0
     tensor = torch.from_numpy(a[10:])  # what a yielded batch holds
     del a
     b = pool.empty((N,), np.float32)

@@ -30,3 +30,11 @@ class FrameDecodeError(AnnServeError, ValueError):
 
 class ServerUnavailableError(AnnServeError, ConnectionError):
     """The server at the given address cannot be reached (``UNAVAILABLE``)."""
+
+
+class ResourceExhaustedError(AnnServeError, RuntimeError):
+    """A request exceeds a server limit, named in the message (``RESOURCE_EXHAUSTED``)."""
+
+
+class AuthenticationError(AnnServeError, PermissionError):
+    """A call carried no valid credentials (``UNAUTHENTICATED``)."""

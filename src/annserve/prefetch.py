@@ -74,6 +74,11 @@ class Prefetcher(Generic[T]):
         finally:
             self.close()
 
+    @property
+    def pending(self) -> int:
+        """Items produced and waiting for the consumer (approximate)."""
+        return self._queue.qsize()
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the producer and wait up to ``timeout`` seconds for its thread to end."""
         self._stop.set()
