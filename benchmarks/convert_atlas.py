@@ -36,6 +36,7 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+from make_atlas import disk_bytes
 
 from annserve.server.convert import read_manifest
 
@@ -174,12 +175,6 @@ def run_convert(inputs: list[Path], output: Path, extra: list[str]) -> dict[str,
     return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024}
 
 
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         inputs, nnz = generate(directory, args.n_obs, args.n_files, args.n_vars,
                                args.nnz_per_cell, args.seed)
         gen_s = time.perf_counter() - t0
-        in_bytes = sum(_du(p) for p in inputs)
+        in_bytes = sum(disk_bytes(p) for p in inputs)
         output = directory / "collection.zarr"
         stats = run_convert(inputs, output, ["--no-progress", *args.convert_args])
         manifest = read_manifest(output)
         result = {
             "cells": manifest.n_obs, "genes": manifest.n_vars, "nnz": nnz,
             "groups": len(manifest.groups), "input_gb": in_bytes / 1e9,
-            "output_gb": _du(output) / 1e9, "generate_s": gen_s, **stats,
+            "output_gb": disk_bytes(output) / 1e9, "generate_s": gen_s, **stats,
             "cells_per_s": manifest.n_obs / stats["seconds"],
         }
     finally:

@@ -354,7 +354,8 @@ def _progress(stats: dict[str, float], t0: float, done: int, total: int) -> None
           f"{stats['nnz'] / done:,.0f} nnz/cell", end="", flush=True)
 
 
-def _du(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
+    """Bytes a file, or all files under a directory, take."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -404,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"counts: {stats['ones'] / nnz:.1%} are 1, {stats['le3'] / nnz:.1%} are <= 3, "
           f"{stats['ge100']:,} are >= 100, max {stats['max']:,.0f}")
     print(f"X payload (float32 data + int32 indices): {nnz * 8 / 2**20:,.0f} MiB")
-    print(f"zarr on disk: {_du(args.out) / 2**20:,.0f} MiB  {args.out}")
+    print(f"zarr on disk: {disk_bytes(args.out) / 2**20:,.0f} MiB  {args.out}")
     if h5ad is not None:
-        print(f"h5ad on disk: {_du(h5ad) / 2**20:,.0f} MiB  {h5ad}")
+        print(f"h5ad on disk: {disk_bytes(h5ad) / 2**20:,.0f} MiB  {h5ad}")
     return 0
 
 
