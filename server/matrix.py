@@ -52,6 +52,8 @@ class CSRMatrix:
         ``(n_obs, n_vars)``.
     dtype
         dtype of the stored values.
+    index_dtype
+        dtype of the stored column indices.
     nbytes
         Bytes all rows take once read (data, indices and indptr as :class:`CSRRows`).
     """
@@ -66,21 +68,30 @@ class CSRMatrix:
         self.nbytes = (nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
                        + 8 * self.shape[0])
         self._indices = range_reader(group["indices"])
+        self.index_dtype = np.dtype(group["indices"].dtype)
         self._data = range_reader(group["data"])
 
-    def read_rows(self, rows: np.ndarray) -> CSRRows:
+    def nnz(self, rows: np.ndarray) -> int:
+        """Non-zeros in the given rows (no data read)."""
+        return int((self._indptr[rows + 1] - self._indptr[rows]).sum())
+
+    def read_rows(self, rows: np.ndarray, out: CSRRows | None = None) -> CSRRows:
         """Read rows, one range read per run of consecutive rows.
 
         Parameters
         ----------
         rows
             Row indices, shape ``(n,)``, int64, strictly increasing.
+        out
+            Arrays to read ``indices`` and ``data`` into (their lengths :meth:`nnz`, the
+            store's dtypes); its ``indptr`` is not used.
         """
         starts, stops = self._indptr[rows], self._indptr[rows + 1]
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(stops - starts, out=indptr[1:])
         runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
-        return CSRRows(indptr, self._indices.read(runs), self._data.read(runs))
+        return CSRRows(indptr, self._indices.read(runs, None if out is None else out.indices),
+                       self._data.read(runs, None if out is None else out.data))
 
 
 class DenseMatrix:
@@ -94,9 +105,9 @@ class DenseMatrix:
         self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
         self._reader: RangeReader = range_reader(array)
 
-    def read_rows(self, rows: np.ndarray) -> DenseRows:
-        """Read rows; see :meth:`CSRMatrix.read_rows`."""
-        return DenseRows(self._reader.read(row_runs(rows)))
+    def read_rows(self, rows: np.ndarray, out: DenseRows | None = None) -> DenseRows:
+        """Read rows, into ``out`` when given; see :meth:`CSRMatrix.read_rows`."""
+        return DenseRows(self._reader.read(row_runs(rows), None if out is None else out.values))
 
 
 def open_matrix(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where: str

@@ -27,8 +27,13 @@ ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 class RangeReader(Protocol):
     """Reads several ``[start, stop)`` element ranges of one 1-d or 2-d on-disk array."""
 
-    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-        """Return the ranges concatenated along axis 0, in the given order."""
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Return the ranges concatenated along axis 0, in the given order.
+
+        ``out``, when given, receives them (C-contiguous, the array's dtype, the total
+        length along axis 0) and is returned.
+        """
         ...
 
 
@@ -42,10 +47,12 @@ class _H5Ranges:
     def __init__(self, dataset: h5py.Dataset) -> None:
         self._ds = dataset
 
-    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
+             ) -> np.ndarray:
         ranges = [(a, b) for a, b in ranges if b > a]
         tail = self._ds.shape[1:]
-        out = np.empty((sum(b - a for a, b in ranges), *tail), self._ds.dtype)
+        if out is None:
+            out = np.empty((sum(b - a for a, b in ranges), *tail), self._ds.dtype)
         if not ranges:
             return out
         file_space = self._ds.id.get_space()
@@ -98,28 +105,37 @@ class _ZarrRanges:
         self._async = array.async_array
         self._batched = True
 
-    def read(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
+             ) -> np.ndarray:
         if self._batched:
             try:
-                return self._read_batched(ranges)
+                return self._read_batched(ranges, out)
             except (AttributeError, TypeError) as e:
                 logger.warning("zarr batched reads unavailable (%s); reading range by range", e)
                 self._batched = False
-        return self._read_each(ranges)
+        return self._read_each(ranges, out)
 
-    def _read_batched(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    def _read_batched(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None
+                      ) -> np.ndarray:
         indexer = _RangesIndexer.build(ranges, self._async)
-        selection = self._async._get_selection(indexer, prototype=default_buffer_prototype())
-        return np.asarray(zarr_sync(selection))
+        prototype = default_buffer_prototype()
+        target = None if out is None else prototype.nd_buffer.from_numpy_array(out)
+        selection = self._async._get_selection(indexer, prototype=prototype, out=target)
+        result = zarr_sync(selection)
+        return out if out is not None else np.asarray(result)
 
-    def _read_each(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    def _read_each(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None
+                   ) -> np.ndarray:
         async def fetch() -> list[np.ndarray]:
             return await asyncio.gather(*(self._async.getitem(slice(a, b)) for a, b in ranges))
 
         parts = zarr_sync(fetch())
-        if not parts:
-            return np.empty((0, *self._async.shape[1:]), dtype=self._async.dtype)
-        return np.concatenate(parts)
+        if out is None:
+            out = np.empty((sum(b - a for a, b in ranges), *self._async.shape[1:]),
+                           dtype=self._async.dtype)
+        if parts:
+            np.concatenate(parts, out=out)
+        return out
 
 
 def range_reader(array: h5py.Dataset | zarr.Array) -> RangeReader:

@@ -134,15 +134,42 @@ class Store:
         if len(self._groups) == 1:
             return self._groups[0].matrices[key].read_rows(rows)
         bounds = np.searchsorted(rows, self.group_offsets)
-        parts = [g.matrices[key].read_rows(rows[a:b] - offset)
-                 for g, a, b, offset in zip(self._groups, bounds[:-1], bounds[1:],
-                                            self.group_offsets, strict=False) if b > a]
-        return _concat_rows(parts)
+        pieces = [(g.matrices[key], rows[a:b] - offset)
+                  for g, a, b, offset in zip(self._groups, bounds[:-1], bounds[1:],
+                                             self.group_offsets, strict=False) if b > a]
+        return _read_pieces(pieces)
+
+
+Piece = tuple[CSRMatrix | DenseMatrix, np.ndarray]
+
+
+def _read_pieces(pieces: list[Piece]) -> CSRRows | DenseRows:
+    """Read rows of several groups into one buffer (no concatenation copy when dtypes agree)."""
+    first = pieces[0][0]
+    if len(pieces) == 1:
+        return first.read_rows(pieces[0][1])
+    if any(m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
+           for m, _ in pieces):
+        return _concat_rows([m.read_rows(r) for m, r in pieces])
+    if not first.sparse:
+        values = np.empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
+        starts = np.cumsum([0] + [len(r) for _, r in pieces])
+        for (m, r), a in zip(pieces, starts, strict=False):
+            m.read_rows(r, DenseRows(values[a:a + len(r)]))
+        return DenseRows(values)
+    sizes = [m.nnz(r) for m, r in pieces]
+    indices = np.empty(sum(sizes), first.index_dtype)
+    data = np.empty(sum(sizes), first.dtype)
+    indptrs, offset = [np.zeros(1, np.int64)], 0
+    for (m, r), n in zip(pieces, sizes, strict=True):
+        part = m.read_rows(r, CSRRows(indptrs[0], indices[offset:offset + n],
+                                      data[offset:offset + n]))
+        indptrs.append(part.indptr[1:] + offset)
+        offset += n
+    return CSRRows(np.concatenate(indptrs), indices, data)
 
 
 def _concat_rows(parts: list[CSRRows | DenseRows]) -> CSRRows | DenseRows:
-    if len(parts) == 1:
-        return parts[0]
     if isinstance(parts[0], DenseRows):
         return DenseRows(np.concatenate([p.values for p in parts]))
     nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]])

@@ -181,3 +181,24 @@ def test_converted_collection_served_end_to_end(serve, tmp_path, real_adata):
     reference = ad.concat([ad.read_zarr(out / f"dataset_{i}") for i in
                            range(len(open_store(out).group_offsets) - 1)])
     check_full_epoch(serve(out), reference, obs_keys=["dataset"])
+
+
+@pytest.mark.parametrize("kind", ["dense", "mixed-dtypes"])
+def test_collection_groups_read_into_one_buffer(serve, tmp_path, real_adata, kind):
+    adata = real_adata("pbmc68k" if kind == "dense" else "wu2020")
+    root = zarr.open_group(tmp_path / "c.zarr", mode="w", zarr_format=3)
+    half = adata.n_obs // 2
+    for i, part in enumerate((adata[:half], adata[half:])):
+        x = part.X.astype(np.float64) if kind == "mixed-dtypes" and i else part.X
+        ad.io.write_elem(root, f"dataset_{i}", ad.AnnData(X=x, obs=part.obs, var=part.var))
+    loader = RemoteLoader(serve(tmp_path / "c.zarr"), batch_size=64, chunk_size=8, seed=3,
+                          preload_nchunks=8, return_index=True, timeout=10)
+    seen = []
+    for batch in loader:
+        idx = batch["index"].numpy()
+        x = batch["X"]
+        got = as_scipy(x).toarray() if x.layout == torch.sparse_csr else x.numpy()
+        want = adata.X[idx]
+        np.testing.assert_array_equal(got, want.toarray() if sp.issparse(want) else want)
+        seen.append(idx)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(adata.n_obs))
