@@ -13,6 +13,9 @@ from annserve.server import create_server, open_store
 from annserve.server.ranges import ZARRS_PIPELINE
 from annserve.v1 import annserve_pb2 as pb
 
+#: fixtures shared by the operations tests (``start``: in-process servers with options)
+pytest_plugins = ["ops_support"]
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL = {
     "pbmc3k": "pbmc3k_raw.h5ad",  # CSR counts, 32,738 genes

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
+from annserve.server.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
 
@@ -302,3 +304,36 @@ def write_wide_rows_store(path: Path, n_obs: int = 30_000, n_vars: int = 1_000, 
     ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]),
                var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)])).write_h5ad(path)
     return path
+
+
+class CountingStore:
+    """Counts the reads of a store and the rows they return (proof a call never read it)."""
+
+    def __init__(self, store):
+        self.reads = 0
+        self.rows = 0
+        self._read = store.read_rows
+        store.read_rows = self._count
+        self.store = store
+
+    def _count(self, rows, layer=None):
+        self.reads += 1
+        self.rows += len(rows)
+        return self._read(rows, layer)
+
+
+@pytest.fixture
+def start():
+    """Start in-process servers on 127.0.0.1 with ``build_server``; stopped at teardown."""
+    servers = []
+
+    def start_server(stores, **kwargs):
+        server = build_server(stores, ["127.0.0.1:0"], **kwargs)
+        servers.append(server)
+        return server, f"127.0.0.1:{server.ports[0]}"
+
+    try:
+        yield start_server
+    finally:
+        for server in servers:
+            server.server.stop(None).wait(10)

@@ -23,10 +23,10 @@ import annserve.server.service as service_module
 from annserve.client import RemoteLoader
 from annserve.errors import AnnServeError, ServerUnavailableError
 from annserve.server import open_store
-from annserve.server.app import build_server
 from conftest import real_path
 from ops_support import (
     RPC_TIMEOUT,
+    CountingStore,
     Daemon,
     GoodClient,
     frame_rows,
@@ -45,36 +45,6 @@ LOAD_CLIENTS = 16
 
 def stream_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("annserve-stream-")]
-
-
-class CountingStore:
-    """Counts the rows read from a store."""
-
-    def __init__(self, store):
-        self.rows = 0
-        self._read = store.read_rows
-        store.read_rows = self._count
-        self.store = store
-
-    def _count(self, rows, layer=None):
-        self.rows += len(rows)
-        return self._read(rows, layer)
-
-
-@pytest.fixture
-def start():
-    servers = []
-
-    def start_server(stores, **kwargs):
-        server = build_server(stores, ["127.0.0.1:0"], **kwargs)
-        servers.append(server)
-        return server, f"127.0.0.1:{server.ports[0]}"
-
-    try:
-        yield start_server
-    finally:
-        for server in servers:
-            server.server.stop(None).wait(10)
 
 
 # --- SIGTERM of the daemon mid-stream ---------------------------------------------------

@@ -13,9 +13,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from annserve.client import RemoteLoader
 from annserve.errors import AuthenticationError, ServerUnavailableError
 from annserve.server import open_store
-from annserve.server.app import build_server
 from annserve.server.security import TLSConfig
-from ops_support import RPC_TIMEOUT, Daemon, make_pki, stream_call, write_tiny_store
+from ops_support import (
+    RPC_TIMEOUT,
+    CountingStore,
+    Daemon,
+    make_pki,
+    stream_call,
+    write_tiny_store,
+)
 
 TOKEN = "s3cret-token"
 FAIL_TIMEOUT = 2.0  # seconds a client waits for a handshake that cannot succeed
@@ -29,36 +35,6 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_tiny_store(tmp_path_factory.mktemp("tiny") / "tiny.h5ad")
-
-
-class CountingStore:
-    """Counts reads of a store (proof that a rejected call never read it)."""
-
-    def __init__(self, store):
-        self.reads = 0
-        self._read = store.read_rows
-        store.read_rows = self._count
-        self.store = store
-
-    def _count(self, rows, layer=None):
-        self.reads += 1
-        return self._read(rows, layer)
-
-
-@pytest.fixture
-def start():
-    servers = []
-
-    def start_server(stores, **kwargs):
-        server = build_server(stores, ["127.0.0.1:0"], **kwargs)
-        servers.append(server)
-        return server, f"127.0.0.1:{server.ports[0]}"
-
-    try:
-        yield start_server
-    finally:
-        for server in servers:
-            server.server.stop(None).wait(10)
 
 
 def epoch_rows(address: str, **kwargs) -> np.ndarray:
