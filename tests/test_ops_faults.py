@@ -102,8 +102,10 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
     assert "stopped (streams still running after the grace ended with UNAVAILABLE)" in log
     records = [json.loads(line) for line in log.splitlines()]  # every line one JSON object
     ends = [r for r in records if r["message"].startswith(f"stream {r.get('stream_id')} end:")]
-    assert sorted(r["message"].split("status=")[1].split()[0] for r in ends) == [
-        "OK", "UNAVAILABLE"]
+    statuses = sorted(r["message"].split("status=")[1].split()[0] for r in ends)
+    # the slow stream ends UNAVAILABLE from our drain, or CANCELLED when grpc's own hard stop
+    # closes it first (the client sees UNAVAILABLE "Cancelling all calls" then): a race
+    assert statuses in (["OK", "UNAVAILABLE"], ["CANCELLED", "OK"]), statuses
 
 
 # --- a client that vanishes ----------------------------------------------------------------
