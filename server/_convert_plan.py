@@ -24,43 +24,18 @@ import numpy as np
 import pandas as pd
 
 from annserve.errors import StoreFormatError
+from annserve.server._convert_obs import ColumnInfo
 from annserve.server._convert_rows import Ragged, RowBlock
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from annserve.server._convert_obs import ColumnInfo
     from annserve.server._convert_source import SourceInfo
 
 logger = logging.getLogger(__name__)
 
 #: obs column recording each cell's input (its label).
 DATASET_COLUMN = "dataset"
-
-
-@dataclass(frozen=True, slots=True)
-class ColumnSpec:
-    """Type of one obs column of the collection.
-
-    Attributes
-    ----------
-    name
-        Column name.
-    kind
-        ``"category"``, ``"numeric"`` or ``"str"``.
-    dtype
-        numpy dtype of a numeric column; None otherwise.
-    categories
-        Category labels of a categorical column.
-    ordered
-        Whether the categorical is ordered.
-    """
-
-    name: str
-    kind: str
-    dtype: np.dtype | None = None
-    categories: tuple[object, ...] = ()
-    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +84,7 @@ class Plan:
     """
 
     var: pd.DataFrame
-    columns: tuple[ColumnSpec, ...]
+    columns: tuple[ColumnInfo, ...]
     dtypes: dict[str, np.dtype]
     index_dtype: np.dtype
     maps: tuple[SourceMap, ...]
@@ -199,7 +174,7 @@ def _join_var(sources: Sequence[SourceInfo], joined: pd.Index) -> pd.DataFrame:
 
 
 def _obs_specs(sources: Sequence[SourceInfo], obs_columns: Sequence[str] | None
-               ) -> list[ColumnSpec]:
+               ) -> list[ColumnInfo]:
     for s in sources:
         if DATASET_COLUMN in s.columns and (obs_columns is None or DATASET_COLUMN in obs_columns):
             msg = (f"{s.path}: has an obs column {DATASET_COLUMN!r}, which convert adds to "
@@ -216,11 +191,11 @@ def _obs_specs(sources: Sequence[SourceInfo], obs_columns: Sequence[str] | None
                 raise StoreFormatError(msg)
     specs = [_unify(n, [s.columns.get(n) for s in sources], sources) for n in names]
     labels = tuple(s.label for s in sources)
-    return [*specs, ColumnSpec(DATASET_COLUMN, "category", categories=labels)]
+    return [*specs, ColumnInfo(DATASET_COLUMN, "category", categories=labels)]
 
 
 def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceInfo]
-           ) -> ColumnSpec:
+           ) -> ColumnInfo:
     present = [c for c in infos if c is not None]
     kinds = {c.kind for c in present}
     missing = len(present) < len(infos)
@@ -228,7 +203,7 @@ def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceIn
         dtype = np.result_type(*(c.dtype for c in present))
         if missing and dtype.kind in "biu":
             dtype = np.dtype(np.float64)
-        return ColumnSpec(name, "numeric", dtype)
+        return ColumnInfo(name, "numeric", dtype)
     if "numeric" in kinds:
         numeric = [str(s.path) for s, c in zip(sources, infos, strict=True)
                    if c is not None and c.kind == "numeric"]
@@ -236,16 +211,16 @@ def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceIn
                "inputs; leave it out with --obs-columns")
         raise StoreFormatError(msg)
     if kinds != {"category"}:
-        return ColumnSpec(name, "str")
+        return ColumnInfo(name, "str")
     labels = [c.categories for c in present]
     if len({type(v) for cats in labels for v in cats}) > 1:
         labels = [tuple(str(v) for v in cats) for cats in labels]
     union = tuple(dict.fromkeys(v for cats in labels for v in cats))
     ordered = not missing and all(c.ordered and c.categories == union for c in present)
-    return ColumnSpec(name, "category", categories=union, ordered=ordered)
+    return ColumnInfo(name, "category", categories=union, ordered=ordered)
 
 
-def _category_maps(source: SourceInfo, columns: list[ColumnSpec]) -> dict[str, np.ndarray]:
+def _category_maps(source: SourceInfo, columns: list[ColumnInfo]) -> dict[str, np.ndarray]:
     out = {}
     for spec in columns:
         info = source.columns.get(spec.name)

@@ -15,7 +15,8 @@ from annserve.server._convert_plan import DATASET_COLUMN
 from annserve.server._convert_rows import Ragged, RowBlock, encode_strings
 
 if TYPE_CHECKING:
-    from annserve.server._convert_plan import ColumnSpec, Plan, SourceMap
+    from annserve.server._convert_obs import ColumnInfo
+    from annserve.server._convert_plan import Plan, SourceMap
     from annserve.server._convert_source import SourceBlock, SourceInfo
 
 
@@ -63,7 +64,7 @@ def _sort_rows(rows: Ragged, n_vars: int) -> Ragged:
     return Ragged(rows.lengths, tuple(v[order] for v in rows.values))
 
 
-def _column(spec: ColumnSpec, values: np.ndarray | None, source: SourceInfo, m: SourceMap,
+def _column(spec: ColumnInfo, values: np.ndarray | None, source: SourceInfo, m: SourceMap,
             n: int, i: int) -> np.ndarray | Ragged:
     info = source.columns.get(spec.name)
     if spec.name == DATASET_COLUMN:

@@ -160,6 +160,13 @@ def _code_name(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
     return (code if isinstance(code, grpc.StatusCode) else default).name
 
 
+def _count_failure(errors: Counter, method: str, context: grpc.ServicerContext) -> None:
+    """Count a call that returned normally but set a non-OK status (e.g. ``context.abort``)."""
+    code = _code_name(context, grpc.StatusCode.OK)
+    if code != "OK":
+        errors.labels(method, code).inc()
+
+
 def _unary_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callable]:
     def wrap(behavior: Callable) -> Callable:
         def call(request: object, context: grpc.ServicerContext) -> object:
@@ -168,9 +175,7 @@ def _unary_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callabl
             except Exception:
                 errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
                 raise
-            code = _code_name(context, grpc.StatusCode.OK)
-            if code != "OK":
-                errors.labels(method, code).inc()
+            _count_failure(errors, method, context)
             return response
         return call
     return wrap
@@ -187,9 +192,7 @@ def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callab
             except Exception:
                 errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
                 raise
-            code = _code_name(context, grpc.StatusCode.OK)
-            if code != "OK":
-                errors.labels(method, code).inc()
+            _count_failure(errors, method, context)
         return call
     return wrap
 

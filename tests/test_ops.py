@@ -40,23 +40,6 @@ from ops_support import (
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def start():
-    """``start(stores, **build_server_args) -> AnnServer`` on 127.0.0.1:0, stopped afterwards."""
-    servers = []
-
-    def start_server(stores, **kwargs):
-        server = build_server(stores, ["127.0.0.1:0"], **kwargs)
-        servers.append(server)
-        return server
-
-    try:
-        yield start_server
-    finally:
-        for server in servers:
-            server.server.stop(None).wait(10)
-
-
 @pytest.fixture(scope="module")
 def pbmc():
     return open_store(real_path("pbmc3k"))
@@ -90,7 +73,7 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 # --- health and graceful shutdown ------------------------------------------------------
 def test_health_serving_then_not_serving_while_draining(start, pbmc):
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     address = address_of(server)
     assert health_status(address) == "SERVING"
     assert health_status(address, SERVICE_NAME) == "SERVING"
@@ -118,7 +101,7 @@ def test_health_serving_then_not_serving_while_draining(start, pbmc):
 
 
 def test_stream_id_in_initial_metadata_and_request_id_in_the_log(start, pbmc, caplog):
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     with caplog.at_level(logging.INFO, logger="annserve.server.service"), \
             grpc.insecure_channel(address_of(server)) as channel:
         call = stream_call(channel, metadata=(("x-request-id", "job-42"),), batch_size=1024,
@@ -133,7 +116,7 @@ def test_stream_id_in_initial_metadata_and_request_id_in_the_log(start, pbmc, ca
 
 
 def test_streams_past_the_grace_end_with_unavailable_naming_the_shutdown(start, pbmc):
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     with grpc.insecure_channel(address_of(server)) as channel:
         stream = stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4)
         next(stream)
@@ -161,7 +144,7 @@ def test_streams_past_the_grace_end_with_unavailable_naming_the_shutdown(start, 
 
 # --- reflection ------------------------------------------------------------------------
 def test_reflection_lists_and_describes_the_service(start, pbmc):
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     with grpc.insecure_channel(address_of(server)) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = database.get_services()
@@ -176,7 +159,7 @@ def test_reflection_lists_and_describes_the_service(start, pbmc):
 def test_metrics_endpoint_counts_a_stream_and_errors(start, pbmc):
     from annserve.client import RemoteLoader
 
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     endpoint = serve_metrics(server.metrics, "127.0.0.1", 0)
     try:
         loader = RemoteLoader(address_of(server), batch_size=1000, to_torch=False,
@@ -220,7 +203,7 @@ LIMITED = Limits(max_streams=8, max_batch_size=1024, max_message_bytes=1 << 20,
 ])
 def test_each_limit_gives_resource_exhausted_naming_it_while_a_good_client_streams(
         start, pbmc, limit, request_fields):
-    server = start({"pbmc": pbmc}, limits=LIMITED)
+    server, _ = start({"pbmc": pbmc}, limits=LIMITED)
     good = GoodClient(address_of(server), pbmc.n_obs)  # batches of 64 rows: frames ~200 kB
     try:
         for _ in range(3):
@@ -239,7 +222,7 @@ def test_each_limit_gives_resource_exhausted_naming_it_while_a_good_client_strea
 def test_max_streams_gives_resource_exhausted_and_frees_the_slot(start, pbmc):
     from annserve.client import RemoteLoader
 
-    server = start({"pbmc": pbmc}, limits=Limits(max_streams=3))
+    server, _ = start({"pbmc": pbmc}, limits=Limits(max_streams=3))
     address = address_of(server)
     with grpc.insecure_channel(address) as channel:
         held = [stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4)
@@ -264,7 +247,7 @@ def test_max_streams_gives_resource_exhausted_and_frees_the_slot(start, pbmc):
 
 
 def test_a_busy_port_cannot_be_bound_twice(start, pbmc):
-    server = start({"pbmc": pbmc})
+    server, _ = start({"pbmc": pbmc})
     with pytest.raises(OSError, match="cannot bind"):  # the daemon exits 4 on it
         build_server({"pbmc": pbmc}, [address_of(server)])
 
