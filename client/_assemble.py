@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from annserve.client._buffers import BufferPool
+from annserve.buffers import BufferPool
 from annserve.errors import FrameDecodeError
 from annserve.wire import Frame, decode_frame
 

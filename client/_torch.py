@@ -10,7 +10,7 @@ import torch
 from annserve.client._assemble import CSRArrays
 
 if TYPE_CHECKING:
-    from annserve.client._buffers import BufferPool
+    from annserve.buffers import BufferPool
 
 
 def to_torch(batch: dict[str, object], *, to_dense: bool, pool: BufferPool) -> dict[str, object]:

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
-from annserve.client._buffers import BufferPool
 from annserve.client._rpc import Connection, Credentials, frames_of
 from annserve.client._torch import to_device, to_torch
 from annserve.errors import InvalidRequestError, ServerUnavailableError

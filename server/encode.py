@@ -17,11 +17,16 @@ from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import Pieces
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from annserve.server.obs import ObsColumnData
 
+    #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
+    Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
 _UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+#: Elements compared at a time when checking that narrowing lost nothing.
+_CHECK_BLOCK = 1 << 16
 
 
 def smallest_uint(max_value: int) -> np.dtype | None:
@@ -29,29 +34,48 @@ def smallest_uint(max_value: int) -> np.dtype | None:
     return next((dt for dt in _UINTS if max_value <= np.iinfo(dt).max), None)
 
 
-def compact_values(values: np.ndarray) -> np.ndarray:
+def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     """Narrow values losslessly for the ``compact`` encoding.
 
     Parameters
     ----------
     values
         Any shape, numeric dtype.
+    empty
+        Allocates the narrowed array, ``empty(shape, dtype)`` (e.g. a stream's
+        :meth:`~annserve.buffers.BufferPool.empty`).
 
     Returns
     -------
-    ``values`` as the smallest unsigned integer dtype (uint8/16/32) when all are
-    non-negative integers (counts) up to 2**32 - 1, otherwise as float32 (which is
+    ``values`` itself when already uint8/uint16 (counts stored narrow, e.g. by
+    ``annserve convert``); otherwise the smallest unsigned integer dtype (uint8/16/32)
+    when all are non-negative integers (counts) up to 2**32 - 1, else float32 (which is
     what the client yields, so nothing is lost that the client would keep).
     """
     if values.size == 0:
         return values.astype(np.uint8)
+    if values.dtype in _UINTS[:2]:
+        return values
     lo, hi = values.min(), values.max()
     dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
     if dtype is not None:
-        narrowed = values.astype(dtype)
-        if values.dtype.kind in "ui" or np.array_equal(narrowed, values):
+        narrowed = _cast(values, dtype, empty)
+        if values.dtype.kind in "ui" or _equal(narrowed, values):
             return narrowed
     return values.astype(np.float32, copy=False)
+
+
+def _cast(values: np.ndarray, dtype: np.dtype, empty: Empty) -> np.ndarray:
+    out = empty(values.shape, dtype)
+    np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Compare block by block: the boolean temporaries stay small and in cache."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return all(np.array_equal(a[i:i + _CHECK_BLOCK], b[i:i + _CHECK_BLOCK])
+               for i in range(0, len(a), _CHECK_BLOCK))
 
 
 def select_columns(block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int
@@ -101,7 +125,8 @@ class WireRows:
         return self.values.nbytes + (self.indices.nbytes if self.indices is not None else 0)
 
 
-def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int) -> WireRows:
+def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty = np.empty
+            ) -> WireRows:
     """Convert a preload buffer to the wire dtypes of ``encoding``.
 
     Parameters
@@ -112,16 +137,20 @@ def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int) -> WireRows:
         ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
     n_vars
         Columns of X; picks uint16 (<= 65,536) or uint32 column indices when compact.
+    empty
+        Allocates converted arrays, see :func:`compact_values`.
     """
     compact = encoding == pb.ENCODING_COMPACT
     if isinstance(block, DenseRows):
-        values = compact_values(block.values) if compact else block.values
+        values = compact_values(block.values, empty) if compact else block.values
         return WireRows(False, None, None, values)
     if not compact:
         return WireRows(True, block.indptr, block.indices, block.data)
-    index_dtype = np.uint16 if n_vars <= 1 << 16 else np.uint32
-    return WireRows(True, block.indptr, block.indices.astype(index_dtype, copy=False),
-                    compact_values(block.data))
+    index_dtype = np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
+    indices = block.indices
+    if indices.dtype != index_dtype:
+        indices = _cast(indices, index_dtype, empty)
+    return WireRows(True, block.indptr, indices, compact_values(block.data, empty))
 
 
 def frame_arrays(rows: WireRows, positions: np.ndarray, encoding: int

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from annserve.buffers import BufferPool
     from annserve.server.matrix import CSRRows, DenseRows
     from annserve.server.store import Store
 
@@ -111,11 +112,12 @@ class TimedStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
-    def read_rows(self, rows: np.ndarray, layer: str | None = None) -> CSRRows | DenseRows:
+    def read_rows(self, rows: np.ndarray, layer: str | None = None,
+                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
         """Read rows (see :meth:`Store.read_rows`) and record how long it took."""
         start = time.perf_counter()
         try:
-            return self._store.read_rows(rows, layer)
+            return self._store.read_rows(rows, layer, pool)
         finally:
             self._seconds.observe(time.perf_counter() - start)
 

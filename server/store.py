@@ -24,9 +24,11 @@ from annserve.server.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, o
 from annserve.server.obs import concat_obs, obs_column
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     import pandas as pd
+
+    from annserve.buffers import BufferPool
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,8 @@ class Store:
         key = "X" if layer is None else f"layers/{layer}"
         return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
 
-    def read_rows(self, rows: np.ndarray, layer: str | None = None) -> CSRRows | DenseRows:
+    def read_rows(self, rows: np.ndarray, layer: str | None = None,
+                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
         """Read rows of X (or of a layer).
 
         Parameters
@@ -125,41 +128,45 @@ class Store:
             Global row indices, shape ``(n,)``, int64, strictly increasing.
         layer
             Layer name; None reads X.
+        pool
+            Where the large arrays come from; a stream passes its own so that each
+            preload buffer reuses the memory of one it has finished with.
 
         Returns
         -------
         The rows in the given order, CSR or dense as stored.
         """
         key = "X" if layer is None else f"layers/{layer}"
-        if len(self._groups) == 1:
-            return self._groups[0].matrices[key].read_rows(rows)
         bounds = np.searchsorted(rows, self.group_offsets)
         pieces = [(g.matrices[key], rows[a:b] - offset)
                   for g, a, b, offset in zip(self._groups, bounds[:-1], bounds[1:],
                                              self.group_offsets, strict=False) if b > a]
-        return _read_pieces(pieces)
+        if not pieces:
+            pieces = [(self._groups[0].matrices[key], rows)]
+        return _read_pieces(pieces, pool.empty if pool is not None else np.empty)
 
 
 Piece = tuple[CSRMatrix | DenseMatrix, np.ndarray]
 
 
-def _read_pieces(pieces: list[Piece]) -> CSRRows | DenseRows:
-    """Read rows of several groups into one buffer (no concatenation copy when dtypes agree)."""
+def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRows | DenseRows:
+    """Read rows of several groups into one buffer from ``empty`` (no concatenation copy).
+
+    Groups of different dtypes are read one by one and concatenated instead.
+    """
     first = pieces[0][0]
-    if len(pieces) == 1:
-        return first.read_rows(pieces[0][1])
     if any(m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
            for m, _ in pieces):
         return _concat_rows([m.read_rows(r) for m, r in pieces])
     if not first.sparse:
-        values = np.empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
+        values = empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
         starts = np.cumsum([0] + [len(r) for _, r in pieces])
         for (m, r), a in zip(pieces, starts, strict=False):
             m.read_rows(r, DenseRows(values[a:a + len(r)]))
         return DenseRows(values)
     sizes = [m.nnz(r) for m, r in pieces]
-    indices = np.empty(sum(sizes), first.index_dtype)
-    data = np.empty(sum(sizes), first.dtype)
+    indices = empty((sum(sizes),), first.index_dtype)
+    data = empty((sum(sizes),), first.dtype)
     indptrs, offset = [np.zeros(1, np.int64)], 0
     for (m, r), n in zip(pieces, sizes, strict=True):
         part = m.read_rows(r, CSRRows(indptrs[0], indices[offset:offset + n],

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annserve.buffers import BufferPool
 from annserve.server.encode import frame_arrays, obs_arrays, prepare, select_columns
 from annserve.server.epoch import Span, rows_in_span, shard_span
 from annserve.v1 import annserve_pb2 as pb
@@ -53,14 +54,15 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     Serialized ``BatchFrame`` messages, in order.
     """
     span = epoch_span(sampler, plan)
+    pool = BufferPool(max_buffers=16)
     n_emit = span.stop - span.start
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
     for rows in rows_in_span(sampler, plan.epoch, Span(span.start + emitted, span.stop)):
         unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
-        block = store.read_rows(unique_rows, plan.layer)
+        block = store.read_rows(unique_rows, plan.layer, pool)
         if plan.columns is not None:
             block = select_columns(block, plan.columns, store.n_vars)
-        wire = prepare(block, plan.encoding, plan.n_vars)
+        wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
         positions = np.searchsorted(unique_rows, rows)
         step = _frame_rows(wire.nbytes, len(rows))
         start = 0

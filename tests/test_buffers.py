@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from annserve.client._buffers import MIN_POOLED_BYTES, BufferPool
+from annserve.buffers import MIN_POOLED_BYTES, BufferPool
 
 N = MIN_POOLED_BYTES  # float32 elements: 4x the pooling threshold
 
