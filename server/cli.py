@@ -20,6 +20,7 @@ from pathlib import Path
 import zarr
 
 from annserve.errors import AnnServeError, InvalidRequestError
+from annserve.memory import retain_freed_memory
 from annserve.server.app import build_server
 from annserve.server.convert import convert_main
 from annserve.server.limits import Limits
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(argv[1:])
     args, limits = _parse(argv)
     configure_logging(args.log_level, args.log_format)
+    retain_freed_memory()  # frames and preload buffers reuse freed memory: no page faults
     if args.zarr_pipeline == "zarrs":
         zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
     try:

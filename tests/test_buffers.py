@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import platform
+
 import numpy as np
+import pytest
 import torch
 
 from annserve.buffers import MIN_POOLED_BYTES, BufferPool
+from annserve.memory import retain_freed_memory
 
 N = MIN_POOLED_BYTES  # float32 elements: 4x the pooling threshold
 
@@ -42,3 +46,9 @@ def test_pool_size_is_bounded():
     held = [pool.empty((N,), np.float32) for _ in range(5)]
     assert len(held) == 5
     assert len(pool._buffers) == 2
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_thresholds_are_set_on_glibc():
+    assert retain_freed_memory()
+    assert retain_freed_memory()  # once per process, then cached

@@ -11,6 +11,7 @@ gets fresh buffers.
 from __future__ import annotations
 
 import sys
+import threading
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class BufferPool:
     def __init__(self, max_buffers: int = 32) -> None:
         self._buffers: list[np.ndarray] = []
         self._max = max_buffers
+        self._lock = threading.Lock()  # two threads must not both take one free buffer
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """Return an uninitialised array of ``shape`` and ``dtype``, reusing a free buffer."""
@@ -41,7 +43,8 @@ class BufferPool:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes < MIN_POOLED_BYTES:
             return np.empty(shape, dtype)
-        return self._buffer(nbytes)[:nbytes].view(dtype).reshape(shape)
+        with self._lock:
+            return self._buffer(nbytes)[:nbytes].view(dtype).reshape(shape)
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         best = None
