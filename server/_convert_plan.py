@@ -71,9 +71,11 @@ class Plan:
     columns
         obs columns of the collection, ``dataset`` last.
     dtypes
-        Value dtype of each matrix (``"X"``, ``"layers/<name>"``).
+        Value dtype of each matrix (``"X"``, ``"layers/<name>"``) in memory (the inputs'
+        common type); groups store it unless their values narrow (see ``keep_dtype``).
     index_dtype
-        dtype of CSR column indices.
+        dtype of CSR column indices, in memory and on disk: uint16 up to 65,536 genes,
+        else int32 (int64 past 2**31 - 1 genes).
     maps
         One per input, in input order.
     sources
@@ -81,6 +83,10 @@ class Plan:
     compression
         Codec of the written matrices: ``"lz4"`` (Blosc LZ4, byte shuffle, as annbatch),
         ``"zstd"`` or ``"none"``.
+    keep_dtype
+        Write every matrix's values in :attr:`dtypes`. False: a group's matrix whose
+        values are all integers in ``[0, 65535]`` is written as uint16 instead (lossless;
+        see :func:`annserve.server._convert_write.narrow_counts`).
     """
 
     var: pd.DataFrame
@@ -90,6 +96,7 @@ class Plan:
     maps: tuple[SourceMap, ...]
     sources: tuple[SourceInfo, ...]
     compression: str = "lz4"
+    keep_dtype: bool = False
 
     @property
     def n_vars(self) -> int:

@@ -1,10 +1,15 @@
 """Writing a collection: one AnnData zarr group per bucket, and the manifest last.
 
-X and layers are CSR written with :func:`anndata.io.write_elem`, their ``data``,
-``indices`` and ``indptr`` arrays chunked for contiguous row reads (about
-:data:`CHUNK_CELLS` cells' worth of non-zeros per chunk, at least
-:data:`MIN_CHUNK_VALUES` values) and sharded (about :data:`SHARD_BYTES` uncompressed
-per shard), compressed with Blosc LZ4 and byte shuffle, as annbatch writes them.
+X and layers are CSR elements of the anndata on-disk format (``encoding-type``
+``csr_matrix``, written here rather than with :func:`anndata.io.write_elem`, which would
+widen the indices), their ``data``, ``indices`` and ``indptr`` arrays chunked for
+contiguous row reads (about :data:`CHUNK_CELLS` cells' worth of non-zeros per chunk, at
+least :data:`MIN_CHUNK_VALUES` values) and sharded (about :data:`SHARD_BYTES`
+uncompressed per shard), compressed with Blosc LZ4 and byte shuffle, as annbatch writes
+them. Narrow dtypes, to read fewer bytes per non-zero: ``indices`` in the plan's index
+dtype (uint16 up to 65,536 genes), ``indptr`` int64, and ``data`` as uint16 when a
+group's values of that matrix are all integers in ``[0, 65535]`` (counts; lossless, see
+:func:`narrow_counts`), else in the plan's dtype.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
+import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -42,6 +47,10 @@ MIN_CHUNK_VALUES = 4096
 SHARD_BYTES = 64 << 20
 #: Prefix of the group names, as in annbatch's collections (``dataset_0``, ...).
 GROUP_PREFIX = "dataset_"
+#: dtype of integer counts on disk (unless ``--keep-dtype``).
+COUNTS_DTYPE = np.dtype(np.uint16)
+#: Values checked (and cast) at once by :func:`narrow_counts`.
+CHECK_VALUES = 1 << 20
 
 
 #: Codecs of the written matrices by ``--compression`` name. Serving reads decode every
@@ -76,8 +85,46 @@ def csr_kwargs(nnz: int, n_rows: int, itemsize: int, compression: str = "lz4"
     return {"chunks": (chunk,), "shards": (shard,), "compressors": COMPRESSORS[compression]}
 
 
+def narrow_counts(data: np.ndarray) -> np.ndarray | None:
+    """Return ``data`` as uint16 if that keeps every value exactly, else None.
+
+    Parameters
+    ----------
+    data
+        Values of one matrix (any shape), e.g. a CSR ``data`` array.
+
+    Returns
+    -------
+    A uint16 copy of ``data`` when its dtype is an integer or float type wider than 2
+    bytes and every value is an integer in ``[0, 65535]`` (raw counts, whatever their
+    dtype), the values unchanged; None otherwise (negative, fractional, NaN or infinite
+    values, larger counts, or a dtype of 2 bytes or less, already as narrow).
+    """
+    if data.dtype.kind not in "uif" or data.dtype.itemsize <= COUNTS_DTYPE.itemsize:
+        return None
+    flat = data.reshape(-1)
+    out = np.empty(flat.shape, COUNTS_DTYPE)
+    top = np.iinfo(COUNTS_DTYPE).max
+    for a in range(0, len(flat), CHECK_VALUES):  # bounded temporaries, early exit
+        piece = flat[a:a + CHECK_VALUES]
+        if not (piece.min() >= 0 and piece.max() <= top):  # NaN fails too
+            return None
+        narrowed = out[a:a + CHECK_VALUES]
+        np.copyto(narrowed, piece, casting="unsafe")
+        if data.dtype.kind == "f" and not np.array_equal(narrowed, piece):
+            return None
+    return out.reshape(data.shape)
+
+
 def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> GroupEntry:
     """Write rows as the AnnData group ``dataset_<index>`` of ``root``.
+
+    Each matrix is a CSR element with ``indices`` of ``plan.index_dtype`` and ``int64``
+    ``indptr``. Its values are stored as uint16 when they are all integers in
+    ``[0, 65535]`` and ``plan.keep_dtype`` is False (see :func:`narrow_counts`; the
+    values are unchanged, and :func:`anndata.read_zarr` reads the matrix back as uint16),
+    else in ``plan.dtypes[key]``. The check is per group and per matrix: groups of one
+    collection may differ.
 
     Returns
     -------
@@ -92,11 +139,17 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
         group = root[name]
     with _settings(), zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
         for key, matrix in rows.matrices.items():
-            csr = _csr(matrix, n, plan.n_vars)
-            itemsize = max(csr.data.itemsize, csr.indices.itemsize)
+            indices, data = matrix.values
+            indices = np.asarray(indices, dtype=plan.index_dtype)
+            data = np.asarray(data, dtype=plan.dtypes[key])
+            narrow = None if plan.keep_dtype else narrow_counts(data)
+            if narrow is not None:
+                data = narrow
+            itemsize = max(data.itemsize, indices.itemsize)
             parent, _, leaf = key.rpartition("/")  # "X" or "layers/<name>"
-            ad.io.write_elem(group[parent] if parent else group, leaf, csr,
-                             dataset_kwargs=csr_kwargs(csr.nnz, n, itemsize, plan.compression))
+            _write_csr(group[parent] if parent else group, leaf, (n, plan.n_vars),
+                       (data, indices, matrix.offsets()),
+                       csr_kwargs(len(data), n, itemsize, plan.compression))
     logger.debug("wrote %s: %d cells", name, n)
     return GroupEntry(name, n, int(rows.matrices["X"].lengths.sum()))
 
@@ -109,9 +162,20 @@ def _settings() -> AbstractContextManager[None]:
     return ad.settings.override(**options)
 
 
-def _csr(matrix: Ragged, n_rows: int, n_vars: int) -> sp.csr_matrix:
-    indices, data = matrix.values
-    return sp.csr_matrix((data, indices, matrix.offsets()), shape=(n_rows, n_vars))
+def _write_csr(parent: zarr.Group, name: str, shape: tuple[int, int],
+               arrays: tuple[np.ndarray, np.ndarray, np.ndarray], kwargs: dict[str, Any]
+               ) -> None:
+    """Write a CSR element (anndata on-disk format 0.1.0) with the arrays' dtypes as given.
+
+    ``arrays`` are ``data``, ``indices`` and ``indptr``; ``kwargs`` those of
+    :func:`csr_kwargs`, for each array.
+    """
+    group = parent.create_group(name)
+    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": [int(shape[0]), int(shape[1])]})
+    for key, values in zip(("data", "indices", "indptr"), arrays, strict=True):
+        array = group.create_array(key, shape=values.shape, dtype=values.dtype, **kwargs)
+        array[...] = values
 
 
 def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:

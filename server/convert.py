@@ -4,12 +4,16 @@
 
     annserve convert a.h5ad b.h5ad ... -o collection.zarr [--shuffle/--no-shuffle]
         [--seed N] [--var-join outer|inner] [--layers counts,...] [--obs-columns a,b,...]
-        [--overwrite] [--max-bucket-mb MB] [--no-progress]
+        [--overwrite] [--compression lz4|zstd|none] [--keep-dtype] [--max-bucket-mb MB]
+        [--no-progress]
 
 The collection is a zarr v3 group whose children ``dataset_0``, ``dataset_1``, ... are
 AnnData zarr groups (each readable by :func:`anndata.read_zarr`) with CSR X (and the
 requested layers) in the joined gene space, the obs columns plus a categorical
-``dataset`` column naming each cell's input, and the same var. The collection's rows
+``dataset`` column naming each cell's input, and the same var. Matrices are stored
+narrow: column indices as uint16 up to 65,536 genes, and a group's values as uint16
+when they are all integer counts up to 65,535 (lossless; ``--keep-dtype`` keeps the
+input dtype). The collection's rows
 are the groups' rows in order; the root attributes hold the manifest
 (``attrs["annserve"]``, see :class:`Manifest`, written last) and annbatch's
 ``DatasetCollection`` marker, and the metadata is consolidated.
@@ -77,7 +81,7 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
             seed: int = 0, var_join: str = "outer", layers: Sequence[str] = (),
             obs_columns: Sequence[str] | None = None, overwrite: bool = False,
             progress: bool = True, max_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-            compression: str = "lz4") -> Manifest:
+            compression: str = "lz4", keep_dtype: bool = False) -> Manifest:
     """Convert AnnData stores into one collection (see the module docstring for the layout).
 
     Every input is opened and checked before anything is written. The collection is
@@ -118,6 +122,14 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
         Codec of X and layers: ``"lz4"`` (default, as annbatch), ``"zstd"`` (smallest) or
         ``"none"`` (about 3x the disk of LZ4, about twice the serving throughput: the
         daemon's reads are bound by chunk decoding).
+    keep_dtype
+        Store X and layers values in the inputs' (common) dtype. False (default): in each
+        group, a matrix whose values are all integers in ``[0, 65535]`` (raw counts, in
+        any integer or float dtype wider than 2 bytes) is stored as uint16, losslessly:
+        the values are unchanged, fewer bytes are read per value, and
+        :func:`anndata.read_zarr` reads that group's X (or layer) back as uint16. Other
+        values (e.g. normalised floats) keep their dtype, so groups may differ in dtype.
+        Column indices are stored as uint16 up to 65,536 genes either way.
     max_bucket_bytes
         Bound on the rows held in memory at once, bytes (uncompressed; peak memory is
         about twice this plus the encoder's buffers).
@@ -152,7 +164,8 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
         msg = f"compression: {compression!r}; allowed {sorted(COMPRESSORS)}"
         raise InvalidRequestError(msg)
     plan = replace(build_plan(sources, var_join, None if obs_columns is None else
-                              list(obs_columns)), compression=compression)
+                              list(obs_columns)), compression=compression,
+                   keep_dtype=bool(keep_dtype))
     _warn_disk(out.parent, estimate_bytes(plan), shuffle)
     work = Path(tempfile.mkdtemp(prefix=".annserve-convert-", dir=out.parent))
     try:
@@ -266,6 +279,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression", choices=sorted(COMPRESSORS), default="lz4",
                         help="codec of X and layers (default lz4; none: ~3x the disk, ~2x "
                              "the serving throughput)")
+    parser.add_argument("--keep-dtype", action="store_true",
+                        help="store values in the input dtype; default: integer counts up "
+                             "to 65,535 are stored as uint16, losslessly")
     parser.add_argument("--max-bucket-mb", type=int, default=DEFAULT_BUCKET_BYTES >> 20,
                         metavar="MB", help="rows held in memory at once, MB (default "
                                            "%(default)s; peak memory about twice this)")
@@ -290,7 +306,7 @@ def convert_main(argv: list[str] | None = None) -> int:
                            obs_columns=args.obs_columns, overwrite=args.overwrite,
                            progress=not args.no_progress,
                            max_bucket_bytes=args.max_bucket_mb << 20,
-                           compression=args.compression)
+                           compression=args.compression, keep_dtype=args.keep_dtype)
     except KeyboardInterrupt:
         print("annserve convert: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

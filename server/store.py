@@ -91,7 +91,8 @@ class Store:
     group_offsets
         First global row of each group, then ``n_obs``: shape ``(n_groups + 1,)``, int64.
     x_sparse, x_dtype
-        Layout and dtype of X.
+        Layout of X, and the dtype holding the values of every group's X (groups of an
+        ``annserve convert`` collection may differ: uint16 counts, float32 otherwise).
     """
 
     def __init__(self, path: Path, groups: Sequence[AnnDataGroup]) -> None:
@@ -111,7 +112,7 @@ class Store:
         keys = set.intersection(*(set(g.matrices) for g in self._groups))
         self.layers = tuple(sorted(k.removeprefix("layers/") for k in keys if k != "X"))
         self.x_sparse = first.matrices["X"].sparse
-        self.x_dtype = first.matrices["X"].dtype
+        self.x_dtype = np.result_type(*(g.matrices["X"].dtype for g in self._groups))
 
     def mean_row_bytes(self, layer: str | None = None) -> float:
         """Return the mean bytes of one row of X (or of a layer) once read into memory."""

@@ -316,10 +316,10 @@ class CountingStore:
         store.read_rows = self._count
         self.store = store
 
-    def _count(self, rows, layer=None):
+    def _count(self, rows, layer=None, pool=None):
         self.reads += 1
         self.rows += len(rows)
-        return self._read(rows, layer)
+        return self._read(rows, layer, pool)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import zarr
 
 import annserve.server._convert_passes as passes
+import annserve.server._convert_write as write_module
 import annserve.server.convert as convert_module
 from annserve.errors import InvalidRequestError, StoreFormatError, StoreNotFoundError
 from annserve.server.cli import main as cli_main
@@ -24,6 +25,7 @@ from annserve.server.convert import (
     convert_main,
     read_manifest,
 )
+from annserve.server.store import open_store
 from collection_stores import ANNBATCH_MARKER, annbatch_collection  # noqa: F401 (a fixture)
 from conftest import real_path
 
@@ -406,3 +408,127 @@ def test_compression_choice(tmp_path, real_adata, compression):
     assert back.n_obs == real_adata("wu2020").n_obs
     with pytest.raises(InvalidRequestError, match="compression"):
         convert([real_path("wu2020")], tmp_path / "d.zarr", progress=False, compression="gzip")
+
+
+def stored_dtypes(path: Path, manifest: Manifest, key: str = "X") -> set[tuple[str, str, str]]:
+    """The on-disk ``(data, indices, indptr)`` dtypes of a matrix, over all groups."""
+    root = zarr.open_group(path, mode="r")
+    return {tuple(str(root[f"{g.name}/{key}/{a}"].dtype) for a in ("data", "indices", "indptr"))
+            for g in manifest.groups}
+
+
+def test_integer_counts_stored_as_uint16(converted, real_adata):
+    """pbmc3k + wu2020 (float32 raw counts): uint16 values and indices, values exact."""
+    path, manifest = converted("outer")
+    assert len(manifest.groups) > 1
+    assert stored_dtypes(path, manifest) == {("uint16", "uint16", "int64")}
+    coll = load(path, manifest)
+    assert coll.X.dtype == np.uint16  # (scipy's vstack widens the indices in memory)
+    joined = coll.var_names
+    for label, name in {"pbmc3k_raw.h5ad": "pbmc3k", "wu2020_200_counts.h5ad": "wu2020"}.items():
+        src = real_adata(name)
+        rows = rows_of(coll, label, src.obs_names)
+        got = coll.X[rows]
+        want = in_joined_space(src.X, src.var_names, joined)
+        got.sort_indices()
+        want.sort_indices()
+        assert np.array_equal(got.indptr, want.indptr)
+        assert np.array_equal(got.indices, want.indices)
+        assert np.array_equal(got.data, want.data)  # exact, compared as floats
+
+
+def test_uint16_collection_served_by_open_store(tmp_path, real_adata):
+    """mouse10x (1,000 genes, counts): the daemon's reader sees uint16 X, the same values."""
+    out = tmp_path / "c.zarr"
+    manifest = convert([real_path("mouse10x")], out, progress=False, shuffle=False,
+                       max_bucket_bytes=1 << 20)
+    assert len(manifest.groups) > 1
+    assert stored_dtypes(path=out, manifest=manifest) == {("uint16", "uint16", "int64")}
+    store = open_store(out)
+    assert store.x_dtype == np.uint16
+    src = real_adata("mouse10x")
+    rows = np.arange(0, src.n_obs, 7, dtype=np.int64)
+    got = store.read_rows(rows)
+    assert got.data.dtype == np.uint16
+    assert got.indices.dtype == np.uint16
+    back = sp.csr_matrix((got.data, got.indices, got.indptr), shape=(len(rows), src.n_vars))
+    assert (back != src.X[rows]).nnz == 0
+
+
+def test_float_values_keep_their_dtype(tmp_path, real_adata):
+    """pbmc68k (scaled floats) stays float32, float64 non-integers stay float64."""
+    manifest = convert([real_path("pbmc68k")], tmp_path / "a.zarr", progress=False)
+    assert stored_dtypes(tmp_path / "a.zarr", manifest) == {("float32", "uint16", "int64")}
+    coll = load(tmp_path / "a.zarr", manifest)
+    src = real_adata("pbmc68k")
+    assert coll.X.dtype == np.float32
+    assert np.array_equal(coll.X[rows_of(coll, "pbmc68k_reduced.h5ad", src.obs_names)]
+                          .toarray(), src.X)
+    wu = real_adata("wu2020").copy()
+    wu.X = wu.X.astype(np.float64) / 3
+    manifest = convert([write_h5ad(tmp_path / "wu.h5ad", wu)], tmp_path / "b.zarr",
+                       progress=False)
+    assert stored_dtypes(tmp_path / "b.zarr", manifest) == {("float64", "uint16", "int64")}
+    coll = load(tmp_path / "b.zarr", manifest)
+    assert (coll.X[rows_of(coll, "wu.h5ad", wu.obs_names)] != wu.X).nnz == 0
+
+
+def test_mixed_groups_and_layers_narrowed_separately(tmp_path, real_adata):
+    """Each group and matrix on its own: counts narrow, non-integers (in order) do not."""
+    wu = real_adata("wu2020").copy()
+    wu.layers["counts"] = wu.X.copy()
+    wu.X = wu.X.astype(np.float64)
+    wu.X.data[wu.X.indptr[150]:] += 0.25  # the last 50 cells are not counts
+    path = write_h5ad(tmp_path / "wu.h5ad", wu)
+    out = tmp_path / "c.zarr"
+    manifest = convert([path], out, layers=["counts"], shuffle=False, progress=False,
+                       max_bucket_bytes=WU_BUCKET)
+    root = zarr.open_group(out, mode="r")
+    x_types = [str(root[f"{g.name}/X/data"].dtype) for g in manifest.groups]
+    assert x_types[0] == "uint16"
+    assert x_types[-1] == "float64"
+    assert stored_dtypes(out, manifest, "layers/counts") == {("uint16", "uint16", "int64")}
+    coll = load(out, manifest)
+    assert (coll.X != wu.X).nnz == 0
+    assert (coll.layers["counts"] != wu.layers["counts"]).nnz == 0
+    got = open_store(out).read_rows(np.arange(wu.n_obs, dtype=np.int64))
+    back = sp.csr_matrix((got.data, got.indices, got.indptr), shape=wu.shape)
+    assert (back != wu.X).nnz == 0
+
+
+def test_keep_dtype_keeps_input_dtype(tmp_path, real_adata):
+    out = tmp_path / "c.zarr"
+    assert convert_main([str(real_path("wu2020")), "-o", str(out), "--keep-dtype",
+                         "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    assert stored_dtypes(out, manifest) == {("float32", "uint16", "int64")}
+    coll = load(out, manifest)
+    src = real_adata("wu2020")
+    assert coll.X.dtype == np.float32
+    assert (coll.X[rows_of(coll, "wu2020_200_counts.h5ad", src.obs_names)] != src.X).nnz == 0
+    default = tmp_path / "d.zarr"
+    assert convert_main([str(real_path("wu2020")), "-o", str(default), "--no-progress"]) == 0
+    assert stored_dtypes(default, read_manifest(default)) == {("uint16", "uint16", "int64")}
+
+
+@pytest.mark.parametrize(("values", "narrows"), [
+    (np.array([0, 1, 7, 65535], np.float32), True),
+    (np.array([0, 3, 65535], np.int64), True),
+    (np.array([0.0, -0.0, 2.0], np.float64), True),
+    (np.array([], np.float32), True),
+    (np.array([1, 65536], np.float32), False),
+    (np.array([1, -1], np.int32), False),
+    (np.array([1, 2.5], np.float32), False),
+    (np.array([1, np.nan], np.float32), False),
+    (np.array([1, np.inf], np.float64), False),
+    (np.array([1, 2], np.uint8), False),  # already narrower
+    (np.array([1, 2], np.float16), False),  # as narrow
+    (np.array([True, False]), False),
+])
+def test_narrow_counts(values, narrows, monkeypatch):
+    monkeypatch.setattr(write_module, "CHECK_VALUES", 2)  # several pieces
+    out = write_module.narrow_counts(values)
+    assert (out is not None) == narrows
+    if narrows:
+        assert out.dtype == np.uint16
+        assert np.array_equal(out, values)
