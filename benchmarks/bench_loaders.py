@@ -506,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = args.only.split(",") if args.only else [r.key for r in ROWS]
     results = [RowResult(r) for r in ROWS if r.key in keys]
     facts = store_facts(args.store)
-    env = dict(os.environ)
+    # every process alike: torch's OpenMP threads sleep between batches instead of spinning
+    # (spinning takes a core from whatever loads the data: a daemon, zarrs' threads)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     annbatch = {}
     for r in results:
         if r.row.kind == "annbatch":
