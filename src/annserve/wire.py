@@ -92,14 +92,15 @@ class Pieces:
     Attributes
     ----------
     parts
-        1-d slices of one C-contiguous, little-endian array, in wire order.
+        Slices of one C-contiguous, little-endian array (1-d arrays or byte memoryviews),
+        in wire order.
     dtype
         Their common dtype.
     length
         Total elements of ``parts``.
     """
 
-    parts: list[np.ndarray]
+    parts: list[np.ndarray | memoryview]
     dtype: np.dtype
     length: int
 
