@@ -311,7 +311,8 @@ def prepare_annbatch(result: RowResult, args: argparse.Namespace, n_obs: int,
             return {"versions": info, "reused": True}
         print(f"building annbatch collection {args.collection} ...", flush=True)
         prep = run_json([str(py), str(HERE / "annbatch_worker.py"), "prepare",
-                         "--store", str(args.store), "--collection", str(args.collection),
+                         "--store", str(args.annbatch_source or args.store),
+                         "--collection", str(args.collection),
                          "--seed", str(args.seed)], env, 1800)
     except RuntimeError as e:
         result.unavailable = f"unavailable: {e}"
@@ -474,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python of the annbatch environment")
     p.add_argument("--collection", type=Path, default=None,
                    help="annbatch collection (default: beside the store, <stem>.annbatch.zarr)")
+    p.add_argument("--annbatch-source", type=Path, default=None,
+                   help="AnnData store the annbatch collection is built from (default: --store; "
+                        "needed when --store is an annserve collection, which annbatch cannot "
+                        "read as one AnnData)")
     p.add_argument("--rebuild-collection", action="store_true",
                    help="rebuild the annbatch collection even if one of the right size exists")
     p.add_argument("--zarr-pipeline", choices=sorted(ZARR_PIPELINES), default="zarrs",
