@@ -8,6 +8,7 @@ import annserve, anndata or zarr.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -30,13 +31,21 @@ def proc_status_mb(field: str, pid: int | str = "self") -> float:
     raise KeyError(msg)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time another process has used so far, user + system, all threads, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds() -> float:
     """CPU time this process has used so far, user + system, all threads, seconds."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(setup: Callable[[], Iterable[dict[str, Any]]], max_cells: int | None
+def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
+            max_cells: int | None, warmup_epochs: int = 0, server_pid: int | None = None
             ) -> dict[str, float]:
     """Build a loader, consume one epoch (or ``max_cells`` cells) and time it.
 
@@ -48,10 +57,17 @@ def measure(setup: Callable[[], Iterable[dict[str, Any]]], max_cells: int | None
     Parameters
     ----------
     setup
-        Returns an iterable of batches ``{"X": tensor, ...}``; its run time is the
-        setup time (open the store, connect, load into memory...).
+        Returns ``epoch(i)``, the iterable of epoch ``i``'s batches ``{"X": tensor,
+        ...}``; its run time is the setup time (open the store, connect, load into
+        memory...).
     max_cells
         Stop after the batch that reaches this many cells; None for a full epoch.
+    warmup_epochs
+        Epochs (each up to ``max_cells``) consumed before the measured one, in the
+        same process: the steady state of a long training run, where buffers and
+        caches already exist.
+    server_pid
+        A daemon serving the batches; its CPU over the measured epoch is reported too.
 
     Returns
     -------
@@ -59,17 +75,31 @@ def measure(setup: Callable[[], Iterable[dict[str, Any]]], max_cells: int | None
     (from asking for the first batch to having it), ``seconds`` (from asking for
     the first batch to having consumed the last), ``cpu_s`` (process CPU over those
     seconds), ``rss_base_mb`` (RSS after imports, before setup) and
-    ``rss_peak_mb`` (VmHWM at the end).
+    ``rss_peak_mb`` (VmHWM at the end); ``server_cpu_s`` with ``server_pid``.
     """
     rss_base = proc_status_mb("VmRSS")
     t_setup = time.perf_counter()
-    loader = setup()
+    epoch = setup()
+    setup_s = time.perf_counter() - t_setup
+    for i in range(warmup_epochs):
+        _consume(epoch(i), max_cells, time.perf_counter())
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
-    cells = nnz = batches = 0
+    server0 = process_cpu_seconds(server_pid) if server_pid else 0.0
+    result = _consume(epoch(warmup_epochs), max_cells, t0)
+    result.update(setup_s=setup_s, seconds=time.perf_counter() - t0, cpu_s=cpu_seconds() - cpu0,
+                  rss_base_mb=rss_base, rss_peak_mb=proc_status_mb("VmHWM"))
+    if server_pid:
+        result["server_cpu_s"] = process_cpu_seconds(server_pid) - server0
+    return result
+
+
+def _consume(batches: Iterable[dict[str, Any]], max_cells: int | None, t0: float
+             ) -> dict[str, float]:
+    cells = nnz = n_batches = 0
     checksum = 0.0
     first = None
-    for batch in loader:
+    for batch in batches:
         x = batch["X"]
         values = x.values()
         checksum += float(values.sum())
@@ -77,16 +107,11 @@ def measure(setup: Callable[[], Iterable[dict[str, Any]]], max_cells: int | None
             first = time.perf_counter() - t0
         cells += x.shape[0]
         nnz += values.numel()
-        batches += 1
+        n_batches += 1
         if max_cells is not None and cells >= max_cells:
             break
-    seconds = time.perf_counter() - t0
-    return {
-        "cells": cells, "nnz": nnz, "batches": batches, "checksum": checksum,
-        "setup_s": t0 - t_setup, "first_batch_s": first if first is not None else float("nan"),
-        "seconds": seconds, "cpu_s": cpu_seconds() - cpu0,
-        "rss_base_mb": rss_base, "rss_peak_mb": proc_status_mb("VmHWM"),
-    }
+    return {"cells": cells, "nnz": nnz, "batches": n_batches, "checksum": checksum,
+            "first_batch_s": first if first is not None else float("nan")}
 
 
 def emit(result: dict[str, Any]) -> None:

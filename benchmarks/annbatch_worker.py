@@ -29,6 +29,8 @@ import zarr
 from _measure import emit, measure, proc_status_mb
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from annbatch import Loader
 
 
@@ -78,14 +80,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     use_zarrs()
 
-    def setup() -> Loader:
+    def setup() -> Callable[[int], Loader]:
         loader = Loader(batch_size=args.batch_size, chunk_size=args.chunk_size,
                         preload_nchunks=args.preload_nchunks, shuffle=args.shuffle,
                         rng=np.random.default_rng(args.seed), to="torch", preload_to_gpu=False)
-        return loader.use_collection(DatasetCollection(args.collection, mode="r"),
-                                     load_adata=x_only)
+        loader = loader.use_collection(DatasetCollection(args.collection, mode="r"),
+                                       load_adata=x_only)
+        return lambda _: loader  # each iteration is a new epoch, reshuffled by its rng
 
-    return measure(setup, args.max_cells)
+    return measure(setup, args.max_cells, args.warmup_epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-cells", type=int, default=None)
+    r.add_argument("--warmup-epochs", type=int, default=0,
+                   help="epochs consumed, unmeasured, before the measured one")
     info = sub.add_parser("info", help="report the installed versions and a collection's size")
     info.add_argument("--collection", type=Path, default=None)
     return p

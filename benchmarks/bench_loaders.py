@@ -237,6 +237,8 @@ def loader_args(args: argparse.Namespace, seed: int) -> list[str]:
         out.append("--no-shuffle")
     if args.max_cells is not None:
         out += ["--max-cells", str(args.max_cells)]
+    if args.warmup_epochs:
+        out += ["--warmup-epochs", str(args.warmup_epochs)]
     return out
 
 
@@ -248,8 +250,9 @@ def worker_cmd(row: Row, args: argparse.Namespace, seed: int,
                 "--collection", str(args.collection), *loader_args(args, seed)]
     cmd = [sys.executable, str(HERE / "loader_worker.py"), row.kind, *loader_args(args, seed)]
     if row.kind == "remote":
-        return cmd + ["--address", daemons[row.key].addresses[row.transport],
-                      "--encoding", row.encoding]
+        daemon = daemons[row.key]
+        return cmd + ["--address", daemon.addresses[row.transport], "--encoding", row.encoding,
+                      "--server-pid", str(daemon.proc.pid)]
     return cmd + ["--store", str(args.store), "--zarr-pipeline", args.zarr_pipeline]
 
 
@@ -265,7 +268,7 @@ def run_rep(result: RowResult, args: argparse.Namespace, seed: int,
         result.unavailable = result.unavailable or f"failed: {e}"
         return
     if daemon is not None:
-        rep["server_cpu_s"] = daemon.cpu_s() - cpu0
+        rep.setdefault("server_cpu_s", daemon.cpu_s() - cpu0)  # the worker's is exact
         rep["server_rss_mb"] = daemon.memory_mb("VmRSS")
         rep["server_peak_mb"] = daemon.memory_mb("VmHWM")
     result.reps.append(rep)
@@ -445,6 +448,8 @@ def print_header(facts: dict[str, Any], args: argparse.Namespace, warmed_mib: fl
     """Print what was measured, on what."""
     order = "shuffled" if args.shuffle else "in order"
     cells = f"{args.max_cells:,} cells" if args.max_cells else "one epoch"
+    if args.warmup_epochs:
+        cells += f" measured after {args.warmup_epochs} warm-up epoch(s) in the same process"
     print(f"\nstore {args.store}: {facts['n_obs']:,} cells x {facts['n_vars']:,} genes, "
           f"{facts['nnz']:,} non-zeros ({facts['nnz'] / facts['n_obs']:,.0f} per cell)")
     print(f"{order}, batch_size {args.batch_size}, chunk_size {args.chunk_size}, "
@@ -469,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of repetition 1 (then +1 each)")
     p.add_argument("--only", default=None,
                    help="comma-separated rows to run: " + ",".join(r.key for r in ROWS))
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="epochs each repetition consumes, unmeasured, before the measured "
+                        "one (steady state of a long run: buffers and caches warm)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 repetition of 20,000 cells unless given otherwise")
     p.add_argument("--annbatch-python", type=Path, default=ANNBATCH_PYTHON,

@@ -28,7 +28,7 @@ import torch
 from _measure import emit, measure
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import scipy.sparse as sp
 
@@ -47,12 +47,14 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     """Consume batches from an annserve daemon through ``RemoteLoader``."""
     from annserve.client import RemoteLoader
 
-    def setup() -> RemoteLoader:
-        return RemoteLoader(args.address, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                            preload_nchunks=args.preload_nchunks, shuffle=args.shuffle,
-                            seed=args.seed, encoding=args.encoding, to_torch=True)
+    def setup() -> Callable[[int], RemoteLoader]:
+        loader = RemoteLoader(args.address, batch_size=args.batch_size,
+                              chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
+                              shuffle=args.shuffle, seed=args.seed, encoding=args.encoding,
+                              to_torch=True)
+        return lambda _: loader  # each iteration streams the next epoch
 
-    return measure(setup, args.max_cells)
+    return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid)
 
 
 def sampler_batches(store: Store, sampler: Sampler, batch_size: int,
@@ -133,11 +135,12 @@ def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
 
     use_pipeline(args.zarr_pipeline)
 
-    def setup() -> Iterator[dict[str, torch.Tensor]]:
+    def setup() -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
         store = open_store(args.store)
-        return sampler_batches(store, daemon_sampler(store, args), args.batch_size, epoch=0)
+        sampler = daemon_sampler(store, args)
+        return lambda epoch: sampler_batches(store, sampler, args.batch_size, epoch=epoch)
 
-    return measure(setup, args.max_cells)
+    return measure(setup, args.max_cells, args.warmup_epochs)
 
 
 def scipy_batches(x: sp.csr_matrix, batch_size: int, shuffle: bool,
@@ -158,7 +161,7 @@ def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
 
     use_pipeline(args.zarr_pipeline)
 
-    def setup() -> Iterator[dict[str, torch.Tensor]]:
+    def setup() -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
         root = h5py.File(args.store, "r") if Path(args.store).is_file() else zarr.open_group(
             args.store, mode="r")
         groups = [root] if "X" in root else [g for _, g in sorted(root.groups())]
@@ -167,9 +170,9 @@ def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
         # converts the whole index arrays on every fancy-indexing call (~0.2 s per
         # batch here). Re-wrapping makes both int32, as scipy builds them itself.
         x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
-        return scipy_batches(x, args.batch_size, args.shuffle, args.seed)
+        return lambda epoch: scipy_batches(x, args.batch_size, args.shuffle, args.seed + epoch)
 
-    return measure(setup, args.max_cells)
+    return measure(setup, args.max_cells, args.warmup_epochs)
 
 
 RUNNERS = {"remote": run_remote, "sampler": run_sampler, "scipy": run_scipy}
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One repetition of one loader; prints JSON.")
     p.add_argument("kind", choices=sorted(RUNNERS))
     p.add_argument("--address", help="daemon address, host:port or unix:PATH (remote)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="the daemon's pid: its CPU over the measured epoch is reported (remote)")
     p.add_argument("--encoding", default="compact", choices=["compact", "raw"])
     p.add_argument("--store", help="AnnData store (sampler, scipy)")
     p.add_argument("--zarr-pipeline", default="zarrs", choices=["zarrs", "zarr-python"],
@@ -190,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cells", type=int, default=None)
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="epochs consumed, unmeasured, before the measured one")
     return p
 
 

@@ -77,6 +77,10 @@ def check_epoch(frames, x_expected):
     (70_000, np.float32, np.uint32),
     (300, np.float64, np.uint16),
     (9, np.int32, np.uint8),
+    # counts stored narrow (annserve convert) go out as stored: no min/max pass, no copy
+    (9, np.uint16, np.uint16),
+    (300, np.uint16, np.uint16),
+    (9, np.uint8, np.uint8),
 ])
 @pytest.mark.parametrize("encoding", ["compact", "raw"])
 def test_integer_counts_round_trip(tmp_path, high, store_dtype, wire_dtype, encoding):
