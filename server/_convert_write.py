@@ -54,7 +54,7 @@ CHECK_VALUES = 1 << 20
 
 
 #: Codecs of the written matrices by ``--compression`` name. Serving reads decode every
-#: chunk: uncompressed stores serve about twice as fast as LZ4 ones, ~3x the disk.
+#: chunk: uncompressed stores take half the daemon's read CPU of LZ4 ones, ~2x the disk.
 COMPRESSORS = {"lz4": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),),
                "zstd": (ZstdCodec(level=3),), "none": None}
 

@@ -120,7 +120,7 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
         Show tqdm progress bars on stderr.
     compression
         Codec of X and layers: ``"lz4"`` (default, as annbatch), ``"zstd"`` (smallest) or
-        ``"none"`` (about 3x the disk of LZ4, about twice the serving throughput: the
+        ``"none"`` (about 2x the disk of LZ4, half the daemon's read CPU: the
         daemon's reads are bound by chunk decoding).
     keep_dtype
         Store X and layers values in the inputs' (common) dtype. False (default): in each
@@ -277,8 +277,8 @@ def build_convert_parser() -> argparse.ArgumentParser:
                         help="obs columns to carry (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--compression", choices=sorted(COMPRESSORS), default="lz4",
-                        help="codec of X and layers (default lz4; none: ~3x the disk, ~2x "
-                             "the serving throughput)")
+                        help="codec of X and layers (default lz4; none: ~2x the disk, half "
+                             "the daemon's read CPU)")
     parser.add_argument("--keep-dtype", action="store_true",
                         help="store values in the input dtype; default: integer counts up "
                              "to 65,535 are stored as uint16, losslessly")
