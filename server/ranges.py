@@ -66,18 +66,17 @@ class _H5Ranges:
 
 @dataclass(frozen=True, slots=True)
 class _RangesIndexer:
-    """A zarr ``Indexer`` selecting several row ranges, concatenated along axis 0.
+    """The chunk projections of several row ranges, their outputs concatenated along axis 0.
 
-    Handing all ranges of a preload buffer to zarr as one selection lets its codec
-    pipeline fetch and decode every chunk in one batch: one ``getitem`` per range
-    costs ~0.3 ms of Python each, which dominated reads of 32-row chunks. The chunk
-    projections of 1-d arrays (CSR ``data``/``indices``) are computed here directly,
-    as zarr's ``SliceDimIndexer`` would: building a ``BasicIndexer`` per range cost
-    ~30 us, a quarter of a 32-row range read.
+    Handing all ranges of a preload buffer to zarr's codec pipeline in one call lets
+    it fetch and decode every chunk in one batch: one ``getitem`` per range costs
+    ~0.3 ms of Python each, which dominated reads of 32-row chunks. The projections
+    of 1-d arrays (CSR ``data``/``indices``) are computed here directly, as zarr's
+    ``SliceDimIndexer`` would: building a ``BasicIndexer`` per range cost ~30 us, a
+    quarter of a 32-row range read.
     """
 
     shape: tuple[int, ...]
-    drop_axes: tuple[int, ...]
     projections: tuple[ChunkProjection, ...]
 
     @classmethod
@@ -91,7 +90,7 @@ class _RangesIndexer:
                 projections.extend(_shifted(BasicIndexer(slice(a, b), array.shape, grid), offset))
                 offset += b - a
         n = sum(b - a for a, b in ranges)
-        return cls((n, *array.shape[1:]), (), tuple(projections))
+        return cls((n, *array.shape[1:]), tuple(projections))
 
     def __iter__(self) -> Iterator[ChunkProjection]:
         return iter(self.projections)
@@ -102,6 +101,8 @@ def _projections_1d(ranges: Sequence[tuple[int, int]], chunk: int, length: int
     """Chunk projections of ``[a, b)`` ranges of a 1-d array, outputs concatenated."""
     out, offset = [], 0
     for a, b in ranges:
+        if b <= a:  # an empty range (rows without non-zeros) touches no chunk
+            continue
         for k in range(a // chunk, -(-b // chunk)):
             first, limit = k * chunk, min(length, (k + 1) * chunk)
             lo, hi = max(a, first), min(b, limit)
