@@ -27,6 +27,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from annserve.server._convert_manifest import ANNBATCH_MARKER, MANIFEST_KEY, GroupEntry
 from annserve.server._convert_rows import Ragged, decode_strings
+from annserve.server.encode import lossless_cast
 from annserve.server.ranges import ZARRS_PIPELINE
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ SHARD_BYTES = 64 << 20
 GROUP_PREFIX = "dataset_"
 #: dtype of integer counts on disk (unless ``--keep-dtype``).
 COUNTS_DTYPE = np.dtype(np.uint16)
-#: Values checked (and cast) at once by :func:`narrow_counts`.
+#: Values cast and checked at once by :func:`narrow_counts` (early exit on a loss).
 CHECK_VALUES = 1 << 20
 
 
@@ -102,18 +103,7 @@ def narrow_counts(data: np.ndarray) -> np.ndarray | None:
     """
     if data.dtype.kind not in "uif" or data.dtype.itemsize <= COUNTS_DTYPE.itemsize:
         return None
-    flat = data.reshape(-1)
-    out = np.empty(flat.shape, COUNTS_DTYPE)
-    top = np.iinfo(COUNTS_DTYPE).max
-    for a in range(0, len(flat), CHECK_VALUES):  # bounded temporaries, early exit
-        piece = flat[a:a + CHECK_VALUES]
-        if not (piece.min() >= 0 and piece.max() <= top):  # NaN fails too
-            return None
-        narrowed = out[a:a + CHECK_VALUES]
-        np.copyto(narrowed, piece, casting="unsafe")
-        if data.dtype.kind == "f" and not np.array_equal(narrowed, piece):
-            return None
-    return out.reshape(data.shape)
+    return lossless_cast(data, COUNTS_DTYPE, block=CHECK_VALUES)
 
 
 def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> GroupEntry:

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 _UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
-#: Elements compared at a time when checking that narrowing lost nothing.
-_CHECK_BLOCK = 1 << 16
+#: Values compared at a time when checking that narrowing lost nothing.
+CHECK_BLOCK = 1 << 16
 
 
 def smallest_uint(max_value: int) -> np.dtype | None:
@@ -58,24 +58,47 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
         return values
     lo, hi = values.min(), values.max()
     dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
-    if dtype is not None:
-        narrowed = _cast(values, dtype, empty)
-        if values.dtype.kind in "ui" or _equal(narrowed, values):
-            return narrowed
-    return values.astype(np.float32, copy=False)
+    narrowed = lossless_cast(values, dtype, empty) if dtype is not None else None
+    return narrowed if narrowed is not None else values.astype(np.float32, copy=False)
+
+
+def lossless_cast(values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty,
+                  block: int = CHECK_BLOCK) -> np.ndarray | None:
+    """Return ``values`` cast to ``dtype`` if every value survives unchanged, else None.
+
+    Cast and compared ``block`` values at a time: temporaries stay small and in cache,
+    and the first block that loses something (a fraction, a negative, NaN, a value out
+    of range) ends the work.
+
+    Parameters
+    ----------
+    values
+        Any shape, numeric dtype.
+    dtype
+        Target dtype, e.g. uint16.
+    empty
+        Allocates the result, ``empty(shape, dtype)``.
+    block
+        Values cast and compared at a time.
+
+    Returns
+    -------
+    An array of ``values.shape`` and ``dtype`` equal to ``values``, or None.
+    """
+    out = empty(values.shape, dtype)
+    src, dst = values.reshape(-1), out.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):  # losses are caught by the comparison
+        for i in range(0, len(src), block):
+            np.copyto(dst[i:i + block], src[i:i + block], casting="unsafe")
+            if not np.array_equal(dst[i:i + block], src[i:i + block]):
+                return None
+    return out
 
 
 def _cast(values: np.ndarray, dtype: np.dtype, empty: Empty) -> np.ndarray:
     out = empty(values.shape, dtype)
     np.copyto(out, values, casting="unsafe")
     return out
-
-
-def _equal(a: np.ndarray, b: np.ndarray) -> bool:
-    """Compare block by block: the boolean temporaries stay small and in cache."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return all(np.array_equal(a[i:i + _CHECK_BLOCK], b[i:i + _CHECK_BLOCK])
-               for i in range(0, len(a), _CHECK_BLOCK))
 
 
 def select_columns(block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int

@@ -54,6 +54,8 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     Serialized ``BatchFrame`` messages, in order.
     """
     span = epoch_span(sampler, plan)
+    # two preload buffers alive (the one framed, the one being read), each up to four
+    # pooled arrays (X as read and as converted), with room to spare for size mismatches
     pool = BufferPool(max_buffers=16)
     n_emit = span.stop - span.start
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
