@@ -13,6 +13,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.indexing import BasicIndexer, ChunkProjection, get_chunk_shape
 from zarr.core.sync import sync as zarr_sync
 
+from annserve.server.chunkfiles import ChunkFileRanges
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
@@ -193,8 +195,15 @@ class _ZarrRanges:
 
 
 def range_reader(array: h5py.Dataset | zarr.Array) -> RangeReader:
-    """Return the range reader suited to an h5py dataset or a zarr array."""
-    return _H5Ranges(array) if isinstance(array, h5py.Dataset) else _ZarrRanges(array)
+    """Return the range reader suited to an h5py dataset or a zarr array.
+
+    Uncompressed 1-d zarr arrays in a local store are read from their chunk files
+    (:class:`~annserve.server.chunkfiles.ChunkFileRanges`); other zarr arrays through
+    zarr's codec pipeline.
+    """
+    if isinstance(array, h5py.Dataset):
+        return _H5Ranges(array)
+    return ChunkFileRanges.open(array) or _ZarrRanges(array)
 
 
 def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
