@@ -124,11 +124,11 @@ class RemoteLoader(IterableDataset):
         waiting ``retry_backoff`` seconds, doubled after each failure (at most 8 s), and
         resume at the first batch not yet yielded: no batch is lost or repeated.
     retain_memory
-        On iterating, raise glibc malloc's mmap and trim thresholds for this process
-        (:func:`annserve.memory.retain_freed_memory`): every received frame is a fresh
-        multi-MB ``bytes`` object, and without this each one is page-faulted in again,
-        about half of the client's CPU (measured). The process then keeps up to 512 MiB
-        of freed memory for reuse. No effect off glibc.
+        On connecting, raise glibc malloc's mmap and trim thresholds and keep one malloc
+        arena for this process (:func:`annserve.memory.retain_freed_memory`): every
+        received frame is a fresh multi-MB ``bytes`` object, and without this each one
+        is page-faulted in again, about half of the client's CPU (measured). The
+        process then keeps up to 512 MiB of freed memory for reuse. No effect off glibc.
     root_certificates
         PEM CA certificates to verify a TLS server (``annserve --tls-cert``) against.
         Giving it, or ``certificate_chain``/``private_key``, connects over TLS.
@@ -337,8 +337,6 @@ class RemoteLoader(IterableDataset):
         FrameDecodeError
             If a received frame is malformed; no batch built from it is yielded.
         """
-        if self.retain_memory:
-            retain_freed_memory()
         if self._pool is None:  # kept across epochs: later epochs reuse the first one's buffers
             # batches alive at once: the training loop's, the queued ones, the one being
             # assembled; each holds two pooled arrays (indices and data, or dense X)
@@ -403,6 +401,8 @@ class RemoteLoader(IterableDataset):
     def _connection(self) -> Connection:
         # a channel inherited through fork() is unusable: each process opens its own
         if self._conn is None or self._conn_pid != os.getpid():
+            if self.retain_memory:  # before gRPC starts threads, so they share the one arena
+                retain_freed_memory()
             self._conn = Connection(self.address, self.timeout, self._credentials)
             self._conn_pid = os.getpid()
         return self._conn
