@@ -47,6 +47,9 @@ def _fail(message: str) -> FrameDecodeError:
 class BatchAssembler:
     """Turn a stream of serialized frames into minibatches.
 
+    Each frame is copied into its batch's arrays as it arrives and then dropped, so a
+    batch being assembled costs its own arrays and one frame, not all its frames too.
+
     Parameters
     ----------
     obs_columns
@@ -74,101 +77,181 @@ class BatchAssembler:
         FrameDecodeError
             If a frame is malformed or out of sequence, or the stream ends mid-batch.
         """
-        pending: list[Frame] = []
-        rows = 0
+        batch: _Batch | None = None
         for raw in frames:
             frame = decode_frame(raw)
-            h = frame.header
-            if (h.row_start != rows or h.n_rows <= 0 or h.row_start + h.n_rows > h.batch_rows
-                    or (pending and h.batch != pending[0].header.batch)):
-                msg = (f"frame out of sequence: batch {h.batch} rows {h.row_start}+{h.n_rows} "
-                       f"of {h.batch_rows}, expected row {rows}")
-                raise _fail(msg)
-            pending.append(frame)
-            rows += h.n_rows
-            if rows == h.batch_rows:
-                yield self._join(pending)
-                pending, rows = [], 0
-        if pending:
-            msg = f"stream ended inside batch {pending[0].header.batch}"
+            if batch is None:
+                h = frame.header
+                batch = _Batch(h.batch, h.batch_rows, self._n_vars, self._obs, self._pool)
+            batch.add(frame)
+            del raw, frame  # the frame's bytes are copied: free them before the next arrives
+            if batch.complete:
+                yield batch.result()
+                batch = None
+        if batch is not None:
+            msg = f"stream ended inside batch {batch.number}"
             raise _fail(msg)
 
-    def _join(self, frames: list[Frame]) -> dict[str, object]:
-        batch: dict[str, object] = {"X": self._x(frames), "obs": self._obs_frame(frames)}
-        if "index" in frames[0].arrays:
-            index = self._concat(frames, "index", np.int64)
-            if len(index) != frames[0].header.batch_rows:
-                msg = f"index has {len(index)} rows, batch has {frames[0].header.batch_rows}"
+
+class _Batch:
+    """One minibatch being filled frame by frame."""
+
+    def __init__(self, number: int, n_rows: int, n_vars: int, obs: Sequence[pb.ObsColumn],
+                 pool: BufferPool) -> None:
+        self.number, self._n_rows, self._n_vars = number, n_rows, n_vars
+        self._obs = obs
+        self._pool = pool
+        self._rows = 0
+        self._sparse: bool | None = None
+        self._dense: np.ndarray | None = None
+        self._lengths: list[np.ndarray] = []
+        self._indices: _Growing | None = None
+        self._data: _Growing | None = None
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self._strings: dict[str, list[str]] = {c.name: [] for c in obs if c.dtype == "str"}
+
+    @property
+    def complete(self) -> bool:
+        return self._rows == self._n_rows
+
+    def add(self, frame: Frame) -> None:
+        """Copy one frame's rows into the batch."""
+        h = frame.header
+        if (h.batch != self.number or h.batch_rows != self._n_rows or h.row_start != self._rows
+                or h.n_rows <= 0 or h.row_start + h.n_rows > h.batch_rows
+                or (self._sparse is not None and h.sparse != self._sparse)):
+            msg = (f"frame out of sequence: batch {h.batch} rows {h.row_start}+{h.n_rows} "
+                   f"of {h.batch_rows}, expected batch {self.number} row {self._rows}")
+            raise _fail(msg)
+        self._sparse = h.sparse
+        if h.sparse:
+            self._add_csr(frame)
+        else:
+            self._add_dense(frame)
+        self._add_obs(frame)
+        self._rows += h.n_rows
+
+    def _add_dense(self, frame: Frame) -> None:
+        part = _array(frame, "X")
+        if part.shape != (frame.header.n_rows, self._n_vars):
+            expected = (frame.header.n_rows, self._n_vars)
+            msg = f"dense X frame has shape {part.shape}, expected {expected}"
+            raise _fail(msg)
+        if self._dense is None:
+            self._dense = self._pool.empty((self._n_rows, self._n_vars), np.float32)
+        self._dense[self._rows:self._rows + len(part)] = part
+
+    def _add_csr(self, frame: Frame) -> None:
+        lengths = _row_lengths(frame)
+        indices, data = _array(frame, "indices"), _array(frame, "data")
+        nnz = int(lengths.sum())
+        if len(indices) != nnz or len(data) != nnz:
+            msg = (f"CSR arrays disagree: {nnz} non-zeros by row, {len(indices)} indices, "
+                   f"{len(data)} values")
+            raise _fail(msg)
+        if nnz and int(indices.max()) >= self._n_vars:
+            msg = f"column index {int(indices.max())} out of range for {self._n_vars} vars"
+            raise _fail(msg)
+        if self._indices is None:  # room for the whole batch at this frame's density
+            estimate = int(nnz * self._n_rows / frame.header.n_rows * _ESTIMATE_MARGIN) + 1
+            self._indices = _Growing(self._pool, np.int32, estimate)
+            self._data = _Growing(self._pool, np.float32, estimate)
+        self._lengths.append(lengths)
+        self._indices.append(indices)
+        self._data.append(data)
+
+    def _add_obs(self, frame: Frame) -> None:
+        names = [f"obs/{c.name}" for c in self._obs if c.dtype != "str"]
+        if "index" in frame.arrays:
+            names.append("index")
+        for name in names:
+            part = _array(frame, name)
+            if len(part) != frame.header.n_rows:
+                msg = f"array {name!r} has {len(part)} rows, frame has {frame.header.n_rows}"
+                raise _fail(msg)
+            self._parts.setdefault(name, []).append(part.copy())  # a view would keep the frame
+        for s in frame.header.string_obs:
+            if s.name in self._strings:
+                self._strings[s.name].extend(s.values)
+
+    def result(self) -> dict[str, object]:
+        """Return the finished batch ``{"X", "obs", "index"?}``."""
+        batch: dict[str, object] = {"X": self._x(), "obs": self._obs_frame()}
+        if "index" in self._parts:
+            index = np.concatenate(self._parts["index"]).astype(np.int64, copy=False)
+            if len(index) != self._n_rows:
+                msg = f"index has {len(index)} rows, batch has {self._n_rows}"
                 raise _fail(msg)
             batch["index"] = index
         return batch
 
-    def _x(self, frames: list[Frame]) -> CSRArrays | np.ndarray:
-        n_rows = frames[0].header.batch_rows
-        if not frames[0].header.sparse:
-            dense = self._concat(frames, "X", np.float32)
-            if dense.shape != (n_rows, self._n_vars):
-                msg = f"dense X has shape {dense.shape}, expected {(n_rows, self._n_vars)}"
-                raise _fail(msg)
-            return dense
-        lengths = np.concatenate([_row_lengths(f) for f in frames])
-        total = int(lengths.sum())
-        index_dtype = np.int32 if total < 2**31 else np.int64
-        indptr = self._pool.empty((n_rows + 1,), index_dtype)
+    def _x(self) -> CSRArrays | np.ndarray:
+        if not self._sparse:
+            return self._dense
+        indices, data = self._indices.result(), self._data.result()
+        indptr = self._pool.empty((self._n_rows + 1,), indices.dtype)
         indptr[0] = 0
-        np.cumsum(lengths, out=indptr[1:])
-        for f in frames:
-            part = f.arrays.get("indices")
-            if part is not None and len(part) and int(part.max()) >= self._n_vars:
-                msg = f"column index {int(part.max())} out of range for {self._n_vars} vars"
-                raise _fail(msg)
-        indices = self._concat(frames, "indices", index_dtype)
-        data = self._concat(frames, "data", np.float32)
-        if len(indices) != total or len(data) != total:
-            msg = (f"CSR arrays disagree: {total} non-zeros by row, {len(indices)} indices, "
-                   f"{len(data)} values")
-            raise _fail(msg)
-        return CSRArrays(data, indices, indptr, (n_rows, self._n_vars))
+        np.cumsum(np.concatenate(self._lengths), out=indptr[1:])
+        return CSRArrays(data, indices, indptr, (self._n_rows, self._n_vars))
 
-    def _obs_frame(self, frames: list[Frame]) -> pd.DataFrame:
+    def _obs_frame(self) -> pd.DataFrame:
         columns = {}
         for col in self._obs:
             if col.dtype == "str":
-                values = [v for f in frames for s in f.header.string_obs if s.name == col.name
-                          for v in s.values]
-                columns[col.name] = pd.Series(values, dtype=object)
-            elif col.dtype == "category":
-                codes = self._concat(frames, f"obs/{col.name}", None)
-                columns[col.name] = _categorical(col, codes)
+                columns[col.name] = pd.Series(self._strings[col.name], dtype=object)
+                continue
+            values = np.concatenate(self._parts[f"obs/{col.name}"])
+            if col.dtype == "category":
+                columns[col.name] = _categorical(col, values)
             else:
-                columns[col.name] = self._concat(frames, f"obs/{col.name}", np.dtype(col.dtype))
-        n_rows = frames[0].header.batch_rows
-        df = pd.DataFrame(columns, index=pd.RangeIndex(n_rows))
-        if any(len(v) != n_rows for v in columns.values()):
-            msg = f"obs columns do not have {n_rows} rows"
+                columns[col.name] = values.astype(np.dtype(col.dtype), copy=False)
+        if any(len(v) != self._n_rows for v in columns.values()):
+            msg = f"obs columns do not have {self._n_rows} rows"
             raise _fail(msg)
-        return df
+        return pd.DataFrame(columns, index=pd.RangeIndex(self._n_rows))
 
 
-    def _concat(self, frames: list[Frame], name: str, dtype: np.dtype | type | None
-                ) -> np.ndarray:
-        """Concatenate one array of every frame, widening to ``dtype`` in the same copy."""
-        parts = []
-        for f in frames:
-            if name not in f.arrays:
-                msg = f"frame of batch {f.header.batch} lacks array {name!r}"
-                raise _fail(msg)
-            parts.append(f.arrays[name])
-            if parts[-1].ndim == 0 or parts[-1].shape[1:] != parts[0].shape[1:]:
-                msg = f"array {name!r} changes shape between frames"
-                raise _fail(msg)
-        out_dtype = np.dtype(dtype) if dtype is not None else parts[0].dtype
-        out = self._pool.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), out_dtype)
-        start = 0
-        for p in parts:
-            out[start:start + len(p)] = p
-            start += len(p)
-        return out
+#: Room reserved for a batch's non-zeros beyond the estimate from its first frame.
+_ESTIMATE_MARGIN = 1.1
+
+
+class _Growing:
+    """A 1-d array filled part by part from a pool; moved to a larger one when full.
+
+    Values are widened to its dtype in the same copy; int32 becomes int64 once the
+    array would pass 2**31 - 1 elements (CSR indices of a huge batch).
+    """
+
+    def __init__(self, pool: BufferPool, dtype: type, capacity: int) -> None:
+        self._pool = pool
+        self._out = pool.empty((capacity,), dtype)
+        self._n = 0
+
+    def append(self, part: np.ndarray) -> None:
+        end = self._n + len(part)
+        if end > len(self._out):
+            dtype = self._out.dtype
+            if dtype == np.int32 and end > np.iinfo(np.int32).max:
+                dtype = np.dtype(np.int64)
+            larger = self._pool.empty((max(end, 2 * len(self._out)),), dtype)
+            larger[:self._n] = self._out[:self._n]
+            self._out = larger
+        self._out[self._n:end] = part
+        self._n = end
+
+    def result(self) -> np.ndarray:
+        return self._out[:self._n]
+
+
+def _array(frame: Frame, name: str) -> np.ndarray:
+    part = frame.arrays.get(name)
+    if part is None:
+        msg = f"frame of batch {frame.header.batch} lacks array {name!r}"
+        raise _fail(msg)
+    if part.ndim == 0:
+        msg = f"array {name!r} of batch {frame.header.batch} is a scalar"
+        raise _fail(msg)
+    return part
 
 
 def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical:

@@ -182,3 +182,14 @@ def test_column_index_out_of_range_raises(tmp_path):
     frames, _ = stream(write(tmp_path, x), batch_size=20)
     with pytest.raises(FrameDecodeError, match="out of range"):
         assemble(frames, 5)  # the client believes there are only 5 genes
+
+
+def test_batch_denser_than_its_first_frame(tmp_path):
+    # the client sizes a batch's arrays from its first frame; later, denser frames
+    # (here a whole preload buffer of dense rows) make it move them to larger ones
+    x = np.zeros((24, 40), np.float32)
+    x[np.arange(6), np.arange(6)] = 1  # the first buffer: one count per row
+    x[6:] = np.random.default_rng(11).integers(1, 50, (18, 40))
+    frames, _ = stream(write(tmp_path, sp.csr_matrix(x)), batch_size=12, shuffle=False)
+    assert len(frames) > len(assemble(frames, 40))  # batches of several frames
+    check_epoch(frames, sp.csr_matrix(x))
