@@ -197,13 +197,14 @@ class _ZarrRanges:
 def range_reader(array: h5py.Dataset | zarr.Array) -> RangeReader:
     """Return the range reader suited to an h5py dataset or a zarr array.
 
-    Uncompressed 1-d zarr arrays in a local store are read from their chunk files
-    (:class:`~annserve.server.chunkfiles.ChunkFileRanges`); other zarr arrays through
+    Uncompressed 1-d arrays in local files are read straight from them
+    (:class:`~annserve.server.chunkfiles.ChunkFileRanges`); others through h5py or
     zarr's codec pipeline.
     """
-    if isinstance(array, h5py.Dataset):
-        return _H5Ranges(array)
-    return ChunkFileRanges.open(array) or _ZarrRanges(array)
+    direct = ChunkFileRanges.open(array)
+    if direct is not None:
+        return direct
+    return _H5Ranges(array) if isinstance(array, h5py.Dataset) else _ZarrRanges(array)
 
 
 def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:

@@ -1,9 +1,10 @@
-"""Range reads from uncompressed zarr chunk files, against numpy and zarr's own reads."""
+"""Range reads straight from uncompressed zarr chunk files and HDF5 files, against numpy."""
 
 from __future__ import annotations
 
 import threading
 
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -36,7 +37,26 @@ LAYOUTS = {
 }
 
 
+H5_LAYOUTS = {
+    "h5-contiguous": {},
+    "h5-chunks": {"chunks": (700,)},
+    # a user block shifts every address in the file
+    "h5-userblock": {"chunks": (700,), "file": {"userblock_size": 4096}},
+}
+
+
 def _array(path, values, layout, fill_value=0):
+    """Write ``values`` in ``layout``; return the array (zarr) or dataset (HDF5, file kept open)."""
+    if layout in H5_LAYOUTS:
+        options = dict(H5_LAYOUTS[layout])
+        f = h5py.File(path.with_suffix(".h5"), "w", **options.pop("file", {}))
+        ds = f.create_dataset("a", shape=values.shape, dtype=values.dtype, fillvalue=fill_value,
+                              **options)
+        nonfill = np.flatnonzero(values != fill_value)  # HDF5 allocates only chunks written to
+        if len(nonfill):
+            ds[nonfill[0]:nonfill[-1] + 1] = values[nonfill[0]:nonfill[-1] + 1]
+        f.flush()
+        return ds
     array = zarr.create_array(path, shape=values.shape, dtype=values.dtype,
                               fill_value=fill_value, **LAYOUTS[layout])
     array[...] = values
@@ -62,7 +82,7 @@ def _check_reads(reader, values, seed=0, rounds=10):
         np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [*LAYOUTS, *H5_LAYOUTS])
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32, np.int64])
 def test_reads_match_numpy(tmp_path, counts, layout, dtype):
     values = counts.astype(dtype)
@@ -84,6 +104,16 @@ def test_absent_chunks_read_as_fill_value(tmp_path, counts, layout):
     _check_reads(reader, values, seed=1)
 
 
+def test_unallocated_hdf5_chunks_read_as_fill_value(tmp_path, counts):
+    values = np.full_like(counts, 7)
+    values[9000:20_000] = counts[9000:20_000]  # chunks before and after are never written
+    ds = _array(tmp_path / "a", values, "h5-chunks", fill_value=7)
+    assert ds.id.get_num_chunks() < -(-len(values) // ds.chunks[0])
+    reader = range_reader(ds)
+    assert isinstance(reader, ChunkFileRanges)
+    _check_reads(reader, values, seed=1)
+
+
 def test_other_layouts_go_through_zarr(tmp_path, counts):
     compressed = zarr.create_array(tmp_path / "z.zarr", shape=counts.shape, dtype=counts.dtype,
                                    chunks=(700,))
@@ -91,8 +121,12 @@ def test_other_layouts_go_through_zarr(tmp_path, counts):
                               chunks=(5, 4), compressors=None)
     v2 = zarr.create_array(tmp_path / "v2.zarr", shape=counts.shape, dtype=counts.dtype,
                            chunks=(700,), compressors=None, zarr_format=2)
-    for array in (compressed, dense, v2):
-        assert not isinstance(range_reader(array), ChunkFileRanges)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        gzip = f.create_dataset("gzip", data=counts, chunks=(700,), compression="gzip")
+        shuffled = f.create_dataset("shuffle", data=counts, chunks=(700,), shuffle=True)
+        big_endian = f.create_dataset("be", data=counts.astype(">u2"))
+        for array in (compressed, dense, v2, gzip, shuffled, big_endian):
+            assert not isinstance(range_reader(array), ChunkFileRanges), array
 
 
 def test_concurrent_reads(tmp_path, counts):
@@ -120,9 +154,8 @@ def test_corrupt_shard_index_is_refused(tmp_path, counts):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF  # inside the index, before its checksum
     shard.write_bytes(bytes(raw))
-    reader = range_reader(zarr.open_array(tmp_path / "a.zarr", mode="r"))
-    with pytest.raises(StoreFormatError, match="checksum"):
-        reader.read([(0, 10)])
+    with pytest.raises(StoreFormatError, match="checksum"):  # on opening or reading
+        range_reader(zarr.open_array(tmp_path / "a.zarr", mode="r")).read([(0, 10)])
 
 
 @pytest.mark.parametrize("layout", ["chunks", "shards-no-checksum"])
@@ -130,6 +163,5 @@ def test_truncated_chunk_file_is_refused(tmp_path, counts, layout):
     _array(tmp_path / "a.zarr", counts, layout)
     first = tmp_path / "a.zarr" / "c" / "0"
     first.write_bytes(first.read_bytes()[:100])
-    reader = range_reader(zarr.open_array(tmp_path / "a.zarr", mode="r"))
     with pytest.raises(StoreFormatError, match=r"c/0"):
-        reader.read([(0, 600)])
+        range_reader(zarr.open_array(tmp_path / "a.zarr", mode="r")).read([(0, 600)])
