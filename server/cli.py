@@ -10,6 +10,7 @@ default from the environment variable ``ANNSERVE_SOME_FLAG``.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 " (TLS)" if tls else "", ", bearer token required" if tokens else "")
     if args.unix:
         logger.info("listening on unix:%s", args.unix)
+    # what startup loaded (stores' obs/var, zarr, anndata, gRPC) lives as long as the daemon:
+    # keep it out of the cyclic GC, whose full passes over it cost ~50 ms per epoch streamed
+    gc.freeze()
     stop.wait()
     logger.info("shutting down: health NOT_SERVING, no new streams; %d in flight get %.1f s",
                 server.service.open_streams(), args.grace)
