@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from annserve.buffers import BufferPool
+from annserve.prefetch import Prefetcher
 from annserve.server.encode import frame_arrays, obs_arrays, prepare, select_columns
 from annserve.server.epoch import Span, rows_in_span, shard_span
 from annserve.v1 import annserve_pb2 as pb
@@ -54,29 +56,46 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     Serialized ``BatchFrame`` messages, in order.
     """
     span = epoch_span(sampler, plan)
-    # two preload buffers alive (the one framed, the one being read), each up to four
-    # pooled arrays (X as read and as converted), with room to spare for size mismatches
-    pool = BufferPool(max_buffers=16)
+    # three preload buffers alive (the one framed, the one read ahead, the one being read),
+    # each up to four pooled arrays (X as read and as converted), plus room to spare
+    pool = BufferPool(max_buffers=20)
     n_emit = span.stop - span.start
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
-    for rows in rows_in_span(sampler, plan.epoch, Span(span.start + emitted, span.stop)):
+    buffers = Prefetcher(lambda: _read_ahead(store, sampler, plan, Span(span.start + emitted,
+                                                                       span.stop), pool),
+                         1, name=f"{threading.current_thread().name}-read")
+    try:
+        for rows, positions, wire in buffers:
+            step = _frame_rows(wire.nbytes, len(rows))
+            start = 0
+            while start < len(rows):
+                batch, row_start = divmod(emitted, plan.batch_size)
+                batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
+                n = min(step, batch_rows - row_start, len(rows) - start)
+                header = pb.BatchHeader(batch=batch, batch_rows=batch_rows, row_start=row_start,
+                                        n_rows=n, n_vars=plan.n_vars, sparse=wire.sparse)
+                yield _frame(header, wire, positions[start:start + n], rows[start:start + n],
+                             plan)
+                start += n
+                emitted += n
+    finally:
+        buffers.close()
+
+
+def _read_ahead(store: Store, sampler: Sampler, plan: StreamPlan, span: Span, pool: BufferPool
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows]]:
+    """Yield each preload buffer of ``span`` read and prepared for the wire.
+
+    Yields ``(rows, positions, wire)``: the buffer's rows in yield order, each row's
+    position in ``wire``, and the prepared buffer (rows sorted, each once).
+    """
+    for rows in rows_in_span(sampler, plan.epoch, span):
         unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
         block = store.read_rows(unique_rows, plan.layer, pool)
         if plan.columns is not None:
             block = select_columns(block, plan.columns, store.n_vars)
         wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
-        positions = np.searchsorted(unique_rows, rows)
-        step = _frame_rows(wire.nbytes, len(rows))
-        start = 0
-        while start < len(rows):
-            batch, row_start = divmod(emitted, plan.batch_size)
-            batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
-            n = min(step, batch_rows - row_start, len(rows) - start)
-            header = pb.BatchHeader(batch=batch, batch_rows=batch_rows, row_start=row_start,
-                                    n_rows=n, n_vars=plan.n_vars, sparse=wire.sparse)
-            yield _frame(header, wire, positions[start:start + n], rows[start:start + n], plan)
-            start += n
-            emitted += n
+        yield rows, np.searchsorted(unique_rows, rows), wire
 
 
 def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:

@@ -129,7 +129,7 @@ def test_vanished_client_stream_thread_stops_within_a_second(start):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "reading"
-        assert len(stream_threads()) == 1
+        assert len(stream_threads()) == 2  # the stream's framing thread and its reader
         assert server.service.open_streams() == 1
         child.kill()  # SIGKILL: no goodbye, the kernel closes its socket
         began = time.monotonic()
