@@ -44,9 +44,22 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the kernel's page cache (Linux, root only).
+
+    Raises
+    ------
+    PermissionError
+        If the process may not write ``/proc/sys/vm/drop_caches``.
+    """
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
 def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
-            max_cells: int | None, warmup_epochs: int = 0, server_pid: int | None = None
-            ) -> dict[str, float]:
+            max_cells: int | None, warmup_epochs: int = 0, server_pid: int | None = None,
+            cold: bool = False) -> dict[str, float]:
     """Build a loader, consume one epoch (or ``max_cells`` cells) and time it.
 
     Consuming a batch means summing the values of its X (a torch sparse CSR
@@ -68,6 +81,9 @@ def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
         caches already exist.
     server_pid
         A daemon serving the batches; its CPU over the measured epoch is reported too.
+    cold
+        Drop the page cache just before the measured epoch (:func:`drop_page_cache`),
+        so that its reads come from disk, as for an atlas larger than memory.
 
     Returns
     -------
@@ -83,6 +99,8 @@ def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
     setup_s = time.perf_counter() - t_setup
     for i in range(warmup_epochs):
         _consume(epoch(i), max_cells, time.perf_counter())
+    if cold:
+        drop_page_cache()
     t0 = time.perf_counter()
     cpu0 = cpu_seconds()
     server0 = process_cpu_seconds(server_pid) if server_pid else 0.0

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        load_adata=x_only)
         return lambda _: loader  # each iteration is a new epoch, reshuffled by its rng
 
-    return measure(setup, args.max_cells, args.warmup_epochs)
+    return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-cells", type=int, default=None)
     r.add_argument("--warmup-epochs", type=int, default=0,
                    help="epochs consumed, unmeasured, before the measured one")
+    r.add_argument("--cold", action="store_true",
+                   help="drop the page cache before the measured epoch (root)")
     info = sub.add_parser("info", help="report the installed versions and a collection's size")
     info.add_argument("--collection", type=Path, default=None)
     return p

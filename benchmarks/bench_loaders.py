@@ -239,6 +239,8 @@ def loader_args(args: argparse.Namespace, seed: int) -> list[str]:
         out += ["--max-cells", str(args.max_cells)]
     if args.warmup_epochs:
         out += ["--warmup-epochs", str(args.warmup_epochs)]
+    if args.cold:
+        out.append("--cold")
     return out
 
 
@@ -452,9 +454,11 @@ def print_header(facts: dict[str, Any], args: argparse.Namespace, warmed_mib: fl
         cells += f" measured after {args.warmup_epochs} warm-up epoch(s) in the same process"
     print(f"\nstore {args.store}: {facts['n_obs']:,} cells x {facts['n_vars']:,} genes, "
           f"{facts['nnz']:,} non-zeros ({facts['nnz'] / facts['n_obs']:,.0f} per cell)")
+    cache = ("page cache dropped before each measured epoch" if args.cold
+             else f"page cache warmed with {warmed_mib:,.0f} MiB")
     print(f"{order}, batch_size {args.batch_size}, chunk_size {args.chunk_size}, "
           f"preload_nchunks {args.preload_nchunks}; {cells} per repetition, median of "
-          f"{args.reps}; {os.cpu_count()} CPUs; page cache warmed with {warmed_mib:,.0f} MiB; "
+          f"{args.reps}; {os.cpu_count()} CPUs; {cache}; "
           f"zarr pipeline of (a), (b), (d): {args.zarr_pipeline}; annserve {git_state()}\n")
 
 
@@ -477,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=int, default=0,
                    help="epochs each repetition consumes, unmeasured, before the measured "
                         "one (steady state of a long run: buffers and caches warm)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache (root only) before each measured epoch instead of "
+                        "warming it: reads come from disk, as for an atlas larger than memory")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 repetition of 20,000 cells unless given otherwise")
     p.add_argument("--annbatch-python", type=Path, default=ANNBATCH_PYTHON,
@@ -512,6 +519,9 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; return the exit code."""
     args = resolve_args(argv)
+    if args.cold and os.geteuid() != 0:
+        print("--cold drops the page cache, which needs root", file=sys.stderr)
+        return 2
     if not args.store.exists():
         print(f"no store at {args.store}: run benchmarks/make_atlas.py --out {args.store}",
               file=sys.stderr)
@@ -527,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.row.kind == "annbatch":
             annbatch = prepare_annbatch(r, args, facts["n_obs"], env)
     warm = [args.store] + ([args.collection] if args.collection.exists() else [])
-    warmed = warm_page_cache(warm)
+    warmed = 0.0 if args.cold else warm_page_cache(warm)
     sock_dir = Path(tempfile.mkdtemp(prefix="annserve-bench-"))
     daemons = start_daemons(results, args, env, sock_dir)
     try:

@@ -54,7 +54,8 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
                               to_torch=True)
         return lambda _: loader  # each iteration streams the next epoch
 
-    return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid)
+    return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid,
+                   cold=args.cold)
 
 
 def sampler_batches(store: Store, sampler: Sampler, batch_size: int,
@@ -140,7 +141,7 @@ def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
         sampler = daemon_sampler(store, args)
         return lambda epoch: sampler_batches(store, sampler, args.batch_size, epoch=epoch)
 
-    return measure(setup, args.max_cells, args.warmup_epochs)
+    return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
 
 
 def scipy_batches(x: sp.csr_matrix, batch_size: int, shuffle: bool,
@@ -172,7 +173,7 @@ def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
         x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
         return lambda epoch: scipy_batches(x, args.batch_size, args.shuffle, args.seed + epoch)
 
-    return measure(setup, args.max_cells, args.warmup_epochs)
+    return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
 
 
 RUNNERS = {"remote": run_remote, "sampler": run_sampler, "scipy": run_scipy}
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cells", type=int, default=None)
     p.add_argument("--warmup-epochs", type=int, default=0,
                    help="epochs consumed, unmeasured, before the measured one")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before the measured epoch (root)")
     return p
 
 
