@@ -39,8 +39,9 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     The epoch's rows are the sampler's preload buffers concatenated; the shard's
     span of them (:func:`epoch_span`) is cut into batches of ``plan.batch_size`` rows
     (leftover rows of a buffer open the next batch, as in annbatch), and each batch
-    into frames that never span two buffers, so only one buffer is needed at a time.
-    Buffers before ``start_batch`` are skipped without reading the store.
+    into frames that never span two buffers, so only one buffer is framed at a time
+    while a background thread reads the next. Buffers before ``start_batch`` are
+    skipped without reading the store; closing the generator stops that thread.
 
     Parameters
     ----------
@@ -61,9 +62,9 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     pool = BufferPool(max_buffers=20)
     n_emit = span.stop - span.start
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
-    buffers = Prefetcher(lambda: _read_ahead(store, sampler, plan, Span(span.start + emitted,
-                                                                       span.stop), pool),
-                         1, name=f"{threading.current_thread().name}-read")
+    todo = Span(span.start + emitted, span.stop)
+    buffers = Prefetcher(lambda: _read_ahead(store, sampler, plan, todo, pool), 1,
+                         name=f"{threading.current_thread().name}-read")
     try:
         for rows, positions, wire in buffers:
             step = _frame_rows(wire.nbytes, len(rows))
