@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -130,22 +130,12 @@ def test_other_layouts_go_through_zarr(tmp_path, counts):
 
 
 def test_concurrent_reads(tmp_path, counts):
+    # streams share a store's readers, and with them the shard index cache
     reader = range_reader(_array(tmp_path / "a.zarr", counts, "shards"))
-    errors = []
-
-    def work(seed):
-        try:
-            _check_reads(reader, counts, seed=seed, rounds=20)
-        except AssertionError as e:  # reported by the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    with ThreadPoolExecutor(4) as pool:
+        runs = [pool.submit(_check_reads, reader, counts, seed=s, rounds=20) for s in range(4)]
+        for run in runs:
+            run.result(timeout=60)  # re-raises a failed comparison
 
 
 def test_corrupt_shard_index_is_refused(tmp_path, counts):
