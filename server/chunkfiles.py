@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Offset and length of a chunk absent from its shard (zarr sharding spec).
 _MISSING = np.uint64(2**64 - 1)
+#: Chunk file paths kept per array (an unsharded array may have very many files).
+_MAX_PATHS = 1 << 14
 
 
 class _ChunkFiles(Protocol):
@@ -221,6 +223,7 @@ class _ZarrChunks:
         self.chunk = inner
         self._shard = shard
         self._indexes: dict[int, np.ndarray | None] = {}
+        self._paths: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -240,10 +243,20 @@ class _ZarrChunks:
             return None
         return cls(array, shard.chunk_shape[0], shard)
 
+    def _path(self, file: int) -> str:
+        """Path of chunk (or shard) file ``file``; kept, as building it costs ~10 us."""
+        path = self._paths.get(file)
+        if path is None:
+            if len(self._paths) >= _MAX_PATHS:
+                self._paths.clear()
+            path = self._paths[file] = str(
+                self._directory / self._array.metadata.encode_chunk_key((file,)))
+        return path
+
     def locate(self, k: int) -> tuple[str, int | None]:
         per_file = self._outer // self.chunk
         file, inner = divmod(k, per_file)
-        path = str(self._directory / self._array.metadata.encode_chunk_key((file,)))
+        path = self._path(file)
         if self._shard is None:
             return path, 0
         index = self._indexes.get(file)
