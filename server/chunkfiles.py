@@ -76,7 +76,12 @@ class ChunkFileRanges:
 
     @classmethod
     def open(cls, array: zarr.Array | h5py.Dataset) -> ChunkFileRanges | None:
-        """Return a reader of ``array``, or None if its layout needs zarr or h5py to decode."""
+        """Return a reader of ``array``, or None if its layout needs zarr or h5py to decode.
+
+        Also None where the OS has no ``preadv`` (macOS, Windows).
+        """
+        if not hasattr(os, "preadv"):
+            return None
         if isinstance(array, h5py.Dataset):
             chunks = _H5Chunks.of(array)
             fill = array.fillvalue
