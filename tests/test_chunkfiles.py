@@ -11,6 +11,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
 from annserve.errors import StoreFormatError
+from annserve.server import chunkfiles
 from annserve.server.chunkfiles import ChunkFileRanges
 from annserve.server.ranges import range_reader
 
@@ -155,3 +156,19 @@ def test_truncated_chunk_file_is_refused(tmp_path, counts, layout):
     first.write_bytes(first.read_bytes()[:100])
     with pytest.raises(StoreFormatError, match=r"c/0"):
         range_reader(zarr.open_array(tmp_path / "a.zarr", mode="r")).read([(0, 600)])
+
+
+def test_a_layout_read_wrongly_falls_back_to_the_library(tmp_path, counts, monkeypatch, caplog):
+    ds = _array(tmp_path / "a", counts, "h5-chunks")
+    real_locate = chunkfiles._H5Chunks.locate
+
+    def shifted(self, k):  # as if chunk addresses were misunderstood
+        path, offset = real_locate(self, k)
+        return path, offset + 2
+
+    monkeypatch.setattr(chunkfiles._H5Chunks, "locate", shifted)
+    with caplog.at_level("WARNING", logger=chunkfiles.__name__):
+        reader = range_reader(ds)
+    assert not isinstance(reader, ChunkFileRanges)
+    assert "layout not understood" in caplog.text
+    _check_reads(reader, counts)
