@@ -134,7 +134,7 @@ class Daemon:
 
     def __init__(self, store: Path, unix_path: Path | None, pipeline: str,
                  env: dict[str, str], timeout: float = 120.0) -> None:
-        cmd = [sys.executable, "-m", "annserve.server.cli", "--store", str(store),
+        cmd = [sys.executable, "-m", "annserve.server.rpc.cli", "--store", str(store),
                "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO"]
         if unix_path is not None:
             cmd += ["--unix", str(unix_path)]
@@ -195,7 +195,7 @@ class Daemon:
 @functools.cache
 def daemon_help() -> str:
     """``annserve --help`` of this checkout, to tell which flags it has."""
-    out = subprocess.run([sys.executable, "-m", "annserve.server.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "annserve.server.rpc.cli", "--help"],
                          capture_output=True, text=True, timeout=120, check=False)
     return out.stdout
 

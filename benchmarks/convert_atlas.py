@@ -162,7 +162,7 @@ def generate(directory: Path, n_obs: int, n_files: int, n_vars: int, nnz_per_cel
 
 def run_convert(inputs: list[Path], output: Path, extra: list[str]) -> dict[str, float]:
     """Run ``annserve convert`` in a subprocess; return wall seconds and its peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "annserve.server.cli", "convert", *map(str, inputs),
+    cmd = [sys.executable, "-m", "annserve.server.rpc.cli", "convert", *map(str, inputs),
            "-o", str(output), *extra]
     print("  $", " ".join(cmd), flush=True)
     t0 = time.perf_counter()

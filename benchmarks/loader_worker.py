@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-    from annserve.server.sampler import Sampler
-    from annserve.server.store import Store
+    from annserve.server.plan.sampler import Sampler
+    from annserve.server.io.store import Store
 
 
 def csr_tensor(m: sp.csr_matrix) -> torch.Tensor:
@@ -111,7 +111,7 @@ def use_pipeline(name: str) -> None:
 
 def daemon_sampler(store: Store, args: argparse.Namespace) -> Sampler:
     """Build the sampler the daemon builds for the same ``StreamBatches`` request."""
-    from annserve.server.request import plan_stream
+    from annserve.server.plan.request import plan_stream
     from annserve.v1 import annserve_pb2 as pb
 
     request = pb.StreamBatchesRequest(
@@ -119,9 +119,9 @@ def daemon_sampler(store: Store, args: argparse.Namespace) -> Sampler:
         preload_nchunks=args.preload_nchunks, shuffle=args.shuffle, seed=args.seed)
     plan = plan_stream(request, store)
     try:
-        from annserve.server.selection import make_sampler
+        from annserve.server.plan.selection import make_sampler
     except ImportError:  # a checkout from before stream selection (splits, balance)
-        from annserve.server.sampler import ChunkSampler
+        from annserve.server.plan.sampler import ChunkSampler
 
         return ChunkSampler(store.n_obs, plan.chunk_size, plan.preload_nchunks,
                             shuffle=plan.shuffle, seed=plan.seed)
@@ -132,7 +132,7 @@ def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
     """Consume batches of the in-process sampler pipeline (no gRPC)."""
     import scipy.sparse  # noqa: F401  (imported before the RSS baseline)
 
-    from annserve.server.store import open_store
+    from annserve.server.io.store import open_store
 
     use_pipeline(args.zarr_pipeline)
 

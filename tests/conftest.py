@@ -10,7 +10,7 @@ import zarr
 
 from annserve.client import CSRArrays
 from annserve.server import create_server, open_store
-from annserve.server.ranges import ZARRS_PIPELINE
+from annserve.server.io.ranges import ZARRS_PIPELINE
 from annserve.v1 import annserve_pb2 as pb
 
 #: fixtures shared by the operations tests (``start``: in-process servers with options)

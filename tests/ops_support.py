@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from annserve.server.app import build_server
+from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
 
@@ -145,7 +145,7 @@ def make_pki(root: Path) -> Pki:
 def annserve_command() -> list[str]:
     """The ``annserve`` console script next to this interpreter, or its module."""
     script = Path(sys.executable).with_name("annserve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "annserve.server.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "annserve.server.rpc.cli"]
 
 
 class Daemon:

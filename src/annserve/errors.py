@@ -2,7 +2,7 @@
 
 Each class also inherits the builtin it refines, so callers may catch either.
 The server maps these classes to gRPC status codes in one place
-(:data:`annserve.server.service.STATUS_OF`); the client maps status codes back.
+(:data:`annserve.server.rpc.service.STATUS_OF`); the client maps status codes back.
 """
 
 from __future__ import annotations

@@ -1,0 +1,195 @@
+"""Writing a collection: one AnnData zarr group per bucket, and the manifest last.
+
+X and layers are CSR elements of the anndata on-disk format (``encoding-type``
+``csr_matrix``, written here rather than with :func:`anndata.io.write_elem`, which would
+widen the indices), their ``data``, ``indices`` and ``indptr`` arrays chunked for
+contiguous row reads (about :data:`CHUNK_CELLS` cells' worth of non-zeros per chunk, at
+least :data:`MIN_CHUNK_VALUES` values) and sharded (about :data:`SHARD_BYTES`
+uncompressed per shard), compressed with Blosc LZ4 and byte shuffle, as annbatch writes
+them. Narrow dtypes, to read fewer bytes per non-zero: ``indices`` in the plan's index
+dtype (uint16 up to 65,536 genes), ``indptr`` int64, and ``data`` as uint16 when a
+group's values of that matrix are all integers in ``[0, 65535]`` (counts; lossless, see
+:func:`narrow_counts`), else in the plan's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from annserve.server.convert.manifest import ANNBATCH_MARKER, MANIFEST_KEY, GroupEntry
+from annserve.server.convert.rows import Ragged, decode_strings
+from annserve.server.stream.encode import lossless_cast
+from annserve.server.io.ranges import ZARRS_PIPELINE
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+
+    from annserve.server.convert.manifest import Manifest
+    from annserve.server.convert.plan import Plan
+    from annserve.server.convert.rows import RowBlock
+
+logger = logging.getLogger(__name__)
+
+#: Cells' worth of non-zeros per chunk of ``data``/``indices``.
+CHUNK_CELLS = 48
+#: Smallest chunk, values (keeps very sparse matrices from getting tiny chunks).
+MIN_CHUNK_VALUES = 4096
+#: Target uncompressed size of a shard, bytes.
+SHARD_BYTES = 64 << 20
+#: Prefix of the group names, as in annbatch's collections (``dataset_0``, ...).
+GROUP_PREFIX = "dataset_"
+#: dtype of integer counts on disk (unless ``--keep-dtype``).
+COUNTS_DTYPE = np.dtype(np.uint16)
+#: Values cast and checked at once by :func:`narrow_counts` (early exit on a loss).
+CHECK_VALUES = 1 << 20
+
+
+#: Codecs of the written matrices by ``--compression`` name. Serving reads decode every
+#: chunk: uncompressed stores take half the daemon's read CPU of LZ4 ones, ~2x the disk.
+COMPRESSORS = {"lz4": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),),
+               "zstd": (ZstdCodec(level=3),), "none": None}
+
+
+def csr_kwargs(nnz: int, n_rows: int, itemsize: int, compression: str = "lz4"
+               ) -> dict[str, Any]:
+    """Arguments of the zarr arrays of one CSR matrix's arrays.
+
+    Parameters
+    ----------
+    nnz
+        Stored values.
+    n_rows
+        Rows.
+    itemsize
+        Bytes per value of the widest array (``data`` or ``indices``).
+    compression
+        A key of :data:`COMPRESSORS`.
+
+    Returns
+    -------
+    ``chunks``, ``shards`` (both 1-tuples, values) and ``compressors``.
+    """
+    per_row = nnz / max(n_rows, 1)
+    chunk = max(MIN_CHUNK_VALUES, round(CHUNK_CELLS * per_row))
+    per_shard = max(1, SHARD_BYTES // (chunk * itemsize))
+    shard = chunk * min(per_shard, max(1, math.ceil(nnz / chunk)))
+    return {"chunks": (chunk,), "shards": (shard,), "compressors": COMPRESSORS[compression]}
+
+
+def narrow_counts(data: np.ndarray) -> np.ndarray | None:
+    """Return ``data`` as uint16 if that keeps every value exactly, else None.
+
+    Parameters
+    ----------
+    data
+        Values of one matrix (any shape), e.g. a CSR ``data`` array.
+
+    Returns
+    -------
+    A uint16 copy of ``data`` when its dtype is an integer or float type wider than 2
+    bytes and every value is an integer in ``[0, 65535]`` (raw counts, whatever their
+    dtype), the values unchanged; None otherwise (negative, fractional, NaN or infinite
+    values, larger counts, or a dtype of 2 bytes or less, already as narrow).
+    """
+    if data.dtype.kind not in "uif" or data.dtype.itemsize <= COUNTS_DTYPE.itemsize:
+        return None
+    return lossless_cast(data, COUNTS_DTYPE, block=CHECK_VALUES)
+
+
+def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> GroupEntry:
+    """Write rows as the AnnData group ``dataset_<index>`` of ``root``.
+
+    Each matrix is a CSR element with ``indices`` of ``plan.index_dtype`` and ``int64``
+    ``indptr``. Its values are stored as uint16 when they are all integers in
+    ``[0, 65535]`` and ``plan.keep_dtype`` is False (see :func:`narrow_counts`; the
+    values are unchanged, and :func:`anndata.read_zarr` reads the matrix back as uint16),
+    else in ``plan.dtypes[key]``. The check is per group and per matrix: groups of one
+    collection may differ.
+
+    Returns
+    -------
+    The group's manifest entry.
+    """
+    name = f"{GROUP_PREFIX}{index}"
+    n = rows.n_rows
+    with _settings(), warnings.catch_warnings():
+        # cells of different inputs may share a name; the dataset column tells them apart
+        warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
+        ad.io.write_elem(root, name, ad.AnnData(obs=_obs_frame(rows, plan), var=plan.var))
+        group = root[name]
+    with _settings(), zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
+        for key, matrix in rows.matrices.items():
+            indices, data = matrix.values
+            indices = np.asarray(indices, dtype=plan.index_dtype)
+            data = np.asarray(data, dtype=plan.dtypes[key])
+            narrow = None if plan.keep_dtype else narrow_counts(data)
+            if narrow is not None:
+                data = narrow
+            itemsize = max(data.itemsize, indices.itemsize)
+            parent, _, leaf = key.rpartition("/")  # "X" or "layers/<name>"
+            _write_csr(group[parent] if parent else group, leaf, (n, plan.n_vars),
+                       (data, indices, matrix.offsets()),
+                       csr_kwargs(len(data), n, itemsize, plan.compression))
+    logger.debug("wrote %s: %d cells", name, n)
+    return GroupEntry(name, n, int(rows.matrices["X"].lengths.sum()))
+
+
+def _settings() -> AbstractContextManager[None]:
+    """Return the settings of the writes: zarr v3, explicit chunks and shards only."""
+    options: dict[str, Any] = {"zarr_write_format": 3}
+    if "auto_shard_zarr_v3" in dir(ad.settings):  # not in every 0.12.x; unset, it warns
+        options["auto_shard_zarr_v3"] = False
+    return ad.settings.override(**options)
+
+
+def _write_csr(parent: zarr.Group, name: str, shape: tuple[int, int],
+               arrays: tuple[np.ndarray, np.ndarray, np.ndarray], kwargs: dict[str, Any]
+               ) -> None:
+    """Write a CSR element (anndata on-disk format 0.1.0) with the arrays' dtypes as given.
+
+    ``arrays`` are ``data``, ``indices`` and ``indptr``; ``kwargs`` those of
+    :func:`csr_kwargs`, for each array.
+    """
+    group = parent.create_group(name)
+    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": [int(shape[0]), int(shape[1])]})
+    for key, values in zip(("data", "indices", "indptr"), arrays, strict=True):
+        array = group.create_array(key, shape=values.shape, dtype=values.dtype, **kwargs)
+        array[...] = values
+
+
+def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:
+    columns: dict[str, Any] = {}
+    for spec in plan.columns:
+        values = rows.columns[spec.name]
+        if spec.kind == "category":
+            columns[spec.name] = pd.Categorical.from_codes(
+                values, categories=pd.Index(spec.categories), ordered=spec.ordered)
+        elif isinstance(values, Ragged):
+            columns[spec.name] = decode_strings(values)
+        else:
+            columns[spec.name] = values
+    return pd.DataFrame(columns, index=pd.Index(decode_strings(rows.obs_names)))
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Store the manifest (and annbatch's marker) in the root attributes; consolidate metadata.
+
+    Call it after every group is written: a store without it is not a collection.
+    """
+    root = zarr.open_group(path, mode="r+")
+    root.attrs.update({**ANNBATCH_MARKER, MANIFEST_KEY: manifest.to_json()})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        zarr.consolidate_metadata(path)
+

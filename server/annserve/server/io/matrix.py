@@ -1,0 +1,142 @@
+"""A CSR or dense matrix element (X or a layer) of an AnnData store, read by rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+import zarr
+
+from annserve.errors import StoreFormatError
+from annserve.server.io.ranges import range_reader, row_runs
+
+if TYPE_CHECKING:
+
+    from annserve.server.io.ranges import RangeReader
+
+
+@dataclass(frozen=True, slots=True)
+class CSRRows:
+    """CSR rows held in memory, in the order they were asked for.
+
+    Attributes
+    ----------
+    indptr
+        Row offsets into ``indices``/``data``, shape ``(n_rows + 1,)``, int64, starting at 0.
+    indices
+        Column (gene) index of each non-zero, shape ``(nnz,)``, the store's integer dtype.
+    data
+        Value of each non-zero, shape ``(nnz,)``, the store's dtype.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class DenseRows:
+    """Dense rows held in memory, shape ``(n_rows, n_vars)``, the store's dtype."""
+
+    values: np.ndarray
+
+
+class CSRMatrix:
+    """A CSR matrix element; its ``indptr`` is held in memory (8 bytes per row).
+
+    Attributes
+    ----------
+    shape
+        ``(n_obs, n_vars)``.
+    dtype
+        dtype of the stored values.
+    index_dtype
+        dtype of the stored column indices.
+    nbytes
+        Bytes all rows take once read (data, indices and indptr as :class:`CSRRows`).
+    """
+
+    sparse = True
+
+    def __init__(self, group: h5py.Group | zarr.Group) -> None:
+        self.shape = tuple(int(s) for s in group.attrs["shape"])
+        self.dtype = np.dtype(group["data"].dtype)
+        self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+        nnz = int(self._indptr[-1]) if len(self._indptr) else 0
+        self.nbytes = (nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
+                       + 8 * self.shape[0])
+        self._indices = range_reader(group["indices"])
+        self.index_dtype = np.dtype(group["indices"].dtype)
+        self._data = range_reader(group["data"])
+
+    def nnz(self, rows: np.ndarray) -> int:
+        """Non-zeros in the given rows (no data read)."""
+        return int((self._indptr[rows + 1] - self._indptr[rows]).sum())
+
+    def read_rows(self, rows: np.ndarray, out: CSRRows | None = None) -> CSRRows:
+        """Read rows, one range read per run of consecutive rows.
+
+        Parameters
+        ----------
+        rows
+            Row indices, shape ``(n,)``, int64, strictly increasing.
+        out
+            Arrays to read ``indices`` and ``data`` into (their lengths :meth:`nnz`, the
+            store's dtypes); its ``indptr`` is not used.
+        """
+        starts, stops = self._indptr[rows], self._indptr[rows + 1]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(stops - starts, out=indptr[1:])
+        runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
+        return CSRRows(indptr, self._indices.read(runs, None if out is None else out.indices),
+                       self._data.read(runs, None if out is None else out.data))
+
+
+class DenseMatrix:
+    """A dense 2-d matrix element; ``nbytes``: bytes of all rows once read."""
+
+    sparse = False
+
+    def __init__(self, array: h5py.Dataset | zarr.Array) -> None:
+        self.shape = tuple(int(s) for s in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+        self._reader: RangeReader = range_reader(array)
+
+    def read_rows(self, rows: np.ndarray, out: DenseRows | None = None) -> DenseRows:
+        """Read rows, into ``out`` when given; see :meth:`CSRMatrix.read_rows`."""
+        return DenseRows(self._reader.read(row_runs(rows), None if out is None else out.values))
+
+
+def open_matrix(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where: str
+                ) -> CSRMatrix | DenseMatrix:
+    """Open a matrix element written by anndata.
+
+    Parameters
+    ----------
+    elem
+        The element (e.g. ``root["X"]`` or ``root["layers/counts"]``).
+    where
+        Names the element in error messages, e.g. ``"store.h5ad: X"``.
+
+    Raises
+    ------
+    StoreFormatError
+        If the element is not CSR or a dense 2-d array (CSC included: annserve reads rows).
+    """
+    is_array = isinstance(elem, h5py.Dataset | zarr.Array)
+    if "encoding-type" not in elem.attrs and not is_array:
+        msg = (f"{where} is a group without anndata encoding metadata (a pre-0.7 file?); "
+               "rewrite it with current anndata (read_h5ad + write_h5ad)")
+        raise StoreFormatError(msg)
+    encoding = elem.attrs.get("encoding-type", "array")
+    if encoding == "csr_matrix":
+        return CSRMatrix(elem)
+    if encoding == "array" and is_array and len(elem.shape) == 2:
+        return DenseMatrix(elem)
+    msg = (f"{where} has encoding {encoding!r}; annserve serves CSR or dense matrices "
+           "(convert CSC to CSR first)")
+    raise StoreFormatError(msg)
+

@@ -1,0 +1,287 @@
+"""Open AnnData stores read-only: one AnnData (``.h5ad`` or zarr) or a collection of them.
+
+A :class:`Store` is what the server serves: one or more AnnData groups with the
+same genes, seen as one dataset of ``sum(n_obs)`` rows (global row = group offset
++ local row). Collections are zarr groups whose children are AnnData groups: the
+output of ``annserve convert`` (its manifest gives the group order) or of
+annbatch's ``DatasetCollection`` (groups in natural name order).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import h5py
+import numpy as np
+import zarr
+
+from annserve.errors import StoreFormatError, StoreNotFoundError
+from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
+from annserve.server.io.obs import concat_obs, obs_column
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import pandas as pd
+
+    from annserve.buffers import BufferPool
+
+logger = logging.getLogger(__name__)
+
+#: Root attribute holding the manifest written by ``annserve convert``.
+MANIFEST_KEY = "annserve"
+
+
+class AnnDataGroup:
+    """One AnnData element tree (an ``.h5ad`` root or a zarr group), opened read-only.
+
+    Attributes
+    ----------
+    where
+        Names the group in messages (path, plus the group name inside a collection).
+    n_obs
+        Rows (cells).
+    var_names
+        Gene names.
+    obs
+        Prepared obs columns by name.
+    matrices
+        ``"X"`` and every layer name, each a CSR or dense matrix of shape ``(n_obs, n_vars)``.
+    """
+
+    def __init__(self, root: h5py.Group | zarr.Group, where: str, path: Path) -> None:
+        self.where = where
+        self.matrices: dict[str, CSRMatrix | DenseMatrix] = {
+            "X": open_matrix(_child(root, "X", where), f"{where}: X")}
+        layers = root.get("layers", {})
+        for name in layers:
+            self.matrices[f"layers/{name}"] = open_matrix(layers[name], f"{where}: layers/{name}")
+        obs, var = _read_annotations(root, where, path)
+        self.n_obs = len(obs)
+        self.var_names = tuple(str(v) for v in var.index)
+        self.obs = {str(k): obs_column(str(k), obs[k]) for k in obs.columns}
+        for key, m in self.matrices.items():
+            if m.shape != (self.n_obs, len(self.var_names)):
+                msg = (f"{where}: {key} has shape {m.shape}, obs x var is "
+                       f"({self.n_obs}, {len(self.var_names)})")
+                raise StoreFormatError(msg)
+
+
+class Store:
+    """What the server serves: AnnData groups with one gene space, as one dataset.
+
+    Attributes
+    ----------
+    path
+        Where the store lies.
+    n_obs, n_vars
+        Rows in all groups together, genes.
+    var_names
+        Gene names, length ``n_vars``.
+    var_index
+        Position of each gene name.
+    obs
+        obs columns present in every group, concatenated in group order.
+    layers
+        Layer names present in every group.
+    group_offsets
+        First global row of each group, then ``n_obs``: shape ``(n_groups + 1,)``, int64.
+    x_sparse, x_dtype
+        Layout of X, and the dtype holding the values of every group's X (groups of an
+        ``annserve convert`` collection may differ: uint16 counts, float32 otherwise).
+    """
+
+    def __init__(self, path: Path, groups: Sequence[AnnDataGroup]) -> None:
+        self.path = path
+        self._groups = list(groups)
+        first = self._groups[0]
+        for g in self._groups[1:]:
+            if g.var_names != first.var_names:
+                msg = f"{g.where}: var_names differ from those of {first.where}"
+                raise StoreFormatError(msg)
+        self.var_names = first.var_names
+        self.n_vars = len(self.var_names)
+        self.var_index = {name: i for i, name in enumerate(self.var_names)}
+        self.group_offsets = np.cumsum([0] + [g.n_obs for g in self._groups], dtype=np.int64)
+        self.n_obs = int(self.group_offsets[-1])
+        self.obs = concat_obs([g.obs for g in self._groups])
+        keys = set.intersection(*(set(g.matrices) for g in self._groups))
+        self.layers = tuple(sorted(k.removeprefix("layers/") for k in keys if k != "X"))
+        self.x_sparse = first.matrices["X"].sparse
+        self.x_dtype = np.result_type(*(g.matrices["X"].dtype for g in self._groups))
+
+    def mean_row_bytes(self, layer: str | None = None) -> float:
+        """Return the mean bytes of one row of X (or of a layer) once read into memory."""
+        key = "X" if layer is None else f"layers/{layer}"
+        return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
+
+    def read_rows(self, rows: np.ndarray, layer: str | None = None,
+                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
+        """Read rows of X (or of a layer).
+
+        Parameters
+        ----------
+        rows
+            Global row indices, shape ``(n,)``, int64, strictly increasing.
+        layer
+            Layer name; None reads X.
+        pool
+            Where the large arrays come from; a stream passes its own so that each
+            preload buffer reuses the memory of one it has finished with.
+
+        Returns
+        -------
+        The rows in the given order, CSR or dense as stored.
+        """
+        key = "X" if layer is None else f"layers/{layer}"
+        bounds = np.searchsorted(rows, self.group_offsets)
+        pieces = [(g.matrices[key], rows[a:b] - offset)
+                  for g, a, b, offset in zip(self._groups, bounds[:-1], bounds[1:],
+                                             self.group_offsets, strict=False) if b > a]
+        if not pieces:
+            pieces = [(self._groups[0].matrices[key], rows)]
+        return _read_pieces(pieces, pool.empty if pool is not None else np.empty)
+
+
+Piece = tuple[CSRMatrix | DenseMatrix, np.ndarray]
+
+
+def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRows | DenseRows:
+    """Read rows of several groups into one buffer from ``empty`` (no concatenation copy).
+
+    Groups of different dtypes are read one by one and concatenated instead.
+    """
+    first = pieces[0][0]
+    if any(m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
+           for m, _ in pieces):
+        return _concat_rows([m.read_rows(r) for m, r in pieces])
+    if not first.sparse:
+        values = empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
+        starts = np.cumsum([0] + [len(r) for _, r in pieces])
+        for (m, r), a in zip(pieces, starts, strict=False):
+            m.read_rows(r, DenseRows(values[a:a + len(r)]))
+        return DenseRows(values)
+    sizes = [m.nnz(r) for m, r in pieces]
+    indices = empty((sum(sizes),), first.index_dtype)
+    data = empty((sum(sizes),), first.dtype)
+    indptrs, offset = [np.zeros(1, np.int64)], 0
+    for (m, r), n in zip(pieces, sizes, strict=True):
+        part = m.read_rows(r, CSRRows(indptrs[0], indices[offset:offset + n],
+                                      data[offset:offset + n]))
+        indptrs.append(part.indptr[1:] + offset)
+        offset += n
+    return CSRRows(np.concatenate(indptrs), indices, data)
+
+
+def _concat_rows(parts: list[CSRRows | DenseRows]) -> CSRRows | DenseRows:
+    if isinstance(parts[0], DenseRows):
+        return DenseRows(np.concatenate([p.values for p in parts]))
+    nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
+    indptr = np.concatenate([[0]] + [p.indptr[1:] + n for p, n in zip(parts, nnz, strict=True)])
+    return CSRRows(indptr, np.concatenate([p.indices for p in parts]),
+                   np.concatenate([p.data for p in parts]))
+
+
+def _child(group: h5py.Group | zarr.Group, key: str, where: str) -> h5py.Group | zarr.Group:
+    if key not in group:
+        msg = f"{where}: not an AnnData store (no {key!r} element)"
+        raise StoreFormatError(msg)
+    return group[key]
+
+
+def _read_annotations(root: h5py.Group | zarr.Group, where: str, path: Path
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read obs and var with anndata, whatever version of the on-disk format wrote them."""
+    obs_elem, var_elem = _child(root, "obs", where), _child(root, "var", where)
+    try:
+        if isinstance(obs_elem, h5py.Dataset):
+            # pre-0.7 h5ad (obs/var as compound datasets): anndata's backed reader knows the
+            # legacy layout; it also loads obsm/layers, so large legacy files should be rewritten
+            backed = ad.read_h5ad(path, backed="r")
+            obs, var = backed.obs, backed.var
+            backed.file.close()
+            return obs, var
+        return ad.io.read_elem(obs_elem), ad.io.read_elem(var_elem)
+    except Exception as e:  # anndata raises many types for a malformed element
+        msg = f"{where}: cannot read obs/var: {e}"
+        raise StoreFormatError(msg) from e
+
+
+def _natural_key(name: str) -> list[int | str]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _collection_groups(root: zarr.Group, path: Path) -> list[AnnDataGroup]:
+    manifest = root.attrs.get(MANIFEST_KEY)
+    if manifest is not None:
+        names = [g["name"] for g in manifest["groups"]]
+    else:
+        names = sorted((k for k, v in root.groups() if "X" in v), key=_natural_key)
+    if not names:
+        msg = f"{path}: neither an AnnData store nor a collection of AnnData groups"
+        raise StoreFormatError(msg)
+    groups = []
+    for name in names:
+        if name not in root:
+            msg = f"{path}: collection group {name!r} is missing (truncated store?)"
+            raise StoreFormatError(msg)
+        groups.append(AnnDataGroup(root[name], f"{path}/{name}", path))
+    if manifest is not None:
+        expected = [g["n_obs"] for g in manifest["groups"]]
+        if [g.n_obs for g in groups] != expected:
+            msg = f"{path}: group sizes {[g.n_obs for g in groups]} differ from the manifest's"
+            raise StoreFormatError(msg)
+    return groups
+
+
+def _open_groups(path: Path) -> list[AnnDataGroup]:
+    try:
+        root = h5py.File(path, "r") if path.is_file() else zarr.open_group(path, mode="r")
+    except Exception as e:  # h5py/zarr raise OSError, ValueError, KeyError... on foreign files
+        msg = f"{path}: not a readable .h5ad file or zarr store: {e}"
+        raise StoreFormatError(msg) from e
+    if isinstance(root, zarr.Group) and "X" not in root:
+        return _collection_groups(root, path)
+    return [AnnDataGroup(root, str(path), path)]
+
+
+def open_store(path: str | Path) -> Store:
+    """Open an AnnData store or collection read-only.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file, an AnnData zarr store (v2 or v3 format), or a zarr group of
+        AnnData groups (``annserve convert`` output or an annbatch ``DatasetCollection``).
+
+    Returns
+    -------
+    The opened store; it keeps its files open for the life of the process.
+
+    Raises
+    ------
+    StoreNotFoundError
+        If ``path`` does not exist.
+    StoreFormatError
+        If ``path`` is not a readable AnnData store of CSR or dense matrices, or the
+        groups of a collection disagree (genes) or are missing.
+    """
+    p = Path(path)
+    if not p.exists():
+        msg = f"store not found: {p}"
+        raise StoreNotFoundError(msg)
+    try:
+        store = Store(p, _open_groups(p))
+    except StoreFormatError:
+        raise
+    except Exception as e:  # a malformed element: missing arrays, wrong attrs, bad shapes
+        msg = f"{p}: not a readable AnnData store: {e!r}"
+        raise StoreFormatError(msg) from e
+    logger.info("opened %s: %d obs x %d vars in %d group(s), %s X (%s), layers %s", p,
+                store.n_obs, store.n_vars, len(store.group_offsets) - 1,
+                "CSR" if store.x_sparse else "dense", store.x_dtype, list(store.layers))
+    return store

@@ -1,0 +1,1 @@
+"""Request -> validated plan -> sampler: validation, splits, samplers, epoch spans, limits."""

@@ -1,0 +1,97 @@
+"""Positions in an epoch's row sequence: shards (ranks x workers), resume points, padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+
+    from annserve.server.plan.sampler import Sampler
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One consumer's part of every epoch.
+
+    Attributes
+    ----------
+    index
+        ``rank * num_workers + worker_id``, in ``0..count-1``.
+    count
+        ``world_size * num_workers``.
+    even
+        Give every shard the same number of rows: pad by repeating the epoch's first
+        rows (as ``torch.utils.data.DistributedSampler``), or with ``drop_last`` drop
+        the remainder. Uneven shard sizes make DDP ranks wait for each other forever.
+    """
+
+    index: int = 0
+    count: int = 1
+    even: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The positions ``[start, stop)`` of the epoch's row sequence one stream serves.
+
+    Positions at or past the sequence's length wrap to its start (padding).
+    """
+
+    start: int
+    stop: int
+
+
+def shard_span(n_rows: int, shard: Shard, batch_size: int, *, drop_last: bool) -> Span:
+    """Return the rows of the epoch a shard serves, trimmed to whole batches with ``drop_last``.
+
+    Parameters
+    ----------
+    n_rows
+        Rows in the epoch's sequence (all shards).
+    shard
+        Which part.
+    batch_size
+        Rows per batch.
+    drop_last
+        Drop the shard's final short batch (and, for even shards, the rows that do
+        not divide evenly among shards).
+
+    Returns
+    -------
+    A contiguous span: shards are disjoint and, without ``drop_last``, cover every row.
+    """
+    n = shard.count
+    if shard.even:
+        per = n_rows // n if drop_last else -(-n_rows // n)
+        start, stop = shard.index * per, (shard.index + 1) * per
+    else:
+        start, stop = shard.index * n_rows // n, (shard.index + 1) * n_rows // n
+    if drop_last:
+        stop -= (stop - start) % batch_size
+    return Span(start, stop)
+
+
+def rows_in_span(sampler: Sampler, epoch: int, span: Span) -> Iterator[np.ndarray]:
+    """Yield the rows at positions ``span`` of the epoch, one piece per preload buffer.
+
+    Buffers before the span are generated (index arithmetic only) but never read.
+
+    Yields
+    ------
+    Global row indices, int64, in yield order; they add up to ``span.stop - span.start``.
+    """
+    if sampler.n_rows == 0:
+        return
+    position = 0
+    while position < span.stop:  # a second lap only when the span wraps (padding)
+        for rows in sampler.preloads(epoch):
+            a, b = max(span.start - position, 0), min(span.stop - position, len(rows))
+            if a < b:
+                yield rows[a:b]
+            position += len(rows)
+            if position >= span.stop:
+                return

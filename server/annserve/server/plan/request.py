@@ -1,0 +1,241 @@
+"""Validate a ``StreamBatchesRequest`` into a :class:`StreamPlan` (no gRPC here)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.errors import InvalidRequestError
+from annserve.server.plan.epoch import Shard
+from annserve.server.plan.selection import (
+    DEFAULT_FRACTIONS,
+    SPLIT_NAMES,
+    Balance,
+    Split,
+    value_names,
+)
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from annserve.server.io.obs import ObsColumnData
+    from annserve.server.io.store import Store
+
+_POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
+#: Largest ``compression_level`` of each codec (0 = the codec's default).
+_MAX_LEVEL = {pb.COMPRESSION_NONE: 0, pb.COMPRESSION_ZSTD: 22, pb.COMPRESSION_LZ4: 0,
+              pb.COMPRESSION_BLOSC: 9}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """A validated stream request.
+
+    Attributes
+    ----------
+    batch_size
+        Rows per minibatch; same meaning as annbatch ``Loader.batch_size``.
+    chunk_size
+        Contiguous rows per chunk; same meaning as annbatch ``ChunkSampler.chunk_size``.
+    preload_nchunks
+        Chunks per preload buffer; same meaning as annbatch ``preload_nchunks``.
+    shuffle
+        Permute chunks and rows within preload buffers.
+    drop_last
+        Drop the epoch's final batch when it is short.
+    seed
+        Generator seed; with ``epoch`` it fixes the permutation.
+    epoch
+        Epoch number, >= 0.
+    obs
+        The requested obs columns, in request order.
+    return_index
+        Send the global row index of every row.
+    encoding
+        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+    compression
+        ``pb.Compression`` value applied to each frame's payload.
+    compression_level
+        Codec level, 0 for the codec's default.
+    layer
+        Layer to serve instead of X; None for X.
+    columns
+        Store positions of the requested genes, in request order, shape ``(n_vars,)``,
+        int64; None for all genes.
+    n_vars
+        Genes per served row.
+    shard
+        The part of the epoch this stream serves.
+    start_batch
+        First batch of the shard's epoch to send (resume point).
+    split
+        The split the epoch draws from; None for all rows.
+    balance
+        Weighted sampling; None for the chunk sampler.
+    """
+
+    batch_size: int
+    chunk_size: int
+    preload_nchunks: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    epoch: int
+    obs: tuple[ObsColumnData, ...]
+    return_index: bool
+    encoding: int
+    compression: int
+    compression_level: int
+    layer: str | None
+    columns: np.ndarray | None
+    n_vars: int
+    shard: Shard
+    start_batch: int
+    split: Split | None
+    balance: Balance | None
+
+
+def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
+    """Check a request against a store.
+
+    Raises
+    ------
+    InvalidRequestError
+        Naming the first bad field and its allowed values.
+    """
+    _check_sizes(request)
+    for key in request.obs_keys:
+        _obs_column(store, key, "obs_keys")
+    _check_wire(request)
+    _check_layer(request.layer, store)
+    columns = _columns(request.var_names, store)
+    return StreamPlan(
+        batch_size=request.batch_size,
+        chunk_size=request.chunk_size,
+        preload_nchunks=request.preload_nchunks,
+        shuffle=request.shuffle,
+        drop_last=request.drop_last,
+        seed=request.seed,
+        epoch=request.epoch,
+        obs=tuple(store.obs[k] for k in request.obs_keys),
+        return_index=request.return_index,
+        encoding=request.encoding or pb.ENCODING_COMPACT,
+        compression=request.compression,
+        compression_level=request.compression_level,
+        layer=request.layer or None,
+        columns=columns,
+        n_vars=store.n_vars if columns is None else len(columns),
+        shard=_shard(request),
+        start_batch=request.start_batch,
+        split=_split(request, store),
+        balance=_balance(request, store),
+    )
+
+
+def _check_sizes(request: pb.StreamBatchesRequest) -> None:
+    for field in _POSITIVE:
+        if getattr(request, field) <= 0:
+            msg = f"{field} must be a positive integer, got {getattr(request, field)}"
+            raise InvalidRequestError(msg)
+    for field in ("epoch", "start_batch", "num_samples"):
+        if getattr(request, field) < 0:
+            msg = f"{field} must be >= 0, got {getattr(request, field)}"
+            raise InvalidRequestError(msg)
+
+
+def _check_wire(request: pb.StreamBatchesRequest) -> None:
+    if request.encoding not in pb.Encoding.values():
+        msg = f"encoding: unknown value {request.encoding}; allowed {list(pb.Encoding.keys())}"
+        raise InvalidRequestError(msg)
+    if request.compression not in _MAX_LEVEL:
+        msg = (f"compression: unknown value {request.compression}; "
+               f"allowed {list(pb.Compression.keys())}")
+        raise InvalidRequestError(msg)
+    if not 0 <= request.compression_level <= _MAX_LEVEL[request.compression]:
+        name = pb.Compression.Name(request.compression)
+        msg = (f"compression_level must be in 0..{_MAX_LEVEL[request.compression]} for {name}, "
+               f"got {request.compression_level}")
+        raise InvalidRequestError(msg)
+
+
+def _obs_column(store: Store, key: str, field: str) -> ObsColumnData:
+    if key not in store.obs:
+        msg = f"{field}: unknown obs column {key!r}; the store has {sorted(store.obs)}"
+        raise InvalidRequestError(msg)
+    return store.obs[key]
+
+
+def _shard(request: pb.StreamBatchesRequest) -> Shard:
+    count = request.shard_count or 1
+    if count < 0 or not 0 <= request.shard_index < count:
+        msg = (f"shard_index must be in 0..shard_count-1 and shard_count >= 1, got "
+               f"shard_index={request.shard_index} shard_count={request.shard_count}")
+        raise InvalidRequestError(msg)
+    return Shard(request.shard_index, count, even=not request.uneven_shards)
+
+
+def _split(request: pb.StreamBatchesRequest, store: Store) -> Split | None:
+    fractions = tuple(request.split_fractions) or DEFAULT_FRACTIONS
+    if not request.split:
+        if request.split_fractions or request.split_by:
+            msg = f"split: name one of {list(SPLIT_NAMES)} to use split_fractions/split_by"
+            raise InvalidRequestError(msg)
+        return None
+    if (not 2 <= len(fractions) <= len(SPLIT_NAMES) or min(fractions) < 0
+            or abs(sum(fractions) - 1) > 1e-6):
+        msg = (f"split_fractions must be 2 or 3 non-negative numbers adding up to 1, "
+               f"got {list(fractions)}")
+        raise InvalidRequestError(msg)
+    names = SPLIT_NAMES[:len(fractions)]
+    if request.split not in names:
+        msg = f"split: unknown split {request.split!r}; allowed {list(names)}"
+        raise InvalidRequestError(msg)
+    by = _obs_column(store, request.split_by, "split_by") if request.split_by else None
+    return Split(names.index(request.split), fractions, by, request.split_seed)
+
+
+def _balance(request: pb.StreamBatchesRequest, store: Store) -> Balance | None:
+    if request.sampler not in pb.SamplerKind.values():
+        msg = f"sampler: unknown value {request.sampler}; allowed {list(pb.SamplerKind.keys())}"
+        raise InvalidRequestError(msg)
+    if request.sampler != pb.SAMPLER_WEIGHTED:
+        return None
+    if not request.balance_by:
+        msg = "balance_by: SAMPLER_WEIGHTED needs the obs column to weight"
+        raise InvalidRequestError(msg)
+    column = _obs_column(store, request.balance_by, "balance_by")
+    weights = dict(request.category_weights) or None
+    if weights is not None:
+        allowed = set(value_names(column))
+        unknown = sorted(set(weights) - allowed)
+        if unknown or min(weights.values()) < 0 or not any(weights.values()):
+            msg = (f"category_weights: need non-negative weights, not all 0, for values of "
+                   f"{request.balance_by!r}; unknown {unknown[:5]}, allowed e.g. "
+                   f"{sorted(allowed)[:10]}")
+            raise InvalidRequestError(msg)
+    return Balance(column, weights, request.num_samples)
+
+
+def _check_layer(layer: str, store: Store) -> None:
+    if layer and layer not in store.layers:
+        msg = f"layer: unknown layer {layer!r}; the store has {list(store.layers)}"
+        raise InvalidRequestError(msg)
+
+
+def _columns(var_names: Sequence[str], store: Store) -> np.ndarray | None:
+    if not var_names:
+        return None
+    unknown = [v for v in var_names if v not in store.var_index]
+    if unknown:
+        msg = (f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
+               f"the store has {store.n_vars} genes, e.g. {list(store.var_names[:5])}")
+        raise InvalidRequestError(msg)
+    if len(set(var_names)) != len(var_names):
+        repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)[:5]
+        msg = f"var_names: genes must be listed once, repeated {repeated}"
+        raise InvalidRequestError(msg)
+    return np.array([store.var_index[v] for v in var_names], dtype=np.int64)

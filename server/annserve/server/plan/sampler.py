@@ -1,0 +1,194 @@
+"""Samplers: which rows an epoch visits, grouped into preload buffers, in yield order.
+
+A sampler describes the *whole* epoch as one sequence of rows (the concatenation
+of its preload buffers); sharding across ranks and workers, resuming at a batch
+and padding are positions in that sequence (:mod:`annserve.server.plan.epoch`), so
+every sampler gets them for free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class ChunkLayout:
+    """Contiguous chunks of ``chunk_size`` rows that never span two groups of a collection.
+
+    Parameters
+    ----------
+    group_offsets
+        First row of each group, then ``n_obs``; shape ``(n_groups + 1,)``, int64.
+    chunk_size
+        Rows per chunk (> 0); the last chunk of each group may be shorter.
+    """
+
+    def __init__(self, group_offsets: np.ndarray, chunk_size: int) -> None:
+        offsets = np.asarray(group_offsets, dtype=np.int64)
+        self.chunk_size = chunk_size
+        self.n_obs = int(offsets[-1])
+        self._group_starts, self._group_ends = offsets[:-1], offsets[1:]
+        per_group = -(-(self._group_ends - self._group_starts) // chunk_size)
+        # first chunk id of each group, then the number of chunks
+        self._first_chunk = np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64)
+        self.n_chunks = int(self._first_chunk[-1])
+
+    def bounds(self, chunk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return first row and length of each chunk, two int64 arrays like ``chunk_ids``."""
+        group = np.searchsorted(self._first_chunk, chunk_ids, side="right") - 1
+        index_in_group = chunk_ids - self._first_chunk[group]
+        starts = self._group_starts[group] + index_in_group * self.chunk_size
+        return starts, np.minimum(starts + self.chunk_size, self._group_ends[group]) - starts
+
+    def rows(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """Return the rows of the chunks, chunk after chunk, int64."""
+        starts, lengths = self.bounds(chunk_ids)
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+        return offsets + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+class Sampler(ABC):
+    """Decides the rows of an epoch and how they are grouped into preload buffers.
+
+    A sampler is a pure function of its configuration and the epoch: it keeps
+    no progress state, so any position of any epoch can be reproduced.
+    """
+
+    @property
+    @abstractmethod
+    def n_rows(self) -> int:
+        """Rows yielded per epoch (all shards together)."""
+
+    @abstractmethod
+    def preloads(self, epoch: int) -> Iterator[np.ndarray]:
+        """Yield the epoch's preload buffers.
+
+        Parameters
+        ----------
+        epoch
+            Epoch number, >= 0.
+
+        Yields
+        ------
+        Global row indices of one preload buffer, shape ``(n,)``, int64, in the order
+        the rows are to be yielded (a row may repeat only in samplers drawing with
+        replacement). Together the buffers hold ``n_rows`` rows.
+        """
+
+
+class ChunkSampler(Sampler):
+    """Contiguous chunks, shuffled chunk order, rows shuffled within each preload buffer.
+
+    Same semantics as annbatch ``ChunkSampler``: the store's rows are split into
+    contiguous chunks of ``chunk_size`` rows (see :class:`ChunkLayout`); with
+    ``shuffle`` the chunk order is a permutation drawn from a ``numpy.random.Generator``
+    seeded with ``(seed, epoch)``; consecutive groups of ``preload_nchunks`` chunks form
+    a preload buffer whose rows the same generator permutes. Without ``shuffle`` rows
+    come in store order (the sequential sampler). Every row of ``mask`` appears
+    exactly once per epoch.
+
+    Parameters
+    ----------
+    layout
+        The chunks.
+    preload_nchunks
+        Chunks per preload buffer (> 0).
+    shuffle
+        Whether to permute chunks and rows.
+    seed
+        Seed of the generator (>= 0).
+    mask
+        Rows to visit (e.g. one split), shape ``(n_obs,)``, bool; None visits all rows.
+        Chunks keep their place; rows outside the mask are dropped from their buffer.
+    """
+
+    def __init__(self, layout: ChunkLayout, preload_nchunks: int, *, shuffle: bool, seed: int,
+                 mask: np.ndarray | None = None) -> None:
+        self.layout = layout
+        self.preload_nchunks = preload_nchunks
+        self.shuffle = shuffle
+        self.seed = seed
+        self._mask = mask
+        self._n_rows = layout.n_obs if mask is None else int(np.count_nonzero(mask))
+
+    @property
+    def n_rows(self) -> int:
+        """Rows yielded per epoch: every row of the mask once."""
+        return self._n_rows
+
+    def preloads(self, epoch: int) -> Iterator[np.ndarray]:
+        """Yield preload buffers of the epoch; see :meth:`Sampler.preloads`."""
+        n_chunks = self.layout.n_chunks
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
+        for first in range(0, n_chunks, self.preload_nchunks):
+            rows = self.layout.rows(np.sort(order[first:first + self.preload_nchunks]))
+            if self._mask is not None:
+                rows = rows[self._mask[rows]]
+            yield rng.permutation(rows) if self.shuffle else rows
+
+
+class WeightedSampler(Sampler):
+    """Rows drawn with replacement in proportion to per-row weights, chunk by chunk.
+
+    Chunk-aware two-stage draw: a chunk is drawn with probability proportional to the
+    sum of its rows' weights, then ``chunk_size`` rows are drawn from it in proportion
+    to their weights. Every single draw therefore picks row ``i`` with probability
+    exactly ``w_i / sum(w)`` (class-balanced when ``w_i = 1 / count(class of i)``),
+    while reads stay whole chunks. What is traded away is independence: rows arrive
+    in groups from the same chunk (mixed within each preload buffer), and rows repeat.
+
+    Parameters
+    ----------
+    layout
+        The chunks.
+    preload_nchunks
+        Chunk draws per preload buffer (> 0).
+    seed
+        Seed of the generator; combined with the epoch.
+    weights
+        Non-negative weight of every row, shape ``(n_obs,)``, float64; rows of weight 0
+        are never drawn.
+    num_samples
+        Rows drawn per epoch (> 0).
+    """
+
+    def __init__(self, layout: ChunkLayout, preload_nchunks: int, *, seed: int,
+                 weights: np.ndarray, num_samples: int) -> None:
+        self.layout = layout
+        self.preload_nchunks = preload_nchunks
+        self.seed = seed
+        self._weights = weights
+        starts, _ = layout.bounds(np.arange(layout.n_chunks))
+        chunk_weights = np.add.reduceat(weights, starts) if len(starts) else starts
+        self._chunk_p = chunk_weights / chunk_weights.sum()
+        self._num_samples = num_samples
+
+    @property
+    def n_rows(self) -> int:
+        """Rows drawn per epoch."""
+        return self._num_samples
+
+    def preloads(self, epoch: int) -> Iterator[np.ndarray]:
+        """Yield preload buffers of the epoch; see :meth:`Sampler.preloads`."""
+        rng = np.random.default_rng((self.seed, epoch))
+        size = self.layout.chunk_size
+        n_draws = -(-self._num_samples // size)
+        draws = rng.choice(self.layout.n_chunks, size=n_draws, p=self._chunk_p)
+        for first in range(0, n_draws, self.preload_nchunks):
+            chunk_ids = draws[first:first + self.preload_nchunks]
+            last = first + len(chunk_ids) == n_draws
+            rows = [self._draw_rows(c, rng, size) for c in chunk_ids]
+            if last:  # the epoch ends after exactly num_samples rows
+                rows[-1] = rows[-1][: self._num_samples - (n_draws - 1) * size]
+            yield rng.permutation(np.concatenate(rows))
+
+    def _draw_rows(self, chunk_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
+        (start,), (length,) = self.layout.bounds(np.array([chunk_id]))
+        w = self._weights[start:start + length]
+        return start + rng.choice(length, size=size, p=w / w.sum())

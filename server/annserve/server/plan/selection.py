@@ -1,0 +1,133 @@
+"""Which rows an epoch draws from (splits) and with what weight (balanced sampling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.errors import InvalidRequestError
+from annserve.server.plan.sampler import ChunkLayout, ChunkSampler, Sampler, WeightedSampler
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from annserve.server.io.obs import ObsColumnData
+    from annserve.server.plan.request import StreamPlan
+    from annserve.server.io.store import Store
+
+#: Split names, in the order of ``split_fractions``.
+SPLIT_NAMES = ("train", "val", "test")
+#: Default ``split_fractions``.
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+#: Rows per block assigned to one split when splitting by position (not by an obs column).
+SPLIT_BLOCK_ROWS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A deterministic train/val/test split.
+
+    Attributes
+    ----------
+    index
+        Position of the requested split in ``fractions`` (0 = train, 1 = val, 2 = test).
+    fractions
+        Expected share of each split, adding up to 1.
+    by
+        obs column whose values are assigned to splits whole (e.g. donors held out
+        together); None assigns blocks of ``SPLIT_BLOCK_ROWS`` contiguous rows.
+    seed
+        Seed of the assignment; the same seed gives the same split on every server.
+    """
+
+    index: int
+    fractions: tuple[float, ...]
+    by: ObsColumnData | None
+    seed: int
+
+    def mask(self, n_obs: int) -> np.ndarray:
+        """Return which rows belong to the split, shape ``(n_obs,)``, bool."""
+        if self.by is None:
+            units = -(-n_obs // SPLIT_BLOCK_ROWS)
+            unit_of_row = np.arange(n_obs) // SPLIT_BLOCK_ROWS
+        else:
+            unit_of_row, units = _value_codes(self.by)
+        draws = np.random.default_rng(self.seed).random(units)
+        assigned = np.searchsorted(np.cumsum(self.fractions), draws, side="right")
+        return assigned[unit_of_row] == self.index
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """Weights of balanced sampling.
+
+    Attributes
+    ----------
+    by
+        obs column whose values are weighted.
+    weights
+        Weight of each value (as a string); None gives every value the same total
+        weight (class-balanced: ``w = 1 / count(value)``).
+    num_samples
+        Rows per epoch; 0 = as many as the rows in the split.
+    """
+
+    by: ObsColumnData
+    weights: Mapping[str, float] | None
+    num_samples: int
+
+    def row_weights(self, n_obs: int) -> np.ndarray:
+        """Return each row's weight, shape ``(n_obs,)``, float64."""
+        codes, n_values = _value_codes(self.by)
+        if self.weights is None:
+            counts = np.bincount(codes, minlength=n_values).astype(np.float64)
+            per_value = np.divide(1.0, counts, out=np.zeros(n_values), where=counts > 0)
+        else:
+            per_value = np.array([self.weights.get(v, 0.0) for v in value_names(self.by)])
+        return per_value[codes]
+
+
+def value_names(column: ObsColumnData) -> list[str]:
+    """Return the distinct values of an obs column as strings, in code order."""
+    if column.kind == "category":
+        return [*column.categories, "nan"]
+    return [str(v) for v in np.unique(column.values)]
+
+
+def _value_codes(column: ObsColumnData) -> tuple[np.ndarray, int]:
+    """Integer code of every row's value (missing categories last), and how many values."""
+    if column.kind == "category":
+        n = len(column.categories)
+        return np.where(column.values < 0, n, column.values).astype(np.int64), n + 1
+    values, codes = np.unique(column.values, return_inverse=True)
+    return codes.astype(np.int64), len(values)
+
+
+def make_sampler(store: Store, plan: StreamPlan) -> Sampler:
+    """Build the sampler of a stream.
+
+    Parameters
+    ----------
+    store
+        The served store; chunks never span its groups.
+    plan
+        The validated request: ``chunk_size``, ``preload_nchunks``, ``shuffle`` and ``seed``
+        as in :class:`~annserve.server.plan.sampler.ChunkSampler`; ``split`` restricts the
+        rows; ``balance`` selects the :class:`WeightedSampler`.
+    """
+    layout = ChunkLayout(store.group_offsets, plan.chunk_size)
+    mask = plan.split.mask(store.n_obs) if plan.split is not None else None
+    if plan.balance is None:
+        return ChunkSampler(layout, plan.preload_nchunks, shuffle=plan.shuffle, seed=plan.seed,
+                            mask=mask)
+    weights = plan.balance.row_weights(store.n_obs)
+    if mask is not None:
+        weights = weights * mask
+    if not weights.any():
+        msg = "balance_by: no row of the requested split has a positive weight"
+        raise InvalidRequestError(msg)
+    num_samples = plan.balance.num_samples or int(np.count_nonzero(weights))
+    return WeightedSampler(layout, plan.preload_nchunks, seed=plan.seed, weights=weights,
+                           num_samples=num_samples)

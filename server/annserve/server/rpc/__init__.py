@@ -1,0 +1,1 @@
+"""gRPC and the process: servicer, server factory, security, metrics, logs, probe, CLI."""

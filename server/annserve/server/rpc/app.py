@@ -1,0 +1,226 @@
+"""Build a gRPC server around :class:`AnnServeService`."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from annserve.errors import InvalidRequestError
+from annserve.server.plan.limits import Limits
+from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
+from annserve.server.rpc.security import TokenAuthInterceptor
+from annserve.server.rpc.service import SERVICE_NAME, AnnServeService, status_of
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+
+    from google.protobuf.message import Message
+
+    from annserve.server.rpc.security import TLSConfig
+    from annserve.server.io.store import Store
+
+logger = logging.getLogger(__name__)
+
+#: Largest message either side accepts, bytes; frames are sized far below it
+#: (the servicer enforces ``Limits.max_message_bytes`` on frames).
+MAX_MESSAGE_BYTES = 256 << 20
+#: Largest request accepted, bytes: a request lists at most all genes' names.
+MAX_REQUEST_BYTES = 16 << 20
+#: Seconds streams still in flight after the grace get to end with UNAVAILABLE, then
+#: grpc cancels them.
+STOP_SLACK_S = 1.0
+#: RPC threads beyond ``max_streams``: unary calls, health checks and reflection.
+EXTRA_WORKERS = 16
+
+
+class AnnServer:
+    """A started annserve gRPC server and the parts a daemon or a test drives.
+
+    Attributes
+    ----------
+    server
+        The grpc server.
+    ports
+        Bound port of each address (0 for unix sockets).
+    service
+        The ``annserve.v1.AnnServe`` servicer (its open streams, drain controls).
+    health
+        The ``grpc.health.v1.Health`` servicer: SERVING once started.
+    metrics
+        The server's Prometheus metrics.
+    """
+
+    def __init__(self, server: grpc.Server, ports: list[int], service: AnnServeService,
+                 health_servicer: health.HealthServicer) -> None:
+        self.server, self.ports, self.service = server, ports, service
+        self.health = health_servicer
+        self.metrics = service.metrics
+
+    def shutdown(self, grace: float) -> bool:
+        """Stop gracefully within about ``grace`` + 1 seconds.
+
+        Health turns NOT_SERVING and new streams get ``UNAVAILABLE`` while in-flight
+        streams go on for up to ``grace`` seconds; those still running then end with
+        ``UNAVAILABLE`` at their next frame (the message says the server is shutting
+        down), and the server stops.
+
+        Returns
+        -------
+        Whether every stream had finished within ``grace``.
+        """
+        self.health.enter_graceful_shutdown()
+        self.service.drain()
+        finished = self.service.wait_idle(grace)
+        if not finished:
+            logger.warning("%d stream(s) still running after the %.1f s grace; ending them",
+                           self.service.open_streams(), grace)
+            self.service.stop_streams()
+        # streams still blocked on a slow client after the slack are cancelled by grpc
+        self.server.stop(STOP_SLACK_S if not finished else 0).wait()
+        return finished
+
+
+def build_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0.0.1:0",), *,
+                 limits: Limits | None = None, tls: TLSConfig | None = None,
+                 tokens: frozenset[str] | None = None, metrics: Metrics | None = None,
+                 max_workers: int | None = None) -> AnnServer:
+    """Create and start a server for ``stores``, with health checking and reflection.
+
+    The stream method is registered without a response serializer: the servicer
+    yields frames already serialized by :func:`annserve.wire.encode_frame`. Requests
+    are parsed here, so a malformed one gets ``INVALID_ARGUMENT``.
+
+    Parameters
+    ----------
+    stores
+        Store by name; the first is the default.
+    addresses
+        Where to listen: ``host:port`` (port 0 picks a free port) or ``unix:/path`` each.
+    limits
+        Stream limits; default :class:`Limits`.
+    tls
+        Serve TCP addresses over TLS (mutual TLS with ``tls.client_ca``); unix sockets,
+        reachable only through the file system, stay plaintext.
+    tokens
+        Accepted bearer tokens; None accepts any caller.
+    metrics
+        Where to count; default: fresh metrics.
+    max_workers
+        Threads serving RPCs; each open stream holds one. Default ``max_streams + 16``.
+
+    Raises
+    ------
+    OSError
+        If an address cannot be bound.
+    """
+    limits = limits if limits is not None else Limits()
+    service = AnnServeService(stores, limits, metrics)
+    handlers = {
+        "DescribeStore": grpc.unary_unary_rpc_method_handler(
+            _parsed(pb.DescribeStoreRequest, service.describe_store),
+            response_serializer=pb.StoreInfo.SerializeToString,
+        ),
+        "CountBatches": grpc.unary_unary_rpc_method_handler(
+            _parsed(pb.StreamBatchesRequest, service.count_batches),
+            response_serializer=pb.EpochSize.SerializeToString,
+        ),
+        "StreamBatches": grpc.unary_stream_rpc_method_handler(
+            _parsed_stream(pb.StreamBatchesRequest, service.stream_batches),
+        ),
+    }
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(service.metrics)]
+    if tokens is not None:
+        interceptors.append(TokenAuthInterceptor(tokens))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers or limits.max_streams + EXTRA_WORKERS,
+                                   thread_name_prefix="annserve-rpc"),
+        handlers=[grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)],
+        interceptors=interceptors,
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                 # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently
+                 ("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    ports = []
+    for address in addresses:
+        try:
+            if tls is not None and not address.startswith("unix:"):
+                ports.append(server.add_secure_port(address, tls.credentials()))
+            else:
+                ports.append(server.add_insecure_port(address))
+        except RuntimeError as e:
+            msg = f"cannot bind {address}: {e}"
+            raise OSError(msg) from e
+    server.start()
+    # the stores are open (the service holds them): ready
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return AnnServer(server, ports, service, health_servicer)
+
+
+def _bad_request(cls: type[Message], error: Exception, context: grpc.ServicerContext) -> None:
+    bad = InvalidRequestError(f"request does not parse as {cls.DESCRIPTOR.full_name}: {error}")
+    context.abort(status_of(bad), str(bad))
+
+
+def _parsed(cls: type[Message], behavior: Callable) -> Callable:
+    """Wrap a unary handler taking a message into one taking the request's bytes."""
+    def handle(data: bytes, context: grpc.ServicerContext) -> object:
+        try:
+            request = cls.FromString(data)
+        except DecodeError as e:
+            _bad_request(cls, e, context)
+        return behavior(request, context)
+    return handle
+
+
+def _parsed_stream(cls: type[Message], behavior: Callable) -> Callable:
+    """Wrap a streaming handler taking a message into one taking the request's bytes."""
+    def handle(data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            request = cls.FromString(data)
+        except DecodeError as e:
+            _bad_request(cls, e, context)
+        yield from behavior(request, context)
+    return handle
+
+
+
+
+def create_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0.0.1:0",),
+                  max_workers: int | None = None) -> tuple[grpc.Server, list[int]]:
+    """Create and start a plaintext server for ``stores`` with default limits.
+
+    See :func:`build_server` (TLS, tokens, limits, metrics, graceful shutdown).
+
+    Parameters
+    ----------
+    stores
+        Store by name; the first is the default.
+    addresses
+        Where to listen: ``host:port`` (port 0 picks a free port) or ``unix:/path`` each.
+    max_workers
+        Threads serving RPCs; each open stream holds one.
+
+    Returns
+    -------
+    The started server and the bound port of each address (0 for unix sockets).
+
+    Raises
+    ------
+    OSError
+        If the address cannot be bound.
+    """
+    started = build_server(stores, addresses, max_workers=max_workers)
+    return started.server, started.ports

@@ -1,0 +1,237 @@
+"""Prometheus metrics of one server, the interceptor counting errors, the HTTP endpoint.
+
+The stream code calls :class:`StreamMeter` once per frame (never per row).
+
+Each :class:`Metrics` has its own registry, so several servers may live in one
+process (tests) without sharing counters. Nothing is registered at import.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from annserve.wire import peek_header
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from wsgiref.simple_server import WSGIServer
+
+    import numpy as np
+
+    from annserve.buffers import BufferPool
+    from annserve.server.io.matrix import CSRRows, DenseRows
+    from annserve.server.io.store import Store
+
+#: Store read latency buckets, seconds: one preload buffer takes ms (cached) to seconds (cold).
+READ_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Stream duration buckets, seconds: one epoch of a small store to a long epoch of an atlas.
+STREAM_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in their own registry.
+
+    Attributes
+    ----------
+    registry
+        Holds every metric below; serve it with :func:`serve_metrics`.
+    """
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.streams = Counter("annserve_streams", "StreamBatches calls admitted", ["store"],
+                               registry=r)
+        self.active_streams = Gauge("annserve_active_streams", "StreamBatches calls in flight",
+                                    registry=r)
+        self.frames_queued = Gauge(
+            "annserve_frames_queued",
+            "Frames encoded and waiting to be sent, all streams (preload buffer occupancy)",
+            registry=r)
+        self.frames = Counter("annserve_frames", "Frames sent", ["store"], registry=r)
+        self.batches = Counter("annserve_batches", "Minibatches sent complete", ["store"],
+                               registry=r)
+        self.cells = Counter("annserve_cells", "Rows (cells) sent", ["store"], registry=r)
+        self.sent_bytes = Counter("annserve_sent_bytes", "Frame bytes sent", ["store"],
+                                  registry=r)
+        self.store_read_seconds = Histogram(
+            "annserve_store_read_seconds", "Time to read one preload buffer from a store",
+            ["store"], buckets=READ_BUCKETS, registry=r)
+        self.stream_seconds = Histogram(
+            "annserve_stream_duration_seconds", "Duration of StreamBatches calls",
+            buckets=STREAM_BUCKETS, registry=r)
+        self.errors = Counter("annserve_rpc_errors",
+                              "Calls that ended with a status other than OK",
+                              ["method", "code"], registry=r)
+
+    def stream(self, store: str) -> StreamMeter:
+        """Return the per-frame counters of one stream over ``store``."""
+        self.streams.labels(store).inc()
+        return StreamMeter(self, store)
+
+
+class StreamMeter:
+    """Counters of one stream: :meth:`sent` once per frame, never per row.
+
+    Attributes
+    ----------
+    frames, cells, nbytes
+        What this stream sent so far: frames, rows, bytes.
+    """
+
+    def __init__(self, metrics: Metrics, store: str) -> None:
+        self._frames = metrics.frames.labels(store)
+        self._batches = metrics.batches.labels(store)
+        self._cells = metrics.cells.labels(store)
+        self._bytes = metrics.sent_bytes.labels(store)
+        self.frames = self.cells = self.nbytes = 0
+
+    def sent(self, frame: bytes) -> None:
+        """Count one frame that was sent (its header is parsed, the payload is not)."""
+        header = peek_header(frame)
+        self.frames += 1
+        self.cells += header.n_rows
+        self.nbytes += len(frame)
+        self._frames.inc()
+        self._cells.inc(header.n_rows)
+        self._bytes.inc(len(frame))
+        if header.row_start + header.n_rows == header.batch_rows:
+            self._batches.inc()
+
+
+class TimedStore:
+    """A store whose :meth:`read_rows` calls are timed into a histogram; all else delegates."""
+
+    def __init__(self, store: Store, seconds: Histogram) -> None:
+        self._store = store
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def read_rows(self, rows: np.ndarray, layer: str | None = None,
+                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
+        """Read rows (see :meth:`Store.read_rows`) and record how long it took."""
+        start = time.perf_counter()
+        try:
+            return self._store.read_rows(rows, layer, pool)
+        finally:
+            self._seconds.observe(time.perf_counter() - start)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Count every call that ends with a status other than OK, by method and code.
+
+    A streaming call the client abandons (or the server cancels) counts as
+    ``CANCELLED``; an exception that aborted nothing counts as ``UNKNOWN``.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._errors = metrics.errors
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
+                          ) -> grpc.RpcMethodHandler | None:
+        """Wrap the method's handler with the counting."""
+        handler = continuation(details)
+        if handler is None:
+            self._errors.labels(details.method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+            return None
+        return wrap_handler(handler, _unary_wrapper(self._errors, details.method),
+                            _stream_wrapper(self._errors, details.method))
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable[[Callable], Callable],
+                 stream: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+    """Return ``handler`` with its behaviour wrapped by ``unary`` or ``stream`` (by response arity).
+
+    The request deserializer and response serializer are kept.
+    """
+    for kind, wrap in (("unary_unary", unary), ("stream_unary", unary),
+                       ("unary_stream", stream), ("stream_stream", stream)):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return handler._replace(**{kind: wrap(behavior)})
+    return handler
+
+
+def _code_name(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
+    code = context.code()
+    return (code if isinstance(code, grpc.StatusCode) else default).name
+
+
+def _count_failure(errors: Counter, method: str, context: grpc.ServicerContext) -> None:
+    """Count a call that returned normally but set a non-OK status (e.g. ``context.abort``)."""
+    code = _code_name(context, grpc.StatusCode.OK)
+    if code != "OK":
+        errors.labels(method, code).inc()
+
+
+def _unary_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callable]:
+    def wrap(behavior: Callable) -> Callable:
+        def call(request: object, context: grpc.ServicerContext) -> object:
+            try:
+                response = behavior(request, context)
+            except Exception:
+                errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
+                raise
+            _count_failure(errors, method, context)
+            return response
+        return call
+    return wrap
+
+
+def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callable]:
+    def wrap(behavior: Callable) -> Callable:
+        def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:
+                errors.labels(method, grpc.StatusCode.CANCELLED.name).inc()
+                raise
+            except Exception:
+                errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
+                raise
+            _count_failure(errors, method, context)
+        return call
+    return wrap
+
+
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP endpoint.
+
+    Attributes
+    ----------
+    port
+        Its bound port.
+    """
+
+    def __init__(self, server: WSGIServer) -> None:
+        self._server = server
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
+    """Serve ``metrics`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Parameters
+    ----------
+    metrics
+        What to expose.
+    host, port
+        Where to listen; port 0 picks a free one.
+
+    Raises
+    ------
+    OSError
+        If the address cannot be bound.
+    """
+    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsEndpoint(server)

@@ -1,0 +1,250 @@
+"""The gRPC servicer: validates requests, calls the core, maps errors to status codes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from annserve.errors import (
+    AnnServeError,
+    AuthenticationError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
+from annserve.prefetch import Prefetcher
+from annserve.server.plan.limits import Limits
+from annserve.server.rpc.metrics import Metrics, TimedStore
+from annserve.server.plan.request import plan_stream
+from annserve.server.plan.selection import make_sampler
+from annserve.server.stream.frames import epoch_frames, epoch_span
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from annserve.server.plan.request import StreamPlan
+    from annserve.server.plan.sampler import Sampler
+    from annserve.server.io.store import Store
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "annserve.v1.AnnServe"
+
+#: The one table from error class to gRPC status; the first matching class wins.
+STATUS_OF: tuple[tuple[type[AnnServeError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StoreNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (StoreFormatError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+#: Frames that may wait between the preload thread and the gRPC send loop.
+FRAME_QUEUE = 16
+
+
+def status_of(error: AnnServeError) -> grpc.StatusCode:
+    """Return the gRPC status code for an annserve error (``INTERNAL`` when unmapped)."""
+    return next((code for cls, code in STATUS_OF if isinstance(error, cls)),
+                grpc.StatusCode.INTERNAL)
+
+
+class AnnServeService:
+    """Handlers of the ``annserve.v1.AnnServe`` service over a set of named stores.
+
+    Parameters
+    ----------
+    stores
+        Store by name; the first one is the default for requests naming none.
+    limits
+        Limits enforced on every stream; default :class:`Limits`.
+    metrics
+        Where the streams are counted; default: a fresh :class:`Metrics`.
+    """
+
+    def __init__(self, stores: Mapping[str, Store], limits: Limits | None = None,
+                 metrics: Metrics | None = None) -> None:
+        if not stores:
+            msg = "at least one store is required"
+            raise ValueError(msg)
+        self._stores = dict(stores)
+        self._default = next(iter(self._stores))
+        self._stream_ids = itertools.count(1)
+        self.limits = limits if limits is not None else Limits()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.frames_queued.set_function(self.frames_queued)
+        # open streams by id (None while being planned), guarded by _idle's lock
+        self._open: dict[int, Prefetcher[bytes] | None] = {}
+        self._idle = threading.Condition()
+        self._draining = threading.Event()  # refuse new streams
+        self._stopping = threading.Event()  # end in-flight streams at their next frame
+
+    def _store(self, name: str) -> Store:
+        try:
+            return self._stores[name or self._default]
+        except KeyError:
+            msg = f"store: unknown store {name!r}; configured: {sorted(self._stores)}"
+            raise StoreNotFoundError(msg) from None
+
+    def describe_store(self, request: pb.DescribeStoreRequest,
+                       context: grpc.ServicerContext) -> pb.StoreInfo:
+        """Handle ``DescribeStore``."""
+        try:
+            store = self._store(request.store)
+        except AnnServeError as e:
+            context.abort(status_of(e), str(e))
+        return pb.StoreInfo(
+            name=request.store or self._default,
+            n_obs=store.n_obs,
+            n_vars=store.n_vars,
+            var_names=store.var_names,
+            obs_columns=[pb.ObsColumn(name=c.name, dtype=c.dtype, categories=c.categories,
+                                      ordered=c.ordered) for c in store.obs.values()],
+            x_sparse=store.x_sparse,
+            x_dtype=store.x_dtype.name,
+            layers=store.layers,
+        )
+
+    def _plan(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+              ) -> tuple[Store, StreamPlan, Sampler]:
+        """Validate a request and build its sampler, aborting the call on bad input."""
+        try:
+            store = self._store(request.store)
+            plan = plan_stream(request, store)
+            self.limits.check_request(plan, store)
+            return store, plan, make_sampler(store, plan)
+        except AnnServeError as e:
+            context.abort(status_of(e), str(e))
+        except Exception:
+            logger.exception("cannot plan a stream for %s", request)
+            context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
+        raise AssertionError  # context.abort raises
+
+    def count_batches(self, request: pb.StreamBatchesRequest,
+                      context: grpc.ServicerContext) -> pb.EpochSize:
+        """Handle ``CountBatches``: the shard's epoch size, computed without reading data."""
+        _, plan, sampler = self._plan(request, context)
+        span = epoch_span(sampler, plan)
+        n_rows = span.stop - span.start
+        return pb.EpochSize(n_rows=n_rows, n_batches=-(-n_rows // plan.batch_size))
+
+    def stream_batches(self, request: pb.StreamBatchesRequest,
+                       context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
+        started = time.monotonic()
+        stream_id = self._admit(context)
+        frames: Prefetcher[bytes] | None = None
+        status = "OK"
+        meter = None
+        try:
+            store, plan, sampler = self._plan(request, context)
+            name = request.store or self._default
+            meter = self.metrics.stream(name)
+            timed = TimedStore(store, self.metrics.store_read_seconds.labels(name))
+            frames = Prefetcher(lambda: epoch_frames(timed, sampler, plan), FRAME_QUEUE,
+                                name=f"annserve-stream-{stream_id}")
+            with self._idle:
+                self._open[stream_id] = frames
+            context.add_callback(frames.close)
+            # the client can name its request (x-request-id) and learn the server's stream id
+            request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "-")
+            context.send_initial_metadata((("annserve-stream-id", str(stream_id)),))
+            logger.info("stream %d start: peer=%s request_id=%s store=%s epoch=%d batch_size=%d "
+                        "chunk_size=%d preload_nchunks=%d shard=%d/%d start_batch=%d", stream_id,
+                        context.peer(), request_id, name, plan.epoch, plan.batch_size,
+                        plan.chunk_size, plan.preload_nchunks, plan.shard.index,
+                        plan.shard.count, plan.start_batch, extra={"stream_id": stream_id})
+            max_bytes = self.limits.max_message_bytes
+            for frame in frames:
+                if self._stopping.is_set():
+                    msg = (f"annserve is shutting down: stream {stream_id} ended after "
+                           f"{meter.cells} rows ({meter.frames} frames); resume from the last "
+                           "complete batch on another server or after a restart")
+                    raise ServerUnavailableError(msg)
+                if len(frame) > max_bytes:
+                    raise self.limits.frame_too_large(len(frame))
+                yield frame
+                meter.sent(frame)
+        except GeneratorExit:
+            status = "CANCELLED"
+            raise
+        except AnnServeError as e:
+            status = status_of(e).name
+            context.abort(status_of(e), str(e))
+        except Exception:
+            if context.code() is not None:  # context.abort() in _plan
+                status = context.code().name
+                details = context.details()
+                if isinstance(details, bytes):
+                    details = details.decode(errors="replace")
+                logger.info("stream %d refused: %s %s", stream_id, status, details,
+                            extra={"stream_id": stream_id})
+                raise
+            status = "INTERNAL"
+            logger.exception("stream %d failed", stream_id, extra={"stream_id": stream_id})
+            context.abort(grpc.StatusCode.INTERNAL, f"stream {stream_id} failed; see server log")
+        finally:
+            if frames is not None:
+                frames.close()
+            self._release(stream_id, started)
+            if meter is not None:
+                logger.info("stream %d end: status=%s frames=%d rows=%d bytes=%d seconds=%.3f",
+                            stream_id, status, meter.frames, meter.cells, meter.nbytes,
+                            time.monotonic() - started, extra={"stream_id": stream_id})
+
+    # --- admission and shutdown ----------------------------------------------------
+    def _admit(self, context: grpc.ServicerContext) -> int:
+        """Reserve a stream slot, aborting when draining or at ``max_streams``."""
+        try:
+            with self._idle:
+                if self._draining.is_set():
+                    msg = "annserve is shutting down and accepts no new streams; retry elsewhere"
+                    raise ServerUnavailableError(msg)
+                self.limits.check_streams(len(self._open))
+                stream_id = next(self._stream_ids)
+                self._open[stream_id] = None
+        except AnnServeError as e:
+            logger.warning("refused a stream from %s: %s", context.peer(), e)
+            context.abort(status_of(e), str(e))
+        self.metrics.active_streams.inc()
+        return stream_id
+
+    def _release(self, stream_id: int, started: float) -> None:
+        with self._idle:
+            del self._open[stream_id]
+            self._idle.notify_all()
+        self.metrics.active_streams.dec()
+        self.metrics.stream_seconds.observe(time.monotonic() - started)
+
+    def open_streams(self) -> int:
+        """Return the number of streams in flight."""
+        with self._idle:
+            return len(self._open)
+
+    def frames_queued(self) -> int:
+        """Return the frames encoded and waiting to be sent, all streams together."""
+        with self._idle:
+            return sum(f.pending for f in self._open.values() if f is not None)
+
+    def drain(self) -> None:
+        """Refuse new streams (``UNAVAILABLE``); streams in flight go on."""
+        self._draining.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every stream to end; return whether they did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._open, timeout)
+
+    def stop_streams(self) -> None:
+        """End every stream in flight at its next frame with ``UNAVAILABLE`` (and refuse new)."""
+        self._draining.set()
+        self._stopping.set()

@@ -1,0 +1,1 @@
+"""Plan + store -> frames: compact encoding, the read-ahead pipeline, framing."""

@@ -1,0 +1,249 @@
+"""Turn rows of a preload buffer into wire arrays (``raw`` or ``compact`` encoding).
+
+Work is split in two: :func:`prepare` converts a whole preload buffer to wire
+dtypes once (narrowing is cheaper before the gather than after), and
+:func:`frame_arrays` gathers one frame's rows from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from annserve.server.io.matrix import CSRRows, DenseRows
+from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import Pieces
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from annserve.server.io.obs import ObsColumnData
+
+    #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
+    Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+_UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+#: Values compared at a time when checking that narrowing lost nothing.
+CHECK_BLOCK = 1 << 16
+
+
+def smallest_uint(max_value: int) -> np.dtype | None:
+    """Return the smallest unsigned dtype holding ``0..max_value``, None if over uint32."""
+    return next((dt for dt in _UINTS if max_value <= np.iinfo(dt).max), None)
+
+
+def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
+    """Narrow values losslessly for the ``compact`` encoding.
+
+    Parameters
+    ----------
+    values
+        Any shape, numeric dtype.
+    empty
+        Allocates the narrowed array, ``empty(shape, dtype)`` (e.g. a stream's
+        :meth:`~annserve.buffers.BufferPool.empty`).
+
+    Returns
+    -------
+    ``values`` itself when already uint8/uint16 (counts stored narrow, e.g. by
+    ``annserve convert``); otherwise the smallest unsigned integer dtype (uint8/16/32)
+    when all are non-negative integers (counts) up to 2**32 - 1, else float32 (which is
+    what the client yields, so nothing is lost that the client would keep).
+    """
+    if values.size == 0:
+        return values.astype(np.uint8)
+    if values.dtype in _UINTS[:2]:
+        return values
+    lo, hi = values.min(), values.max()
+    dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
+    narrowed = lossless_cast(values, dtype, empty) if dtype is not None else None
+    return narrowed if narrowed is not None else values.astype(np.float32, copy=False)
+
+
+def lossless_cast(values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty,
+                  block: int = CHECK_BLOCK) -> np.ndarray | None:
+    """Return ``values`` cast to ``dtype`` if every value survives unchanged, else None.
+
+    Cast and compared ``block`` values at a time: temporaries stay small and in cache,
+    and the first block that loses something (a fraction, a negative, NaN, a value out
+    of range) ends the work.
+
+    Parameters
+    ----------
+    values
+        Any shape, numeric dtype.
+    dtype
+        Target dtype, e.g. uint16.
+    empty
+        Allocates the result, ``empty(shape, dtype)``.
+    block
+        Values cast and compared at a time.
+
+    Returns
+    -------
+    An array of ``values.shape`` and ``dtype`` equal to ``values``, or None.
+    """
+    out = empty(values.shape, dtype)
+    src, dst = values.reshape(-1), out.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):  # losses are caught by the comparison
+        for i in range(0, len(src), block):
+            np.copyto(dst[i:i + block], src[i:i + block], casting="unsafe")
+            if not np.array_equal(dst[i:i + block], src[i:i + block]):
+                return None
+    return out
+
+
+def _cast(values: np.ndarray, dtype: np.dtype, empty: Empty) -> np.ndarray:
+    out = empty(values.shape, dtype)
+    np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def select_columns(block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int
+                   ) -> CSRRows | DenseRows:
+    """Keep only some genes of a block, renumbered in the given order.
+
+    Parameters
+    ----------
+    block
+        Rows read from the store.
+    columns
+        Store positions of the genes to keep, in output order, shape ``(k,)``, int64, unique.
+    n_vars
+        Genes in the store.
+
+    Returns
+    -------
+    The block with ``k`` columns; CSR column indices (int64) sorted within each row.
+    """
+    if isinstance(block, DenseRows):
+        return DenseRows(block.values[:, columns])
+    new_of = np.full(n_vars, -1, dtype=np.int64)
+    new_of[columns] = np.arange(len(columns))
+    new = new_of[block.indices]
+    keep = new >= 0
+    n_rows = len(block.indptr) - 1
+    row = np.repeat(np.arange(n_rows), np.diff(block.indptr))[keep]
+    new = new[keep]
+    order = np.lexsort((new, row))
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n_rows), out=indptr[1:])
+    return CSRRows(indptr, new[order], block.data[keep][order])
+
+
+@dataclass(frozen=True, slots=True)
+class WireRows:
+    """A preload buffer converted to wire dtypes; same row order as the buffer."""
+
+    sparse: bool
+    indptr: np.ndarray | None
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of X held in wire dtypes."""
+        return self.values.nbytes + (self.indices.nbytes if self.indices is not None else 0)
+
+
+def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty = np.empty
+            ) -> WireRows:
+    """Convert a preload buffer to the wire dtypes of ``encoding``.
+
+    Parameters
+    ----------
+    block
+        Rows read from the store.
+    encoding
+        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+    n_vars
+        Columns of X; picks uint16 (<= 65,536) or uint32 column indices when compact.
+    empty
+        Allocates converted arrays, see :func:`compact_values`.
+    """
+    compact = encoding == pb.ENCODING_COMPACT
+    if isinstance(block, DenseRows):
+        values = compact_values(block.values, empty) if compact else block.values
+        return WireRows(False, None, None, values)
+    if not compact:
+        return WireRows(True, block.indptr, block.indices, block.data)
+    index_dtype = np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
+    indices = block.indices
+    if indices.dtype != index_dtype:
+        indices = _cast(indices, index_dtype, empty)
+    return WireRows(True, block.indptr, indices, compact_values(block.data, empty))
+
+
+def frame_arrays(rows: WireRows, positions: np.ndarray, encoding: int
+                 ) -> list[tuple[str, np.ndarray | Pieces]]:
+    """Gather the X arrays of one frame.
+
+    Parameters
+    ----------
+    rows
+        The prepared preload buffer.
+    positions
+        Positions of the frame's rows in the buffer, shape ``(n,)``, int64, in yield order.
+    encoding
+        ``pb.ENCODING_RAW`` (``indptr`` int64, ``n + 1`` entries) or
+        ``pb.ENCODING_COMPACT`` (``row_nnz`` uint16/uint32, ``n`` entries).
+
+    Returns
+    -------
+    ``[("X", dense)]`` or ``[("indptr" | "row_nnz", ...), ("indices", ...), ("data", ...)]``;
+    ``indices`` and ``data`` as :class:`~annserve.wire.Pieces`, one slice of the
+    buffer per row, gathered by :func:`annserve.wire.encode_frame`.
+    """
+    if not rows.sparse:
+        return [("X", rows.values[positions])]
+    starts = rows.indptr[positions]
+    lengths = rows.indptr[positions + 1] - starts
+    if encoding == pb.ENCODING_COMPACT:
+        max_len = int(lengths.max()) if len(lengths) else 0
+        row_part = ("row_nnz", lengths.astype(smallest_uint(max_len) or np.uint64))
+    else:
+        row_part = ("indptr", np.r_[np.int64(0), np.cumsum(lengths)])
+    # each row is a contiguous run: copying slices (once, into the frame) is several
+    # times faster than a fancy-index gather through a per-non-zero index array
+    stops = starts + lengths
+    nnz = int(lengths.sum())
+    return [row_part, ("indices", _pieces(rows.indices, starts, stops, nnz)),
+            ("data", _pieces(rows.values, starts, stops, nnz))]
+
+
+def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: int) -> Pieces:
+    """Cut ``values[a:b]`` for each ``(a, b)`` as byte memoryviews (cheaper than array views)."""
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    raw = memoryview(values).cast("B")
+    size = values.itemsize
+    parts = [raw[a:b] for a, b in zip((starts * size).tolist(), (stops * size).tolist(),
+                                       strict=True)]
+    return Pieces(parts, values.dtype, length)
+
+
+def obs_arrays(columns: Sequence[ObsColumnData], global_rows: np.ndarray
+               ) -> tuple[list[tuple[str, np.ndarray]], list[pb.StringColumn]]:
+    """Slice the requested obs columns at the frame's rows.
+
+    Parameters
+    ----------
+    columns
+        Requested columns.
+    global_rows
+        Store row indices of the frame, shape ``(n,)``, int64.
+
+    Returns
+    -------
+    ``("obs/<name>", values)`` arrays for categorical (codes) and numeric columns,
+    and string columns as protobuf messages.
+    """
+    arrays, strings = [], []
+    for col in columns:
+        values = col.values[global_rows]
+        if col.kind == "str":
+            strings.append(pb.StringColumn(name=col.name, values=values.tolist()))
+        else:
+            arrays.append((f"obs/{col.name}", values))
+    return arrays, strings

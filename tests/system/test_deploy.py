@@ -1,0 +1,405 @@
+"""deploy/: static checks of the compose file and Dockerfile, and the image's commands run here.
+
+No Docker engine is needed: the image's ENTRYPOINT + CMD (with its ENV) and its
+HEALTHCHECK command are run as local subprocesses against a real store, on
+loopback and an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import grpc
+import pytest
+import yaml
+
+from annserve.server.rpc.cli import build_parser, env_var
+from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import decode_frame
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DATA = ROOT.parent / "shared" / "data"
+STORE = DATA / "pbmc3k_raw.h5ad"
+IMAGE_STORE = "/data/store.h5ad"
+README = ROOT / "README.md"
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+START_TIMEOUT = 30.0  # seconds until the daemon logs its address
+STOP_TIMEOUT = 15.0  # seconds from SIGTERM to exit
+RPC_TIMEOUT = 10.0  # seconds
+
+Instruction = tuple[str, str]
+Lines = queue.Queue[str | None]
+
+
+def instructions(text: str) -> list[Instruction]:
+    """Return (KEYWORD, arguments) pairs, comments dropped and continuation lines joined."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    pairs = []
+    for line in re.sub(r"\\\s*\n", " ", code).splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword:
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage(dockerfile: list[Instruction]) -> list[Instruction]:
+    froms = [i for i, (keyword, _) in enumerate(dockerfile) if keyword == "FROM"]
+    return dockerfile[froms[-1]:]
+
+
+def exec_form(dockerfile: list[Instruction], keyword: str) -> list[str]:
+    """Return the JSON array of the final stage's last ``keyword`` instruction."""
+    values = [rest for k, rest in final_stage(dockerfile) if k == keyword]
+    assert values, f"final stage has no {keyword}"
+    form = json.loads(values[-1])
+    assert isinstance(form, list), f"{keyword} is not in exec (JSON array) form"
+    assert all(isinstance(arg, str) for arg in form)
+    return form
+
+
+def argv(value: str | list[object]) -> list[str]:
+    return shlex.split(value) if isinstance(value, str) else [str(arg) for arg in value]
+
+
+def flag(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
+def volume_mode_and_target(volume: str | dict) -> tuple[bool, str]:
+    """Return whether a compose volume is read-only, and its path in the container."""
+    if isinstance(volume, dict):
+        return volume.get("read_only") is True, volume["target"]
+    parts = volume.rsplit(":", 2)
+    read_only = len(parts) == 3 and "ro" in parts[2].split(",")
+    return read_only, parts[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return instructions((DEPLOY / "Dockerfile").read_text())
+
+
+def test_compose_has_both_services(services):
+    assert {"annserve", "trainer"} <= set(services)
+
+
+def test_annserve_volumes_are_read_only(services):
+    volumes = services["annserve"]["volumes"]
+    assert volumes
+    assert all(volume_mode_and_target(v)[0] for v in volumes), volumes
+
+
+def test_annserve_store_is_on_a_mounted_volume(services):
+    store = Path(flag(argv(services["annserve"]["command"]), "--store"))
+    targets = [Path(volume_mode_and_target(v)[1]) for v in services["annserve"]["volumes"]]
+    assert any(store.is_relative_to(target) for target in targets), (store, targets)
+
+
+def trainers(services: dict) -> dict[str, dict]:
+    return {name: s for name, s in services.items() if name.startswith("trainer")}
+
+
+def annserve_port(services: dict, dockerfile: list[Instruction]) -> str:
+    """The daemon's port in compose: its --port flag, else ANNSERVE_PORT, else the image's."""
+    args = argv(services["annserve"].get("command", []))
+    if "--port" in args:
+        return flag(args, "--port")
+    return str(services["annserve"].get("environment", {}).get(
+        "ANNSERVE_PORT", image_env(dockerfile)["ANNSERVE_PORT"]))
+
+
+def test_trainers_wait_for_a_healthy_annserve(services):
+    for name, trainer in trainers(services).items():
+        assert trainer["depends_on"]["annserve"]["condition"] == "service_healthy", name
+        # they share the image: its healthcheck would probe a daemon that is not there
+        assert trainer["healthcheck"]["disable"] is True, name
+
+
+def test_trainer_address_is_annserve_service(services, dockerfile):
+    for name, trainer in trainers(services).items():
+        host, _, port = flag(argv(trainer["command"]), "--address").rpartition(":")
+        assert host == "annserve", name
+        assert port == annserve_port(services, dockerfile), name
+
+
+def test_multi_profile_has_several_trainers_sharing_one_server(services):
+    multi = [n for n, s in trainers(services).items() if "multi" in s.get("profiles", [])]
+    assert len(multi) >= 2, multi
+    seeds = {flag(argv(services[n]["command"]), "--seed") for n in multi}
+    assert len(seeds) == len(multi)  # each trainer its own shuffle
+    assert "profiles" not in services["annserve"]  # the one server runs in every profile
+    assert "profiles" not in services["trainer"]  # the default profile trains too
+
+
+def test_annserve_environment_names_real_flags(services):
+    known = {env_var(a.option_strings[0]) for a in build_parser()._actions if a.option_strings}
+    assert set(services["annserve"].get("environment", {})) <= known
+
+
+def test_stop_grace_period_outlasts_the_drain(services):
+    grace = float(services["annserve"]["environment"].get("ANNSERVE_GRACE", 5))
+    period = services["annserve"]["stop_grace_period"]
+    assert period.endswith("s")
+    assert float(period[:-1]) > grace + 1  # shutdown takes up to grace + 1 s
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="docker-compose (Debian package) not installed")
+@pytest.mark.parametrize("profile", [None, "multi"])
+def test_docker_compose_config_accepts_the_file(profile):
+    args = ["docker-compose", "-f", str(DEPLOY / "compose.yaml")]
+    args += ["--profile", profile] if profile else []
+    done = subprocess.run([*args, "config", "--services"], capture_output=True, text=True,
+                          timeout=60, check=False, env={**os.environ, "ANNSERVE_DATA": str(DATA)})
+    assert done.returncode == 0, done.stderr
+    assert {"annserve", "trainer", "trainer-2"} <= set(done.stdout.split())
+
+
+def test_trainer_command_parses(services, monkeypatch):
+    script = ROOT / argv(services["trainer"]["entrypoint"])[-1]
+    if not script.exists():
+        pytest.skip(f"{script} not written yet")
+    spec = importlib.util.spec_from_file_location("annserve_example_train", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    args = module.build_parser().parse_args(argv(services["trainer"]["command"]))
+    assert args.address == "annserve:50051"
+
+
+def test_dockerfile_is_multi_stage(dockerfile):
+    assert sum(keyword == "FROM" for keyword, _ in dockerfile) >= 2
+
+
+def test_dockerfile_runs_as_non_root(dockerfile):
+    users = [rest for keyword, rest in final_stage(dockerfile) if keyword == "USER"]
+    assert users, "final stage has no USER"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+
+
+def image_env(dockerfile: list[Instruction]) -> dict[str, str]:
+    """The final stage's ENV variables (``ENV KEY=VALUE ...`` form)."""
+    env = {}
+    for keyword, rest in final_stage(dockerfile):
+        if keyword == "ENV":
+            for pair in shlex.split(rest):
+                key, sep, value = pair.partition("=")
+                assert sep, f"ENV {rest!r}: use the KEY=VALUE form"
+                env[key] = value
+    return env
+
+
+def healthcheck_command(dockerfile: list[Instruction]) -> list[str]:
+    """The final stage's HEALTHCHECK command, which must be in exec (JSON array) form."""
+    checks = [rest for keyword, rest in final_stage(dockerfile) if keyword == "HEALTHCHECK"]
+    assert checks, "final stage has no HEALTHCHECK"
+    options, sep, command = checks[-1].partition("CMD ")
+    assert sep, f"HEALTHCHECK {checks[-1]!r} has no CMD"
+    assert "--timeout=" in options
+    assert "--interval=" in options
+    form = json.loads(command)
+    assert isinstance(form, list), "HEALTHCHECK CMD is not in exec (JSON array) form"
+    return form
+
+
+def test_dockerfile_entrypoint_and_port(dockerfile):
+    assert exec_form(dockerfile, "ENTRYPOINT") == ["annserve"]
+    exposed = [rest for keyword, rest in final_stage(dockerfile) if keyword == "EXPOSE"]
+    assert image_env(dockerfile)["ANNSERVE_PORT"] in exposed
+    assert "--port" not in exec_form(dockerfile, "CMD")  # the healthcheck reads ANNSERVE_PORT
+
+
+def test_dockerfile_healthcheck_uses_the_grpc_health_probe(dockerfile):
+    command = healthcheck_command(dockerfile)
+    assert command[0] == "annserve-health"
+    assert (ROOT / "pyproject.toml").read_text().count('annserve-health = "') == 1
+
+
+def annserve_command() -> list[str]:
+    """The ``annserve`` console script next to this interpreter, or its module."""
+    script = Path(sys.executable).with_name("annserve")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "annserve.server.rpc.cli"]
+
+
+def console_script(name: str) -> list[str]:
+    """A console script of this package next to this interpreter."""
+    script = Path(sys.executable).with_name(name)
+    assert script.exists(), f"{script} missing: reinstall the package (pip install -e .)"
+    return [str(script)]
+
+
+def local_command(image_argv: list[str]) -> list[str]:
+    """The image's ENTRYPOINT + CMD made to run here: real store, loopback, ephemeral port."""
+    swap = {IMAGE_STORE: str(STORE), "0.0.0.0": "127.0.0.1"}
+    args = [swap.get(arg, arg) for arg in image_argv[1:]]
+    if "--port" in args:
+        args[args.index("--port") + 1] = "0"
+    return [*annserve_command(), *args]
+
+
+def local_env(dockerfile: list[Instruction], **overrides: str) -> dict[str, str]:
+    """This environment plus the image's ENV made to work here (store, loopback, port 0)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANNSERVE_")}
+    swap = {IMAGE_STORE: str(STORE), "0.0.0.0": "127.0.0.1"}
+    env.update({k: swap.get(v, v) for k, v in image_env(dockerfile).items()})
+    env["ANNSERVE_PORT"] = "0"
+    return {**env, **overrides}
+
+
+def pump(stream: IO[str], lines: Lines) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def drain(lines: Lines) -> str:
+    text = []
+    while not lines.empty():
+        text.append(lines.get_nowait() or "")
+    return "".join(text)
+
+
+@contextmanager
+def spawn(command: list[str], env: dict[str, str] | None = None
+          ) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """Run ``command``, its stderr lines fed to a queue (None at EOF); kill it on exit."""
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: Lines = queue.Queue()
+    reader = threading.Thread(target=pump, args=(proc.stderr, lines), daemon=True)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+        reader.join(timeout=STOP_TIMEOUT)
+        proc.stderr.close()
+
+
+def wait_for_port(lines: Lines, timeout: float) -> int:
+    """Return the port of the daemon's ``listening on`` log line, waiting at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if match := LISTENING.search(line):
+            return int(match.group(1))
+    pytest.fail(f"no 'listening on 127.0.0.1:PORT' line (waited up to {timeout} s); "
+                f"stderr:\n{''.join(seen)}")
+
+
+def describe(address: str) -> pb.StoreInfo:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/annserve.v1.AnnServe/DescribeStore",
+                                   request_serializer=pb.DescribeStoreRequest.SerializeToString,
+                                   response_deserializer=pb.StoreInfo.FromString)
+        return call(pb.DescribeStoreRequest(), timeout=RPC_TIMEOUT)
+
+
+def test_image_command_serves_and_stops_on_sigterm(dockerfile):
+    if not STORE.exists():
+        pytest.skip(f"real dataset {STORE} not present")
+    command = local_command(exec_form(dockerfile, "ENTRYPOINT") + exec_form(dockerfile, "CMD"))
+    with spawn(command, local_env(dockerfile)) as (proc, lines):
+        port = wait_for_port(lines, START_TIMEOUT)
+        assert port > 0
+        info = describe(f"127.0.0.1:{port}")
+        assert info.name == STORE.stem  # the default store name: file name without suffix
+        assert info.n_obs > 0
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=STOP_TIMEOUT)
+        assert code == 0, drain(lines)
+
+
+def test_missing_store_exits_3(tmp_path):
+    missing = tmp_path / "nonexistent.h5ad"
+    done = subprocess.run([*annserve_command(), "--store", str(missing)], capture_output=True,
+                          text=True, timeout=START_TIMEOUT, check=False)
+    assert done.returncode == 3
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert str(missing) in done.stderr
+
+
+def run_healthcheck(dockerfile: list[Instruction], port: int) -> subprocess.CompletedProcess[str]:
+    """Run the image's exact HEALTHCHECK command with the image's ENV, the port swapped."""
+    command = healthcheck_command(dockerfile)
+    return subprocess.run([*console_script(command[0]), *command[1:]],
+                          env=local_env(dockerfile, ANNSERVE_PORT=str(port)),
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def open_stream(channel: grpc.Channel, **fields) -> grpc.Call:
+    call = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches",
+                                request_serializer=pb.StreamBatchesRequest.SerializeToString)
+    return call(pb.StreamBatchesRequest(**fields), timeout=60)
+
+
+def test_healthcheck_command_serving_then_not_serving_while_draining(dockerfile):
+    """SERVING once up; on SIGTERM NOT_SERVING while a stream drains; the stream completes."""
+    if not STORE.exists():
+        pytest.skip(f"real dataset {STORE} not present")
+    command = local_command(exec_form(dockerfile, "ENTRYPOINT") + exec_form(dockerfile, "CMD"))
+    env = local_env(dockerfile, ANNSERVE_GRACE="30")
+    with spawn(command, env) as (proc, lines):
+        port = wait_for_port(lines, START_TIMEOUT)
+        healthy = run_healthcheck(dockerfile, port)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert "SERVING" in healthy.stdout
+        info = describe(f"127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = open_stream(channel, batch_size=16, chunk_size=16, preload_nchunks=4,
+                                 shuffle=True, seed=1)
+            frames = [next(stream)]  # in flight, then paused
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while (check := run_healthcheck(dockerfile, port)).returncode == 0:
+                assert time.monotonic() < deadline, "still SERVING 10 s after SIGTERM"
+            assert "NOT_SERVING" in check.stdout, check.stdout
+            with pytest.raises(grpc.RpcError) as refused:  # draining: no new streams
+                next(open_stream(channel, batch_size=16, chunk_size=16, preload_nchunks=4))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in refused.value.details()
+            frames += list(stream)  # the in-flight stream finishes within the grace
+        rows = sum(decode_frame(f).header.n_rows for f in frames)
+        assert rows == info.n_obs
+        assert proc.wait(timeout=STOP_TIMEOUT) == 0, drain(lines)
+    gone = run_healthcheck(dockerfile, port)
+    assert gone.returncode == 1
+    assert "UNAVAILABLE" in gone.stdout
