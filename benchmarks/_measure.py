@@ -57,9 +57,13 @@ def drop_page_cache() -> None:
         f.write("1\n")
 
 
-def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
-            max_cells: int | None, warmup_epochs: int = 0, server_pid: int | None = None,
-            cold: bool = False) -> dict[str, float]:
+def measure(
+    setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
+    max_cells: int | None,
+    warmup_epochs: int = 0,
+    server_pid: int | None = None,
+    cold: bool = False,
+) -> dict[str, float]:
     """Build a loader, consume one epoch (or ``max_cells`` cells) and time it.
 
     Consuming a batch means summing the values of its X (a torch sparse CSR
@@ -105,15 +109,21 @@ def measure(setup: Callable[[], Callable[[int], Iterable[dict[str, Any]]]],
     cpu0 = cpu_seconds()
     server0 = process_cpu_seconds(server_pid) if server_pid else 0.0
     result = _consume(epoch(warmup_epochs), max_cells, t0)
-    result.update(setup_s=setup_s, seconds=time.perf_counter() - t0, cpu_s=cpu_seconds() - cpu0,
-                  rss_base_mb=rss_base, rss_peak_mb=proc_status_mb("VmHWM"))
+    result.update(
+        setup_s=setup_s,
+        seconds=time.perf_counter() - t0,
+        cpu_s=cpu_seconds() - cpu0,
+        rss_base_mb=rss_base,
+        rss_peak_mb=proc_status_mb("VmHWM"),
+    )
     if server_pid:
         result["server_cpu_s"] = process_cpu_seconds(server_pid) - server0
     return result
 
 
-def _consume(batches: Iterable[dict[str, Any]], max_cells: int | None, t0: float
-             ) -> dict[str, float]:
+def _consume(
+    batches: Iterable[dict[str, Any]], max_cells: int | None, t0: float
+) -> dict[str, float]:
     cells = nnz = n_batches = 0
     checksum = 0.0
     first = None
@@ -128,8 +138,13 @@ def _consume(batches: Iterable[dict[str, Any]], max_cells: int | None, t0: float
         n_batches += 1
         if max_cells is not None and cells >= max_cells:
             break
-    return {"cells": cells, "nnz": nnz, "batches": n_batches, "checksum": checksum,
-            "first_batch_s": first if first is not None else float("nan")}
+    return {
+        "cells": cells,
+        "nnz": nnz,
+        "batches": n_batches,
+        "checksum": checksum,
+        "first_batch_s": first if first is not None else float("nan"),
+    }
 
 
 def emit(result: dict[str, Any]) -> None:

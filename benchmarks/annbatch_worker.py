@@ -69,9 +69,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     use_zarrs()
     t0 = time.perf_counter()
     DatasetCollection(args.collection, mode="w").add_adatas(
-        [args.store], dataset_size=args.dataset_size, rng=np.random.default_rng(args.seed))
-    return {"seconds": time.perf_counter() - t0, "n_obs": collection_n_obs(args.collection),
-            "rss_peak_mb": proc_status_mb("VmHWM")}
+        [args.store], dataset_size=args.dataset_size, rng=np.random.default_rng(args.seed)
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "n_obs": collection_n_obs(args.collection),
+        "rss_peak_mb": proc_status_mb("VmHWM"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,11 +85,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     use_zarrs()
 
     def setup() -> Callable[[int], Loader]:
-        loader = Loader(batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        preload_nchunks=args.preload_nchunks, shuffle=args.shuffle,
-                        rng=np.random.default_rng(args.seed), to="torch", preload_to_gpu=False)
-        loader = loader.use_collection(DatasetCollection(args.collection, mode="r"),
-                                       load_adata=x_only)
+        loader = Loader(
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            preload_nchunks=args.preload_nchunks,
+            shuffle=args.shuffle,
+            rng=np.random.default_rng(args.seed),
+            to="torch",
+            preload_to_gpu=False,
+        )
+        loader = loader.use_collection(
+            DatasetCollection(args.collection, mode="r"), load_adata=x_only
+        )
         return lambda _: loader  # each iteration is a new epoch, reshuffled by its rng
 
     return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
@@ -98,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="build the preshuffled collection")
     prep.add_argument("--store", required=True, type=Path, help="source AnnData store")
     prep.add_argument("--collection", required=True, type=Path, help="collection to write")
-    prep.add_argument("--dataset-size", default="2GB",
-                      help="uncompressed size of each shuffled dataset (default %(default)s)")
+    prep.add_argument(
+        "--dataset-size",
+        default="2GB",
+        help="uncompressed size of each shuffled dataset (default %(default)s)",
+    )
     prep.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="time one repetition")
     r.add_argument("--collection", required=True, type=Path)
@@ -109,10 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-cells", type=int, default=None)
-    r.add_argument("--warmup-epochs", type=int, default=0,
-                   help="epochs consumed, unmeasured, before the measured one")
-    r.add_argument("--cold", action="store_true",
-                   help="drop the page cache before the measured epoch (root)")
+    r.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="epochs consumed, unmeasured, before the measured one",
+    )
+    r.add_argument(
+        "--cold", action="store_true", help="drop the page cache before the measured epoch (root)"
+    )
     info = sub.add_parser("info", help="report the installed versions and a collection's size")
     info.add_argument("--collection", type=Path, default=None)
     return p

@@ -22,13 +22,27 @@ from bench_loaders import HERE, Daemon
 
 def run_round(address: str, n_clients: int, args: argparse.Namespace) -> list[dict]:
     """Start ``n_clients`` workers at once; return their JSON results."""
-    cmd = [sys.executable, str(HERE / "loader_worker.py"), "remote", "--address", address,
-           "--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size),
-           "--preload-nchunks", str(args.preload_nchunks)]
+    cmd = [
+        sys.executable,
+        str(HERE / "loader_worker.py"),
+        "remote",
+        "--address",
+        address,
+        "--batch-size",
+        str(args.batch_size),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--preload-nchunks",
+        str(args.preload_nchunks),
+    ]
     if args.max_cells:
         cmd += ["--max-cells", str(args.max_cells)]
-    procs = [subprocess.Popen([*cmd, "--seed", str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(n_clients)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--seed", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(n_clients)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=args.timeout)
@@ -60,14 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         sock = Path(tmp) / "annserve.sock" if args.transport == "unix" else None
         daemon = Daemon(args.store, sock, "zarrs", dict(os.environ))
         try:
-            print(f"{'clients':>7} {'total cells/s':>14} {'per client cells/s':>24} "
-                  f"{'server peak RSS MiB':>20}")
+            print(
+                f"{'clients':>7} {'total cells/s':>14} {'per client cells/s':>24} "
+                f"{'server peak RSS MiB':>20}"
+            )
             for n in (int(c) for c in args.clients.split(",")):
                 results = run_round(daemon.addresses[args.transport], n, args)
                 rates = [r["cells"] / r["seconds"] for r in results]
                 total = sum(r["cells"] for r in results) / max(r["seconds"] for r in results)
-                print(f"{n:>7} {total:>14,.0f} {', '.join(f'{x:,.0f}' for x in rates):>24} "
-                      f"{daemon.memory_mb('VmHWM'):>20,.0f}", flush=True)
+                print(
+                    f"{n:>7} {total:>14,.0f} {', '.join(f'{x:,.0f}' for x in rates):>24} "
+                    f"{daemon.memory_mb('VmHWM'):>20,.0f}",
+                    flush=True,
+                )
         finally:
             daemon.stop()
     return 0

@@ -65,14 +65,19 @@ def file_obs(n_obs: int, k: int, rng: np.random.Generator) -> pd.DataFrame:
     group = np.repeat(np.arange(len(counts)), counts)
     batches = [f"file{k}_batch{b}" for b in range(BATCHES_PER_FILE)]
     return pd.DataFrame(
-        {"batch": pd.Categorical.from_codes(group // N_TYPES, batches),
-         "cell_type": pd.Categorical.from_codes(group % N_TYPES,
-                                                [f"type_{t:02d}" for t in range(N_TYPES)])},
-        index=pd.Index([f"f{k}_cell{i:07d}" for i in range(n_obs)]))
+        {
+            "batch": pd.Categorical.from_codes(group // N_TYPES, batches),
+            "cell_type": pd.Categorical.from_codes(
+                group % N_TYPES, [f"type_{t:02d}" for t in range(N_TYPES)]
+            ),
+        },
+        index=pd.Index([f"f{k}_cell{i:07d}" for i in range(n_obs)]),
+    )
 
 
-def draw_rows(types: np.ndarray, markers: np.ndarray, nnz_per_cell: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_rows(
+    types: np.ndarray, markers: np.ndarray, nnz_per_cell: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw CSR rows: a uniform random gene subset per cell, in gene order, integer counts.
 
     Parameters
@@ -95,22 +100,21 @@ def draw_rows(types: np.ndarray, markers: np.ndarray, nnz_per_cell: int,
     row_nnz = np.zeros(n_cells, dtype=np.int64)
     parts_idx, parts_val = [], []
     for a in range(0, n_cells, DRAW_CELLS):
-        pc = p[a:a + DRAW_CELLS]
+        pc = p[a : a + DRAW_CELLS]
         k = int(pc.max() * n_genes * 1.15 + 64)  # enough gaps to pass the last gene
         genes = np.cumsum(rng.geometric(pc[:, None], (len(pc), k)), axis=1) - 1
         inside = genes < n_genes
-        row_nnz[a:a + len(pc)] = inside.sum(axis=1)
+        row_nnz[a : a + len(pc)] = inside.sum(axis=1)
         g = genes[inside].astype(np.int32)
         values = rng.geometric(0.55, len(g)).astype(np.float32)
-        boost = markers[np.repeat(types[a:a + len(pc)], row_nnz[a:a + len(pc)]), g]
+        boost = markers[np.repeat(types[a : a + len(pc)], row_nnz[a : a + len(pc)]), g]
         values[boost] = np.rint(values[boost] * MARKER_BOOST)
         parts_idx.append(g)
         parts_val.append(values)
     return row_nnz, np.concatenate(parts_idx), np.concatenate(parts_val)
 
 
-def write_file(path: Path, n_obs: int, n_vars: int, nnz_per_cell: int, k: int,
-               seed: int) -> int:
+def write_file(path: Path, n_obs: int, n_vars: int, nnz_per_cell: int, k: int, seed: int) -> int:
     """Write one generated ``.h5ad``; return its non-zeros."""
     rng = np.random.default_rng([seed, k])
     genes = file_genes(n_vars, k, rng)
@@ -123,11 +127,15 @@ def write_file(path: Path, n_obs: int, n_vars: int, nnz_per_cell: int, k: int,
     with h5py.File(path, "w") as f:
         ad.io.write_elem(f, "/", ad.AnnData(obs=obs, var=pd.DataFrame(index=genes)))
         x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": (n_obs, len(genes))})
+        x.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": (n_obs, len(genes)),
+            }
+        )
         data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(1 << 18,))
-        indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,),
-                                   chunks=(1 << 18,))
+        indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(1 << 18,))
         indptr = [np.zeros(1, dtype=np.int64)]
         for a in range(0, n_obs, BLOCK_CELLS):
             b = min(a + BLOCK_CELLS, n_obs)
@@ -137,16 +145,18 @@ def write_file(path: Path, n_obs: int, n_vars: int, nnz_per_cell: int, k: int,
                 ds.resize((start + len(values),))
                 ds[start:] = values
             indptr.append(start + np.cumsum(row_nnz))
-            n_counts[a:b] = np.bincount(np.repeat(np.arange(b - a), row_nnz), weights=val,
-                                        minlength=b - a)
+            n_counts[a:b] = np.bincount(
+                np.repeat(np.arange(b - a), row_nnz), weights=val, minlength=b - a
+            )
         x.create_dataset("indptr", data=np.concatenate(indptr))
         del f["obs"]
         ad.io.write_elem(f, "obs", obs.assign(n_counts=n_counts))
         return int(data.shape[0])
 
 
-def generate(directory: Path, n_obs: int, n_files: int, n_vars: int, nnz_per_cell: int,
-             seed: int) -> tuple[list[Path], int]:
+def generate(
+    directory: Path, n_obs: int, n_files: int, n_vars: int, nnz_per_cell: int, seed: int
+) -> tuple[list[Path], int]:
     """Write the input files; return their paths and total non-zeros."""
     sizes = np.full(n_files, n_obs // n_files)
     sizes[: n_obs % n_files] += 1
@@ -155,15 +165,25 @@ def generate(directory: Path, n_obs: int, n_files: int, n_vars: int, nnz_per_cel
         t0 = time.perf_counter()
         paths.append(directory / f"atlas_part{k}.h5ad")
         nnz += write_file(paths[-1], size, n_vars, nnz_per_cell, k, seed)
-        print(f"  generated {paths[-1].name}: {size:,} cells in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"  generated {paths[-1].name}: {size:,} cells in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     return paths, nnz
 
 
 def run_convert(inputs: list[Path], output: Path, extra: list[str]) -> dict[str, float]:
     """Run ``annserve convert`` in a subprocess; return wall seconds and its peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "annserve.server.rpc.cli", "convert", *map(str, inputs),
-           "-o", str(output), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "annserve.server.rpc.cli",
+        "convert",
+        *map(str, inputs),
+        "-o",
+        str(output),
+        *extra,
+    ]
     print("  $", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     code = subprocess.run(cmd, check=False).returncode
@@ -178,17 +198,29 @@ def run_convert(inputs: list[Path], output: Path, extra: list[str]) -> dict[str,
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
-                   help="where to generate the inputs and the collection (default %(default)s)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where to generate the inputs and the collection (default %(default)s)",
+    )
     p.add_argument("--n-obs", type=int, default=1_000_000, help="cells (default %(default)s)")
     p.add_argument("--n-files", type=int, default=8, help="input files (default %(default)s)")
     p.add_argument("--n-vars", type=int, default=20_000, help="shared genes (default %(default)s)")
-    p.add_argument("--nnz-per-cell", type=int, default=1_500,
-                   help="mean non-zeros per cell (default %(default)s)")
+    p.add_argument(
+        "--nnz-per-cell",
+        type=int,
+        default=1_500,
+        help="mean non-zeros per cell (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="generation seed (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
-    p.add_argument("convert_args", nargs="*", metavar="-- ARGS",
-                   help="extra arguments for annserve convert (after --)")
+    p.add_argument(
+        "convert_args",
+        nargs="*",
+        metavar="-- ARGS",
+        help="extra arguments for annserve convert (after --)",
+    )
     return p
 
 
@@ -202,29 +234,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     directory = Path(tempfile.mkdtemp(prefix="convert_atlas_", dir=args.workdir))
     try:
-        print(f"generating {args.n_obs:,} cells x {args.n_vars:,} genes, ~{args.nnz_per_cell:,} "
-              f"nnz/cell, {args.n_files} files -> {directory}", flush=True)
+        print(
+            f"generating {args.n_obs:,} cells x {args.n_vars:,} genes, ~{args.nnz_per_cell:,} "
+            f"nnz/cell, {args.n_files} files -> {directory}",
+            flush=True,
+        )
         t0 = time.perf_counter()
-        inputs, nnz = generate(directory, args.n_obs, args.n_files, args.n_vars,
-                               args.nnz_per_cell, args.seed)
+        inputs, nnz = generate(
+            directory, args.n_obs, args.n_files, args.n_vars, args.nnz_per_cell, args.seed
+        )
         gen_s = time.perf_counter() - t0
         in_bytes = sum(disk_bytes(p) for p in inputs)
         output = directory / "collection.zarr"
         stats = run_convert(inputs, output, ["--no-progress", *args.convert_args])
         manifest = read_manifest(output)
         result = {
-            "cells": manifest.n_obs, "genes": manifest.n_vars, "nnz": nnz,
-            "groups": len(manifest.groups), "input_gb": in_bytes / 1e9,
-            "output_gb": disk_bytes(output) / 1e9, "generate_s": gen_s, **stats,
+            "cells": manifest.n_obs,
+            "genes": manifest.n_vars,
+            "nnz": nnz,
+            "groups": len(manifest.groups),
+            "input_gb": in_bytes / 1e9,
+            "output_gb": disk_bytes(output) / 1e9,
+            "generate_s": gen_s,
+            **stats,
             "cells_per_s": manifest.n_obs / stats["seconds"],
         }
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
-    print(f"converted {result['cells']:,} cells ({nnz / result['cells']:,.0f} nnz/cell, "
-          f"{result['input_gb']:.2f} GB h5ad) into {result['groups']} groups "
-          f"({result['output_gb']:.2f} GB) in {result['seconds']:.1f} s: "
-          f"{result['cells_per_s']:,.0f} cells/s, peak RSS {result['peak_rss_mb']:,.0f} MB")
+    print(
+        f"converted {result['cells']:,} cells ({nnz / result['cells']:,.0f} nnz/cell, "
+        f"{result['input_gb']:.2f} GB h5ad) into {result['groups']} groups "
+        f"({result['output_gb']:.2f} GB) in {result['seconds']:.1f} s: "
+        f"{result['cells_per_s']:,.0f} cells/s, peak RSS {result['peak_rss_mb']:,.0f} MB"
+    )
     print(json.dumps(result))
     return 0
 

@@ -32,15 +32,19 @@ if TYPE_CHECKING:
 
     import scipy.sparse as sp
 
-    from annserve.server.plan.sampler import Sampler
     from annserve.server.io.store import Store
+    from annserve.server.plan.sampler import Sampler
 
 
 def csr_tensor(m: sp.csr_matrix) -> torch.Tensor:
     """Wrap a scipy CSR matrix as a torch sparse CSR tensor, sharing its memory."""
     return torch.sparse_csr_tensor(
-        torch.from_numpy(m.indptr), torch.from_numpy(m.indices), torch.from_numpy(m.data),
-        size=m.shape, check_invariants=False)
+        torch.from_numpy(m.indptr),
+        torch.from_numpy(m.indices),
+        torch.from_numpy(m.data),
+        size=m.shape,
+        check_invariants=False,
+    )
 
 
 def run_remote(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,18 +52,24 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     from annserve.client import RemoteLoader
 
     def setup() -> Callable[[int], RemoteLoader]:
-        loader = RemoteLoader(args.address, batch_size=args.batch_size,
-                              chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
-                              shuffle=args.shuffle, seed=args.seed, encoding=args.encoding,
-                              to_torch=True)
+        loader = RemoteLoader(
+            args.address,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            preload_nchunks=args.preload_nchunks,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            encoding=args.encoding,
+            to_torch=True,
+        )
         return lambda _: loader  # each iteration streams the next epoch
 
-    return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid,
-                   cold=args.cold)
+    return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid, cold=args.cold)
 
 
-def sampler_batches(store: Store, sampler: Sampler, batch_size: int,
-                    epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+def sampler_batches(
+    store: Store, sampler: Sampler, batch_size: int, epoch: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the epoch's batches as the daemon cuts them, built in-process.
 
     Each preload buffer is read with one sorted ``read_rows`` call and its rows are
@@ -78,13 +88,12 @@ def sampler_batches(store: Store, sampler: Sampler, batch_size: int,
     for rows in sampler.preloads(epoch):
         sorted_rows = np.sort(rows)
         buf = store.read_rows(sorted_rows)
-        m = sp.csr_matrix((buf.data, buf.indices, buf.indptr),
-                          shape=(len(rows), store.n_vars))
+        m = sp.csr_matrix((buf.data, buf.indices, buf.indptr), shape=(len(rows), store.n_vars))
         order = np.searchsorted(sorted_rows, rows)
         start = 0
         while start < len(order):
             take = min(batch_size - n_pending, len(order) - start)
-            pending.append(m[order[start:start + take]])
+            pending.append(m[order[start : start + take]])
             n_pending += take
             start += take
             if n_pending == batch_size:
@@ -104,8 +113,10 @@ def use_pipeline(name: str) -> None:
     """Select the zarr codec pipeline as ``annserve --zarr-pipeline NAME`` does."""
     import zarr
 
-    paths = {"zarrs": "zarrs.ZarrsCodecPipeline",
-             "zarr-python": "zarr.core.codec_pipeline.BatchedCodecPipeline"}
+    paths = {
+        "zarrs": "zarrs.ZarrsCodecPipeline",
+        "zarr-python": "zarr.core.codec_pipeline.BatchedCodecPipeline",
+    }
     zarr.config.set({"codec_pipeline.path": paths[name]})
 
 
@@ -115,16 +126,21 @@ def daemon_sampler(store: Store, args: argparse.Namespace) -> Sampler:
     from annserve.v1 import annserve_pb2 as pb
 
     request = pb.StreamBatchesRequest(
-        batch_size=args.batch_size, chunk_size=args.chunk_size,
-        preload_nchunks=args.preload_nchunks, shuffle=args.shuffle, seed=args.seed)
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        preload_nchunks=args.preload_nchunks,
+        shuffle=args.shuffle,
+        seed=args.seed,
+    )
     plan = plan_stream(request, store)
     try:
         from annserve.server.plan.selection import make_sampler
     except ImportError:  # a checkout from before stream selection (splits, balance)
         from annserve.server.plan.sampler import ChunkSampler
 
-        return ChunkSampler(store.n_obs, plan.chunk_size, plan.preload_nchunks,
-                            shuffle=plan.shuffle, seed=plan.seed)
+        return ChunkSampler(
+            store.n_obs, plan.chunk_size, plan.preload_nchunks, shuffle=plan.shuffle, seed=plan.seed
+        )
     return make_sampler(store, plan)
 
 
@@ -144,13 +160,14 @@ def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
     return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
 
 
-def scipy_batches(x: sp.csr_matrix, batch_size: int, shuffle: bool,
-                  seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def scipy_batches(
+    x: sp.csr_matrix, batch_size: int, shuffle: bool, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield fancy-indexed batches of an in-memory CSR matrix, in a random row order."""
     n = x.shape[0]
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
-        yield {"X": csr_tensor(x[order[start:start + batch_size]])}
+        yield {"X": csr_tensor(x[order[start : start + batch_size]])}
 
 
 def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,8 +180,11 @@ def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
     use_pipeline(args.zarr_pipeline)
 
     def setup() -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
-        root = h5py.File(args.store, "r") if Path(args.store).is_file() else zarr.open_group(
-            args.store, mode="r")
+        root = (
+            h5py.File(args.store, "r")
+            if Path(args.store).is_file()
+            else zarr.open_group(args.store, mode="r")
+        )
         groups = [root] if "X" in root else [g for _, g in sorted(root.groups())]
         x = sp.vstack([ad.io.read_elem(g["X"]) for g in groups], format="csr")
         # anndata keeps the on-disk int64 indptr next to int32 indices; scipy then
@@ -184,22 +204,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One repetition of one loader; prints JSON.")
     p.add_argument("kind", choices=sorted(RUNNERS))
     p.add_argument("--address", help="daemon address, host:port or unix:PATH (remote)")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="the daemon's pid: its CPU over the measured epoch is reported (remote)")
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the daemon's pid: its CPU over the measured epoch is reported (remote)",
+    )
     p.add_argument("--encoding", default="compact", choices=["compact", "raw"])
     p.add_argument("--store", help="AnnData store (sampler, scipy)")
-    p.add_argument("--zarr-pipeline", default="zarrs", choices=["zarrs", "zarr-python"],
-                   help="zarr codec pipeline (sampler, scipy)")
+    p.add_argument(
+        "--zarr-pipeline",
+        default="zarrs",
+        choices=["zarrs", "zarr-python"],
+        help="zarr codec pipeline (sampler, scipy)",
+    )
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--preload-nchunks", type=int, default=256)
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cells", type=int, default=None)
-    p.add_argument("--warmup-epochs", type=int, default=0,
-                   help="epochs consumed, unmeasured, before the measured one")
-    p.add_argument("--cold", action="store_true",
-                   help="drop the page cache before the measured epoch (root)")
+    p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="epochs consumed, unmeasured, before the measured one",
+    )
+    p.add_argument(
+        "--cold", action="store_true", help="drop the page cache before the measured epoch (root)"
+    )
     return p
 
 

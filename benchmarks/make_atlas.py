@@ -188,8 +188,13 @@ def cell_layout(spec: AtlasSpec, rng: np.random.Generator) -> pd.DataFrame:
     )
 
 
-def draw_counts(tables: list[AliasTable], types: np.ndarray, libsize: np.ndarray,
-                n_vars: int, rng: np.random.Generator) -> sp.csr_matrix:
+def draw_counts(
+    tables: list[AliasTable],
+    types: np.ndarray,
+    libsize: np.ndarray,
+    n_vars: int,
+    rng: np.random.Generator,
+) -> sp.csr_matrix:
     """Draw the UMI counts of consecutive cells.
 
     Parameters
@@ -213,13 +218,14 @@ def draw_counts(tables: list[AliasTable], types: np.ndarray, libsize: np.ndarray
     offsets = np.r_[0, np.cumsum(libsize)]
     for t in np.unique(types):
         for a, b in _runs(types == t):
-            genes[offsets[a]:offsets[b]] = tables[t].draw(rng, int(offsets[b] - offsets[a]))
+            genes[offsets[a] : offsets[b]] = tables[t].draw(rng, int(offsets[b] - offsets[a]))
     rows = np.repeat(np.arange(len(libsize), dtype=np.int64), libsize)
     keys, counts = np.unique(rows * n_vars + genes, return_counts=True)
     indptr = np.searchsorted(keys, np.arange(len(libsize) + 1, dtype=np.int64) * n_vars)
     return sp.csr_matrix(
         (counts.astype(np.float32), (keys % n_vars).astype(np.int32), indptr),
-        shape=(len(libsize), n_vars))
+        shape=(len(libsize), n_vars),
+    )
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -228,8 +234,9 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def generate(spec: AtlasSpec, obs: pd.DataFrame, block_cells: int,
-             rng: np.random.Generator) -> Iterator[sp.csr_matrix]:
+def generate(
+    spec: AtlasSpec, obs: pd.DataFrame, block_cells: int, rng: np.random.Generator
+) -> Iterator[sp.csr_matrix]:
     """Yield X in consecutive row blocks of at most ``block_cells`` cells."""
     programs = gene_programs(spec, rng)
     tables = [AliasTable.build(p.copy()) for p in programs]
@@ -255,8 +262,16 @@ def _open_h5ad(path: Path, obs: pd.DataFrame, var: pd.DataFrame) -> h5py.File:
     return f
 
 
-def write_atlas(spec: AtlasSpec, out: Path, *, h5ad: Path | None, block_cells: int,
-                chunk_cells: int, shard_chunks: int, codec: str) -> dict[str, float]:
+def write_atlas(
+    spec: AtlasSpec,
+    out: Path,
+    *,
+    h5ad: Path | None,
+    block_cells: int,
+    chunk_cells: int,
+    shard_chunks: int,
+    codec: str,
+) -> dict[str, float]:
     """Generate the atlas and write it as a zarr v3 store (and optionally an .h5ad copy).
 
     Parameters
@@ -285,8 +300,7 @@ def write_atlas(spec: AtlasSpec, out: Path, *, h5ad: Path | None, block_cells: i
     width = len(str(spec.n_vars - 1))
     var = pd.DataFrame(index=pd.Index([f"GENE{i:0{width}d}" for i in range(spec.n_vars)]))
     chunk = chunk_cells * spec.nnz_per_cell
-    kwargs = {"chunks": (chunk,), "shards": (chunk * shard_chunks,),
-              "compressors": CODECS[codec]}
+    kwargs = {"chunks": (chunk,), "shards": (chunk * shard_chunks,), "compressors": CODECS[codec]}
     root = zarr.open_group(out, mode="w", zarr_format=3)
     with ad.settings.override(auto_shard_zarr_v3=False):  # obs/var: small, unsharded
         ad.io.write_elem(root, "/", ad.AnnData(obs=obs, var=var))
@@ -310,8 +324,13 @@ def write_atlas(spec: AtlasSpec, out: Path, *, h5ad: Path | None, block_cells: i
     return stats
 
 
-def _write_block(group: zarr.Group | h5py.File, block: sp.csr_matrix, *, first: bool,
-                 dataset_kwargs: dict[str, object]) -> None:
+def _write_block(
+    group: zarr.Group | h5py.File,
+    block: sp.csr_matrix,
+    *,
+    first: bool,
+    dataset_kwargs: dict[str, object],
+) -> None:
     """Write the first block with ``write_elem``, append the others to ``X``."""
     if not first:
         ad.io.sparse_dataset(group["X"]).append(block)
@@ -334,8 +353,14 @@ def _widen_indptr(x: zarr.Group | h5py.Group) -> None:
         x.create_dataset("indptr", data=indptr.astype(np.int64), maxshape=(None,))
     else:
         old = x["indptr"]
-        x.create_array("indptr", shape=old.shape, dtype=np.int64, chunks=old.chunks,
-                       shards=old.shards, overwrite=True)[...] = indptr.astype(np.int64)
+        x.create_array(
+            "indptr",
+            shape=old.shape,
+            dtype=np.int64,
+            chunks=old.chunks,
+            shards=old.shards,
+            overwrite=True,
+        )[...] = indptr.astype(np.int64)
 
 
 def _tally(stats: dict[str, float], block: sp.csr_matrix) -> None:
@@ -350,8 +375,12 @@ def _tally(stats: dict[str, float], block: sp.csr_matrix) -> None:
 
 def _progress(stats: dict[str, float], t0: float, done: int, total: int) -> None:
     rate = done / max(time.perf_counter() - t0, 1e-9)
-    print(f"\r  {done:>10,} / {total:,} cells  {rate:,.0f} cells/s  "
-          f"{stats['nnz'] / done:,.0f} nnz/cell", end="", flush=True)
+    print(
+        f"\r  {done:>10,} / {total:,} cells  {rate:,.0f} cells/s  "
+        f"{stats['nnz'] / done:,.0f} nnz/cell",
+        end="",
+        flush=True,
+    )
 
 
 def disk_bytes(path: Path) -> int:
@@ -367,43 +396,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="zarr store to write (overwritten)")
     p.add_argument("--n-obs", type=int, default=100_000, help="cells (default %(default)s)")
     p.add_argument("--n-vars", type=int, default=20_000, help="genes (default %(default)s)")
-    p.add_argument("--nnz-per-cell", type=int, default=1_500,
-                   help="target mean detected genes per cell (default %(default)s)")
+    p.add_argument(
+        "--nnz-per-cell",
+        type=int,
+        default=1_500,
+        help="target mean detected genes per cell (default %(default)s)",
+    )
     p.add_argument("--n-batches", type=int, default=8, help="batches (default %(default)s)")
     p.add_argument("--n-types", type=int, default=12, help="cell types (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    p.add_argument("--h5ad", nargs="?", const=True, default=None, metavar="PATH",
-                   help="also write an .h5ad copy (default path: OUT with suffix .h5ad)")
-    p.add_argument("--block-cells", type=int, default=8192,
-                   help="cells generated per write (default %(default)s)")
-    p.add_argument("--chunk-cells", type=int, default=64,
-                   help="cells' worth of non-zeros per zarr chunk (default %(default)s)")
-    p.add_argument("--shard-chunks", type=int, default=64,
-                   help="zarr chunks per shard (default %(default)s)")
-    p.add_argument("--codec", choices=sorted(CODECS), default="zstd",
-                   help="compressor of X/data and X/indices: zstd (zarr's default), lz4 "
-                        "(blosc, as annbatch writes its collections) or none "
-                        "(default %(default)s)")
+    p.add_argument(
+        "--h5ad",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="also write an .h5ad copy (default path: OUT with suffix .h5ad)",
+    )
+    p.add_argument(
+        "--block-cells",
+        type=int,
+        default=8192,
+        help="cells generated per write (default %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-cells",
+        type=int,
+        default=64,
+        help="cells' worth of non-zeros per zarr chunk (default %(default)s)",
+    )
+    p.add_argument(
+        "--shard-chunks", type=int, default=64, help="zarr chunks per shard (default %(default)s)"
+    )
+    p.add_argument(
+        "--codec",
+        choices=sorted(CODECS),
+        default="zstd",
+        help="compressor of X/data and X/indices: zstd (zarr's default), lz4 "
+        "(blosc, as annbatch writes its collections) or none "
+        "(default %(default)s)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Generate the atlas described on the command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    spec = AtlasSpec(args.n_obs, args.n_vars, args.nnz_per_cell, args.n_batches, args.n_types,
-                     args.seed)
-    h5ad = None if args.h5ad is None else (
-        args.out.with_suffix(".h5ad") if args.h5ad is True else Path(args.h5ad))
-    print(f"generating {spec.n_obs:,} cells x {spec.n_vars:,} genes, ~{spec.nnz_per_cell:,} "
-          f"nnz/cell, {spec.n_batches} batches x {spec.n_types} types -> {args.out}")
-    stats = write_atlas(spec, args.out, h5ad=h5ad, block_cells=args.block_cells,
-                        chunk_cells=args.chunk_cells, shard_chunks=args.shard_chunks,
-                        codec=args.codec)
+    spec = AtlasSpec(
+        args.n_obs, args.n_vars, args.nnz_per_cell, args.n_batches, args.n_types, args.seed
+    )
+    h5ad = (
+        None
+        if args.h5ad is None
+        else (args.out.with_suffix(".h5ad") if args.h5ad is True else Path(args.h5ad))
+    )
+    print(
+        f"generating {spec.n_obs:,} cells x {spec.n_vars:,} genes, ~{spec.nnz_per_cell:,} "
+        f"nnz/cell, {spec.n_batches} batches x {spec.n_types} types -> {args.out}"
+    )
+    stats = write_atlas(
+        spec,
+        args.out,
+        h5ad=h5ad,
+        block_cells=args.block_cells,
+        chunk_cells=args.chunk_cells,
+        shard_chunks=args.shard_chunks,
+        codec=args.codec,
+    )
     nnz = stats["nnz"]
-    print(f"\ndone in {stats['seconds']:.1f} s: {nnz:,} non-zeros ({nnz / spec.n_obs:,.0f} per "
-          f"cell), {stats['sum'] / spec.n_obs:,.0f} UMIs per cell")
-    print(f"counts: {stats['ones'] / nnz:.1%} are 1, {stats['le3'] / nnz:.1%} are <= 3, "
-          f"{stats['ge100']:,} are >= 100, max {stats['max']:,.0f}")
+    print(
+        f"\ndone in {stats['seconds']:.1f} s: {nnz:,} non-zeros ({nnz / spec.n_obs:,.0f} per "
+        f"cell), {stats['sum'] / spec.n_obs:,.0f} UMIs per cell"
+    )
+    print(
+        f"counts: {stats['ones'] / nnz:.1%} are 1, {stats['le3'] / nnz:.1%} are <= 3, "
+        f"{stats['ge100']:,} are >= 100, max {stats['max']:,.0f}"
+    )
     print(f"X payload (float32 data + int32 indices): {nnz * 8 / 2**20:,.0f} MiB")
     print(f"zarr on disk: {disk_bytes(args.out) / 2**20:,.0f} MiB  {args.out}")
     if h5ad is not None:

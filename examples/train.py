@@ -48,19 +48,39 @@ PROBE_ROWS = 256
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the example trainer."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", default="127.0.0.1:50051",
-                        help="annserve daemon, host:port or unix:/path (default %(default)s)")
+    parser.add_argument(
+        "--address",
+        default="127.0.0.1:50051",
+        help="annserve daemon, host:port or unix:/path (default %(default)s)",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    parser.add_argument("--batch-size", type=int, default=256,
-                        help="cells per minibatch (default %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=32,
-                        help="contiguous cells read per chunk (default %(default)s)")
-    parser.add_argument("--preload-nchunks", type=int, default=256,
-                        help="chunks per preload buffer (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds torch and the stream's shuffling (default %(default)s)")
-    parser.add_argument("--label-key", default=None, metavar="COLUMN",
-                        help="categorical obs column to classify; omit to train an autoencoder")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="cells per minibatch (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32,
+        help="contiguous cells read per chunk (default %(default)s)",
+    )
+    parser.add_argument(
+        "--preload-nchunks",
+        type=int,
+        default=256,
+        help="chunks per preload buffer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds torch and the stream's shuffling (default %(default)s)",
+    )
+    parser.add_argument(
+        "--label-key",
+        default=None,
+        metavar="COLUMN",
+        help="categorical obs column to classify; omit to train an autoencoder",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     return parser
 
@@ -122,8 +142,9 @@ class Task:
         """Name of the held-out metric."""
         return "held-out acc" if self.name == "classifier" else "held-out MSE"
 
-    def inputs_targets(self, batch: dict[str, object]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inputs_targets(
+        self, batch: dict[str, object]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return model inputs, targets, and a mask of rows with a usable target.
 
         Returns
@@ -165,9 +186,14 @@ def make_task(address: str, label_key: str | None, n_vars: int) -> Task:
         If the probe stream fails.
     """
     # a short unshuffled stream: the server reads PROBE_ROWS rows, not a whole preload buffer
-    probe = RemoteLoader(address, batch_size=PROBE_ROWS, chunk_size=PROBE_ROWS,
-                         preload_nchunks=1, shuffle=False,
-                         obs_keys=[label_key] if label_key else [])
+    probe = RemoteLoader(
+        address,
+        batch_size=PROBE_ROWS,
+        chunk_size=PROBE_ROWS,
+        preload_nchunks=1,
+        shuffle=False,
+        obs_keys=[label_key] if label_key else [],
+    )
     stream = iter(probe)
     try:
         first = next(stream)
@@ -177,19 +203,24 @@ def make_task(address: str, label_key: str | None, n_vars: int) -> Task:
     counts = bool((x >= 0).all())
     preprocess = log_cp10k if counts else identity
     if not counts:
-        print("X has negative values (not counts): using it without normalisation",
-              file=sys.stderr)
+        print("X has negative values (not counts): using it without normalisation", file=sys.stderr)
     if label_key is not None:
         obs = first["obs"]
         assert isinstance(obs, pd.DataFrame)
         dtype = obs[label_key].dtype
         if isinstance(dtype, pd.CategoricalDtype):
             categories = tuple(str(c) for c in dtype.categories)
-            model = nn.Sequential(nn.Linear(n_vars, CLS_HIDDEN), nn.ReLU(), nn.Dropout(0.2),
-                                  nn.Linear(CLS_HIDDEN, len(categories)))
+            model = nn.Sequential(
+                nn.Linear(n_vars, CLS_HIDDEN),
+                nn.ReLU(),
+                nn.Dropout(0.2),
+                nn.Linear(CLS_HIDDEN, len(categories)),
+            )
             return Task("classifier", model, preprocess, label_key, categories)
-        print(f"obs column {label_key!r} is {dtype}, not categorical: training an autoencoder",
-              file=sys.stderr)
+        print(
+            f"obs column {label_key!r} is {dtype}, not categorical: training an autoencoder",
+            file=sys.stderr,
+        )
     model = nn.Sequential(nn.Linear(n_vars, AE_LATENT), nn.Linear(AE_LATENT, n_vars))
     return Task("autoencoder", model, preprocess)
 
@@ -227,8 +258,9 @@ class EpochStats:
         return self.cells / self.seconds if self.seconds > 0 else float("nan")
 
 
-def run_epoch(loader: RemoteLoader, task: Task, optimizer: torch.optim.Optimizer,
-              epoch: int) -> EpochStats:
+def run_epoch(
+    loader: RemoteLoader, task: Task, optimizer: torch.optim.Optimizer, epoch: int
+) -> EpochStats:
     """Stream one epoch, stepping on training rows and scoring held-out rows.
 
     Raises
@@ -264,8 +296,14 @@ def run_epoch(loader: RemoteLoader, task: Task, optimizer: torch.optim.Optimizer
             train_cells += n
     seconds = time.perf_counter() - start
     nan = float("nan")
-    return EpochStats(cells, train_cells, loss_sum / train_cells if train_cells else nan,
-                      held_cells, score_sum / held_cells if held_cells else nan, seconds)
+    return EpochStats(
+        cells,
+        train_cells,
+        loss_sum / train_cells if train_cells else nan,
+        held_cells,
+        score_sum / held_cells if held_cells else nan,
+        seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,31 +317,47 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
     try:
         loader = RemoteLoader(
-            args.address, batch_size=args.batch_size, chunk_size=args.chunk_size,
-            preload_nchunks=args.preload_nchunks, seed=args.seed,
-            obs_keys=[args.label_key] if args.label_key else [], return_index=True)
+            args.address,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            preload_nchunks=args.preload_nchunks,
+            seed=args.seed,
+            obs_keys=[args.label_key] if args.label_key else [],
+            return_index=True,
+        )
         task = make_task(args.address, args.label_key, loader.n_vars)
-        what = (f"a classifier of {args.label_key!r} ({len(task.categories)} classes)"
-                if task.name == "classifier" else "an autoencoder")
-        print(f"{args.address}: {loader.n_obs} cells x {loader.n_vars} genes, {len(loader)} "
-              f"batches of {args.batch_size}; training {what}", flush=True)
+        what = (
+            f"a classifier of {args.label_key!r} ({len(task.categories)} classes)"
+            if task.name == "classifier"
+            else "an autoencoder"
+        )
+        print(
+            f"{args.address}: {loader.n_obs} cells x {loader.n_vars} genes, {len(loader)} "
+            f"batches of {args.batch_size}; training {what}",
+            flush=True,
+        )
         optimizer = torch.optim.Adam(task.model.parameters(), lr=args.lr)
         history = []
         for epoch in range(args.epochs):
             stats = run_epoch(loader, task, optimizer, epoch)
             history.append(stats)
-            print(f"epoch {epoch + 1}/{args.epochs}  train loss {stats.train_loss:.4f}  "
-                  f"{task.metric} {stats.held_out:.4f}  {stats.cells_per_s:,.0f} cells/s "
-                  f"({stats.cells} cells in {stats.seconds:.2f} s)", flush=True)
+            print(
+                f"epoch {epoch + 1}/{args.epochs}  train loss {stats.train_loss:.4f}  "
+                f"{task.metric} {stats.held_out:.4f}  {stats.cells_per_s:,.0f} cells/s "
+                f"({stats.cells} cells in {stats.seconds:.2f} s)",
+                flush=True,
+            )
     except AnnServeError as e:
         print(f"train: {e}", file=sys.stderr)
         return 1
     total_cells = sum(s.cells for s in history)
     total_s = sum(s.seconds for s in history)
     last = history[-1]
-    print(f"done: {task.name}, {args.epochs} epochs, {total_cells} cells in {total_s:.2f} s "
-          f"({total_cells / total_s:,.0f} cells/s); final train loss {last.train_loss:.4f}, "
-          f"{task.metric} {last.held_out:.4f} on {last.held_out_cells} held-out cells")
+    print(
+        f"done: {task.name}, {args.epochs} epochs, {total_cells} cells in {total_s:.2f} s "
+        f"({total_cells / total_s:,.0f} cells/s); final train loss {last.train_loss:.4f}, "
+        f"{task.metric} {last.held_out:.4f} on {last.held_out_cells} held-out cells"
+    )
     return 0
 
 

@@ -65,16 +65,23 @@ class AnnbatchCollection:
     group_sizes: tuple[int, ...]
 
 
-def write_annbatch_collection(path: Path, adatas: Sequence[ad.AnnData],
-                              src_paths: Sequence[str], *, dataset_size: int,
-                              shuffle: bool = True, seed: int = 0,
-                              n_obs_per_chunk: int = 64) -> AnnbatchCollection:
+def write_annbatch_collection(
+    path: Path,
+    adatas: Sequence[ad.AnnData],
+    src_paths: Sequence[str],
+    *,
+    dataset_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    n_obs_per_chunk: int = 64,
+) -> AnnbatchCollection:
     """Write in-memory AnnData objects as an annbatch-layout collection at ``path``."""
     parts = []
     for i, adata in enumerate(adatas):
         part = ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var)
-        part.obs["src_path"] = pd.Categorical.from_codes(np.full(part.n_obs, i),
-                                                         categories=list(src_paths))
+        part.obs["src_path"] = pd.Categorical.from_codes(
+            np.full(part.n_obs, i), categories=list(src_paths)
+        )
         parts.append(part)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
@@ -85,7 +92,7 @@ def write_annbatch_collection(path: Path, adatas: Sequence[ad.AnnData],
     root = zarr.open_group(path, mode="w", zarr_format=3)
     sizes = []
     for i, start in enumerate(range(0, whole.n_obs, dataset_size)):
-        chunk = whole[start:start + dataset_size].copy()
+        chunk = whole[start : start + dataset_size].copy()
         _write_sharded(root, f"dataset_{i}", chunk, n_obs_per_chunk)
         sizes.append(chunk.n_obs)
         with warnings.catch_warnings():
@@ -99,10 +106,16 @@ def _write_sharded(root: zarr.Group, key: str, adata: ad.AnnData, n_obs_per_chun
     nnz = adata.X.nnz
     chunk = max(1, min(int(n_obs_per_chunk * nnz / adata.n_obs), nnz))
     shard = max(chunk, nnz - nnz % chunk)
-    kwargs = {"chunks": (chunk,), "shards": (shard,),
-              "compressors": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),)}
-    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False,
-                              write_csr_csc_indices_with_min_possible_dtype=True):
+    kwargs = {
+        "chunks": (chunk,),
+        "shards": (shard,),
+        "compressors": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),),
+    }
+    with ad.settings.override(
+        zarr_write_format=3,
+        auto_shard_zarr_v3=False,
+        write_csr_csc_indices_with_min_possible_dtype=True,
+    ):
         ad.io.write_elem(root, key, ad.AnnData(obs=adata.obs, var=adata.var))
         ad.io.write_elem(root[key], "X", adata.X, dataset_kwargs=kwargs)
 
@@ -114,5 +127,5 @@ def annbatch_collection(tmp_path_factory, real_adata) -> AnnbatchCollection:
     wu = real_adata("wu2020")
     path = tmp_path_factory.mktemp("annbatch") / "collection.zarr"
     return write_annbatch_collection(
-        path, [pbmc, wu], [str(real_path("pbmc3k")), str(real_path("wu2020"))],
-        dataset_size=500)
+        path, [pbmc, wu], [str(real_path("pbmc3k")), str(real_path("wu2020"))], dataset_size=500
+    )

@@ -107,8 +107,10 @@ def serve():
 def raw_stream(address: str, timeout: float = 30.0, **fields) -> list[bytes]:
     """Call StreamBatches directly (no client-side checks) and return all frames."""
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches",
-                                    request_serializer=pb.StreamBatchesRequest.SerializeToString)
+        call = channel.unary_stream(
+            "/annserve.v1.AnnServe/StreamBatches",
+            request_serializer=pb.StreamBatchesRequest.SerializeToString,
+        )
         return list(call(pb.StreamBatchesRequest(**fields), timeout=timeout))
 
 

@@ -48,9 +48,13 @@ def write_tiny_store(path: Path, n_obs: int = 200, n_vars: int = 30, seed: int =
     rng = np.random.default_rng(seed)
     x = sp.random(n_obs, n_vars, density=0.3, format="csr", dtype=np.float32, random_state=rng)
     x.data = np.ceil(x.data * 20).astype(np.float32)
-    obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], n_obs)),
-                        "n_counts": np.asarray(x.sum(axis=1)).ravel()},
-                       index=[f"cell{i}" for i in range(n_obs)])
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], n_obs)),
+            "n_counts": np.asarray(x.sum(axis=1)).ravel(),
+        },
+        index=[f"cell{i}" for i in range(n_obs)],
+    )
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)])
     ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
     return path
@@ -62,11 +66,13 @@ def rss_mb(pid: int | None = None) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def stream_call(channel: grpc.Channel, timeout: float = RPC_TIMEOUT, metadata=None, **fields
-                ) -> grpc.Call:
+def stream_call(
+    channel: grpc.Channel, timeout: float = RPC_TIMEOUT, metadata=None, **fields
+) -> grpc.Call:
     """Open StreamBatches with a request built from ``fields``; frames arrive as bytes."""
-    method = channel.unary_stream(STREAM_METHOD,
-                                  request_serializer=pb.StreamBatchesRequest.SerializeToString)
+    method = channel.unary_stream(
+        STREAM_METHOD, request_serializer=pb.StreamBatchesRequest.SerializeToString
+    )
     return method(pb.StreamBatchesRequest(**fields), timeout=timeout, metadata=metadata)
 
 
@@ -105,29 +111,42 @@ def make_pki(root: Path) -> Pki:
 
     def issue(subject: str, issuer: tuple | None, *, ca: bool = False, server: bool = False):
         key = ec.generate_private_key(ec.SECP256R1())
-        issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name(subject),
-                                                                                   key)
-        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer_name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (name(subject), key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False).add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
         elif not ca:
             builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
         return builder.sign(issuer_key, hashes.SHA256()), key
 
     def write(stem: str, cert, key) -> tuple[Path, Path]:
         cert_path, key_path = root / f"{stem}.crt", root / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         key_path.chmod(0o600)
         return cert_path, key_path
 
@@ -163,16 +182,21 @@ class Daemon:
         base = {k: v for k, v in os.environ.items() if not k.startswith("ANNSERVE_")}
         self.proc = subprocess.Popen(
             [*annserve_command(), "--host", "127.0.0.1", "--port", "0", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env={**base, **(env or {})})
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**base, **(env or {})},
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         try:
             self.port = int(self.wait_for(LISTENING).group(1))
-            self.metrics_port = (int(self.wait_for(METRICS).group(1))
-                                 if "--metrics-port" in args else None)
+            self.metrics_port = (
+                int(self.wait_for(METRICS).group(1)) if "--metrics-port" in args else None
+            )
         except BaseException:
             self.close()
             raise
@@ -251,8 +275,15 @@ class GoodClient:
     def __init__(self, address: str, n_obs: int, **loader_args: object) -> None:
         from annserve.client import RemoteLoader
 
-        args = {"batch_size": 64, "chunk_size": 32, "preload_nchunks": 8, "to_torch": False,
-                "return_index": True, "timeout": RPC_TIMEOUT, **loader_args}
+        args = {
+            "batch_size": 64,
+            "chunk_size": 32,
+            "preload_nchunks": 8,
+            "to_torch": False,
+            "return_index": True,
+            "timeout": RPC_TIMEOUT,
+            **loader_args,
+        }
         self._loader = RemoteLoader(address, **args)
         self._n_obs = n_obs
         self._stop = threading.Event()
@@ -287,8 +318,9 @@ class GoodClient:
             raise self.errors[0]
 
 
-def write_wide_rows_store(path: Path, n_obs: int = 30_000, n_vars: int = 1_000, nnz: int = 300,
-                          seed: int = 0) -> Path:
+def write_wide_rows_store(
+    path: Path, n_obs: int = 30_000, n_vars: int = 1_000, nnz: int = 300, seed: int = 0
+) -> Path:
     """Write a CSR h5ad of ``n_obs`` cells with ``nnz`` distinct genes each (counts 1-49).
 
     Large enough (~27 MB on the wire) that a stream stalled for seconds cannot have
@@ -297,12 +329,19 @@ def write_wide_rows_store(path: Path, n_obs: int = 30_000, n_vars: int = 1_000, 
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, n_vars, (n_obs, 1))
     indices = np.sort((starts + np.arange(nnz) * (n_vars // nnz)) % n_vars, axis=1)
-    x = sp.csr_matrix((rng.integers(1, 50, n_obs * nnz).astype(np.float32),
-                       indices.ravel().astype(np.int32),
-                       np.arange(0, (n_obs + 1) * nnz, nnz, dtype=np.int64)),
-                      shape=(n_obs, n_vars))
-    ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]),
-               var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)])).write_h5ad(path)
+    x = sp.csr_matrix(
+        (
+            rng.integers(1, 50, n_obs * nnz).astype(np.float32),
+            indices.ravel().astype(np.int32),
+            np.arange(0, (n_obs + 1) * nnz, nnz, dtype=np.int64),
+        ),
+        shape=(n_obs, n_vars),
+    )
+    ad.AnnData(
+        X=x,
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(n_obs)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]),
+    ).write_h5ad(path)
     return path
 
 

@@ -49,8 +49,11 @@ class BufferPool:
     def _buffer(self, nbytes: int) -> np.ndarray:
         best = None
         for buf in self._buffers:
-            if (buf.nbytes >= nbytes and sys.getrefcount(buf) == _FREE_REFS
-                    and (best is None or buf.nbytes < best.nbytes)):
+            if (
+                buf.nbytes >= nbytes
+                and sys.getrefcount(buf) == _FREE_REFS
+                and (best is None or buf.nbytes < best.nbytes)
+            ):
                 best = buf
         if best is not None:
             return best

@@ -55,8 +55,11 @@ def retain_freed_memory() -> bool:
         logger.debug("no mallopt in the C library %r; malloc thresholds left as they are", name)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                (_M_ARENA_MAX, 1))
+    settings = (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (_M_ARENA_MAX, 1),
+    )
     ok = all([mallopt(param, value) for param, value in settings])
     logger.debug("malloc thresholds and arena count set: %s", ok)
     return ok

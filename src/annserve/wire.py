@@ -21,6 +21,7 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+
 class Codec(Protocol):
     """A numcodecs-style byte codec."""
 
@@ -105,8 +106,12 @@ class Pieces:
     length: int
 
 
-def encode_frame(header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray | Pieces]],
-                 compression: int = pb.COMPRESSION_NONE, level: int = 0) -> bytes:
+def encode_frame(
+    header: pb.BatchHeader,
+    arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+    compression: int = pb.COMPRESSION_NONE,
+    level: int = 0,
+) -> bytes:
     """Serialize a frame; fills ``header.arrays`` with the payload layout.
 
     The payload is assembled by a single ``bytes.join`` over the arrays' buffers,
@@ -191,9 +196,9 @@ def decode_frame(buf: bytes) -> Frame:
             msg = f"frame truncated: field {key >> 3} needs {size} bytes, {len(mv) - pos} left"
             raise FrameDecodeError(msg)
         if key >> 3 == 1:
-            header = _parse_header(mv[pos:pos + size])
+            header = _parse_header(mv[pos : pos + size])
         elif key >> 3 == 2:
-            payload = mv[pos:pos + size]
+            payload = mv[pos : pos + size]
         pos += size
     if header is None:
         msg = "frame has no header"
@@ -216,7 +221,7 @@ def peek_header(buf: bytes) -> pb.BatchHeader:
     if key != 0x0A or pos + size > len(mv):
         msg = "frame does not start with a complete header field"
         raise FrameDecodeError(msg)
-    return _parse_header(mv[pos:pos + size])
+    return _parse_header(mv[pos : pos + size])
 
 
 def _decompress(header: pb.BatchHeader, payload: memoryview) -> memoryview:
@@ -257,7 +262,9 @@ def _array_view(spec: pb.ArraySpec, payload: memoryview) -> np.ndarray:
         raise FrameDecodeError(msg)
     count = int(np.prod(shape, dtype=np.int64))
     if spec.offset < 0 or spec.offset + count * dtype.itemsize > len(payload):
-        msg = (f"array {spec.name!r} ({count} x {dtype.itemsize} bytes at offset {spec.offset}) "
-               f"overruns the {len(payload)}-byte payload")
+        msg = (
+            f"array {spec.name!r} ({count} x {dtype.itemsize} bytes at offset {spec.offset}) "
+            f"overruns the {len(payload)}-byte payload"
+        )
         raise FrameDecodeError(msg)
     return np.frombuffer(payload, dtype=dtype, count=count, offset=spec.offset).reshape(shape)

@@ -16,8 +16,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.mark.parametrize("to_dense", [False, True])
 def test_batches_arrive_on_the_gpu(serve, real_adata, to_dense):
     adata = real_adata("wu2020")
-    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=64, return_index=True,
-                          device="cuda", to_dense=to_dense, seed=0, timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("wu2020")),
+        batch_size=64,
+        return_index=True,
+        device="cuda",
+        to_dense=to_dense,
+        seed=0,
+        timeout=10,
+    )
     for batch in loader:
         assert batch["X"].is_cuda
         assert batch["index"].is_cuda

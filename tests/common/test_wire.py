@@ -87,17 +87,20 @@ def test_frame_without_header_raises():
         decode_frame(pb.BatchFrame(payload=b"abc").SerializeToString())
 
 
-@pytest.mark.parametrize(("values", "dtype"), [
-    (np.array([0, 1, 255], np.float32), np.uint8),
-    (np.array([0, 256, 7], np.float32), np.uint16),
-    (np.array([70000, 1], np.float64), np.uint32),
-    (np.array([3, 4], np.int64), np.uint8),
-    (np.array([0.5, 1], np.float32), np.float32),
-    (np.array([-1, 2], np.float32), np.float32),
-    (np.array([np.nan, 2], np.float32), np.float32),
-    (np.array([2.0**33], np.float64), np.float32),
-    (np.zeros(0, np.float32), np.uint8),
-])
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        (np.array([0, 1, 255], np.float32), np.uint8),
+        (np.array([0, 256, 7], np.float32), np.uint16),
+        (np.array([70000, 1], np.float64), np.uint32),
+        (np.array([3, 4], np.int64), np.uint8),
+        (np.array([0.5, 1], np.float32), np.float32),
+        (np.array([-1, 2], np.float32), np.float32),
+        (np.array([np.nan, 2], np.float32), np.float32),
+        (np.array([2.0**33], np.float64), np.float32),
+        (np.zeros(0, np.float32), np.uint8),
+    ],
+)
 def test_compact_values_is_lossless_as_float32(values, dtype):
     compact = compact_values(values)
     assert compact.dtype == dtype

@@ -15,10 +15,9 @@ import scipy.sparse as sp
 import zarr
 
 import annserve.server.convert.passes as passes
-import annserve.server.convert.write as write_module
 import annserve.server.convert.pipeline as convert_module
+import annserve.server.convert.write as write_module
 from annserve.errors import InvalidRequestError, StoreFormatError, StoreNotFoundError
-from annserve.server.rpc.cli import main as cli_main
 from annserve.server.convert import (
     OutputExistsError,
     convert,
@@ -26,6 +25,7 @@ from annserve.server.convert import (
     read_manifest,
 )
 from annserve.server.io.store import open_store
+from annserve.server.rpc.cli import main as cli_main
 from collection_stores import ANNBATCH_MARKER, annbatch_collection  # noqa: F401 (a fixture)
 from conftest import real_path
 
@@ -46,8 +46,7 @@ def load(path: Path, manifest: Manifest) -> ad.AnnData:
         assert a.X.nnz == g.nnz
     obs = pd.concat([a.obs for a in groups])
     x = sp.vstack([a.X for a in groups], format="csr")
-    layers = {k: sp.vstack([a.layers[k] for a in groups], format="csr")
-              for k in groups[0].layers}
+    layers = {k: sp.vstack([a.layers[k] for a in groups], format="csr") for k in groups[0].layers}
     return ad.AnnData(X=x, obs=obs, var=groups[0].var, layers=layers)
 
 
@@ -64,8 +63,9 @@ def in_joined_space(x: sp.csr_matrix, names: pd.Index, joined: pd.Index) -> sp.c
     cols = joined.get_indexer(names)
     coo = x.tocoo()
     keep = cols[coo.col] >= 0
-    return sp.csr_matrix((coo.data[keep], (coo.row[keep], cols[coo.col][keep])),
-                         shape=(x.shape[0], len(joined)))
+    return sp.csr_matrix(
+        (coo.data[keep], (coo.row[keep], cols[coo.col][keep])), shape=(x.shape[0], len(joined))
+    )
 
 
 def rows_of(coll: ad.AnnData, label: str, obs_names: pd.Index) -> np.ndarray:
@@ -83,9 +83,15 @@ def converted(tmp_path_factory):
         key = (var_join, seed, shuffle, copy)
         if key not in cache:
             out = tmp_path_factory.mktemp("converted") / "collection.zarr"
-            manifest = convert([real_path("pbmc3k"), real_path("wu2020")], out,
-                               var_join=var_join, seed=seed, shuffle=shuffle,
-                               progress=False, max_bucket_bytes=SMALL_BUCKET)
+            manifest = convert(
+                [real_path("pbmc3k"), real_path("wu2020")],
+                out,
+                var_join=var_join,
+                seed=seed,
+                shuffle=shuffle,
+                progress=False,
+                max_bucket_bytes=SMALL_BUCKET,
+            )
             cache[key] = (out, manifest)
         return cache[key]
 
@@ -95,8 +101,10 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("var_join", ["outer", "inner"])
 def test_round_trip_every_cell_once_with_its_counts(converted, real_adata, var_join):
     path, manifest = converted(var_join)
-    inputs = {"pbmc3k_raw.h5ad": real_adata("pbmc3k"),
-              "wu2020_200_counts.h5ad": real_adata("wu2020")}
+    inputs = {
+        "pbmc3k_raw.h5ad": real_adata("pbmc3k"),
+        "wu2020_200_counts.h5ad": real_adata("wu2020"),
+    }
     joined = pd.Index(joined_names(list(inputs.values()), var_join))
     assert manifest == read_manifest(path)
     assert (manifest.n_obs, manifest.n_vars) == (2900, len(joined))
@@ -136,14 +144,20 @@ def test_obs_values_and_categories_preserved(converted, real_adata):
     first = pbmc.var["gene_ids"].reindex(coll.var_names)
     from_wu = first.isna()
     assert (coll.var["gene_ids"][~from_wu] == first[~from_wu]).all()
-    assert (coll.var["gene_ids"][from_wu] == wu.var["gene_ids"].reindex(
-        coll.var_names[from_wu])).all()
+    assert (
+        coll.var["gene_ids"][from_wu] == wu.var["gene_ids"].reindex(coll.var_names[from_wu])
+    ).all()
 
 
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
     def order(seed: int, name: str) -> pd.Index:
-        manifest = convert([real_path("wu2020")], tmp_path / name, seed=seed, progress=False,
-                           max_bucket_bytes=2 * WU_BUCKET)
+        manifest = convert(
+            [real_path("wu2020")],
+            tmp_path / name,
+            seed=seed,
+            progress=False,
+            max_bucket_bytes=2 * WU_BUCKET,
+        )
         assert len(manifest.groups) > 1
         return load(tmp_path / name, manifest).obs_names
 
@@ -180,8 +194,10 @@ def test_layers_round_trip(tmp_path, real_adata):
     joined = coll.var_names
     for label, src in {"wu.h5ad": wu, "pbmc.h5ad": pbmc}.items():
         rows = rows_of(coll, label, src.obs_names)
-        assert (coll.layers["counts"][rows] != in_joined_space(
-            src.layers["counts"], src.var_names, joined)).nnz == 0
+        assert (
+            coll.layers["counts"][rows]
+            != in_joined_space(src.layers["counts"], src.var_names, joined)
+        ).nnz == 0
         assert (coll.X[rows] != in_joined_space(src.X, src.var_names, joined)).nnz == 0
 
 
@@ -192,15 +208,27 @@ def test_dense_legacy_input(tmp_path, real_adata):
     coll = load(tmp_path / "c.zarr", manifest)
     rows = rows_of(coll, "pbmc68k_reduced.h5ad", src.obs_names)
     assert np.array_equal(coll.X[rows].toarray(), src.X)
-    assert (coll.obs["bulk_labels"].iloc[rows].to_numpy() == src.obs["bulk_labels"].to_numpy()
-            ).all()
+    assert (
+        coll.obs["bulk_labels"].iloc[rows].to_numpy() == src.obs["bulk_labels"].to_numpy()
+    ).all()
     assert np.allclose(coll.obs["n_counts"].iloc[rows], src.obs["n_counts"])
 
 
 def test_cli_converts_and_daemon_flags_unchanged(tmp_path, capsys):
     out = tmp_path / "c.zarr"
-    code = cli_main(["convert", str(real_path("wu2020")), "-o", str(out), "--seed", "3",
-                     "--no-progress", "--obs-columns", "patient,batch"])
+    code = cli_main(
+        [
+            "convert",
+            str(real_path("wu2020")),
+            "-o",
+            str(out),
+            "--seed",
+            "3",
+            "--no-progress",
+            "--obs-columns",
+            "patient,batch",
+        ]
+    )
     assert code == 0
     manifest = read_manifest(out)
     assert (manifest.seed, manifest.obs_columns) == (3, ("patient", "batch", "dataset"))
@@ -228,13 +256,13 @@ def test_truncated_and_foreign_inputs(tmp_path, wu_copy, capsys):
     with h5py.File(foreign, "w") as f:
         f["values"] = np.arange(10)
     for bad in (truncated, junk, foreign, tmp_path / "missing.h5ad"):
-        code = convert_main([str(good), str(bad), "-o", str(tmp_path / "c.zarr"),
-                             "--no-progress"])
+        code = convert_main([str(good), str(bad), "-o", str(tmp_path / "c.zarr"), "--no-progress"])
         assert code == 3
         assert str(bad) in capsys.readouterr().err
         assert not (tmp_path / "c.zarr").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["wu.h5ad", "truncated.h5ad", "junk.h5ad", "foreign.h5"])
+        ["wu.h5ad", "truncated.h5ad", "junk.h5ad", "foreign.h5"]
+    )
 
 
 def test_inconsistent_inputs_named(tmp_path, wu_copy, real_adata):
@@ -243,13 +271,15 @@ def test_inconsistent_inputs_named(tmp_path, wu_copy, real_adata):
         names = f["obs/_index"].asstr()[:150]
         del f["obs/_index"]
         f.create_dataset("obs/_index", data=names, dtype=h5py.string_dtype())
-        f["obs/_index"].attrs.update({"encoding-type": "string-array",
-                                      "encoding-version": "0.2.0"})
+        f["obs/_index"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
     dup = real_adata("wu2020").copy()
     dup.var_names = [*dup.var_names[:-1], dup.var_names[0]]
     dup_path = write_h5ad(tmp_path / "dup.h5ad", dup)
-    cases = [(short_obs, (), "150"), (dup_path, (), "not unique"),
-             (wu_copy(), ("counts",), "layer 'counts'")]
+    cases = [
+        (short_obs, (), "150"),
+        (dup_path, (), "not unique"),
+        (wu_copy(), ("counts",), "layer 'counts'"),
+    ]
     for path, layers, words in cases:
         with pytest.raises(StoreFormatError, match=words) as e:
             convert([path], tmp_path / "c.zarr", layers=layers, progress=False)
@@ -353,8 +383,10 @@ def test_memory_bounded_by_bucket_size(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     n_obs, n_vars = 3000, 200
     x = sp.random(n_obs, n_vars, density=0.05, format="csr", dtype=np.float32, random_state=rng)
-    obs = pd.DataFrame({"batch": pd.Categorical(rng.choice(["a", "b", "c"], n_obs))},
-                       index=[f"cell{i}" for i in range(n_obs)])
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(rng.choice(["a", "b", "c"], n_obs))},
+        index=[f"cell{i}" for i in range(n_obs)],
+    )
     src = write_h5ad(tmp_path / "gen.h5ad", ad.AnnData(X=x, obs=obs))
     held: dict[str, list[int]] = {"block": [], "group": []}
     real_to_rows, real_write = passes.to_rows, passes.write_group
@@ -392,7 +424,9 @@ def test_annbatch_layout_fixture(annbatch_collection):  # noqa: F811 (the import
     assert (sp.vstack([g.X for g in groups]) != whole.X).nnz == 0
     assert root["dataset_0/X/indices"].dtype == np.uint16
     assert groups[0].obs["src_path"].cat.categories.tolist() == [
-        str(real_path("pbmc3k")), str(real_path("wu2020"))]
+        str(real_path("pbmc3k")),
+        str(real_path("wu2020")),
+    ]
     with pytest.raises(StoreFormatError, match="not an annserve collection"):
         read_manifest(path)
 
@@ -413,8 +447,10 @@ def test_compression_choice(tmp_path, real_adata, compression):
 def stored_dtypes(path: Path, manifest: Manifest, key: str = "X") -> set[tuple[str, str, str]]:
     """The on-disk ``(data, indices, indptr)`` dtypes of a matrix, over all groups."""
     root = zarr.open_group(path, mode="r")
-    return {tuple(str(root[f"{g.name}/{key}/{a}"].dtype) for a in ("data", "indices", "indptr"))
-            for g in manifest.groups}
+    return {
+        tuple(str(root[f"{g.name}/{key}/{a}"].dtype) for a in ("data", "indices", "indptr"))
+        for g in manifest.groups
+    }
 
 
 def test_integer_counts_stored_as_uint16(converted, real_adata):
@@ -440,8 +476,9 @@ def test_integer_counts_stored_as_uint16(converted, real_adata):
 def test_uint16_collection_served_by_open_store(tmp_path, real_adata):
     """mouse10x (1,000 genes, counts): the daemon's reader sees uint16 X, the same values."""
     out = tmp_path / "c.zarr"
-    manifest = convert([real_path("mouse10x")], out, progress=False, shuffle=False,
-                       max_bucket_bytes=1 << 20)
+    manifest = convert(
+        [real_path("mouse10x")], out, progress=False, shuffle=False, max_bucket_bytes=1 << 20
+    )
     assert len(manifest.groups) > 1
     assert stored_dtypes(path=out, manifest=manifest) == {("uint16", "uint16", "int64")}
     store = open_store(out)
@@ -462,12 +499,12 @@ def test_float_values_keep_their_dtype(tmp_path, real_adata):
     coll = load(tmp_path / "a.zarr", manifest)
     src = real_adata("pbmc68k")
     assert coll.X.dtype == np.float32
-    assert np.array_equal(coll.X[rows_of(coll, "pbmc68k_reduced.h5ad", src.obs_names)]
-                          .toarray(), src.X)
+    assert np.array_equal(
+        coll.X[rows_of(coll, "pbmc68k_reduced.h5ad", src.obs_names)].toarray(), src.X
+    )
     wu = real_adata("wu2020").copy()
     wu.X = wu.X.astype(np.float64) / 3
-    manifest = convert([write_h5ad(tmp_path / "wu.h5ad", wu)], tmp_path / "b.zarr",
-                       progress=False)
+    manifest = convert([write_h5ad(tmp_path / "wu.h5ad", wu)], tmp_path / "b.zarr", progress=False)
     assert stored_dtypes(tmp_path / "b.zarr", manifest) == {("float64", "uint16", "int64")}
     coll = load(tmp_path / "b.zarr", manifest)
     assert (coll.X[rows_of(coll, "wu.h5ad", wu.obs_names)] != wu.X).nnz == 0
@@ -478,11 +515,12 @@ def test_mixed_groups_and_layers_narrowed_separately(tmp_path, real_adata):
     wu = real_adata("wu2020").copy()
     wu.layers["counts"] = wu.X.copy()
     wu.X = wu.X.astype(np.float64)
-    wu.X.data[wu.X.indptr[150]:] += 0.25  # the last 50 cells are not counts
+    wu.X.data[wu.X.indptr[150] :] += 0.25  # the last 50 cells are not counts
     path = write_h5ad(tmp_path / "wu.h5ad", wu)
     out = tmp_path / "c.zarr"
-    manifest = convert([path], out, layers=["counts"], shuffle=False, progress=False,
-                       max_bucket_bytes=WU_BUCKET)
+    manifest = convert(
+        [path], out, layers=["counts"], shuffle=False, progress=False, max_bucket_bytes=WU_BUCKET
+    )
     root = zarr.open_group(out, mode="r")
     x_types = [str(root[f"{g.name}/X/data"].dtype) for g in manifest.groups]
     assert x_types[0] == "uint16"
@@ -498,8 +536,10 @@ def test_mixed_groups_and_layers_narrowed_separately(tmp_path, real_adata):
 
 def test_keep_dtype_keeps_input_dtype(tmp_path, real_adata):
     out = tmp_path / "c.zarr"
-    assert convert_main([str(real_path("wu2020")), "-o", str(out), "--keep-dtype",
-                         "--no-progress"]) == 0
+    assert (
+        convert_main([str(real_path("wu2020")), "-o", str(out), "--keep-dtype", "--no-progress"])
+        == 0
+    )
     manifest = read_manifest(out)
     assert stored_dtypes(out, manifest) == {("float32", "uint16", "int64")}
     coll = load(out, manifest)
@@ -511,20 +551,23 @@ def test_keep_dtype_keeps_input_dtype(tmp_path, real_adata):
     assert stored_dtypes(default, read_manifest(default)) == {("uint16", "uint16", "int64")}
 
 
-@pytest.mark.parametrize(("values", "narrows"), [
-    (np.array([0, 1, 7, 65535], np.float32), True),
-    (np.array([0, 3, 65535], np.int64), True),
-    (np.array([0.0, -0.0, 2.0], np.float64), True),
-    (np.array([], np.float32), True),
-    (np.array([1, 65536], np.float32), False),
-    (np.array([1, -1], np.int32), False),
-    (np.array([1, 2.5], np.float32), False),
-    (np.array([1, np.nan], np.float32), False),
-    (np.array([1, np.inf], np.float64), False),
-    (np.array([1, 2], np.uint8), False),  # already narrower
-    (np.array([1, 2], np.float16), False),  # as narrow
-    (np.array([True, False]), False),
-])
+@pytest.mark.parametrize(
+    ("values", "narrows"),
+    [
+        (np.array([0, 1, 7, 65535], np.float32), True),
+        (np.array([0, 3, 65535], np.int64), True),
+        (np.array([0.0, -0.0, 2.0], np.float64), True),
+        (np.array([], np.float32), True),
+        (np.array([1, 65536], np.float32), False),
+        (np.array([1, -1], np.int32), False),
+        (np.array([1, 2.5], np.float32), False),
+        (np.array([1, np.nan], np.float32), False),
+        (np.array([1, np.inf], np.float64), False),
+        (np.array([1, 2], np.uint8), False),  # already narrower
+        (np.array([1, 2], np.float16), False),  # as narrow
+        (np.array([True, False]), False),
+    ],
+)
 def test_narrow_counts(values, narrows, monkeypatch):
     monkeypatch.setattr(write_module, "CHECK_VALUES", 2)  # several pieces
     out = write_module.narrow_counts(values)

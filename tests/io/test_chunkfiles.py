@@ -24,17 +24,27 @@ def counts(real_adata):
 
 def _sharded(inner, *, index_location="end", checksum=True):
     index = [BytesCodec(), Crc32cCodec()] if checksum else [BytesCodec()]
-    return ShardingCodec(chunk_shape=(inner,), codecs=[BytesCodec()], index_codecs=index,
-                         index_location=index_location)
+    return ShardingCodec(
+        chunk_shape=(inner,),
+        codecs=[BytesCodec()],
+        index_codecs=index,
+        index_location=index_location,
+    )
 
 
 LAYOUTS = {
     "chunks": {"chunks": (700,), "compressors": None},
     "shards": {"chunks": (3000,), "serializer": _sharded(250), "compressors": None},
-    "shards-index-first": {"chunks": (3000,), "compressors": None,
-                           "serializer": _sharded(250, index_location="start")},
-    "shards-no-checksum": {"chunks": (1000,), "compressors": None,
-                           "serializer": _sharded(100, checksum=False)},
+    "shards-index-first": {
+        "chunks": (3000,),
+        "compressors": None,
+        "serializer": _sharded(250, index_location="start"),
+    },
+    "shards-no-checksum": {
+        "chunks": (1000,),
+        "compressors": None,
+        "serializer": _sharded(100, checksum=False),
+    },
 }
 
 
@@ -51,15 +61,17 @@ def _array(path, values, layout, fill_value=0):
     if layout in H5_LAYOUTS:
         options = dict(H5_LAYOUTS[layout])
         f = h5py.File(path.with_suffix(".h5"), "w", **options.pop("file", {}))
-        ds = f.create_dataset("a", shape=values.shape, dtype=values.dtype, fillvalue=fill_value,
-                              **options)
+        ds = f.create_dataset(
+            "a", shape=values.shape, dtype=values.dtype, fillvalue=fill_value, **options
+        )
         nonfill = np.flatnonzero(values != fill_value)  # HDF5 allocates only chunks written to
         if len(nonfill):
-            ds[nonfill[0]:nonfill[-1] + 1] = values[nonfill[0]:nonfill[-1] + 1]
+            ds[nonfill[0] : nonfill[-1] + 1] = values[nonfill[0] : nonfill[-1] + 1]
         f.flush()
         return ds
-    array = zarr.create_array(path, shape=values.shape, dtype=values.dtype,
-                              fill_value=fill_value, **LAYOUTS[layout])
+    array = zarr.create_array(
+        path, shape=values.shape, dtype=values.dtype, fill_value=fill_value, **LAYOUTS[layout]
+    )
     array[...] = values
     return array
 
@@ -116,12 +128,20 @@ def test_unallocated_hdf5_chunks_read_as_fill_value(tmp_path, counts):
 
 
 def test_other_layouts_go_through_zarr(tmp_path, counts):
-    compressed = zarr.create_array(tmp_path / "z.zarr", shape=counts.shape, dtype=counts.dtype,
-                                   chunks=(700,))
-    dense = zarr.create_array(tmp_path / "d.zarr", shape=(10, 4), dtype=np.float32,
-                              chunks=(5, 4), compressors=None)
-    v2 = zarr.create_array(tmp_path / "v2.zarr", shape=counts.shape, dtype=counts.dtype,
-                           chunks=(700,), compressors=None, zarr_format=2)
+    compressed = zarr.create_array(
+        tmp_path / "z.zarr", shape=counts.shape, dtype=counts.dtype, chunks=(700,)
+    )
+    dense = zarr.create_array(
+        tmp_path / "d.zarr", shape=(10, 4), dtype=np.float32, chunks=(5, 4), compressors=None
+    )
+    v2 = zarr.create_array(
+        tmp_path / "v2.zarr",
+        shape=counts.shape,
+        dtype=counts.dtype,
+        chunks=(700,),
+        compressors=None,
+        zarr_format=2,
+    )
     with h5py.File(tmp_path / "a.h5", "w") as f:
         gzip = f.create_dataset("gzip", data=counts, chunks=(700,), compression="gzip")
         shuffled = f.create_dataset("shuffle", data=counts, chunks=(700,), shuffle=True)

@@ -37,8 +37,12 @@ def layered(tmp_path_factory, real_adata):
     """wu2020 with a `counts` layer that differs from X."""
     adata = real_adata("wu2020")
     path = tmp_path_factory.mktemp("layer") / "layered.h5ad"
-    ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var,
-               layers={"counts": adata.X * 3 + adata.X.multiply(adata.X)}).write_h5ad(path)
+    ad.AnnData(
+        X=adata.X,
+        obs=adata.obs,
+        var=adata.var,
+        layers={"counts": adata.X * 3 + adata.X.multiply(adata.X)},
+    ).write_h5ad(path)
     return path
 
 
@@ -50,8 +54,16 @@ def test_collection_is_one_virtual_dataset(serve, wu_collection, real_adata):
     adata = real_adata("wu2020")
     store = open_store(wu_collection)
     np.testing.assert_array_equal(store.group_offsets, SPLITS)
-    loader = RemoteLoader(serve(wu_collection), batch_size=32, chunk_size=8, preload_nchunks=3,
-                          seed=4, return_index=True, obs_keys=["patient"], timeout=10)
+    loader = RemoteLoader(
+        serve(wu_collection),
+        batch_size=32,
+        chunk_size=8,
+        preload_nchunks=3,
+        seed=4,
+        return_index=True,
+        obs_keys=["patient"],
+        timeout=10,
+    )
     assert loader.n_obs == adata.n_obs
     seen = []
     for batch in epoch(loader):
@@ -59,8 +71,10 @@ def test_collection_is_one_virtual_dataset(serve, wu_collection, real_adata):
         expected = adata.X[idx]
         got = as_scipy(batch["X"])
         np.testing.assert_array_equal(got.toarray(), expected.toarray())
-        assert batch["obs"]["patient"].astype(str).tolist() == \
-            adata.obs["patient"].iloc[idx].astype(str).tolist()
+        assert (
+            batch["obs"]["patient"].astype(str).tolist()
+            == adata.obs["patient"].iloc[idx].astype(str).tolist()
+        )
         seen.append(idx)
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(adata.n_obs))
 
@@ -77,12 +91,14 @@ def test_collection_groups_must_share_genes(tmp_path, real_adata):
 def test_layer_instead_of_x(serve, layered):
     adata = ad.read_h5ad(layered)
     address = serve(layered)
-    loader = RemoteLoader(address, layer="counts", batch_size=50, return_index=True, seed=0,
-                          timeout=10)
+    loader = RemoteLoader(
+        address, layer="counts", batch_size=50, return_index=True, seed=0, timeout=10
+    )
     for batch in epoch(loader):
         idx = batch["index"].numpy()
-        np.testing.assert_array_equal(as_scipy(batch["X"]).toarray(),
-                                      adata.layers["counts"][idx].toarray())
+        np.testing.assert_array_equal(
+            as_scipy(batch["X"]).toarray(), adata.layers["counts"][idx].toarray()
+        )
 
 
 def test_unknown_layer_is_invalid_argument(serve, layered):
@@ -101,8 +117,14 @@ def test_gene_subset_in_requested_order(serve, real_adata, name):
     adata = real_adata(name)
     rng = np.random.default_rng(0)
     genes = list(rng.choice(adata.var_names, size=40, replace=False))
-    loader = RemoteLoader(serve(real_path(name)), var_names=genes, batch_size=64,
-                          return_index=True, seed=1, timeout=10)
+    loader = RemoteLoader(
+        serve(real_path(name)),
+        var_names=genes,
+        batch_size=64,
+        return_index=True,
+        seed=1,
+        timeout=10,
+    )
     assert loader.n_vars == 40
     assert loader.var_names == genes
     expected_x = adata[:, genes].X
@@ -140,8 +162,9 @@ def test_several_named_stores(real_adata):
         assert pbmc.n_vars == real_adata("pbmc68k").n_vars
         assert len(next(iter(pbmc))["index"]) == 700
         with pytest.raises(grpc.RpcError) as err:
-            raw_stream(address, store="../etc/passwd", batch_size=8, chunk_size=4,
-                       preload_nchunks=2)
+            raw_stream(
+                address, store="../etc/passwd", batch_size=8, chunk_size=4, preload_nchunks=2
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         server.stop(grace=None).wait(timeout=10)
@@ -154,8 +177,16 @@ def test_cli_rejects_duplicate_store_names(capsys):
 
 
 def check_full_epoch(address, adata, **options) -> None:
-    loader = RemoteLoader(address, batch_size=100, chunk_size=16, preload_nchunks=4, seed=2,
-                          return_index=True, timeout=30, **options)
+    loader = RemoteLoader(
+        address,
+        batch_size=100,
+        chunk_size=16,
+        preload_nchunks=4,
+        seed=2,
+        return_index=True,
+        timeout=30,
+        **options,
+    )
     assert (loader.n_obs, loader.n_vars) == adata.shape
     seen = []
     for batch in loader:
@@ -176,10 +207,16 @@ def test_converted_collection_served_end_to_end(serve, tmp_path, real_adata):
     from annserve.server.convert import convert
 
     out = tmp_path / "atlas.zarr"
-    convert([real_path("pbmc3k"), real_path("wu2020")], out, seed=1, progress=False,
-            max_bucket_bytes=8 << 20)
-    reference = ad.concat([ad.read_zarr(out / f"dataset_{i}") for i in
-                           range(len(open_store(out).group_offsets) - 1)])
+    convert(
+        [real_path("pbmc3k"), real_path("wu2020")],
+        out,
+        seed=1,
+        progress=False,
+        max_bucket_bytes=8 << 20,
+    )
+    reference = ad.concat(
+        [ad.read_zarr(out / f"dataset_{i}") for i in range(len(open_store(out).group_offsets) - 1)]
+    )
     check_full_epoch(serve(out), reference, obs_keys=["dataset"])
 
 
@@ -191,8 +228,15 @@ def test_collection_groups_read_into_one_buffer(serve, tmp_path, real_adata, kin
     for i, part in enumerate((adata[:half], adata[half:])):
         x = part.X.astype(np.float64) if kind == "mixed-dtypes" and i else part.X
         ad.io.write_elem(root, f"dataset_{i}", ad.AnnData(X=x, obs=part.obs, var=part.var))
-    loader = RemoteLoader(serve(tmp_path / "c.zarr"), batch_size=64, chunk_size=8, seed=3,
-                          preload_nchunks=8, return_index=True, timeout=10)
+    loader = RemoteLoader(
+        serve(tmp_path / "c.zarr"),
+        batch_size=64,
+        chunk_size=8,
+        seed=3,
+        preload_nchunks=8,
+        return_index=True,
+        timeout=10,
+    )
     seen = []
     for batch in loader:
         idx = batch["index"].numpy()

@@ -26,8 +26,13 @@ def _ranges(rng, n, count):
 
 @pytest.mark.parametrize(("chunks", "shards"), [(64, None), (7, 21), (1000, 5000)])
 def test_1d_projections_are_zarrs_own(tmp_path, values, chunks, shards):
-    array = zarr.create_array(tmp_path / "a.zarr", shape=values.shape, dtype=values.dtype,
-                              chunks=(chunks,), shards=(shards,) if shards else None)
+    array = zarr.create_array(
+        tmp_path / "a.zarr",
+        shape=values.shape,
+        dtype=values.dtype,
+        chunks=(chunks,),
+        shards=(shards,) if shards else None,
+    )
     rng = np.random.default_rng(0)
     for _ in range(20):
         ranges = _ranges(rng, len(values), int(rng.integers(1, 40)))
@@ -37,17 +42,23 @@ def test_1d_projections_are_zarrs_own(tmp_path, values, chunks, shards):
         for a, b in ranges:
             for p in BasicIndexer(slice(a, b), array.shape, array.metadata.chunk_grid):
                 rows = p.out_selection[0]
-                expected.append((p.chunk_coords, p.chunk_selection,
-                                 (slice(rows.start + offset, rows.stop + offset),),
-                                 p.is_complete_chunk))
+                expected.append(
+                    (
+                        p.chunk_coords,
+                        p.chunk_selection,
+                        (slice(rows.start + offset, rows.stop + offset),),
+                        p.is_complete_chunk,
+                    )
+                )
             offset += b - a
         assert [tuple(p) for p in got] == expected
 
 
 @pytest.mark.parametrize("pipeline", ["zarr-python", "zarrs"])
 def test_zarr_and_hdf5_range_reads_match_numpy(tmp_path, values, pipeline):
-    z = zarr.create_array(tmp_path / "a.zarr", shape=values.shape, dtype=values.dtype,
-                          chunks=(300,), shards=(1200,))
+    z = zarr.create_array(
+        tmp_path / "a.zarr", shape=values.shape, dtype=values.dtype, chunks=(300,), shards=(1200,)
+    )
     z[...] = values
     with h5py.File(tmp_path / "a.h5", "w") as f:
         f["a"] = values

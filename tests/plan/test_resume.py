@@ -22,8 +22,14 @@ CONFIGS = {
     "sharded-uneven": {"rank": 1, "world_size": 3, "even_batches": False},
     "sharded-even": {"rank": 2, "world_size": 3},
 }
-BASE = {"batch_size": 16, "chunk_size": 4, "preload_nchunks": 3, "seed": 11,
-        "return_index": True, "timeout": 10}
+BASE = {
+    "batch_size": 16,
+    "chunk_size": 4,
+    "preload_nchunks": 3,
+    "seed": 11,
+    "return_index": True,
+    "timeout": 10,
+}
 
 
 def signature(batch) -> tuple[bytes, bytes]:
@@ -72,12 +78,18 @@ def test_resume_in_a_fresh_process(serve):
     code = f"""
 import json, sys
 from annserve.client import RemoteLoader
-loader = RemoteLoader({address!r}, **{ {k: v for k, v in BASE.items()} !r})
+loader = RemoteLoader({address!r}, **{ {k: v for k, v in BASE.items()}!r})
 loader.load_state_dict(json.loads(sys.stdin.read()))
 print(json.dumps([b["index"].numpy().tolist() for b in loader]))
 """
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(state), text=True,
-                         capture_output=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(state),
+        text=True,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert json.loads(out.stdout) == expected[2:]
 
 

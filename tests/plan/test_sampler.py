@@ -10,12 +10,15 @@ def epoch_rows(sampler: ChunkSampler, epoch: int) -> np.ndarray:
     return np.concatenate(list(sampler.preloads(epoch)))
 
 
-@pytest.mark.parametrize(("n_obs", "chunk_size", "preload_nchunks"),
-                         [(1000, 32, 4), (1001, 7, 3), (5, 10, 2), (64, 1, 64), (1, 1, 1)])
+@pytest.mark.parametrize(
+    ("n_obs", "chunk_size", "preload_nchunks"),
+    [(1000, 32, 4), (1001, 7, 3), (5, 10, 2), (64, 1, 64), (1, 1, 1)],
+)
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_every_row_exactly_once(n_obs, chunk_size, preload_nchunks, shuffle):
-    sampler = ChunkSampler(ChunkLayout([0, n_obs], chunk_size), preload_nchunks,
-                           shuffle=shuffle, seed=3)
+    sampler = ChunkSampler(
+        ChunkLayout([0, n_obs], chunk_size), preload_nchunks, shuffle=shuffle, seed=3
+    )
     rows = epoch_rows(sampler, 0)
     assert rows.dtype == np.int64
     np.testing.assert_array_equal(np.sort(rows), np.arange(n_obs))

@@ -18,8 +18,14 @@ from torch.utils.data import DataLoader
 from annserve.client import Balanced, RemoteLoader, Split
 from conftest import real_path
 
-BASE = {"batch_size": 32, "chunk_size": 8, "preload_nchunks": 4, "seed": 5,
-        "return_index": True, "timeout": 10}
+BASE = {
+    "batch_size": 32,
+    "chunk_size": 8,
+    "preload_nchunks": 4,
+    "seed": 5,
+    "return_index": True,
+    "timeout": 10,
+}
 
 
 def indices(loader) -> list[np.ndarray]:
@@ -32,8 +38,7 @@ def test_ranks_partition_the_epoch(serve, world_size, even):
     address = serve(real_path("wu2020"))
     per_rank = []
     for rank in range(world_size):
-        loader = RemoteLoader(address, rank=rank, world_size=world_size, even_batches=even,
-                              **BASE)
+        loader = RemoteLoader(address, rank=rank, world_size=world_size, even_batches=even, **BASE)
         batches = indices(loader)
         assert len(batches) == len(loader)
         per_rank.append(np.concatenate(batches))
@@ -48,9 +53,14 @@ def test_ranks_partition_the_epoch(serve, world_size, even):
 
 def test_dataloader_workers_take_sub_shards(serve):
     loader = RemoteLoader(serve(real_path("wu2020")), even_batches=False, **BASE)
-    rows = np.concatenate([b["index"].numpy() for b in
-                           DataLoader(loader, batch_size=None, num_workers=2, timeout=60,
-                                      multiprocessing_context="spawn")])
+    rows = np.concatenate(
+        [
+            b["index"].numpy()
+            for b in DataLoader(
+                loader, batch_size=None, num_workers=2, timeout=60, multiprocessing_context="spawn"
+            )
+        ]
+    )
     np.testing.assert_array_equal(np.sort(rows), np.arange(200))
 
 
@@ -75,11 +85,22 @@ def free_port() -> int:
 
 def test_two_process_torch_distributed_gloo(serve):
     address = serve(real_path("wu2020"))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, json.dumps(BASE)],
-                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, address, json.dumps(BASE)],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     try:
         results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     finally:
@@ -95,8 +116,11 @@ def test_two_process_torch_distributed_gloo(serve):
 
 def test_class_balanced_sampling_reaches_equal_proportions(serve, real_adata):
     labels = real_adata("pbmc68k").obs["bulk_labels"]
-    loader = RemoteLoader(serve(real_path("pbmc68k")), balance=Balanced("bulk_labels",
-                          num_samples=20_000), **{**BASE, "batch_size": 1000})
+    loader = RemoteLoader(
+        serve(real_path("pbmc68k")),
+        balance=Balanced("bulk_labels", num_samples=20_000),
+        **{**BASE, "batch_size": 1000},
+    )
     rows = np.concatenate(indices(loader))
     assert len(rows) == 20_000
     shares = labels.iloc[rows].value_counts(normalize=True)
@@ -110,8 +134,11 @@ def test_class_balanced_sampling_reaches_equal_proportions(serve, real_adata):
 def test_explicit_category_weights(serve, real_adata):
     labels = real_adata("pbmc68k").obs["bulk_labels"]
     weights = {"CD14+ Monocyte": 3.0, "CD19+ B": 1.0}
-    loader = RemoteLoader(serve(real_path("pbmc68k")), **{**BASE, "batch_size": 1000},
-                          balance=Balanced("bulk_labels", weights=weights, num_samples=8000))
+    loader = RemoteLoader(
+        serve(real_path("pbmc68k")),
+        **{**BASE, "batch_size": 1000},
+        balance=Balanced("bulk_labels", weights=weights, num_samples=8000),
+    )
     shares = labels.iloc[np.concatenate(indices(loader))].value_counts(normalize=True)
     assert set(shares[shares > 0].index) == set(weights)
     assert abs(shares["CD14+ Monocyte"] - 0.75) < 0.03
@@ -135,8 +162,9 @@ def test_splits_are_disjoint_cover_all_and_stable(serve, real_adata, by):
     again = split_rows(serve(real_path(dataset)), "val", **split)  # a "restarted" server
     np.testing.assert_array_equal(np.sort(again), np.sort(parts["val"]))
     if by:
-        patients = {name: set(real_adata(dataset).obs[by].iloc[rows]) for name, rows in
-                    parts.items()}
+        patients = {
+            name: set(real_adata(dataset).obs[by].iloc[rows]) for name, rows in parts.items()
+        }
         assert not patients["train"] & patients["val"]
         assert not patients["train"] & patients["test"]
 
@@ -150,8 +178,18 @@ def vm_rss_mb(pid: int) -> float:
 def test_eight_concurrent_clients_then_memory_returns(tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "annserve.server.rpc.cli", "--store",
-                                 str(real_path("pbmc3k")), "--port", "0"], stderr=err)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "annserve.server.rpc.cli",
+                "--store",
+                str(real_path("pbmc3k")),
+                "--port",
+                "0",
+            ],
+            stderr=err,
+        )
     try:
         deadline = time.monotonic() + 60
         while "listening on" not in log.read_text() and time.monotonic() < deadline:
@@ -164,8 +202,10 @@ def test_eight_concurrent_clients_then_memory_returns(tmp_path):
 
         def client(i: int) -> None:
             try:
-                loader = RemoteLoader(address, **{**BASE, "seed": i, "batch_size": 64 + i,
-                                                  "chunk_size": 16 * (1 + i % 3)})
+                loader = RemoteLoader(
+                    address,
+                    **{**BASE, "seed": i, "batch_size": 64 + i, "chunk_size": 16 * (1 + i % 3)},
+                )
                 results[i] = np.sort(np.concatenate(indices(loader)))
             except Exception as e:  # reported below
                 errors.append(e)

@@ -37,10 +37,18 @@ def served_rows(address: str) -> int:
     return sum(decode_frame(f).header.n_rows for f in raw_stream(address, **GOOD))
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("batch_size", 0), ("batch_size", -5), ("chunk_size", 0), ("chunk_size", -1),
-    ("preload_nchunks", 0), ("preload_nchunks", -3), ("epoch", -1),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("batch_size", 0),
+        ("batch_size", -5),
+        ("chunk_size", 0),
+        ("chunk_size", -1),
+        ("preload_nchunks", 0),
+        ("preload_nchunks", -3),
+        ("epoch", -1),
+    ],
+)
 def test_bad_size_is_invalid_argument_naming_field(address, field, value):
     with pytest.raises(grpc.RpcError) as err:
         raw_stream(address, **{**GOOD, field: value})
@@ -60,13 +68,16 @@ def test_unknown_obs_key_lists_allowed_columns(address):
     assert served_rows(address) == 200
 
 
-@pytest.mark.parametrize(("fields", "named"), [
-    ({"encoding": 99}, "encoding"),
-    ({"compression": 42}, "compression"),
-    ({"compression": 1, "compression_level": 23}, "compression_level"),
-    ({"compression": 3, "compression_level": -1}, "compression_level"),
-    ({"compression": 2, "compression_level": 4}, "compression_level"),
-])
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"encoding": 99}, "encoding"),
+        ({"compression": 42}, "compression"),
+        ({"compression": 1, "compression_level": 23}, "compression_level"),
+        ({"compression": 3, "compression_level": -1}, "compression_level"),
+        ({"compression": 2, "compression_level": 4}, "compression_level"),
+    ],
+)
 def test_unknown_wire_option_is_invalid_argument(address, fields, named):
     with pytest.raises(grpc.RpcError) as err:
         raw_stream(address, **GOOD, **fields)
@@ -113,8 +124,9 @@ def test_missing_store_path(tmp_path):
         open_store(tmp_path / "nope.h5ad")
 
 
-@pytest.mark.parametrize("content",
-                         [b"", b"not an hdf5 file at all", b"\x89HDF\r\n\x1a\n" + bytes(64)])
+@pytest.mark.parametrize(
+    "content", [b"", b"not an hdf5 file at all", b"\x89HDF\r\n\x1a\n" + bytes(64)]
+)
 def test_unreadable_store_file(tmp_path, content):
     path = tmp_path / "bad.h5ad"
     path.write_bytes(content)
@@ -137,8 +149,9 @@ def test_directory_that_is_not_anndata(tmp_path):
 
 def test_csc_x_is_rejected_with_a_hint(tmp_path):
     path = tmp_path / "csc.h5ad"
-    ad.AnnData(sp.random(20, 10, density=0.3, format="csc", dtype=np.float32,
-                         random_state=0)).write_h5ad(path)
+    ad.AnnData(
+        sp.random(20, 10, density=0.3, format="csc", dtype=np.float32, random_state=0)
+    ).write_h5ad(path)
     with pytest.raises(StoreFormatError, match="CSC"):
         open_store(path)
 
@@ -146,8 +159,12 @@ def test_csc_x_is_rejected_with_a_hint(tmp_path):
 def test_cli_exits_nonzero_with_one_line_on_a_corrupt_store(tmp_path):
     path = tmp_path / "corrupt.h5ad"
     path.write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "-m", "annserve.server.rpc.cli", "--store", str(path),
-                           "--port", "0"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "annserve.server.rpc.cli", "--store", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annserve.server import open_store
-from annserve.server.rpc.app import MAX_REQUEST_BYTES, build_server
 from annserve.server.plan.limits import Limits
+from annserve.server.rpc.app import MAX_REQUEST_BYTES, build_server
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
 from ops_support import GoodClient, write_tiny_store
@@ -25,15 +25,23 @@ from ops_support import GoodClient, write_tiny_store
 pytestmark = pytest.mark.slow
 
 #: Statuses a hostile request may get: each names what is wrong (or the limit hit).
-CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
-         grpc.StatusCode.OUT_OF_RANGE}
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
 CALL_TIMEOUT = 30.0  # seconds
 FRAMES_READ = 3  # frames read from a stream that was accepted, then it is cancelled
 N_OBS, N_VARS = 200, 30
 GENES = [f"gene{j}" for j in range(N_VARS)]
-SETTINGS = {"deadline": None, "database": None, "derandomize": True,
-            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+SETTINGS = {
+    "deadline": None,
+    "database": None,
+    "derandomize": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
 METHODS = ("StreamBatches", "CountBatches", "DescribeStore")
 
 counts: dict[str, int] = {}
@@ -102,38 +110,63 @@ def count(kind: str) -> None:
 
 # --- strategies ----------------------------------------------------------------------------
 SMALL = st.integers(-3, 300)
-INT64 = st.one_of(SMALL, st.sampled_from([-(2**63), -1, 2**31, 2**62, 2**63 - 1]),
-                  st.integers(-(2**63), 2**63 - 1))
+INT64 = st.one_of(
+    SMALL,
+    st.sampled_from([-(2**63), -1, 2**31, 2**62, 2**63 - 1]),
+    st.integers(-(2**63), 2**63 - 1),
+)
 UINT64 = st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1))
 INT32 = st.one_of(st.integers(-3, 30), st.integers(-(2**31), 2**31 - 1))
 DOUBLE = st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True))
-NAMES = st.sampled_from(["", "tiny", "cell_type", "n_counts", "counts", "train", "val", "test",
-                         "gene3", "../../etc/passwd", "/dev/zero", "X", "obs", "\x00"])
+NAMES = st.sampled_from(
+    [
+        "",
+        "tiny",
+        "cell_type",
+        "n_counts",
+        "counts",
+        "train",
+        "val",
+        "test",
+        "gene3",
+        "../../etc/passwd",
+        "/dev/zero",
+        "X",
+        "obs",
+        "\x00",
+    ]
+)
 TEXT = st.one_of(NAMES, st.text(max_size=24))
 
 
 SCALARS = {
-    FieldDescriptor.TYPE_INT64: INT64, FieldDescriptor.TYPE_SINT64: INT64,
-    FieldDescriptor.TYPE_SFIXED64: INT64, FieldDescriptor.TYPE_UINT64: UINT64,
-    FieldDescriptor.TYPE_FIXED64: UINT64, FieldDescriptor.TYPE_INT32: INT32,
-    FieldDescriptor.TYPE_SINT32: INT32, FieldDescriptor.TYPE_SFIXED32: INT32,
+    FieldDescriptor.TYPE_INT64: INT64,
+    FieldDescriptor.TYPE_SINT64: INT64,
+    FieldDescriptor.TYPE_SFIXED64: INT64,
+    FieldDescriptor.TYPE_UINT64: UINT64,
+    FieldDescriptor.TYPE_FIXED64: UINT64,
+    FieldDescriptor.TYPE_INT32: INT32,
+    FieldDescriptor.TYPE_SINT32: INT32,
+    FieldDescriptor.TYPE_SFIXED32: INT32,
     FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
     FieldDescriptor.TYPE_FIXED32: st.integers(0, 2**32 - 1),
-    FieldDescriptor.TYPE_BOOL: st.booleans(), FieldDescriptor.TYPE_STRING: TEXT,
-    FieldDescriptor.TYPE_BYTES: st.binary(max_size=40), FieldDescriptor.TYPE_DOUBLE: DOUBLE,
+    FieldDescriptor.TYPE_BOOL: st.booleans(),
+    FieldDescriptor.TYPE_STRING: TEXT,
+    FieldDescriptor.TYPE_BYTES: st.binary(max_size=40),
+    FieldDescriptor.TYPE_DOUBLE: DOUBLE,
     FieldDescriptor.TYPE_FLOAT: st.floats(width=32, allow_nan=True, allow_infinity=True),
 }
 
 
 def _repeated(field: FieldDescriptor) -> bool:
     is_repeated = getattr(field, "is_repeated", None)
-    return is_repeated if is_repeated is not None else (
-        field.label == FieldDescriptor.LABEL_REPEATED)
+    return (
+        is_repeated if is_repeated is not None else (field.label == FieldDescriptor.LABEL_REPEATED)
+    )
 
 
 def _is_map(field: FieldDescriptor) -> bool:
-    return (field.type == FieldDescriptor.TYPE_MESSAGE
-            and field.message_type.GetOptions().map_entry)
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
 
 
 def hostile(field: FieldDescriptor, depth: int = 0) -> st.SearchStrategy:
@@ -210,9 +243,13 @@ SENSIBLE = {
 def stream_requests(draw: st.DrawFn) -> pb.StreamBatchesRequest:
     """A sensible request with 0-4 fields replaced by hostile values."""
     fields = list(pb.StreamBatchesRequest.DESCRIPTOR.fields)
-    request = pb.StreamBatchesRequest(**{name: draw(strategy) for name, strategy
-                                         in SENSIBLE.items() if name in
-                                         pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name})
+    request = pb.StreamBatchesRequest(
+        **{
+            name: draw(strategy)
+            for name, strategy in SENSIBLE.items()
+            if name in pb.StreamBatchesRequest.DESCRIPTOR.fields_by_name
+        }
+    )
     for field in draw(st.lists(st.sampled_from(fields), max_size=4, unique_by=lambda f: f.name)):
         assign(request, field, draw(hostile(field)))
     return request
@@ -246,7 +283,7 @@ def wire_messages(draw: st.DrawFn) -> bytes:
         elif wire == 5:
             out += draw(st.binary(min_size=4, max_size=4))
     if draw(st.booleans()):
-        out = out[:draw(st.integers(0, len(out)))]
+        out = out[: draw(st.integers(0, len(out)))]
     return bytes(out)
 
 
@@ -268,8 +305,9 @@ def test_count_requests_get_a_size_or_a_clear_status(channel, good_client, reque
 @settings(max_examples=50, **SETTINGS)
 @given(store=TEXT)
 def test_describe_unknown_stores_is_not_found(channel, good_client, store):
-    code = call_raw(channel, "DescribeStore", pb.DescribeStoreRequest(store=store)
-                    .SerializeToString())
+    code = call_raw(
+        channel, "DescribeStore", pb.DescribeStoreRequest(store=store).SerializeToString()
+    )
     assert (code == grpc.StatusCode.OK) == (store in ("", "tiny"))
     count("DescribeStore")
 
@@ -283,33 +321,41 @@ def test_raw_garbage_bytes_get_a_clear_status(channel, good_client, method, data
 
 @settings(max_examples=200, **SETTINGS)
 @given(method=st.sampled_from(METHODS), data=wire_messages())
-def test_wrong_wire_types_and_truncations_get_a_clear_status(channel, good_client, method,
-                                                             data):
+def test_wrong_wire_types_and_truncations_get_a_clear_status(channel, good_client, method, data):
     call_raw(channel, method, data)
     count("wire")
 
 
 def test_huge_requests_get_a_clear_status(channel, good_client):
-    too_big = pb.StreamBatchesRequest(batch_size=8, chunk_size=8, preload_nchunks=2,
-                                      store="x" * (MAX_REQUEST_BYTES + 1))
-    assert call_raw(channel, "StreamBatches", too_big.SerializeToString()) == \
-        grpc.StatusCode.RESOURCE_EXHAUSTED
-    many_genes = pb.StreamBatchesRequest(batch_size=8, chunk_size=8, preload_nchunks=2,
-                                         var_names=[f"g{i}" for i in range(200_000)])
-    assert call_raw(channel, "StreamBatches", many_genes.SerializeToString()) == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    too_big = pb.StreamBatchesRequest(
+        batch_size=8, chunk_size=8, preload_nchunks=2, store="x" * (MAX_REQUEST_BYTES + 1)
+    )
+    assert (
+        call_raw(channel, "StreamBatches", too_big.SerializeToString())
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    many_genes = pb.StreamBatchesRequest(
+        batch_size=8, chunk_size=8, preload_nchunks=2, var_names=[f"g{i}" for i in range(200_000)]
+    )
+    assert (
+        call_raw(channel, "StreamBatches", many_genes.SerializeToString())
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     for size in (2**31, 2**62, 2**63 - 1):
-        request = pb.StreamBatchesRequest(batch_size=size, chunk_size=size,
-                                          preload_nchunks=size, num_samples=size)
+        request = pb.StreamBatchesRequest(
+            batch_size=size, chunk_size=size, preload_nchunks=size, num_samples=size
+        )
         assert call_raw(channel, "StreamBatches", request.SerializeToString()) in CLEAR
     count("huge")
 
 
 def test_server_served_everyone_throughout(server, good_client):
     total = sum(counts.values())
-    print(f"\nfuzz: {total} hostile requests {counts}, answered {statuses}; the good client "
-          f"meanwhile streamed "
-          f"{good_client.epochs} whole epochs ({good_client.rows} rows)")
+    print(
+        f"\nfuzz: {total} hostile requests {counts}, answered {statuses}; the good client "
+        f"meanwhile streamed "
+        f"{good_client.epochs} whole epochs ({good_client.rows} rows)"
+    )
     good_client.wait_epochs(good_client.epochs + 1)  # still served after all of it
     good_client.stop()
     if len(counts) == 6:  # the whole module ran

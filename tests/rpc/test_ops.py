@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from annserve.errors import ResourceExhaustedError
 from annserve.server import open_store
+from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import build_server
 from annserve.server.rpc.cli import build_parser, env_var, main
-from annserve.server.plan.limits import Limits
 from annserve.server.rpc.metrics import serve_metrics
 from annserve.server.rpc.security import is_loopback
 from annserve.server.rpc.service import SERVICE_NAME
@@ -52,7 +52,8 @@ def address_of(server) -> str:
 def health_status(address: str, service: str = "") -> str:
     with grpc.insecure_channel(address) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT)
+            health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -67,8 +68,11 @@ def slowly(frames, pause: float) -> int:
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
     """``{(sample name, sorted labels): value}`` of a Prometheus exposition."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # --- health and graceful shutdown ------------------------------------------------------
@@ -78,8 +82,9 @@ def test_health_serving_then_not_serving_while_draining(start, pbmc):
     assert health_status(address) == "SERVING"
     assert health_status(address, SERVICE_NAME) == "SERVING"
     with grpc.insecure_channel(address) as channel:
-        stream = stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4,
-                             shuffle=True, seed=3)
+        stream = stream_call(
+            channel, batch_size=16, chunk_size=16, preload_nchunks=4, shuffle=True, seed=3
+        )
         frames = [next(stream)]  # a stream in flight, paused
         result = {}
         stopper = threading.Thread(target=lambda: result.update(done=server.shutdown(30)))
@@ -102,10 +107,17 @@ def test_health_serving_then_not_serving_while_draining(start, pbmc):
 
 def test_stream_id_in_initial_metadata_and_request_id_in_the_log(start, pbmc, caplog):
     server, _ = start({"pbmc": pbmc})
-    with caplog.at_level(logging.INFO, logger="annserve.server.rpc.service"), \
-            grpc.insecure_channel(address_of(server)) as channel:
-        call = stream_call(channel, metadata=(("x-request-id", "job-42"),), batch_size=1024,
-                           chunk_size=32, preload_nchunks=8)
+    with (
+        caplog.at_level(logging.INFO, logger="annserve.server.rpc.service"),
+        grpc.insecure_channel(address_of(server)) as channel,
+    ):
+        call = stream_call(
+            channel,
+            metadata=(("x-request-id", "job-42"),),
+            batch_size=1024,
+            chunk_size=32,
+            preload_nchunks=8,
+        )
         frames = list(call)
         stream_id = dict(call.initial_metadata())["annserve-stream-id"]
     assert frame_rows(frames) == pbmc.n_obs
@@ -132,8 +144,10 @@ def test_streams_past_the_grace_end_with_unavailable_naming_the_shutdown(start, 
         with pytest.raises(grpc.RpcError) as ended:
             slowly(stream, 0.02)  # a slow trainer: 169 frames would take > 3 s
         stopper.join(10)
-    print(f"\nshutdown(grace=0.5) took {result['took']:.2f} s; the stream ended with "
-          f"{ended.value.code().name}: {ended.value.details()}")
+    print(
+        f"\nshutdown(grace=0.5) took {result['took']:.2f} s; the stream ended with "
+        f"{ended.value.code().name}: {ended.value.details()}"
+    )
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     # ours at the stream's next frame; grpc's when a send stays blocked on the slow
     # reader through the 1 s slack and the server cancels the call
@@ -162,11 +176,11 @@ def test_metrics_endpoint_counts_a_stream_and_errors(start, pbmc):
     server, _ = start({"pbmc": pbmc})
     endpoint = serve_metrics(server.metrics, "127.0.0.1", 0)
     try:
-        loader = RemoteLoader(address_of(server), batch_size=1000, to_torch=False,
-                              timeout=RPC_TIMEOUT)
+        loader = RemoteLoader(
+            address_of(server), batch_size=1000, to_torch=False, timeout=RPC_TIMEOUT
+        )
         n_batches = sum(1 for _ in loader)
-        with grpc.insecure_channel(address_of(server)) as channel, \
-                pytest.raises(grpc.RpcError):
+        with grpc.insecure_channel(address_of(server)) as channel, pytest.raises(grpc.RpcError):
             next(stream_call(channel, batch_size=-1))
         url = f"http://127.0.0.1:{endpoint.port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
@@ -184,31 +198,39 @@ def test_metrics_endpoint_counts_a_stream_and_errors(start, pbmc):
     assert samples[("annserve_frames_queued", ())] == 0
     assert samples[("annserve_store_read_seconds_count", store)] >= 1
     assert samples[("annserve_stream_duration_seconds_count", ())] == 2  # incl. the refused one
-    errors = {dict(labels)["code"]: v for (name, labels), v in samples.items()
-              if name == "annserve_rpc_errors_total"}
+    errors = {
+        dict(labels)["code"]: v
+        for (name, labels), v in samples.items()
+        if name == "annserve_rpc_errors_total"
+    }
     assert errors == {"INVALID_ARGUMENT": 1}
 
 
 # --- limits ----------------------------------------------------------------------------
-LIMITED = Limits(max_streams=8, max_batch_size=1024, max_message_bytes=1 << 20,
-                 stream_memory_mb=5)
+LIMITED = Limits(max_streams=8, max_batch_size=1024, max_message_bytes=1 << 20, stream_memory_mb=5)
 
 
-@pytest.mark.parametrize(("limit", "request_fields"), [
-    ("max_batch_size", {"batch_size": 2048, "chunk_size": 32, "preload_nchunks": 8}),
-    # 2,700 rows x ~6.8 kB per row once read: ~18 MB > 5 MB
-    ("stream_memory_mb", {"batch_size": 64, "chunk_size": 32, "preload_nchunks": 256}),
-    # frames of ~2 MB (up to 1,024 rows) > 1 MiB
-    ("max_message_bytes", {"batch_size": 1024, "chunk_size": 32, "preload_nchunks": 16}),
-])
+@pytest.mark.parametrize(
+    ("limit", "request_fields"),
+    [
+        ("max_batch_size", {"batch_size": 2048, "chunk_size": 32, "preload_nchunks": 8}),
+        # 2,700 rows x ~6.8 kB per row once read: ~18 MB > 5 MB
+        ("stream_memory_mb", {"batch_size": 64, "chunk_size": 32, "preload_nchunks": 256}),
+        # frames of ~2 MB (up to 1,024 rows) > 1 MiB
+        ("max_message_bytes", {"batch_size": 1024, "chunk_size": 32, "preload_nchunks": 16}),
+    ],
+)
 def test_each_limit_gives_resource_exhausted_naming_it_while_a_good_client_streams(
-        start, pbmc, limit, request_fields):
+    start, pbmc, limit, request_fields
+):
     server, _ = start({"pbmc": pbmc}, limits=LIMITED)
     good = GoodClient(address_of(server), pbmc.n_obs)  # batches of 64 rows: frames ~200 kB
     try:
         for _ in range(3):
-            with grpc.insecure_channel(address_of(server)) as channel, \
-                    pytest.raises(grpc.RpcError) as refused:
+            with (
+                grpc.insecure_channel(address_of(server)) as channel,
+                pytest.raises(grpc.RpcError) as refused,
+            ):
                 list(stream_call(channel, **request_fields))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.details().startswith(f"{limit}:"), refused.value.details()
@@ -225,8 +247,9 @@ def test_max_streams_gives_resource_exhausted_and_frees_the_slot(start, pbmc):
     server, _ = start({"pbmc": pbmc}, limits=Limits(max_streams=3))
     address = address_of(server)
     with grpc.insecure_channel(address) as channel:
-        held = [stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4)
-                for _ in range(3)]
+        held = [
+            stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4) for _ in range(3)
+        ]
         for call in held:
             next(call)
         with pytest.raises(grpc.RpcError) as refused:
@@ -261,8 +284,11 @@ def test_limits_reject_nonsense_values():
 
 # --- configuration ---------------------------------------------------------------------
 def daemon_flags() -> list[str]:
-    return [a.option_strings[-1] for a in build_parser()._actions
-            if a.option_strings and a.option_strings[-1] != "--help"]
+    return [
+        a.option_strings[-1]
+        for a in build_parser()._actions
+        if a.option_strings and a.option_strings[-1] != "--help"
+    ]
 
 
 def test_every_flag_reads_an_environment_variable(monkeypatch):
@@ -300,8 +326,7 @@ def restore_logging():
         root.setLevel(level)
 
 
-def test_store_from_the_environment_and_exit_codes(tmp_path, monkeypatch, capsys,
-                                                   restore_logging):
+def test_store_from_the_environment_and_exit_codes(tmp_path, monkeypatch, capsys, restore_logging):
     store = write_tiny_store(tmp_path / "tiny.h5ad")
     monkeypatch.setenv("ANNSERVE_STORE", f"tiny={store}")
     monkeypatch.setenv("ANNSERVE_TOKEN_FILE", str(tmp_path / "missing-token"))
@@ -321,8 +346,9 @@ def test_store_from_the_environment_and_exit_codes(tmp_path, monkeypatch, capsys
     assert "ANNSERVE_STORE" in capsys.readouterr().err
 
 
-def test_non_loopback_bind_without_tls_or_token_warns(tmp_path, monkeypatch, caplog,
-                                                      restore_logging):
+def test_non_loopback_bind_without_tls_or_token_warns(
+    tmp_path, monkeypatch, caplog, restore_logging
+):
     import annserve.server.rpc.cli as cli
 
     def refuse(*args, **kwargs):  # nothing is bound: the warning comes first
@@ -336,8 +362,12 @@ def test_non_loopback_bind_without_tls_or_token_warns(tmp_path, monkeypatch, cap
     caplog.clear()
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    assert main(["--store", str(store), "--host", "0.0.0.0", "--port", "0",
-                 "--token-file", str(token)]) == 4
+    assert (
+        main(
+            ["--store", str(store), "--host", "0.0.0.0", "--port", "0", "--token-file", str(token)]
+        )
+        == 4
+    )
     assert "without TLS or a token" not in caplog.text
 
 

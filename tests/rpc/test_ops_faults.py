@@ -52,16 +52,24 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
     """A fast reader gets its whole epoch within the grace, a slow one UNAVAILABLE; exit 0."""
     path = real_path("pbmc3k")
     n_obs = real_adata("pbmc3k").n_obs
-    with Daemon(["--store", str(path), "--grace", "1.5", "--metrics-port", "0",
-                 "--log-format", "json"]) as daemon:
+    with Daemon(
+        ["--store", str(path), "--grace", "1.5", "--metrics-port", "0", "--log-format", "json"]
+    ) as daemon:
         outcomes: dict[str, object] = {}
         paused = threading.Barrier(3)
         sigterm = threading.Event()
 
         def client(name: str, pause: float) -> None:
-            loader = RemoteLoader(daemon.address, batch_size=32, chunk_size=16,
-                                  preload_nchunks=4, to_torch=False, return_index=True,
-                                  timeout=RPC_TIMEOUT, retries=0)  # the status, not a retry
+            loader = RemoteLoader(
+                daemon.address,
+                batch_size=32,
+                chunk_size=16,
+                preload_nchunks=4,
+                to_torch=False,
+                return_index=True,
+                timeout=RPC_TIMEOUT,
+                retries=0,
+            )  # the status, not a retry
             seen = []
             try:
                 for i, batch in enumerate(loader):
@@ -74,13 +82,16 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
             except AnnServeError as e:
                 outcomes[name] = e
 
-        threads = [threading.Thread(target=client, args=("fast", 0.0)),
-                   threading.Thread(target=client, args=("slow", 0.1))]  # 85 batches: 8.5 s
+        threads = [
+            threading.Thread(target=client, args=("fast", 0.0)),
+            threading.Thread(target=client, args=("slow", 0.1)),
+        ]  # 85 batches: 8.5 s
         for t in threads:
             t.start()
         paused.wait(30)  # both streams are in flight
-        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
-                                    timeout=10) as reply:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10
+        ) as reply:
             assert "annserve_active_streams 2.0" in reply.read().decode()
         began = time.monotonic()
         daemon.proc.send_signal(__import__("signal").SIGTERM)
@@ -90,15 +101,18 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
         for t in threads:
             t.join(30)
         log = daemon.text()
-    print(f"\nSIGTERM -> exit {code} in {took:.2f} s (grace 1.5 s); fast client: "
-          f"{type(outcomes['fast']).__name__}, slow client: {outcomes['slow']}")
+    print(
+        f"\nSIGTERM -> exit {code} in {took:.2f} s (grace 1.5 s); fast client: "
+        f"{type(outcomes['fast']).__name__}, slow client: {outcomes['slow']}"
+    )
     assert code == 0, log
     assert took < 1.5 + 1.0 + 1.0, log
     assert np.array_equal(outcomes["fast"], np.arange(n_obs))  # the whole epoch, once each
     assert isinstance(outcomes["slow"], ServerUnavailableError)
     assert "UNAVAILABLE" in str(outcomes["slow"])
     assert "shutting down" in str(outcomes["slow"]) or "Cancelling all calls" in str(
-        outcomes["slow"])
+        outcomes["slow"]
+    )
     assert "stopped (streams still running after the grace ended with UNAVAILABLE)" in log
     records = [json.loads(line) for line in log.splitlines()]  # every line one JSON object
     ends = [r for r in records if r["message"].startswith(f"stream {r.get('stream_id')} end:")]
@@ -125,8 +139,9 @@ time.sleep(120)
 
 def test_vanished_client_stream_thread_stops_within_a_second(start):
     server, address = start({"pbmc3k": open_store(real_path("pbmc3k"))})
-    child = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, address],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", VANISHING_CLIENT, address], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "reading"
         assert len(stream_threads()) == 2  # the stream's framing thread and its reader
@@ -141,14 +156,20 @@ def test_vanished_client_stream_thread_stops_within_a_second(start):
         child.kill()
         child.wait(10)
         child.stdout.close()
-    print(f"\nvanished client: stream thread stopped and its buffers released "
-          f"{released * 1000:.0f} ms after SIGKILL")
+    print(
+        f"\nvanished client: stream thread stopped and its buffers released "
+        f"{released * 1000:.0f} ms after SIGKILL"
+    )
     assert released < 1.0
     assert server.service.frames_queued() == 0
 
     def errors() -> list[tuple[str, float]]:
-        return [(s.labels["code"], s.value) for m in server.metrics.registry.collect()
-                for s in m.samples if s.name == "annserve_rpc_errors_total"]
+        return [
+            (s.labels["code"], s.value)
+            for m in server.metrics.registry.collect()
+            for s in m.samples
+            if s.name == "annserve_rpc_errors_total"
+        ]
 
     deadline = time.monotonic() + 5  # the interceptor counts the call when grpc finishes it
     while not errors() and time.monotonic() < deadline:
@@ -157,8 +178,7 @@ def test_vanished_client_stream_thread_stops_within_a_second(start):
 
 
 # --- a slow client ---------------------------------------------------------------------------
-def test_slow_client_memory_bounded_while_another_client_completes(start, tmp_path,
-                                                                   monkeypatch):
+def test_slow_client_memory_bounded_while_another_client_completes(start, tmp_path, monkeypatch):
     """A stalled reader makes the server read ahead only its frame queue and flow-control
     window, not its epoch; another client's epochs complete meanwhile.
     """
@@ -170,11 +190,13 @@ def test_slow_client_memory_bounded_while_another_client_completes(start, tmp_pa
     server, address = start({"slow": slow_store.store, "fast": fast_store})
     rss_before = rss_mb()
     with grpc.insecure_channel(address) as channel:
-        stalled = stream_call(channel, store="slow", batch_size=256, chunk_size=64,
-                              preload_nchunks=16)
+        stalled = stream_call(
+            channel, store="slow", batch_size=256, chunk_size=64, preload_nchunks=16
+        )
         next(stalled)
-        good = GoodClient(address, n_obs, store="fast", batch_size=1024, chunk_size=64,
-                          preload_nchunks=16)
+        good = GoodClient(
+            address, n_obs, store="fast", batch_size=1024, chunk_size=64, preload_nchunks=16
+        )
         began = time.monotonic()
         queued, peak_rss = [], rss_before
         try:
@@ -188,10 +210,12 @@ def test_slow_client_memory_bounded_while_another_client_completes(start, tmp_pa
         fast_seconds = time.monotonic() - began
         read_ahead = slow_store.rows
         rest = frame_rows(list(stalled))  # then it reads on: nothing was lost
-    print(f"\nslow client stalled {fast_seconds:.1f} s: server read {read_ahead} of {n_obs} "
-          f"rows for it (frame queue of 4 frames + flow-control window), frames queued "
-          f"max {max(queued)}, RSS +{peak_rss - rss_before:.0f} MB; the other client "
-          f"completed {good.epochs} epochs ({good.rows / fast_seconds:,.0f} cells/s)")
+    print(
+        f"\nslow client stalled {fast_seconds:.1f} s: server read {read_ahead} of {n_obs} "
+        f"rows for it (frame queue of 4 frames + flow-control window), frames queued "
+        f"max {max(queued)}, RSS +{peak_rss - rss_before:.0f} MB; the other client "
+        f"completed {good.epochs} epochs ({good.rows / fast_seconds:,.0f} cells/s)"
+    )
     assert good.epochs >= 2
     assert read_ahead < 0.6 * n_obs
     assert max(queued) <= 4 + 4  # the stalled stream's queue + the good client's
@@ -216,9 +240,15 @@ def test_16_concurrent_clients_for_a_bounded_time_without_errors():
 
         def client(i: int) -> None:
             try:
-                loader = RemoteLoader(daemon.address, batch_size=256, chunk_size=32,
-                                      preload_nchunks=16, seed=i, to_torch=False,
-                                      timeout=RPC_TIMEOUT)
+                loader = RemoteLoader(
+                    daemon.address,
+                    batch_size=256,
+                    chunk_size=32,
+                    preload_nchunks=16,
+                    seed=i,
+                    to_torch=False,
+                    timeout=RPC_TIMEOUT,
+                )
                 start.wait(60)
                 while time.monotonic() < deadline[0]:
                     for batch in loader:
@@ -230,8 +260,10 @@ def test_16_concurrent_clients_for_a_bounded_time_without_errors():
             except BaseException as e:  # counted: the test requires none
                 errors.append(e)
 
-        threads = [threading.Thread(target=client, args=(i,), name=f"load-{i}")
-                   for i in range(LOAD_CLIENTS)]
+        threads = [
+            threading.Thread(target=client, args=(i,), name=f"load-{i}")
+            for i in range(LOAD_CLIENTS)
+        ]
         for t in threads:
             t.start()
         start.wait(120)
@@ -244,11 +276,13 @@ def test_16_concurrent_clients_for_a_bounded_time_without_errors():
         elapsed = time.monotonic() - began
         assert daemon.terminate() == 0
     per_client = [c / elapsed for c in cells]
-    print(f"\n{LOAD_CLIENTS} clients x {elapsed:.1f} s on pbmc3k (batch 256): "
-          f"{sum(cells):,} cells, {sum(cells) / elapsed:,.0f} cells/s total; per client "
-          f"min {min(per_client):,.0f} / median {statistics.median(per_client):,.0f} / "
-          f"max {max(per_client):,.0f} cells/s; {sum(epochs)} whole epochs; "
-          f"{len(errors)} errors; server RSS max {max(rss):.0f} MB")
+    print(
+        f"\n{LOAD_CLIENTS} clients x {elapsed:.1f} s on pbmc3k (batch 256): "
+        f"{sum(cells):,} cells, {sum(cells) / elapsed:,.0f} cells/s total; per client "
+        f"min {min(per_client):,.0f} / median {statistics.median(per_client):,.0f} / "
+        f"max {max(per_client):,.0f} cells/s; {sum(epochs)} whole epochs; "
+        f"{len(errors)} errors; server RSS max {max(rss):.0f} MB"
+    )
     assert not errors, errors[:3]
     assert all(c > 0 for c in cells)
     assert max(rss) < 3000

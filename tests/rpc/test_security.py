@@ -51,59 +51,80 @@ def test_tls_serves_a_client_trusting_the_ca_only(start, pki, tiny):
     with pytest.raises(ServerUnavailableError):  # plaintext client: no handshake
         RemoteLoader(address, timeout=FAIL_TIMEOUT)
     with pytest.raises(ServerUnavailableError):  # a CA that did not sign the server
-        RemoteLoader(address, root_certificates=pki.rogue_cert.read_bytes(),
-                     timeout=FAIL_TIMEOUT)
+        RemoteLoader(address, root_certificates=pki.rogue_cert.read_bytes(), timeout=FAIL_TIMEOUT)
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(start, pki, tiny):
     tls = TLSConfig.from_files(pki.server_cert, pki.server_key, pki.ca)
     _, address = start({"tiny": open_store(tiny)}, tls=tls)
     ca = pki.ca.read_bytes()
-    rows = epoch_rows(address, root_certificates=ca, certificate_chain=pki.client_cert.read_bytes(),
-                      private_key=pki.client_key.read_bytes())
+    rows = epoch_rows(
+        address,
+        root_certificates=ca,
+        certificate_chain=pki.client_cert.read_bytes(),
+        private_key=pki.client_key.read_bytes(),
+    )
     assert np.array_equal(rows, np.arange(200))
     with pytest.raises(ServerUnavailableError):  # no client certificate
         RemoteLoader(address, root_certificates=ca, timeout=FAIL_TIMEOUT)
     with pytest.raises(ServerUnavailableError):  # a certificate from another CA
-        RemoteLoader(address, root_certificates=ca,
-                     certificate_chain=pki.rogue_cert.read_bytes(),
-                     private_key=pki.rogue_key.read_bytes(), timeout=FAIL_TIMEOUT)
+        RemoteLoader(
+            address,
+            root_certificates=ca,
+            certificate_chain=pki.rogue_cert.read_bytes(),
+            private_key=pki.rogue_key.read_bytes(),
+            timeout=FAIL_TIMEOUT,
+        )
 
 
 # --- tokens ---------------------------------------------------------------------------
-@pytest.mark.parametrize("metadata", [
-    None,
-    (("authorization", "Bearer wrong"),),
-    (("authorization", TOKEN),),  # no scheme
-    (("authorization", f"Basic {TOKEN}"),),
-    (("authorization", f"Bearer {TOKEN}x"),),
-], ids=["missing", "wrong", "no-scheme", "basic", "longer"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        None,
+        (("authorization", "Bearer wrong"),),
+        (("authorization", TOKEN),),  # no scheme
+        (("authorization", f"Basic {TOKEN}"),),
+        (("authorization", f"Bearer {TOKEN}x"),),
+    ],
+    ids=["missing", "wrong", "no-scheme", "basic", "longer"],
+)
 def test_bad_token_is_unauthenticated_and_the_store_is_never_read(start, tiny, metadata):
     counting = CountingStore(open_store(tiny))
     server, address = start({"tiny": counting.store}, tokens=frozenset({TOKEN}))
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as denied:
-            list(stream_call(channel, metadata=metadata, batch_size=8, chunk_size=8,
-                             preload_nchunks=2))
+            list(
+                stream_call(
+                    channel, metadata=metadata, batch_size=8, chunk_size=8, preload_nchunks=2
+                )
+            )
         assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "bearer token" in denied.value.details()
-        describe = channel.unary_unary("/annserve.v1.AnnServe/DescribeStore",
-                                       request_serializer=lambda b: b)
+        describe = channel.unary_unary(
+            "/annserve.v1.AnnServe/DescribeStore", request_serializer=lambda b: b
+        )
         with pytest.raises(grpc.RpcError) as denied:
             describe(b"", timeout=RPC_TIMEOUT, metadata=metadata)
         assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # liveness probes need no token
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                           timeout=RPC_TIMEOUT)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert counting.reads == 0
     assert server.service.open_streams() == 0
     samples = [s for m in server.metrics.registry.collect() for s in m.samples]
     assert not [s for s in samples if s.name == "annserve_streams_total"]  # none admitted
-    errors = {(s.labels["method"].rsplit("/", 1)[-1], s.labels["code"]): s.value
-              for s in samples if s.name == "annserve_rpc_errors_total"}
-    assert errors == {("StreamBatches", "UNAUTHENTICATED"): 1,
-                      ("DescribeStore", "UNAUTHENTICATED"): 1}
+    errors = {
+        (s.labels["method"].rsplit("/", 1)[-1], s.labels["code"]): s.value
+        for s in samples
+        if s.name == "annserve_rpc_errors_total"
+    }
+    assert errors == {
+        ("StreamBatches", "UNAUTHENTICATED"): 1,
+        ("DescribeStore", "UNAUTHENTICATED"): 1,
+    }
 
 
 def test_loader_token_is_required_and_works(start, tiny):
@@ -123,17 +144,26 @@ def test_loader_token_is_required_and_works(start, tiny):
 def test_daemon_with_mutual_tls_and_token_from_flags_and_environment(tmp_path, pki, tiny):
     token_file = tmp_path / "tokens"
     token_file.write_text(f"\n{TOKEN}\n")
-    args = ["--store", str(tiny), "--tls-cert", str(pki.server_cert),
-            "--tls-key", str(pki.server_key)]
+    args = [
+        "--store",
+        str(tiny),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+    ]
     env = {"ANNSERVE_TLS_CLIENT_CA": str(pki.ca), "ANNSERVE_TOKEN_FILE": str(token_file)}
     with Daemon(args, env) as daemon:
         assert "TLS, client certificates required" in daemon.text()
         assert "bearer token required" in daemon.text()
-        credentials = {"root_certificates": pki.ca.read_bytes(),
-                       "certificate_chain": pki.client_cert.read_bytes(),
-                       "private_key": pki.client_key.read_bytes()}
-        assert np.array_equal(epoch_rows(daemon.address, token=TOKEN, **credentials),
-                              np.arange(200))
+        credentials = {
+            "root_certificates": pki.ca.read_bytes(),
+            "certificate_chain": pki.client_cert.read_bytes(),
+            "private_key": pki.client_key.read_bytes(),
+        }
+        assert np.array_equal(
+            epoch_rows(daemon.address, token=TOKEN, **credentials), np.arange(200)
+        )
         with pytest.raises(AuthenticationError):
             RemoteLoader(daemon.address, timeout=RPC_TIMEOUT, **credentials)
         assert daemon.terminate() == 0
@@ -146,9 +176,23 @@ def test_daemon_exits_5_on_unreadable_tls_files(tmp_path, tiny):
 
     not_pem = tmp_path / "cert.pem"
     not_pem.write_text("hello")
-    done = subprocess.run([*annserve_command(), "--store", str(tiny), "--port", "0",
-                           "--tls-cert", str(not_pem), "--tls-key", str(not_pem)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [
+            *annserve_command(),
+            "--store",
+            str(tiny),
+            "--port",
+            "0",
+            "--tls-cert",
+            str(not_pem),
+            "--tls-key",
+            str(not_pem),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 5, done.stderr
     assert "not a PEM file" in done.stderr
 
@@ -158,8 +202,14 @@ def test_healthcheck_command_over_tls(start, pki, tiny, capsys):
 
     tls = TLSConfig.from_files(pki.server_cert, pki.server_key, pki.ca)
     _, address = start({"tiny": open_store(tiny)}, tls=tls, tokens=frozenset({TOKEN}))
-    mutual = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-              "--tls-key", str(pki.client_key)]
+    mutual = [
+        "--tls-ca",
+        str(pki.ca),
+        "--tls-cert",
+        str(pki.client_cert),
+        "--tls-key",
+        str(pki.client_key),
+    ]
     assert health_main(["--address", address, *mutual]) == 0  # no token needed
     assert "SERVING" in capsys.readouterr().out
     assert health_main(["--address", address, "--timeout", "1"]) == 1  # plaintext

@@ -9,21 +9,31 @@ import scipy.sparse as sp
 
 from annserve.client._assemble import BatchAssembler, CSRArrays
 from annserve.errors import FrameDecodeError
+from annserve.server.io.store import open_store
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
-from annserve.server.io.store import open_store
 from annserve.server.stream.frames import epoch_frames
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
 
 ENCODINGS = {"raw": pb.ENCODING_RAW, "compact": pb.ENCODING_COMPACT}
-COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD,
-                "lz4": pb.COMPRESSION_LZ4, "blosc": pb.COMPRESSION_BLOSC}
+COMPRESSIONS = {
+    "none": pb.COMPRESSION_NONE,
+    "zstd": pb.COMPRESSION_ZSTD,
+    "lz4": pb.COMPRESSION_LZ4,
+    "blosc": pb.COMPRESSION_BLOSC,
+}
 
 
 def counts(rng, n_obs, n_vars, high, dtype=np.float32, density=0.2) -> sp.csr_matrix:
-    x = sp.random(n_obs, n_vars, density=density, format="csr", random_state=rng,
-                  data_rvs=lambda k: rng.integers(1, high, k, endpoint=True))
+    x = sp.random(
+        n_obs,
+        n_vars,
+        density=density,
+        format="csr",
+        random_state=rng,
+        data_rvs=lambda k: rng.integers(1, high, k, endpoint=True),
+    )
     x.data[0] = high  # the largest value is present
     return x.astype(dtype)
 
@@ -37,8 +47,15 @@ def write(tmp_path, x, name="store.h5ad"):
 def stream(path, *, encoding="compact", compression="none", batch_size=7, shuffle=True):
     store = open_store(path)
     request = pb.StreamBatchesRequest(
-        batch_size=batch_size, chunk_size=3, preload_nchunks=2, shuffle=shuffle, seed=0,
-        return_index=True, encoding=ENCODINGS[encoding], compression=COMPRESSIONS[compression])
+        batch_size=batch_size,
+        chunk_size=3,
+        preload_nchunks=2,
+        shuffle=shuffle,
+        seed=0,
+        return_index=True,
+        encoding=ENCODINGS[encoding],
+        compression=COMPRESSIONS[compression],
+    )
     plan = plan_stream(request, store)
     sampler = make_sampler(store, plan)
     return list(epoch_frames(store, sampler, plan)), store
@@ -70,18 +87,21 @@ def check_epoch(frames, x_expected):
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(x_expected.shape[0]))
 
 
-@pytest.mark.parametrize(("high", "store_dtype", "wire_dtype"), [
-    (255, np.float32, np.uint8),
-    (256, np.float32, np.uint16),
-    (65_535, np.float32, np.uint16),
-    (70_000, np.float32, np.uint32),
-    (300, np.float64, np.uint16),
-    (9, np.int32, np.uint8),
-    # counts stored narrow (annserve convert) go out as stored: no min/max pass, no copy
-    (9, np.uint16, np.uint16),
-    (300, np.uint16, np.uint16),
-    (9, np.uint8, np.uint8),
-])
+@pytest.mark.parametrize(
+    ("high", "store_dtype", "wire_dtype"),
+    [
+        (255, np.float32, np.uint8),
+        (256, np.float32, np.uint16),
+        (65_535, np.float32, np.uint16),
+        (70_000, np.float32, np.uint32),
+        (300, np.float64, np.uint16),
+        (9, np.int32, np.uint8),
+        # counts stored narrow (annserve convert) go out as stored: no min/max pass, no copy
+        (9, np.uint16, np.uint16),
+        (300, np.uint16, np.uint16),
+        (9, np.uint8, np.uint8),
+    ],
+)
 @pytest.mark.parametrize("encoding", ["compact", "raw"])
 def test_integer_counts_round_trip(tmp_path, high, store_dtype, wire_dtype, encoding):
     rng = np.random.default_rng(0)
@@ -132,7 +152,7 @@ def test_single_row_store(tmp_path):
 @pytest.mark.parametrize("values", ["counts", "floats"])
 def test_dense_x(tmp_path, encoding, values):
     rng = np.random.default_rng(5)
-    x = (rng.integers(0, 300, (23, 9)) if values == "counts" else rng.normal(size=(23, 9)))
+    x = rng.integers(0, 300, (23, 9)) if values == "counts" else rng.normal(size=(23, 9))
     x = x.astype(np.float32)
     frames, _ = stream(write(tmp_path, x), encoding=encoding)
     assert all("X" in decode_frame(f).arrays for f in frames)

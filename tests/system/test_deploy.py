@@ -62,7 +62,7 @@ def instructions(text: str) -> list[Instruction]:
 
 def final_stage(dockerfile: list[Instruction]) -> list[Instruction]:
     froms = [i for i, (keyword, _) in enumerate(dockerfile) if keyword == "FROM"]
-    return dockerfile[froms[-1]:]
+    return dockerfile[froms[-1] :]
 
 
 def exec_form(dockerfile: list[Instruction], keyword: str) -> list[str]:
@@ -133,8 +133,11 @@ def annserve_port(services: dict, dockerfile: list[Instruction]) -> str:
     args = argv(services["annserve"].get("command", []))
     if "--port" in args:
         return flag(args, "--port")
-    return str(services["annserve"].get("environment", {}).get(
-        "ANNSERVE_PORT", image_env(dockerfile)["ANNSERVE_PORT"]))
+    return str(
+        services["annserve"]
+        .get("environment", {})
+        .get("ANNSERVE_PORT", image_env(dockerfile)["ANNSERVE_PORT"])
+    )
 
 
 def test_trainers_wait_for_a_healthy_annserve(services):
@@ -172,14 +175,21 @@ def test_stop_grace_period_outlasts_the_drain(services):
     assert float(period[:-1]) > grace + 1  # shutdown takes up to grace + 1 s
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="docker-compose (Debian package) not installed")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed"
+)
 @pytest.mark.parametrize("profile", [None, "multi"])
 def test_docker_compose_config_accepts_the_file(profile):
     args = ["docker-compose", "-f", str(DEPLOY / "compose.yaml")]
     args += ["--profile", profile] if profile else []
-    done = subprocess.run([*args, "config", "--services"], capture_output=True, text=True,
-                          timeout=60, check=False, env={**os.environ, "ANNSERVE_DATA": str(DATA)})
+    done = subprocess.run(
+        [*args, "config", "--services"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "ANNSERVE_DATA": str(DATA)},
+    )
     assert done.returncode == 0, done.stderr
     assert {"annserve", "trainer", "trainer-2"} <= set(done.stdout.split())
 
@@ -289,11 +299,18 @@ def drain(lines: Lines) -> str:
 
 
 @contextmanager
-def spawn(command: list[str], env: dict[str, str] | None = None
-          ) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+def spawn(
+    command: list[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
     """Run ``command``, its stderr lines fed to a queue (None at EOF); kill it on exit."""
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines: Lines = queue.Queue()
     reader = threading.Thread(target=pump, args=(proc.stderr, lines), daemon=True)
     reader.start()
@@ -321,15 +338,19 @@ def wait_for_port(lines: Lines, timeout: float) -> int:
         seen.append(line)
         if match := LISTENING.search(line):
             return int(match.group(1))
-    pytest.fail(f"no 'listening on 127.0.0.1:PORT' line (waited up to {timeout} s); "
-                f"stderr:\n{''.join(seen)}")
+    pytest.fail(
+        f"no 'listening on 127.0.0.1:PORT' line (waited up to {timeout} s); "
+        f"stderr:\n{''.join(seen)}"
+    )
 
 
 def describe(address: str) -> pb.StoreInfo:
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary("/annserve.v1.AnnServe/DescribeStore",
-                                   request_serializer=pb.DescribeStoreRequest.SerializeToString,
-                                   response_deserializer=pb.StoreInfo.FromString)
+        call = channel.unary_unary(
+            "/annserve.v1.AnnServe/DescribeStore",
+            request_serializer=pb.DescribeStoreRequest.SerializeToString,
+            response_deserializer=pb.StoreInfo.FromString,
+        )
         return call(pb.DescribeStoreRequest(), timeout=RPC_TIMEOUT)
 
 
@@ -350,8 +371,13 @@ def test_image_command_serves_and_stops_on_sigterm(dockerfile):
 
 def test_missing_store_exits_3(tmp_path):
     missing = tmp_path / "nonexistent.h5ad"
-    done = subprocess.run([*annserve_command(), "--store", str(missing)], capture_output=True,
-                          text=True, timeout=START_TIMEOUT, check=False)
+    done = subprocess.run(
+        [*annserve_command(), "--store", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
     assert done.returncode == 3
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert str(missing) in done.stderr
@@ -360,14 +386,21 @@ def test_missing_store_exits_3(tmp_path):
 def run_healthcheck(dockerfile: list[Instruction], port: int) -> subprocess.CompletedProcess[str]:
     """Run the image's exact HEALTHCHECK command with the image's ENV, the port swapped."""
     command = healthcheck_command(dockerfile)
-    return subprocess.run([*console_script(command[0]), *command[1:]],
-                          env=local_env(dockerfile, ANNSERVE_PORT=str(port)),
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [*console_script(command[0]), *command[1:]],
+        env=local_env(dockerfile, ANNSERVE_PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def open_stream(channel: grpc.Channel, **fields) -> grpc.Call:
-    call = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches",
-                                request_serializer=pb.StreamBatchesRequest.SerializeToString)
+    call = channel.unary_stream(
+        "/annserve.v1.AnnServe/StreamBatches",
+        request_serializer=pb.StreamBatchesRequest.SerializeToString,
+    )
     return call(pb.StreamBatchesRequest(**fields), timeout=60)
 
 
@@ -384,8 +417,9 @@ def test_healthcheck_command_serving_then_not_serving_while_draining(dockerfile)
         assert "SERVING" in healthy.stdout
         info = describe(f"127.0.0.1:{port}")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = open_stream(channel, batch_size=16, chunk_size=16, preload_nchunks=4,
-                                 shuffle=True, seed=1)
+            stream = open_stream(
+                channel, batch_size=16, chunk_size=16, preload_nchunks=4, shuffle=True, seed=1
+            )
             frames = [next(stream)]  # in flight, then paused
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10

@@ -11,8 +11,11 @@ import torch
 from annserve.client import CSRArrays, RemoteLoader
 from conftest import as_scipy
 
-OBS_KEYS = {"pbmc3k": ["barcode"], "wu2020": ["cluster_orig", "patient"],
-            "pbmc68k": ["bulk_labels", "n_genes", "percent_mito", "phase"]}
+OBS_KEYS = {
+    "pbmc3k": ["barcode"],
+    "wu2020": ["cluster_orig", "patient"],
+    "pbmc68k": ["bulk_labels", "n_genes", "percent_mito", "phase"],
+}
 
 
 def check_batch(batch, adata, obs_keys) -> np.ndarray:
@@ -45,8 +48,16 @@ def check_batch(batch, adata, obs_keys) -> np.ndarray:
 def test_full_epoch_equals_anndata(serve, store_path, real_adata, name):
     adata = real_adata(name)
     address = serve(store_path(name))
-    loader = RemoteLoader(address, batch_size=100, chunk_size=16, preload_nchunks=8, seed=0,
-                          obs_keys=OBS_KEYS[name], return_index=True, timeout=10)
+    loader = RemoteLoader(
+        address,
+        batch_size=100,
+        chunk_size=16,
+        preload_nchunks=8,
+        seed=0,
+        obs_keys=OBS_KEYS[name],
+        return_index=True,
+        timeout=10,
+    )
     assert (loader.n_obs, loader.n_vars) == adata.shape
     assert loader.var_names == list(adata.var_names)
     seen, sizes = [], []
@@ -60,17 +71,27 @@ def test_full_epoch_equals_anndata(serve, store_path, real_adata, name):
     assert not np.array_equal(rows, np.arange(adata.n_obs))  # shuffled
 
 
-@pytest.mark.parametrize(("encoding", "compression"),
-                         [("raw", None), ("compact", None), ("compact", "zstd")])
+@pytest.mark.parametrize(
+    ("encoding", "compression"), [("raw", None), ("compact", None), ("compact", "zstd")]
+)
 @pytest.mark.parametrize("to_dense", [False, True])
 def test_encodings_and_dense_output(serve, real_adata, encoding, compression, to_dense):
     from conftest import real_path
 
     adata = real_adata("wu2020")
-    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=64, chunk_size=8,
-                          preload_nchunks=4, seed=1, return_index=True, encoding=encoding,
-                          compression=compression, to_dense=to_dense, obs_keys=["source"],
-                          timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("wu2020")),
+        batch_size=64,
+        chunk_size=8,
+        preload_nchunks=4,
+        seed=1,
+        return_index=True,
+        encoding=encoding,
+        compression=compression,
+        to_dense=to_dense,
+        obs_keys=["source"],
+        timeout=10,
+    )
     seen = []
     for batch in loader:
         if to_dense:
@@ -88,8 +109,14 @@ def test_numpy_output_without_torch_tensors(serve, real_adata):
     from conftest import real_path
 
     adata = real_adata("pbmc3k")
-    loader = RemoteLoader(serve(real_path("pbmc3k")), batch_size=512, to_torch=False,
-                          return_index=True, seed=2, timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("pbmc3k")),
+        batch_size=512,
+        to_torch=False,
+        return_index=True,
+        seed=2,
+        timeout=10,
+    )
     batch = next(iter(loader))
     assert isinstance(batch["X"], CSRArrays)
     assert isinstance(batch["index"], np.ndarray)
@@ -101,9 +128,16 @@ def test_no_shuffle_yields_store_order_and_drop_last(serve, real_adata):
     from conftest import real_path
 
     adata = real_adata("wu2020")
-    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=64, chunk_size=8,
-                          preload_nchunks=3, shuffle=False, drop_last=True, return_index=True,
-                          timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("wu2020")),
+        batch_size=64,
+        chunk_size=8,
+        preload_nchunks=3,
+        shuffle=False,
+        drop_last=True,
+        return_index=True,
+        timeout=10,
+    )
     batches = [check_batch(b, adata, []) for b in loader]
     assert len(batches) == len(loader) == 3  # 200 rows: 3 full batches, the short one dropped
     np.testing.assert_array_equal(np.concatenate(batches), np.arange(192))
@@ -115,8 +149,15 @@ def test_epochs_are_reproducible_and_distinct(serve):
     address = serve(real_path("wu2020"))
 
     def order(seed: int, epoch: int) -> np.ndarray:
-        loader = RemoteLoader(address, batch_size=50, chunk_size=4, preload_nchunks=10,
-                              seed=seed, return_index=True, timeout=10)
+        loader = RemoteLoader(
+            address,
+            batch_size=50,
+            chunk_size=4,
+            preload_nchunks=10,
+            seed=seed,
+            return_index=True,
+            timeout=10,
+        )
         loader.set_epoch(epoch)
         return np.concatenate([b["index"].numpy() for b in loader])
 
@@ -128,8 +169,15 @@ def test_epochs_are_reproducible_and_distinct(serve):
 def test_iterations_continue_where_the_last_one_stopped(serve):
     from conftest import real_path
 
-    loader = RemoteLoader(serve(real_path("wu2020")), batch_size=50, chunk_size=4,
-                          preload_nchunks=10, seed=0, return_index=True, timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("wu2020")),
+        batch_size=50,
+        chunk_size=4,
+        preload_nchunks=10,
+        seed=0,
+        return_index=True,
+        timeout=10,
+    )
     batches = iter(loader)
     first = next(batches)["index"].numpy()
     batches.close()
@@ -149,8 +197,14 @@ def test_abandoned_stream_stops_server_reader(serve):
 
     from conftest import real_path
 
-    loader = RemoteLoader(serve(real_path("pbmc3k")), batch_size=16, chunk_size=4,
-                          preload_nchunks=2, seed=0, timeout=10)
+    loader = RemoteLoader(
+        serve(real_path("pbmc3k")),
+        batch_size=16,
+        chunk_size=4,
+        preload_nchunks=2,
+        seed=0,
+        timeout=10,
+    )
     batches = iter(loader)
     next(batches)
     assert any(t.name.startswith("annserve-stream") for t in threading.enumerate())
@@ -158,8 +212,11 @@ def test_abandoned_stream_stops_server_reader(serve):
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        alive = [t.name for t in threading.enumerate()
-                 if t.name.startswith(("annserve-stream", "annserve-decode"))]
+        alive = [
+            t.name
+            for t in threading.enumerate()
+            if t.name.startswith(("annserve-stream", "annserve-decode"))
+        ]
         if not alive:
             break
         time.sleep(0.05)
@@ -173,8 +230,7 @@ def test_unix_socket_address(tmp_path, real_adata):
     sock = tmp_path / "annserve.sock"
     server, _ = create_server({"wu": open_store(real_path("wu2020"))}, [f"unix:{sock}"])
     try:
-        loader = RemoteLoader(f"unix:{sock}", batch_size=64, return_index=True, seed=0,
-                              timeout=10)
+        loader = RemoteLoader(f"unix:{sock}", batch_size=64, return_index=True, seed=0, timeout=10)
         rows = np.concatenate([check_batch(b, real_adata("wu2020"), []) for b in loader])
         np.testing.assert_array_equal(np.sort(rows), np.arange(200))
     finally:

@@ -27,8 +27,18 @@ def free_port() -> int:
 
 def start_daemon(store: Path, port: int, log: Path) -> subprocess.Popen:
     with open(log, "a") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "annserve.server.rpc.cli", "--store",
-                                 str(store), "--port", str(port)], stderr=err)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "annserve.server.rpc.cli",
+                "--store",
+                str(store),
+                "--port",
+                str(port),
+            ],
+            stderr=err,
+        )
     deadline = time.monotonic() + 60
     while f"listening on 127.0.0.1:{port}" not in log.read_text():
         assert proc.poll() is None, log.read_text()
@@ -42,9 +52,18 @@ def test_sigkill_mid_epoch_then_restart_loses_and_repeats_nothing(tmp_path, capl
     store, port = real_path("pbmc3k"), free_port()
     daemons = [start_daemon(store, port, tmp_path / "first.log")]
     try:
-        loader = RemoteLoader(f"127.0.0.1:{port}", batch_size=64, chunk_size=16,
-                              preload_nchunks=2, seed=0, return_index=True, encoding="raw",
-                              retries=6, retry_backoff=0.5, timeout=10)
+        loader = RemoteLoader(
+            f"127.0.0.1:{port}",
+            batch_size=64,
+            chunk_size=16,
+            preload_nchunks=2,
+            seed=0,
+            return_index=True,
+            encoding="raw",
+            retries=6,
+            retry_backoff=0.5,
+            timeout=10,
+        )
         seen = []
         with caplog.at_level(logging.WARNING, logger="annserve.client.loader"):
             for i, batch in enumerate(loader):

@@ -11,8 +11,11 @@ STUBS = ("annserve_pb2.py", "annserve_pb2.pyi", "annserve_pb2_grpc.py")
 
 
 def test_regenerating_stubs_changes_nothing(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "tools" / "gen_proto.py"), str(tmp_path)],
-                   check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gen_proto.py"), str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
     for name in STUBS:
         fresh = (tmp_path / "annserve" / "v1" / name).read_text()
         committed = (ROOT / "src" / "annserve" / "v1" / name).read_text()
@@ -20,10 +23,13 @@ def test_regenerating_stubs_changes_nothing(tmp_path):
 
 
 def test_client_import_pulls_no_store_libraries():
-    code = ("import sys, annserve.client; "
-            "print(','.join(m for m in ('anndata', 'zarr', 'h5py', 'scipy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120)
+    code = (
+        "import sys, annserve.client; "
+        "print(','.join(m for m in ('anndata', 'zarr', 'h5py', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == ""
 
 

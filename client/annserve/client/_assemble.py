@@ -62,8 +62,13 @@ class BatchAssembler:
         Where large output arrays come from; a private pool by default.
     """
 
-    def __init__(self, obs_columns: Sequence[pb.ObsColumn], obs_keys: Sequence[str],
-                 n_vars: int, pool: BufferPool | None = None) -> None:
+    def __init__(
+        self,
+        obs_columns: Sequence[pb.ObsColumn],
+        obs_keys: Sequence[str],
+        n_vars: int,
+        pool: BufferPool | None = None,
+    ) -> None:
         by_name = {c.name: c for c in obs_columns}
         self._obs = [by_name[k] for k in obs_keys]
         self._n_vars = n_vars
@@ -96,8 +101,9 @@ class BatchAssembler:
 class _Batch:
     """One minibatch being filled frame by frame."""
 
-    def __init__(self, number: int, n_rows: int, n_vars: int, obs: Sequence[pb.ObsColumn],
-                 pool: BufferPool) -> None:
+    def __init__(
+        self, number: int, n_rows: int, n_vars: int, obs: Sequence[pb.ObsColumn], pool: BufferPool
+    ) -> None:
         self.number, self._n_rows, self._n_vars = number, n_rows, n_vars
         self._obs = obs
         self._pool = pool
@@ -117,11 +123,18 @@ class _Batch:
     def add(self, frame: Frame) -> None:
         """Copy one frame's rows into the batch."""
         h = frame.header
-        if (h.batch != self.number or h.batch_rows != self._n_rows or h.row_start != self._rows
-                or h.n_rows <= 0 or h.row_start + h.n_rows > h.batch_rows
-                or (self._sparse is not None and h.sparse != self._sparse)):
-            msg = (f"frame out of sequence: batch {h.batch} rows {h.row_start}+{h.n_rows} "
-                   f"of {h.batch_rows}, expected batch {self.number} row {self._rows}")
+        if (
+            h.batch != self.number
+            or h.batch_rows != self._n_rows
+            or h.row_start != self._rows
+            or h.n_rows <= 0
+            or h.row_start + h.n_rows > h.batch_rows
+            or (self._sparse is not None and h.sparse != self._sparse)
+        ):
+            msg = (
+                f"frame out of sequence: batch {h.batch} rows {h.row_start}+{h.n_rows} "
+                f"of {h.batch_rows}, expected batch {self.number} row {self._rows}"
+            )
             raise _fail(msg)
         self._sparse = h.sparse
         if h.sparse:
@@ -139,15 +152,17 @@ class _Batch:
             raise _fail(msg)
         if self._dense is None:
             self._dense = self._pool.empty((self._n_rows, self._n_vars), np.float32)
-        self._dense[self._rows:self._rows + len(part)] = part
+        self._dense[self._rows : self._rows + len(part)] = part
 
     def _add_csr(self, frame: Frame) -> None:
         lengths = _row_lengths(frame)
         indices, data = _array(frame, "indices"), _array(frame, "data")
         nnz = int(lengths.sum())
         if len(indices) != nnz or len(data) != nnz:
-            msg = (f"CSR arrays disagree: {nnz} non-zeros by row, {len(indices)} indices, "
-                   f"{len(data)} values")
+            msg = (
+                f"CSR arrays disagree: {nnz} non-zeros by row, {len(indices)} indices, "
+                f"{len(data)} values"
+            )
             raise _fail(msg)
         if nnz and int(indices.max()) >= self._n_vars:
             msg = f"column index {int(indices.max())} out of range for {self._n_vars} vars"
@@ -234,13 +249,13 @@ class _Growing:
             if dtype == np.int32 and end > np.iinfo(np.int32).max:
                 dtype = np.dtype(np.int64)
             larger = self._pool.empty((max(end, 2 * len(self._out)),), dtype)
-            larger[:self._n] = self._out[:self._n]
+            larger[: self._n] = self._out[: self._n]
             self._out = larger
-        self._out[self._n:end] = part
+        self._out[self._n : end] = part
         self._n = end
 
     def result(self) -> np.ndarray:
-        return self._out[:self._n]
+        return self._out[: self._n]
 
 
 def _array(frame: Frame, name: str) -> np.ndarray:
@@ -256,8 +271,9 @@ def _array(frame: Frame, name: str) -> np.ndarray:
 
 def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical:
     try:
-        return pd.Categorical.from_codes(codes, categories=list(col.categories),
-                                         ordered=col.ordered)
+        return pd.Categorical.from_codes(
+            codes, categories=list(col.categories), ordered=col.ordered
+        )
     except ValueError as e:
         msg = f"obs column {col.name!r}: bad category codes: {e}"
         raise _fail(msg) from e

@@ -68,8 +68,10 @@ class Credentials:
     @property
     def secure(self) -> bool:
         """Whether the channel uses TLS."""
-        return self.tls or any(v is not None for v in (
-            self.root_certificates, self.certificate_chain, self.private_key))
+        return self.tls or any(
+            v is not None
+            for v in (self.root_certificates, self.certificate_chain, self.private_key)
+        )
 
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         """Return the call metadata carrying the token, None without one."""
@@ -109,8 +111,9 @@ class Connection:
         If only one of a client certificate and its key is given.
     """
 
-    def __init__(self, address: str, timeout: float, credentials: Credentials | None = None
-                 ) -> None:
+    def __init__(
+        self, address: str, timeout: float, credentials: Credentials | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
         credentials = credentials or Credentials()
@@ -120,8 +123,10 @@ class Connection:
             raise InvalidRequestError(msg)
         if credentials.secure:
             channel_credentials = grpc.ssl_channel_credentials(
-                credentials.root_certificates, credentials.private_key,
-                credentials.certificate_chain)
+                credentials.root_certificates,
+                credentials.private_key,
+                credentials.certificate_chain,
+            )
             self._channel = grpc.secure_channel(address, channel_credentials, options=_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(address, options=_OPTIONS)
@@ -157,8 +162,9 @@ class Connection:
             msg = f"no annserve server answered at {self.address} within {self.timeout:g} s"
             raise ServerUnavailableError(msg) from None
         try:
-            return self._describe(pb.DescribeStoreRequest(store=store), timeout=self.timeout,
-                                  metadata=self._metadata)
+            return self._describe(
+                pb.DescribeStoreRequest(store=store), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 

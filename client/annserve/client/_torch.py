@@ -32,9 +32,17 @@ def to_torch(batch: dict[str, object], *, to_dense: bool, pool: BufferPool) -> d
     out = dict(batch)
     x = batch["X"]
     if isinstance(x, CSRArrays):
-        out["X"] = _dense_from_csr(x, pool) if to_dense else torch.sparse_csr_tensor(
-            torch.from_numpy(x.indptr), torch.from_numpy(x.indices), torch.from_numpy(x.data),
-            size=x.shape, check_invariants=False)
+        out["X"] = (
+            _dense_from_csr(x, pool)
+            if to_dense
+            else torch.sparse_csr_tensor(
+                torch.from_numpy(x.indptr),
+                torch.from_numpy(x.indices),
+                torch.from_numpy(x.data),
+                size=x.shape,
+                check_invariants=False,
+            )
+        )
     else:
         out["X"] = torch.from_numpy(x)
     if "index" in batch:
@@ -52,5 +60,7 @@ def _dense_from_csr(x: CSRArrays, pool: BufferPool) -> torch.Tensor:
 
 def to_device(batch: dict[str, object], device: torch.device) -> dict[str, object]:
     """Move the batch's tensors to ``device`` (non-blocking from pinned memory on CUDA)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }

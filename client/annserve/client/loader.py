@@ -32,8 +32,12 @@ logger = logging.getLogger(__name__)
 #: Longest wait between reconnection attempts, seconds.
 _MAX_BACKOFF_S = 8.0
 _ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
-_COMPRESSIONS = {None: pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD, "lz4": pb.COMPRESSION_LZ4,
-                 "blosc": pb.COMPRESSION_BLOSC}
+_COMPRESSIONS = {
+    None: pb.COMPRESSION_NONE,
+    "zstd": pb.COMPRESSION_ZSTD,
+    "lz4": pb.COMPRESSION_LZ4,
+    "blosc": pb.COMPRESSION_BLOSC,
+}
 
 
 class RemoteLoader(IterableDataset):
@@ -196,8 +200,12 @@ class RemoteLoader(IterableDataset):
         token: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
-                            ("preload_nchunks", preload_nchunks), ("prefetch", prefetch)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("chunk_size", chunk_size),
+            ("preload_nchunks", preload_nchunks),
+            ("prefetch", prefetch),
+        ):
             if value <= 0:
                 msg = f"{name} must be a positive integer, got {value}"
                 raise InvalidRequestError(msg)
@@ -235,8 +243,10 @@ class RemoteLoader(IterableDataset):
     def _check_against_store(self) -> None:
         missing = sorted(set(self.obs_keys) - {c.name for c in self._info.obs_columns})
         if missing:
-            msg = (f"obs_keys: unknown column(s) {missing}; the store has "
-                   f"{sorted(c.name for c in self._info.obs_columns)}")
+            msg = (
+                f"obs_keys: unknown column(s) {missing}; the store has "
+                f"{sorted(c.name for c in self._info.obs_columns)}"
+            )
             raise InvalidRequestError(msg)
         if self.layer is not None and self.layer not in self._info.layers:
             msg = f"layer: unknown layer {self.layer!r}; the store has {list(self._info.layers)}"
@@ -245,8 +255,10 @@ class RemoteLoader(IterableDataset):
             known = set(self._info.var_names)
             unknown = [v for v in self._var_subset if v not in known]
             if unknown or len(set(self._var_subset)) != len(self._var_subset):
-                msg = (f"var_names: unknown {unknown[:5]} or repeated genes; each must be "
-                       "one of the store's var_names, listed once")
+                msg = (
+                    f"var_names: unknown {unknown[:5]} or repeated genes; each must be "
+                    "one of the store's var_names, listed once"
+                )
                 raise InvalidRequestError(msg)
 
     # --- store facts -------------------------------------------------------------
@@ -304,8 +316,12 @@ class RemoteLoader(IterableDataset):
         ``batch`` counts the batches of ``epoch`` already yielded; ``config`` the
         arguments that shape the epoch, checked by :meth:`load_state_dict`.
         """
-        return {"seed": self.seed, "epoch": self._epoch, "batch": self._batch,
-                "config": self._config()}
+        return {
+            "seed": self.seed,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "config": self._config(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration continues after its batch.
@@ -317,8 +333,7 @@ class RemoteLoader(IterableDataset):
             resume a different sequence).
         """
         if state["config"] != self._config():
-            msg = (f"state_dict was saved with {state['config']}, this loader has "
-                   f"{self._config()}")
+            msg = f"state_dict was saved with {state['config']}, this loader has {self._config()}"
             raise InvalidRequestError(msg)
         self.seed, self._epoch, self._batch = state["seed"], state["epoch"], state["batch"]
 
@@ -349,9 +364,16 @@ class RemoteLoader(IterableDataset):
                 if attempt == self.retries:
                     raise
                 delay = min(self.retry_backoff * 2**attempt, _MAX_BACKOFF_S)
-                logger.warning("annserve at %s unavailable; resuming at epoch %d batch %d in "
-                               "%.1f s (retry %d of %d)", self.address, self._epoch, self._batch,
-                               delay, attempt + 1, self.retries)
+                logger.warning(
+                    "annserve at %s unavailable; resuming at epoch %d batch %d in "
+                    "%.1f s (retry %d of %d)",
+                    self.address,
+                    self._epoch,
+                    self._batch,
+                    delay,
+                    attempt + 1,
+                    self.retries,
+                )
                 time.sleep(delay)
             else:
                 self._epoch, self._batch = self._epoch + 1, 0
@@ -386,13 +408,26 @@ class RemoteLoader(IterableDataset):
 
     def _request(self, epoch: int, shard: _Shard, start_batch: int) -> pb.StreamBatchesRequest:
         request = pb.StreamBatchesRequest(
-            store=self.store, batch_size=self.batch_size, chunk_size=self.chunk_size,
-            preload_nchunks=self.preload_nchunks, shuffle=self.shuffle, drop_last=self.drop_last,
-            seed=self.seed, epoch=epoch, obs_keys=self.obs_keys, return_index=self.return_index,
-            encoding=_ENCODINGS[self.encoding], compression=_COMPRESSIONS[self.compression],
-            compression_level=self.compression_level, layer=self.layer or "",
-            var_names=self._var_subset or (), shard_index=shard.index, shard_count=shard.count,
-            uneven_shards=not self.even_batches, start_batch=start_batch)
+            store=self.store,
+            batch_size=self.batch_size,
+            chunk_size=self.chunk_size,
+            preload_nchunks=self.preload_nchunks,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            seed=self.seed,
+            epoch=epoch,
+            obs_keys=self.obs_keys,
+            return_index=self.return_index,
+            encoding=_ENCODINGS[self.encoding],
+            compression=_COMPRESSIONS[self.compression],
+            compression_level=self.compression_level,
+            layer=self.layer or "",
+            var_names=self._var_subset or (),
+            shard_index=shard.index,
+            shard_count=shard.count,
+            uneven_shards=not self.even_batches,
+            start_batch=start_batch,
+        )
         for option in (self.split, self.balance):
             if option is not None:
                 option.apply(request)

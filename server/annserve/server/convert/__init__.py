@@ -7,5 +7,12 @@ the store format (:mod:`annserve.server.format`) and the zarr adapter.
 from annserve.server.convert.manifest import GroupEntry, Manifest, SourceEntry, read_manifest
 from annserve.server.convert.pipeline import OutputExistsError, convert, convert_main
 
-__all__ = ["GroupEntry", "Manifest", "OutputExistsError", "SourceEntry", "convert",
-           "convert_main", "read_manifest"]
+__all__ = [
+    "GroupEntry",
+    "Manifest",
+    "OutputExistsError",
+    "SourceEntry",
+    "convert",
+    "convert_main",
+    "read_manifest",
+]

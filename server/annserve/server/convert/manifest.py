@@ -137,8 +137,10 @@ class Manifest:
             raise StoreFormatError(msg)
         version = value.get("format_version")
         if version != FORMAT_VERSION:
-            msg = (f"{where}: collection format_version {version!r}; this annserve reads "
-                   f"version {FORMAT_VERSION}")
+            msg = (
+                f"{where}: collection format_version {version!r}; this annserve reads "
+                f"version {FORMAT_VERSION}"
+            )
             raise StoreFormatError(msg)
         try:
             fields = {k: v for k, v in value.items() if k in cls.__dataclass_fields__}
@@ -194,8 +196,10 @@ def read_manifest(path: str | Path) -> Manifest:
         msg = f"{p}: not a zarr group: {e}"
         raise StoreFormatError(msg) from e
     if value is None:
-        msg = (f"{p}: not an annserve collection (no {MANIFEST_KEY!r} manifest in the root "
-               "attributes; an interrupted conversion leaves none)")
+        msg = (
+            f"{p}: not an annserve collection (no {MANIFEST_KEY!r} manifest in the root "
+            "attributes; an interrupted conversion leaves none)"
+        )
         raise StoreFormatError(msg)
     manifest = Manifest.from_json(value, str(p))
     _check_groups(p, root, manifest)
@@ -217,9 +221,11 @@ def _check_groups(p: Path, root: zarr.Group, manifest: Manifest) -> None:
             raise StoreFormatError(msg) from e
         found = (shape, n_names, var_index.shape[0])
         if found != ((g.n_obs, manifest.n_vars), g.n_obs, manifest.n_vars):
-            msg = (f"{p}: group {g.name!r} holds X {shape}, {n_names} obs and "
-                   f"{var_index.shape[0]} var names; the manifest says "
-                   f"({g.n_obs}, {manifest.n_vars})")
+            msg = (
+                f"{p}: group {g.name!r} holds X {shape}, {n_names} obs and "
+                f"{var_index.shape[0]} var names; the manifest says "
+                f"({g.n_obs}, {manifest.n_vars})"
+            )
             raise StoreFormatError(msg)
         if i == 0 and var_names_sha256(str(v) for v in var_index[...]) != manifest.var_names_sha256:
             msg = f"{p}: gene names of group {g.name!r} do not match the manifest"

@@ -44,13 +44,17 @@ class MatrixInfo:
 class Matrix:
     """Row-range reads of one CSR group or dense array, as CSR parts."""
 
-    def __init__(self, key: str, elem: h5py.Group | zarr.Group | h5py.Dataset | zarr.Array,
-                 path: Path) -> None:
+    def __init__(
+        self, key: str, elem: h5py.Group | zarr.Group | h5py.Dataset | zarr.Array, path: Path
+    ) -> None:
         self.sparse = elem.attrs.get("encoding-type") == "csr_matrix"
         if self.sparse:
             self.shape = tuple(int(s) for s in elem.attrs["shape"])
-            self._indptr, self._indices, self._data = (elem["indptr"], elem["indices"],
-                                                       elem["data"])
+            self._indptr, self._indices, self._data = (
+                elem["indptr"],
+                elem["indices"],
+                elem["data"],
+            )
             _check_csr(path, key, self.shape, self._indptr, self._indices, self._data)
             nnz = int(self._indptr[self.shape[0]])
             dtype = np.dtype(self._data.dtype)
@@ -64,8 +68,9 @@ class Matrix:
             raise StoreFormatError(msg)
         self.info = MatrixInfo(key, self.sparse, dtype, nnz)
 
-    def blocks(self, value_bytes: int, row_bytes: int, block_bytes: int
-               ) -> Iterator[tuple[int, int]]:
+    def blocks(
+        self, value_bytes: int, row_bytes: int, block_bytes: int
+    ) -> Iterator[tuple[int, int]]:
         """Cut the rows into ``[start, stop)`` blocks of at most ``block_bytes`` (one row at least).
 
         A block costs ``value_bytes`` per stored value (non-zero, or every value of a
@@ -79,8 +84,9 @@ class Matrix:
             return
         start = 0
         while start < n_obs:
-            window = np.asarray(self._indptr[start:min(start + _INDPTR_WINDOW, n_obs) + 1],
-                                dtype=np.int64)
+            window = np.asarray(
+                self._indptr[start : min(start + _INDPTR_WINDOW, n_obs) + 1], dtype=np.int64
+            )
             cost = (window - window[0]) * value_bytes + np.arange(len(window)) * row_bytes
             stop = start + max(1, int(np.searchsorted(cost, block_bytes, side="right")) - 1)
             yield start, stop
@@ -99,7 +105,7 @@ class Matrix:
             rows, cols = np.nonzero(dense)
             row_nnz = np.bincount(rows, minlength=stop - start).astype(np.int64)
             return row_nnz, cols, dense[rows, cols]
-        indptr = np.asarray(self._indptr[start:stop + 1], dtype=np.int64)
+        indptr = np.asarray(self._indptr[start : stop + 1], dtype=np.int64)
         a, b = int(indptr[0]), int(indptr[-1])
         return np.diff(indptr), np.asarray(self._indices[a:b]), np.asarray(self._data[a:b])
 
@@ -125,11 +131,19 @@ def open_matrix(root: h5py.Group | zarr.Group, key: str, path: Path) -> Matrix:
     return Matrix(key, elem, path)
 
 
-def _check_csr(path: Path, key: str, shape: tuple[int, ...], indptr: h5py.Dataset | zarr.Array,
-               indices: h5py.Dataset | zarr.Array, data: h5py.Dataset | zarr.Array) -> None:
+def _check_csr(
+    path: Path,
+    key: str,
+    shape: tuple[int, ...],
+    indptr: h5py.Dataset | zarr.Array,
+    indices: h5py.Dataset | zarr.Array,
+    data: h5py.Dataset | zarr.Array,
+) -> None:
     if len(shape) != 2 or indptr.shape != (shape[0] + 1,) or indices.shape != data.shape:
-        msg = (f"{path}: {key} is a malformed CSR matrix (shape {shape}, indptr {indptr.shape}, "
-               f"indices {indices.shape}, data {data.shape})")
+        msg = (
+            f"{path}: {key} is a malformed CSR matrix (shape {shape}, indptr {indptr.shape}, "
+            f"indices {indices.shape}, data {data.shape})"
+        )
         raise StoreFormatError(msg)
     if int(indptr[shape[0]]) > data.shape[0]:
         msg = f"{path}: {key} indptr points past the end of data ({data.shape[0]} values)"

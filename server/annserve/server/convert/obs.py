@@ -53,9 +53,13 @@ class ColumnInfo:
 
 
 class ColumnReader(Protocol):
+    """An obs column of one input, read by row range."""
+
     info: ColumnInfo
 
-    def read(self, start: int, stop: int) -> np.ndarray: ...
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Return rows ``[start, stop)`` of the column, shape ``(stop - start,)``."""
+        ...
 
 
 class _SlicedColumn:
@@ -88,15 +92,22 @@ def _memory_column(name: str, values: object) -> _MemoryColumn:
     """Classify in-memory column values (pandas or numpy) as category, numeric or str."""
     series = pd.Series(values, copy=False)
     if isinstance(series.dtype, pd.CategoricalDtype):
-        info = ColumnInfo(name, "category", categories=_labels(series.cat.categories),
-                          ordered=bool(series.cat.ordered))
+        info = ColumnInfo(
+            name,
+            "category",
+            categories=_labels(series.cat.categories),
+            ordered=bool(series.cat.ordered),
+        )
         return _MemoryColumn(info, np.asarray(series.cat.codes, dtype=np.int64))
     if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
         if series.isna().any():
             array = series.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
-            array = series.to_numpy(dtype=np.dtype(series.dtype.numpy_dtype)
-                                    if hasattr(series.dtype, "numpy_dtype") else None)
+            array = series.to_numpy(
+                dtype=np.dtype(series.dtype.numpy_dtype)
+                if hasattr(series.dtype, "numpy_dtype")
+                else None
+            )
         return _MemoryColumn(ColumnInfo(name, "numeric", np.dtype(array.dtype)), array)
     strings = series.astype(object).where(series.notna(), "").astype(str).to_numpy(dtype=object)
     return _MemoryColumn(ColumnInfo(name, "str"), strings)
@@ -110,13 +121,18 @@ def _labels(index: pd.Index | np.ndarray) -> tuple[object, ...]:
     return tuple(str(v) for v in values.tolist())
 
 
-def _column_reader(name: str, elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array
-                   ) -> ColumnReader:
+def _column_reader(
+    name: str, elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array
+) -> ColumnReader:
     encoding = elem.attrs.get("encoding-type")
     if encoding == "categorical":
         categories = ad.io.read_elem(elem["categories"])
-        info = ColumnInfo(name, "category", categories=_labels(categories),
-                          ordered=bool(elem.attrs.get("ordered", False)))
+        info = ColumnInfo(
+            name,
+            "category",
+            categories=_labels(categories),
+            ordered=bool(elem.attrs.get("ordered", False)),
+        )
         return _SlicedColumn(info, elem["codes"])
     is_array = isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 1
     if encoding == "string-array" and is_array:
@@ -151,8 +167,9 @@ def check_obs_lengths(path: Path, root: h5py.Group | zarr.Group, n_obs: int) -> 
         raise StoreFormatError(msg)
 
 
-def read_annotations(root: h5py.Group | zarr.Group, path: Path
-                     ) -> tuple[ColumnReader, list[ColumnReader], pd.DataFrame]:
+def read_annotations(
+    root: h5py.Group | zarr.Group, path: Path
+) -> tuple[ColumnReader, list[ColumnReader], pd.DataFrame]:
     """Return the obs-index reader, the obs column readers and var (read whole).
 
     Raises

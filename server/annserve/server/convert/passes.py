@@ -50,8 +50,10 @@ BUCKET_FILL = 0.8
 def row_bytes(plan: Plan) -> int:
     """Estimated bytes of a row in memory besides its matrix values (obs, row lengths)."""
     names = 8 + 24  # length + UTF-8 bytes of an obs name
-    columns = sum(4 if c.kind == "category" else 8 + 24 if c.kind == "str" else c.dtype.itemsize
-                  for c in plan.columns)
+    columns = sum(
+        4 if c.kind == "category" else 8 + 24 if c.kind == "str" else c.dtype.itemsize
+        for c in plan.columns
+    )
     return names + columns + 8 * len(plan.dtypes)
 
 
@@ -66,9 +68,11 @@ def estimate_bytes(plan: Plan) -> int:
     Dense inputs count every value (zeros are dropped later).
     """
     index = plan.index_dtype.itemsize
-    return sum(s.n_obs * row_bytes(plan)
-               + sum(m.nnz * (plan.dtypes[k].itemsize + index) for k, m in s.matrices.items())
-               for s in plan.sources)
+    return sum(
+        s.n_obs * row_bytes(plan)
+        + sum(m.nnz * (plan.dtypes[k].itemsize + index) for k, m in s.matrices.items())
+        for s in plan.sources
+    )
 
 
 def read_blocks(plan: Plan, i: int, block_bytes: int) -> Iterator[RowBlock]:
@@ -85,8 +89,15 @@ def _block_bytes(max_bucket_bytes: int) -> int:
     return max(1, min(MAX_BLOCK_BYTES, max_bucket_bytes // 8))
 
 
-def shuffled(plan: Plan, root: zarr.Group, spill_dir: Path, *, seed: int,
-             max_bucket_bytes: int, progress: bool) -> list[GroupEntry]:
+def shuffled(
+    plan: Plan,
+    root: zarr.Group,
+    spill_dir: Path,
+    *,
+    seed: int,
+    max_bucket_bytes: int,
+    progress: bool,
+) -> list[GroupEntry]:
     """Write the cells of all inputs in a seeded uniformly random order, one group per bucket.
 
     Parameters
@@ -110,8 +121,9 @@ def shuffled(plan: Plan, root: zarr.Group, spill_dir: Path, *, seed: int,
     The written groups, in order.
     """
     n_buckets = max(1, math.ceil(estimate_bytes(plan) / (BUCKET_FILL * max_bucket_bytes)))
-    logger.info("shuffling %d cells through %d buckets", sum(s.n_obs for s in plan.sources),
-                n_buckets)
+    logger.info(
+        "shuffling %d cells through %d buckets", sum(s.n_obs for s in plan.sources), n_buckets
+    )
     template = plan.empty_block()
     writer = SpillWriter(spill_dir, n_buckets, template)
     t0 = time.perf_counter()
@@ -119,12 +131,17 @@ def shuffled(plan: Plan, root: zarr.Group, spill_dir: Path, *, seed: int,
         _spill(plan, writer, seed, _block_bytes(max_bucket_bytes), progress)
     finally:
         writer.close()
-    logger.info("pass 1 (spill) took %.1f s; largest bucket %d cells, %.0f MB",
-                time.perf_counter() - t0, writer.rows.max(), writer.bytes.max() / 1e6)
+    logger.info(
+        "pass 1 (spill) took %.1f s; largest bucket %d cells, %.0f MB",
+        time.perf_counter() - t0,
+        writer.rows.max(),
+        writer.bytes.max() / 1e6,
+    )
     t0 = time.perf_counter()
     groups = []
-    with tqdm(total=int(writer.rows.sum()), unit="cells", desc="convert: write",
-              disable=not progress) as bar:
+    with tqdm(
+        total=int(writer.rows.sum()), unit="cells", desc="convert: write", disable=not progress
+    ) as bar:
         for b, path in enumerate(writer.paths):
             rows = read_bucket(path, template)
             path.unlink(missing_ok=True)
@@ -137,12 +154,15 @@ def shuffled(plan: Plan, root: zarr.Group, spill_dir: Path, *, seed: int,
     return groups
 
 
-def _spill(plan: Plan, writer: SpillWriter, seed: int, block_bytes: int,
-           progress: bool) -> None:
+def _spill(plan: Plan, writer: SpillWriter, seed: int, block_bytes: int, progress: bool) -> None:
     """Pass 1: give every cell a random bucket and append it to that bucket's file."""
     n_buckets = len(writer.paths)
-    with tqdm(total=sum(s.n_obs for s in plan.sources), unit="cells", desc="convert: spill",
-              disable=not progress) as bar:
+    with tqdm(
+        total=sum(s.n_obs for s in plan.sources),
+        unit="cells",
+        desc="convert: spill",
+        disable=not progress,
+    ) as bar:
         for i in range(len(plan.sources)):
             rng = np.random.default_rng([seed, 0, i])
             for block in read_blocks(plan, i, block_bytes):
@@ -156,8 +176,9 @@ def _spill(plan: Plan, writer: SpillWriter, seed: int, block_bytes: int,
                 bar.update(block.n_rows)
 
 
-def in_order(plan: Plan, root: zarr.Group, *, max_bucket_bytes: int,
-             progress: bool) -> list[GroupEntry]:
+def in_order(
+    plan: Plan, root: zarr.Group, *, max_bucket_bytes: int, progress: bool
+) -> list[GroupEntry]:
     """Write the cells of all inputs in input order, in groups of at most ``max_bucket_bytes``.
 
     Returns
@@ -169,8 +190,12 @@ def in_order(plan: Plan, root: zarr.Group, *, max_bucket_bytes: int,
     groups: list[GroupEntry] = []
     pending: list[RowBlock] = []
     held = 0
-    with tqdm(total=sum(s.n_obs for s in plan.sources), unit="cells", desc="convert: write",
-              disable=not progress) as bar:
+    with tqdm(
+        total=sum(s.n_obs for s in plan.sources),
+        unit="cells",
+        desc="convert: write",
+        disable=not progress,
+    ) as bar:
         for i in range(len(plan.sources)):
             for block in read_blocks(plan, i, block_bytes):
                 pending.append(block)

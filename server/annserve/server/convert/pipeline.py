@@ -59,8 +59,15 @@ from annserve.server.convert.write import COMPRESSORS, write_manifest
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["GroupEntry", "Manifest", "OutputExistsError", "SourceEntry", "convert",
-           "convert_main", "read_manifest"]
+__all__ = [
+    "GroupEntry",
+    "Manifest",
+    "OutputExistsError",
+    "SourceEntry",
+    "convert",
+    "convert_main",
+    "read_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +84,21 @@ class OutputExistsError(AnnServeError, FileExistsError):
     """The output of a conversion exists and overwriting was not asked for."""
 
 
-def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool = True,
-            seed: int = 0, var_join: str = "outer", layers: Sequence[str] = (),
-            obs_columns: Sequence[str] | None = None, overwrite: bool = False,
-            progress: bool = True, max_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-            compression: str = "lz4", keep_dtype: bool = False) -> Manifest:
+def convert(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    var_join: str = "outer",
+    layers: Sequence[str] = (),
+    obs_columns: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    compression: str = "lz4",
+    keep_dtype: bool = False,
+) -> Manifest:
     """Convert AnnData stores into one collection (see the module docstring for the layout).
 
     Every input is opened and checked before anything is written. The collection is
@@ -153,8 +170,9 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
     OSError
         If writing fails (e.g. the disk is full).
     """
-    paths, out = _check_arguments(inputs, output, seed, var_join, max_bucket_bytes, layers,
-                                  obs_columns)
+    paths, out = _check_arguments(
+        inputs, output, seed, var_join, max_bucket_bytes, layers, obs_columns
+    )
     if (out.exists() or out.is_symlink()) and not overwrite:
         msg = f"output exists: {out} (pass overwrite=True / --overwrite to replace it)"
         raise OutputExistsError(msg)
@@ -163,37 +181,64 @@ def convert(inputs: Sequence[str | Path], output: str | Path, *, shuffle: bool =
     if compression not in COMPRESSORS:
         msg = f"compression: {compression!r}; allowed {sorted(COMPRESSORS)}"
         raise InvalidRequestError(msg)
-    plan = replace(build_plan(sources, var_join, None if obs_columns is None else
-                              list(obs_columns)), compression=compression,
-                   keep_dtype=bool(keep_dtype))
+    plan = replace(
+        build_plan(sources, var_join, None if obs_columns is None else list(obs_columns)),
+        compression=compression,
+        keep_dtype=bool(keep_dtype),
+    )
     _warn_disk(out.parent, estimate_bytes(plan), shuffle)
     work = Path(tempfile.mkdtemp(prefix=".annserve-convert-", dir=out.parent))
     try:
         staging = work / "collection"
         root = zarr.open_group(staging, mode="w-", zarr_format=3)
         if shuffle:
-            groups = shuffled(plan, root, work / "spill", seed=seed,
-                              max_bucket_bytes=max_bucket_bytes, progress=progress)
+            groups = shuffled(
+                plan,
+                root,
+                work / "spill",
+                seed=seed,
+                max_bucket_bytes=max_bucket_bytes,
+                progress=progress,
+            )
         else:
             groups = in_order(plan, root, max_bucket_bytes=max_bucket_bytes, progress=progress)
         manifest = Manifest(
-            tuple(groups), sum(g.n_obs for g in groups), plan.n_vars,
-            var_names_sha256(plan.var.index), var_join,
-            tuple(SourceEntry(str(s.path.absolute()), s.label, s.n_obs, s.size_bytes)
-                  for s in sources),
-            seed, shuffle, layers, tuple(c.name for c in plan.columns))
+            tuple(groups),
+            sum(g.n_obs for g in groups),
+            plan.n_vars,
+            var_names_sha256(plan.var.index),
+            var_join,
+            tuple(
+                SourceEntry(str(s.path.absolute()), s.label, s.n_obs, s.size_bytes) for s in sources
+            ),
+            seed,
+            shuffle,
+            layers,
+            tuple(c.name for c in plan.columns),
+        )
         write_manifest(staging, manifest)
         _commit(staging, out, work, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    logger.info("wrote %s: %d cells x %d genes in %d groups", out, manifest.n_obs,
-                manifest.n_vars, len(groups))
+    logger.info(
+        "wrote %s: %d cells x %d genes in %d groups",
+        out,
+        manifest.n_obs,
+        manifest.n_vars,
+        len(groups),
+    )
     return manifest
 
 
-def _check_arguments(inputs: Sequence[str | Path], output: str | Path, seed: int,
-                     var_join: str, max_bucket_bytes: int, layers: Sequence[str],
-                     obs_columns: Sequence[str] | None) -> tuple[list[Path], Path]:
+def _check_arguments(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    seed: int,
+    var_join: str,
+    max_bucket_bytes: int,
+    layers: Sequence[str],
+    obs_columns: Sequence[str] | None,
+) -> tuple[list[Path], Path]:
     paths = [Path(p) for p in inputs]
     out = Path(output)
     problems = []
@@ -205,8 +250,11 @@ def _check_arguments(inputs: Sequence[str | Path], output: str | Path, seed: int
         problems.append("layers, obs_columns: give a sequence of names, not one string")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"seed: {seed!r}; must be an integer >= 0")
-    if isinstance(max_bucket_bytes, bool) or not isinstance(max_bucket_bytes, int) \
-            or max_bucket_bytes <= 0:
+    if (
+        isinstance(max_bucket_bytes, bool)
+        or not isinstance(max_bucket_bytes, int)
+        or max_bucket_bytes <= 0
+    ):
         problems.append(f"max_bucket_bytes: {max_bucket_bytes!r}; must be an integer > 0")
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) < len(resolved):
@@ -240,8 +288,12 @@ def _warn_disk(directory: Path, estimate: int, shuffle: bool) -> None:
     need = estimate * (2 if shuffle else 1)
     free = shutil.disk_usage(directory).free
     if free < need:
-        logger.warning("%s has %.1f GB free; the conversion may need up to %.1f GB",
-                       directory, free / 1e9, need / 1e9)
+        logger.warning(
+            "%s has %.1f GB free; the conversion may need up to %.1f GB",
+            directory,
+            free / 1e9,
+            need / 1e9,
+        )
 
 
 def _commit(staging: Path, out: Path, work: Path, overwrite: bool) -> None:
@@ -260,34 +312,72 @@ def build_convert_parser() -> argparse.ArgumentParser:
         prog="annserve convert",
         description="Convert AnnData stores into one shuffled, sharded zarr collection.",
         epilog="Exit codes: 0 ok, 1 write failed, 2 bad arguments, 3 bad input store, "
-               "5 output exists.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help=".h5ad files or AnnData zarr stores (CSR or dense X)")
-    parser.add_argument("-o", "--output", required=True, metavar="PATH",
-                        help="collection to create (e.g. collection.zarr)")
-    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
-                        help="shuffle all cells uniformly (default); --no-shuffle keeps "
-                             "input order")
+        "5 output exists.",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help=".h5ad files or AnnData zarr stores (CSR or dense X)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="collection to create (e.g. collection.zarr)",
+    )
+    parser.add_argument(
+        "--shuffle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="shuffle all cells uniformly (default); --no-shuffle keeps input order",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    parser.add_argument("--var-join", choices=["outer", "inner"], default="outer",
-                        help="union (default) or intersection of the genes")
-    parser.add_argument("--layers", type=_comma_list, default=[], metavar="A,B",
-                        help="layers to carry besides X (each must exist in every input)")
-    parser.add_argument("--obs-columns", type=_comma_list, default=None, metavar="A,B",
-                        help="obs columns to carry (default: all)")
+    parser.add_argument(
+        "--var-join",
+        choices=["outer", "inner"],
+        default="outer",
+        help="union (default) or intersection of the genes",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_comma_list,
+        default=[],
+        metavar="A,B",
+        help="layers to carry besides X (each must exist in every input)",
+    )
+    parser.add_argument(
+        "--obs-columns",
+        type=_comma_list,
+        default=None,
+        metavar="A,B",
+        help="obs columns to carry (default: all)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--compression", choices=sorted(COMPRESSORS), default="lz4",
-                        help="codec of X and layers (default lz4; none: ~2x the disk, half "
-                             "the daemon's read CPU)")
-    parser.add_argument("--keep-dtype", action="store_true",
-                        help="store values in the input dtype; default: integer counts up "
-                             "to 65,535 are stored as uint16, losslessly")
-    parser.add_argument("--max-bucket-mb", type=int, default=DEFAULT_BUCKET_BYTES >> 20,
-                        metavar="MB", help="rows held in memory at once, MB (default "
-                                           "%(default)s; peak memory about twice this)")
+    parser.add_argument(
+        "--compression",
+        choices=sorted(COMPRESSORS),
+        default="lz4",
+        help="codec of X and layers (default lz4; none: ~2x the disk, half the daemon's read CPU)",
+    )
+    parser.add_argument(
+        "--keep-dtype",
+        action="store_true",
+        help="store values in the input dtype; default: integer counts up "
+        "to 65,535 are stored as uint16, losslessly",
+    )
+    parser.add_argument(
+        "--max-bucket-mb",
+        type=int,
+        default=DEFAULT_BUCKET_BYTES >> 20,
+        metavar="MB",
+        help="rows held in memory at once, MB (default %(default)s; peak memory about twice this)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     return parser
 
 
@@ -298,24 +388,42 @@ def _comma_list(value: str) -> list[str]:
 def convert_main(argv: list[str] | None = None) -> int:
     """Run ``annserve convert`` with the given arguments; return the exit code."""
     args = build_convert_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        manifest = convert(args.inputs, args.output, shuffle=args.shuffle, seed=args.seed,
-                           var_join=args.var_join, layers=args.layers,
-                           obs_columns=args.obs_columns, overwrite=args.overwrite,
-                           progress=not args.no_progress,
-                           max_bucket_bytes=args.max_bucket_mb << 20,
-                           compression=args.compression, keep_dtype=args.keep_dtype)
+        manifest = convert(
+            args.inputs,
+            args.output,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            var_join=args.var_join,
+            layers=args.layers,
+            obs_columns=args.obs_columns,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            max_bucket_bytes=args.max_bucket_mb << 20,
+            compression=args.compression,
+            keep_dtype=args.keep_dtype,
+        )
     except KeyboardInterrupt:
         print("annserve convert: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (InvalidRequestError, OutputExistsError, StoreFormatError, StoreNotFoundError,
-            OSError) as e:
+    except (
+        InvalidRequestError,
+        OutputExistsError,
+        StoreFormatError,
+        StoreNotFoundError,
+        OSError,
+    ) as e:
         print(f"annserve convert: {e}", file=sys.stderr)
         return _exit_code(e)
-    print(f"wrote {args.output}: {manifest.n_obs} cells x {manifest.n_vars} genes in "
-          f"{len(manifest.groups)} groups")
+    print(
+        f"wrote {args.output}: {manifest.n_obs} cells x {manifest.n_vars} genes in "
+        f"{len(manifest.groups)} groups"
+    )
     return 0
 
 

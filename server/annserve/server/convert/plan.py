@@ -106,17 +106,22 @@ class Plan:
     def empty_block(self) -> RowBlock:
         """Return a zero-row block with the collection's layout and dtypes."""
         no_str = Ragged(np.zeros(0, np.int64), (np.zeros(0, np.uint8),))
-        matrices = {k: Ragged(np.zeros(0, np.int64), (np.zeros(0, self.index_dtype),
-                                                      np.zeros(0, d)))
-                    for k, d in self.dtypes.items()}
-        columns = {c.name: no_str if c.kind == "str" else
-                   np.zeros(0, np.int32 if c.kind == "category" else c.dtype)
-                   for c in self.columns}
+        matrices = {
+            k: Ragged(np.zeros(0, np.int64), (np.zeros(0, self.index_dtype), np.zeros(0, d)))
+            for k, d in self.dtypes.items()
+        }
+        columns = {
+            c.name: no_str
+            if c.kind == "str"
+            else np.zeros(0, np.int32 if c.kind == "category" else c.dtype)
+            for c in self.columns
+        }
         return RowBlock(no_str, matrices, columns)
 
 
-def build_plan(sources: Sequence[SourceInfo], var_join: str,
-               obs_columns: Sequence[str] | None) -> Plan:
+def build_plan(
+    sources: Sequence[SourceInfo], var_join: str, obs_columns: Sequence[str] | None
+) -> Plan:
     """Join the inputs' gene spaces and obs columns.
 
     Raises
@@ -132,15 +137,24 @@ def build_plan(sources: Sequence[SourceInfo], var_join: str,
     for s in sources:
         genes = joined.get_indexer(s.var.index.astype(str)).astype(np.int64)
         kept = genes[genes >= 0]
-        maps.append(SourceMap(genes, bool((genes < 0).any()), bool(np.all(np.diff(kept) > 0)),
-                              _category_maps(s, columns)))
-    dtypes = {k: np.result_type(*(s.matrices[k].dtype for s in sources))
-              for k in sources[0].matrices}
+        maps.append(
+            SourceMap(
+                genes,
+                bool((genes < 0).any()),
+                bool(np.all(np.diff(kept) > 0)),
+                _category_maps(s, columns),
+            )
+        )
+    dtypes = {
+        k: np.result_type(*(s.matrices[k].dtype for s in sources)) for k in sources[0].matrices
+    }
     # the narrowest index type (as annbatch writes): half the bytes to read for < 65,536 genes
-    index_dtype = np.dtype(np.uint16 if len(names) <= 1 << 16 else
-                           np.int32 if len(names) < 2**31 else np.int64)
-    return Plan(_join_var(sources, joined), tuple(columns), dtypes, index_dtype, tuple(maps),
-                tuple(sources))
+    index_dtype = np.dtype(
+        np.uint16 if len(names) <= 1 << 16 else np.int32 if len(names) < 2**31 else np.int64
+    )
+    return Plan(
+        _join_var(sources, joined), tuple(columns), dtypes, index_dtype, tuple(maps), tuple(sources)
+    )
 
 
 def _join_names(indexes: list[pd.Index], var_join: str) -> list[str]:
@@ -180,12 +194,15 @@ def _join_var(sources: Sequence[SourceInfo], joined: pd.Index) -> pd.DataFrame:
     return var
 
 
-def _obs_specs(sources: Sequence[SourceInfo], obs_columns: Sequence[str] | None
-               ) -> list[ColumnInfo]:
+def _obs_specs(
+    sources: Sequence[SourceInfo], obs_columns: Sequence[str] | None
+) -> list[ColumnInfo]:
     for s in sources:
         if DATASET_COLUMN in s.columns and (obs_columns is None or DATASET_COLUMN in obs_columns):
-            msg = (f"{s.path}: has an obs column {DATASET_COLUMN!r}, which convert adds to "
-                   "record each cell's input; leave it out with --obs-columns")
+            msg = (
+                f"{s.path}: has an obs column {DATASET_COLUMN!r}, which convert adds to "
+                "record each cell's input; leave it out with --obs-columns"
+            )
             raise StoreFormatError(msg)
     if obs_columns is None:
         names = list(dict.fromkeys(c for s in sources for c in s.columns))
@@ -193,16 +210,17 @@ def _obs_specs(sources: Sequence[SourceInfo], obs_columns: Sequence[str] | None
         names = list(dict.fromkeys(obs_columns))
         for name in names:
             if not any(name in s.columns for s in sources):
-                msg = (f"obs column {name!r} is in no input "
-                       f"({', '.join(str(s.path) for s in sources)})")
+                msg = (
+                    f"obs column {name!r} is in no input "
+                    f"({', '.join(str(s.path) for s in sources)})"
+                )
                 raise StoreFormatError(msg)
     specs = [_unify(n, [s.columns.get(n) for s in sources], sources) for n in names]
     labels = tuple(s.label for s in sources)
     return [*specs, ColumnInfo(DATASET_COLUMN, "category", categories=labels)]
 
 
-def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceInfo]
-           ) -> ColumnInfo:
+def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceInfo]) -> ColumnInfo:
     present = [c for c in infos if c is not None]
     kinds = {c.kind for c in present}
     missing = len(present) < len(infos)
@@ -212,10 +230,15 @@ def _unify(name: str, infos: list[ColumnInfo | None], sources: Sequence[SourceIn
             dtype = np.dtype(np.float64)
         return ColumnInfo(name, "numeric", dtype)
     if "numeric" in kinds:
-        numeric = [str(s.path) for s, c in zip(sources, infos, strict=True)
-                   if c is not None and c.kind == "numeric"]
-        msg = (f"obs column {name!r} is numeric in {', '.join(numeric)} but not in the other "
-               "inputs; leave it out with --obs-columns")
+        numeric = [
+            str(s.path)
+            for s, c in zip(sources, infos, strict=True)
+            if c is not None and c.kind == "numeric"
+        ]
+        msg = (
+            f"obs column {name!r} is numeric in {', '.join(numeric)} but not in the other "
+            "inputs; leave it out with --obs-columns"
+        )
         raise StoreFormatError(msg)
     if kinds != {"category"}:
         return ColumnInfo(name, "str")
@@ -235,6 +258,5 @@ def _category_maps(source: SourceInfo, columns: list[ColumnInfo]) -> dict[str, n
             union = pd.Index(spec.categories)
             cast = union.dtype == object and any(not isinstance(v, str) for v in info.categories)
             labels = [str(v) for v in info.categories] if cast else list(info.categories)
-            out[spec.name] = union.get_indexer(pd.Index(labels, dtype=union.dtype)
-                                               ).astype(np.int32)
+            out[spec.name] = union.get_indexer(pd.Index(labels, dtype=union.dtype)).astype(np.int32)
     return out

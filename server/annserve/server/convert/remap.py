@@ -23,16 +23,27 @@ if TYPE_CHECKING:
 def to_rows(block: SourceBlock, plan: Plan, i: int) -> RowBlock:
     """Map rows of input ``i`` into the collection's gene space and obs types."""
     m = plan.maps[i]
-    matrices = {k: _remap(*parts, m, plan.dtypes[k], plan.index_dtype, plan.n_vars)
-                for k, parts in block.matrices.items()}
+    matrices = {
+        k: _remap(*parts, m, plan.dtypes[k], plan.index_dtype, plan.n_vars)
+        for k, parts in block.matrices.items()
+    }
     n = len(block.obs_names)
-    columns = {spec.name: _column(spec, block.columns.get(spec.name), plan.sources[i], m, n, i)
-               for spec in plan.columns}
+    columns = {
+        spec.name: _column(spec, block.columns.get(spec.name), plan.sources[i], m, n, i)
+        for spec in plan.columns
+    }
     return RowBlock(encode_strings(block.obs_names), matrices, columns)
 
 
-def _remap(row_nnz: np.ndarray, indices: np.ndarray, data: np.ndarray, m: SourceMap,
-           dtype: np.dtype, index_dtype: np.dtype, n_vars: int) -> Ragged:
+def _remap(
+    row_nnz: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    m: SourceMap,
+    dtype: np.dtype,
+    index_dtype: np.dtype,
+    n_vars: int,
+) -> Ragged:
     genes = m.genes[indices]
     data = data.astype(dtype, copy=False)
     if m.drops:
@@ -64,14 +75,18 @@ def _sort_rows(rows: Ragged, n_vars: int) -> Ragged:
     return Ragged(rows.lengths, tuple(v[order] for v in rows.values))
 
 
-def _column(spec: ColumnInfo, values: np.ndarray | None, source: SourceInfo, m: SourceMap,
-            n: int, i: int) -> np.ndarray | Ragged:
+def _column(
+    spec: ColumnInfo, values: np.ndarray | None, source: SourceInfo, m: SourceMap, n: int, i: int
+) -> np.ndarray | Ragged:
     info = source.columns.get(spec.name)
     if spec.name == DATASET_COLUMN:
         return np.full(n, i, dtype=np.int32)
     if spec.kind == "numeric":
-        return (np.full(n, np.nan, dtype=spec.dtype) if values is None
-                else values.astype(spec.dtype, copy=False))
+        return (
+            np.full(n, np.nan, dtype=spec.dtype)
+            if values is None
+            else values.astype(spec.dtype, copy=False)
+        )
     if spec.kind == "category":
         if values is None:
             return np.full(n, -1, dtype=np.int32)

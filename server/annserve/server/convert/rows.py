@@ -71,9 +71,10 @@ class Ragged:
     @staticmethod
     def concat(parts: list[Ragged]) -> Ragged:
         """Rows of all parts, in order."""
-        return Ragged(np.concatenate([p.lengths for p in parts]),
-                      tuple(np.concatenate(vs) for vs in zip(*(p.values for p in parts),
-                                                             strict=True)))
+        return Ragged(
+            np.concatenate([p.lengths for p in parts]),
+            tuple(np.concatenate(vs) for vs in zip(*(p.values for p in parts), strict=True)),
+        )
 
 
 def encode_strings(values: np.ndarray) -> Ragged:
@@ -135,16 +136,19 @@ class RowBlock:
             out += _flat(c)
         return out
 
-    def map(self, ragged: Callable[[Ragged], Ragged],
-            flat: Callable[[np.ndarray], np.ndarray]) -> RowBlock:
+    def map(
+        self, ragged: Callable[[Ragged], Ragged], flat: Callable[[np.ndarray], np.ndarray]
+    ) -> RowBlock:
         """Apply ``ragged`` to every :class:`Ragged` field and ``flat`` to every array."""
 
         def apply(field: np.ndarray | Ragged) -> np.ndarray | Ragged:
             return ragged(field) if isinstance(field, Ragged) else flat(field)
 
-        return RowBlock(ragged(self.obs_names),
-                        {k: ragged(m) for k, m in self.matrices.items()},
-                        {k: apply(c) for k, c in self.columns.items()})
+        return RowBlock(
+            ragged(self.obs_names),
+            {k: ragged(m) for k, m in self.matrices.items()},
+            {k: apply(c) for k, c in self.columns.items()},
+        )
 
     def take(self, order: np.ndarray) -> RowBlock:
         """Rows in the given order, ``order`` shape ``(k,)`` int64 (a copy)."""
@@ -163,9 +167,11 @@ class RowBlock:
             parts = [b.columns[key] for b in blocks]
             return Ragged.concat(parts) if isinstance(parts[0], Ragged) else np.concatenate(parts)
 
-        return RowBlock(Ragged.concat([b.obs_names for b in blocks]),
-                        {k: Ragged.concat([b.matrices[k] for b in blocks]) for k in first.matrices},
-                        {k: column(k) for k in first.columns})
+        return RowBlock(
+            Ragged.concat([b.obs_names for b in blocks]),
+            {k: Ragged.concat([b.matrices[k] for b in blocks]) for k in first.matrices},
+            {k: column(k) for k in first.columns},
+        )
 
 
 def _flat(field: np.ndarray | Ragged) -> list[np.ndarray]:
@@ -181,5 +187,8 @@ def from_arrays(arrays: list[np.ndarray], like: RowBlock) -> RowBlock:
             return Ragged(next(it), tuple(next(it) for _ in field.values))
         return next(it)
 
-    return RowBlock(take(like.obs_names), {k: take(m) for k, m in like.matrices.items()},
-                    {k: take(c) for k, c in like.columns.items()})
+    return RowBlock(
+        take(like.obs_names),
+        {k: take(m) for k, m in like.matrices.items()},
+        {k: take(c) for k, c in like.columns.items()},
+    )

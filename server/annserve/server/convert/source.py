@@ -111,9 +111,15 @@ class Source:
         check_obs_lengths(path, root, n_obs)
         _check_unique(path, var.index)
         self.info = SourceInfo(
-            path, label, n_obs, n_vars, var,
+            path,
+            label,
+            n_obs,
+            n_vars,
+            var,
             {k: m.info for k, m in self._matrices.items()},
-            {c.info.name: c.info for c in columns}, _size_bytes(path))
+            {c.info.name: c.info for c in columns},
+            _size_bytes(path),
+        )
 
     def __enter__(self) -> Source:
         return self
@@ -126,8 +132,9 @@ class Source:
         if self._file is not None:
             self._file.close()
 
-    def blocks(self, value_bytes: int, row_bytes: int, block_bytes: int
-               ) -> Iterator[tuple[int, int]]:
+    def blocks(
+        self, value_bytes: int, row_bytes: int, block_bytes: int
+    ) -> Iterator[tuple[int, int]]:
         """Cut the rows into ``[start, stop)`` blocks of at most ``block_bytes`` (one row at least).
 
         Parameters
@@ -153,15 +160,16 @@ class Source:
             return SourceBlock(
                 np.asarray(self._names.read(start, stop), dtype=object),
                 {k: m.read(start, stop) for k, m in self._matrices.items()},
-                {c.info.name: c.read(start, stop) for c in self._columns
-                 if c.info.name in columns})
+                {c.info.name: c.read(start, stop) for c in self._columns if c.info.name in columns},
+            )
         except Exception as e:  # h5py/zarr raise OSError, ValueError... on corrupt data
             msg = f"{self._path}: cannot read rows {start}:{stop}: {e}"
             raise StoreFormatError(msg) from e
 
 
-def _check_shapes(path: Path, matrices: dict[str, Matrix], n_obs: int, n_vars: int,
-                  var_len: int) -> None:
+def _check_shapes(
+    path: Path, matrices: dict[str, Matrix], n_obs: int, n_vars: int, var_len: int
+) -> None:
     for key, m in matrices.items():
         if m.shape != (n_obs, n_vars):
             msg = f"{path}: {key} has shape {m.shape}, X has {(n_obs, n_vars)}"
@@ -175,8 +183,10 @@ def _check_unique(path: Path, names: pd.Index) -> None:
     duplicated = names[names.duplicated()]
     if len(duplicated):
         shown = ", ".join(repr(str(n)) for n in duplicated.unique()[:5])
-        msg = (f"{path}: var names are not unique ({len(duplicated)} duplicates, e.g. {shown}); "
-               "make them unique first (AnnData.var_names_make_unique)")
+        msg = (
+            f"{path}: var names are not unique ({len(duplicated)} duplicates, e.g. {shown}); "
+            "make them unique first (AnnData.var_names_make_unique)"
+        )
         raise StoreFormatError(msg)
 
 

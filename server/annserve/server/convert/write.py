@@ -27,8 +27,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from annserve.server.convert.manifest import ANNBATCH_MARKER, MANIFEST_KEY, GroupEntry
 from annserve.server.convert.rows import Ragged, decode_strings
-from annserve.server.stream.encode import lossless_cast
 from annserve.server.io.ranges import ZARRS_PIPELINE
+from annserve.server.stream.encode import lossless_cast
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -56,12 +56,14 @@ CHECK_VALUES = 1 << 20
 
 #: Codecs of the written matrices by ``--compression`` name. Serving reads decode every
 #: chunk: uncompressed stores take half the daemon's read CPU of LZ4 ones, ~2x the disk.
-COMPRESSORS = {"lz4": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),),
-               "zstd": (ZstdCodec(level=3),), "none": None}
+COMPRESSORS = {
+    "lz4": (BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),),
+    "zstd": (ZstdCodec(level=3),),
+    "none": None,
+}
 
 
-def csr_kwargs(nnz: int, n_rows: int, itemsize: int, compression: str = "lz4"
-               ) -> dict[str, Any]:
+def csr_kwargs(nnz: int, n_rows: int, itemsize: int, compression: str = "lz4") -> dict[str, Any]:
     """Arguments of the zarr arrays of one CSR matrix's arrays.
 
     Parameters
@@ -137,9 +139,13 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
                 data = narrow
             itemsize = max(data.itemsize, indices.itemsize)
             parent, _, leaf = key.rpartition("/")  # "X" or "layers/<name>"
-            _write_csr(group[parent] if parent else group, leaf, (n, plan.n_vars),
-                       (data, indices, matrix.offsets()),
-                       csr_kwargs(len(data), n, itemsize, plan.compression))
+            _write_csr(
+                group[parent] if parent else group,
+                leaf,
+                (n, plan.n_vars),
+                (data, indices, matrix.offsets()),
+                csr_kwargs(len(data), n, itemsize, plan.compression),
+            )
     logger.debug("wrote %s: %d cells", name, n)
     return GroupEntry(name, n, int(rows.matrices["X"].lengths.sum()))
 
@@ -152,17 +158,26 @@ def _settings() -> AbstractContextManager[None]:
     return ad.settings.override(**options)
 
 
-def _write_csr(parent: zarr.Group, name: str, shape: tuple[int, int],
-               arrays: tuple[np.ndarray, np.ndarray, np.ndarray], kwargs: dict[str, Any]
-               ) -> None:
+def _write_csr(
+    parent: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    kwargs: dict[str, Any],
+) -> None:
     """Write a CSR element (anndata on-disk format 0.1.0) with the arrays' dtypes as given.
 
     ``arrays`` are ``data``, ``indices`` and ``indptr``; ``kwargs`` those of
     :func:`csr_kwargs`, for each array.
     """
     group = parent.create_group(name)
-    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": [int(shape[0]), int(shape[1])]})
+    group.attrs.update(
+        {
+            "encoding-type": "csr_matrix",
+            "encoding-version": "0.1.0",
+            "shape": [int(shape[0]), int(shape[1])],
+        }
+    )
     for key, values in zip(("data", "indices", "indptr"), arrays, strict=True):
         array = group.create_array(key, shape=values.shape, dtype=values.dtype, **kwargs)
         array[...] = values
@@ -174,7 +189,8 @@ def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:
         values = rows.columns[spec.name]
         if spec.kind == "category":
             columns[spec.name] = pd.Categorical.from_codes(
-                values, categories=pd.Index(spec.categories), ordered=spec.ordered)
+                values, categories=pd.Index(spec.categories), ordered=spec.ordered
+            )
         elif isinstance(values, Ragged):
             columns[spec.name] = decode_strings(values)
         else:
@@ -192,4 +208,3 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
         zarr.consolidate_metadata(path)
-

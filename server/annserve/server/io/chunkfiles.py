@@ -100,12 +100,14 @@ class ChunkFileRanges:
         n = min(array.shape[0], 4096)
         if np.array_equal(self.read([(0, n)]), array[:n]):
             return True
-        logger.warning("%s: chunk file layout not understood; reading it through %s", array,
-                       type(array).__module__.split(".")[0])
+        logger.warning(
+            "%s: chunk file layout not understood; reading it through %s",
+            array,
+            type(array).__module__.split(".")[0],
+        )
         return False
 
-    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
-             ) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
         """Return the ranges concatenated, in the given order (``out`` receives them if given).
 
         Raises
@@ -128,10 +130,14 @@ class ChunkFileRanges:
                 self._advise(pieces, fds)
             for path, base, start, stop, at in pieces:
                 if fds[path] < 0 or base is None:
-                    out[at:at + stop - start] = self._fill
+                    out[at : at + stop - start] = self._fill
                 else:
-                    _pread(fds[path], raw[at * size:(at + stop - start) * size],
-                           base + start * size, path)
+                    _pread(
+                        fds[path],
+                        raw[at * size : (at + stop - start) * size],
+                        base + start * size,
+                        path,
+                    )
         finally:
             for fd in fds.values():
                 if fd >= 0:
@@ -139,8 +145,9 @@ class ChunkFileRanges:
         self._from_disk = _blocks_read() > blocks
         return out
 
-    def _advise(self, pieces: list[tuple[str, int | None, int, int, int]],
-                fds: dict[str, int]) -> None:
+    def _advise(
+        self, pieces: list[tuple[str, int | None, int, int, int]], fds: dict[str, int]
+    ) -> None:
         """Ask the kernel to fetch every piece now (``POSIX_FADV_WILLNEED``).
 
         Reads that miss the page cache then run many at a time instead of one
@@ -151,11 +158,13 @@ class ChunkFileRanges:
         size = self._dtype.itemsize
         for path, base, start, stop, _ in pieces:
             if fds[path] >= 0 and base is not None:
-                os.posix_fadvise(fds[path], base + start * size, (stop - start) * size,
-                                 os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(
+                    fds[path], base + start * size, (stop - start) * size, os.POSIX_FADV_WILLNEED
+                )
 
-    def _pieces(self, ranges: Sequence[tuple[int, int]]
-                ) -> Iterator[tuple[str, int | None, int, int, int]]:
+    def _pieces(
+        self, ranges: Sequence[tuple[int, int]]
+    ) -> Iterator[tuple[str, int | None, int, int, int]]:
         """Cut ranges at chunk boundaries.
 
         Yields ``(path, base, start, stop, at)``: the chunk's file and byte offset (None
@@ -209,8 +218,13 @@ class _H5Chunks:
     @classmethod
     def of(cls, ds: h5py.Dataset) -> _H5Chunks | None:
         plist = ds.id.get_create_plist()
-        if (ds.ndim != 1 or not _little_endian(ds.dtype) or plist.get_nfilters() != 0
-                or plist.get_external_count() != 0 or len(ds) == 0):
+        if (
+            ds.ndim != 1
+            or not _little_endian(ds.dtype)
+            or plist.get_nfilters() != 0
+            or plist.get_external_count() != 0
+            or len(ds) == 0
+        ):
             return None
         layout = plist.get_layout()
         if layout == h5py.h5d.CONTIGUOUS:
@@ -237,8 +251,11 @@ class _H5Chunks:
 
 
 def _plain_bytes(codecs: Sequence[object]) -> bool:
-    return (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-            and codecs[0].endian in (None, Endian.little))
+    return (
+        len(codecs) == 1
+        and isinstance(codecs[0], BytesCodec)
+        and codecs[0].endian in (None, Endian.little)
+    )
 
 
 class _ZarrChunks:
@@ -261,8 +278,12 @@ class _ZarrChunks:
     @classmethod
     def of(cls, array: zarr.Array) -> _ZarrChunks | None:
         meta = array.metadata
-        if (meta.zarr_format != 3 or len(array.shape) != 1 or not _little_endian(array.dtype)
-                or not isinstance(array.store, LocalStore)):
+        if (
+            meta.zarr_format != 3
+            or len(array.shape) != 1
+            or not _little_endian(array.dtype)
+            or not isinstance(array.store, LocalStore)
+        ):
             return None
         if _plain_bytes(meta.codecs):
             return cls(array, meta.chunk_grid.chunk_shape[0], None)
@@ -270,8 +291,10 @@ class _ZarrChunks:
         if not isinstance(shard, ShardingCodec) or not _plain_bytes(shard.codecs):
             return None
         index = shard.index_codecs
-        if not (_plain_bytes(index) or (_plain_bytes(index[:1]) and len(index) == 2
-                                        and isinstance(index[1], Crc32cCodec))):
+        if not (
+            _plain_bytes(index)
+            or (_plain_bytes(index[:1]) and len(index) == 2 and isinstance(index[1], Crc32cCodec))
+        ):
             return None
         return cls(array, shard.chunk_shape[0], shard)
 
@@ -282,7 +305,8 @@ class _ZarrChunks:
             if len(self._paths) >= _MAX_PATHS:
                 self._paths.clear()
             path = self._paths[file] = str(
-                self._directory / self._array.metadata.encode_chunk_key((file,)))
+                self._directory / self._array.metadata.encode_chunk_key((file,))
+            )
         return path
 
     def locate(self, k: int) -> tuple[str, int | None]:
@@ -313,15 +337,14 @@ class _ZarrChunks:
             _pread(fd, memoryview(raw), max(0, end - size) if at_end else 0, path)
         finally:
             os.close(fd)
-        body = bytes(raw[:16 * n])
-        if checksum and google_crc32c.value(body) != int.from_bytes(raw[16 * n:], "little"):
+        body = bytes(raw[: 16 * n])
+        if checksum and google_crc32c.value(body) != int.from_bytes(raw[16 * n :], "little"):
             msg = f"{path}: shard index checksum mismatch (corrupt store?)"
             raise StoreFormatError(msg)
         index = np.frombuffer(body, "<u8").reshape(n, 2)
         present = index[:, 0] != _MISSING
         expected = self.chunk * self._array.dtype.itemsize
         if np.any(index[present, 1] != expected) or np.any(index[present].sum(axis=1) > end):
-            msg = (f"{path}: shard holds chunks that are not {expected} plain bytes "
-                   "(corrupt store?)")
+            msg = f"{path}: shard holds chunks that are not {expected} plain bytes (corrupt store?)"
             raise StoreFormatError(msg)
         return index

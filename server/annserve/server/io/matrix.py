@@ -13,7 +13,6 @@ from annserve.errors import StoreFormatError
 from annserve.server.io.ranges import range_reader, row_runs
 
 if TYPE_CHECKING:
-
     from annserve.server.io.ranges import RangeReader
 
 
@@ -65,8 +64,10 @@ class CSRMatrix:
         self.dtype = np.dtype(group["data"].dtype)
         self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
         nnz = int(self._indptr[-1]) if len(self._indptr) else 0
-        self.nbytes = (nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
-                       + 8 * self.shape[0])
+        self.nbytes = (
+            nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
+            + 8 * self.shape[0]
+        )
         self._indices = range_reader(group["indices"])
         self.index_dtype = np.dtype(group["indices"].dtype)
         self._data = range_reader(group["data"])
@@ -90,8 +91,11 @@ class CSRMatrix:
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(stops - starts, out=indptr[1:])
         runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
-        return CSRRows(indptr, self._indices.read(runs, None if out is None else out.indices),
-                       self._data.read(runs, None if out is None else out.data))
+        return CSRRows(
+            indptr,
+            self._indices.read(runs, None if out is None else out.indices),
+            self._data.read(runs, None if out is None else out.data),
+        )
 
 
 class DenseMatrix:
@@ -110,8 +114,9 @@ class DenseMatrix:
         return DenseRows(self._reader.read(row_runs(rows), None if out is None else out.values))
 
 
-def open_matrix(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where: str
-                ) -> CSRMatrix | DenseMatrix:
+def open_matrix(
+    elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where: str
+) -> CSRMatrix | DenseMatrix:
     """Open a matrix element written by anndata.
 
     Parameters
@@ -128,15 +133,18 @@ def open_matrix(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where
     """
     is_array = isinstance(elem, h5py.Dataset | zarr.Array)
     if "encoding-type" not in elem.attrs and not is_array:
-        msg = (f"{where} is a group without anndata encoding metadata (a pre-0.7 file?); "
-               "rewrite it with current anndata (read_h5ad + write_h5ad)")
+        msg = (
+            f"{where} is a group without anndata encoding metadata (a pre-0.7 file?); "
+            "rewrite it with current anndata (read_h5ad + write_h5ad)"
+        )
         raise StoreFormatError(msg)
     encoding = elem.attrs.get("encoding-type", "array")
     if encoding == "csr_matrix":
         return CSRMatrix(elem)
     if encoding == "array" and is_array and len(elem.shape) == 2:
         return DenseMatrix(elem)
-    msg = (f"{where} has encoding {encoding!r}; annserve serves CSR or dense matrices "
-           "(convert CSC to CSR first)")
+    msg = (
+        f"{where} has encoding {encoding!r}; annserve serves CSR or dense matrices "
+        "(convert CSC to CSR first)"
+    )
     raise StoreFormatError(msg)
-

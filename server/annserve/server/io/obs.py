@@ -45,8 +45,14 @@ def obs_column(name: str, series: pd.Series) -> ObsColumnData:
     """Prepare one obs column read by anndata."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         cats = tuple(str(c) for c in series.cat.categories)
-        return ObsColumnData(name, "category", np.asarray(series.cat.codes), "category", cats,
-                             bool(series.cat.ordered))
+        return ObsColumnData(
+            name,
+            "category",
+            np.asarray(series.cat.codes),
+            "category",
+            cats,
+            bool(series.cat.ordered),
+        )
     if isinstance(series.dtype, np.dtype) and series.dtype.kind in "biuf":
         return ObsColumnData(name, "numeric", series.to_numpy(), series.dtype.name)
     return ObsColumnData(name, "str", series.astype(str).to_numpy(dtype=object), "str")
@@ -71,15 +77,23 @@ def _concat_column(columns: list[ObsColumnData]) -> ObsColumnData:
     if kinds == {"category"}:
         categories = tuple(dict.fromkeys(cat for c in columns for cat in c.categories))
         position = {cat: i for i, cat in enumerate(categories)}
-        codes = [np.append(np.array([position[cat] for cat in c.categories], dtype=np.int32), -1)
-                 [c.values] for c in columns]  # code -1 indexes the appended -1
+        codes = [
+            np.append(np.array([position[cat] for cat in c.categories], dtype=np.int32), -1)[
+                c.values
+            ]
+            for c in columns
+        ]  # code -1 indexes the appended -1
         ordered = all(c.ordered for c in columns) and len({c.categories for c in columns}) == 1
-        return replace(first, values=np.concatenate(codes), categories=categories,
-                       ordered=ordered)
+        return replace(first, values=np.concatenate(codes), categories=categories, ordered=ordered)
     if kinds == {"numeric"}:
         values = np.concatenate([c.values for c in columns])
         return replace(first, values=values, dtype=values.dtype.name)
-    values = np.concatenate([c.values.astype(str).astype(object) if c.kind != "category"
-                             else np.array(c.categories + ("nan",), dtype=object)[c.values]
-                             for c in columns])
+    values = np.concatenate(
+        [
+            c.values.astype(str).astype(object)
+            if c.kind != "category"
+            else np.array(c.categories + ("nan",), dtype=object)[c.values]
+            for c in columns
+        ]
+    )
     return ObsColumnData(first.name, "str", values, "str")

@@ -29,8 +29,7 @@ ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 class RangeReader(Protocol):
     """Reads several ``[start, stop)`` element ranges of one 1-d or 2-d on-disk array."""
 
-    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
-             ) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
         """Return the ranges concatenated along axis 0, in the given order.
 
         ``out``, when given, receives them (C-contiguous, the array's dtype, the total
@@ -49,8 +48,7 @@ class _H5Ranges:
     def __init__(self, dataset: h5py.Dataset) -> None:
         self._ds = dataset
 
-    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
-             ) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
         ranges = [(a, b) for a, b in ranges if b > a]
         tail = self._ds.shape[1:]
         if out is None:
@@ -60,8 +58,9 @@ class _H5Ranges:
         file_space = self._ds.id.get_space()
         file_space.select_none()
         for a, b in ranges:
-            file_space.select_hyperslab((a, *(0,) * len(tail)), (b - a, *tail),
-                                        op=h5py.h5s.SELECT_OR)
+            file_space.select_hyperslab(
+                (a, *(0,) * len(tail)), (b - a, *tail), op=h5py.h5s.SELECT_OR
+            )
         self._ds.id.read(h5py.h5s.create_simple(out.shape), file_space, out)
         return out
 
@@ -98,8 +97,9 @@ class _RangesIndexer:
         return iter(self.projections)
 
 
-def _projections_1d(ranges: Sequence[tuple[int, int]], chunk: int, length: int
-                    ) -> list[ChunkProjection]:
+def _projections_1d(
+    ranges: Sequence[tuple[int, int]], chunk: int, length: int
+) -> list[ChunkProjection]:
     """Chunk projections of ``[a, b)`` ranges of a 1-d array, outputs concatenated."""
     out, offset = [], 0
     for a, b in ranges:
@@ -108,9 +108,14 @@ def _projections_1d(ranges: Sequence[tuple[int, int]], chunk: int, length: int
         for k in range(a // chunk, -(-b // chunk)):
             first, limit = k * chunk, min(length, (k + 1) * chunk)
             lo, hi = max(a, first), min(b, limit)
-            out.append(ChunkProjection(
-                (k,), (slice(lo - first, hi - first, 1),),
-                (slice(offset + lo - a, offset + hi - a),), lo == first and b >= limit))
+            out.append(
+                ChunkProjection(
+                    (k,),
+                    (slice(lo - first, hi - first, 1),),
+                    (slice(offset + lo - a, offset + hi - a),),
+                    lo == first and b >= limit,
+                )
+            )
         offset += b - a
     return out
 
@@ -142,8 +147,7 @@ class _ZarrRanges:
         self._batched = True
         self._chunks: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
-    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
-             ) -> np.ndarray:
+    def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
         if self._batched:
             try:
                 return self._read_batched(ranges, out)
@@ -152,15 +156,18 @@ class _ZarrRanges:
                 self._batched = False
         return self._read_each(ranges, out)
 
-    def _read_batched(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None
-                      ) -> np.ndarray:
+    def _read_batched(
+        self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None
+    ) -> np.ndarray:
         indexer = _RangesIndexer.build(ranges, self._async)
         if out is None:
             out = np.empty(indexer.shape, self._async.dtype)
         if out.size == 0:
             return out
-        batch = [(*self._chunk(p.chunk_coords), p.chunk_selection, p.out_selection,
-                  p.is_complete_chunk) for p in indexer]
+        batch = [
+            (*self._chunk(p.chunk_coords), p.chunk_selection, p.out_selection, p.is_complete_chunk)
+            for p in indexer
+        ]
         target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
         zarr_sync(self._async.codec_pipeline.read(batch, target, drop_axes=()))
         return out
@@ -173,22 +180,24 @@ class _ZarrRanges:
             config = array.config
             if meta.zarr_format == 2:  # v2 keeps its memory order in the metadata
                 config = replace(config, order=meta.order)
-            found = (array.store_path / meta.encode_chunk_key(coords),
-                     meta.get_chunk_spec(coords, config, prototype=default_buffer_prototype()))
+            found = (
+                array.store_path / meta.encode_chunk_key(coords),
+                meta.get_chunk_spec(coords, config, prototype=default_buffer_prototype()),
+            )
             if len(self._chunks) >= self.MAX_CACHED_CHUNKS:
                 self._chunks.clear()
             self._chunks[coords] = found
         return found
 
-    def _read_each(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None
-                   ) -> np.ndarray:
+    def _read_each(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None) -> np.ndarray:
         async def fetch() -> list[np.ndarray]:
             return await asyncio.gather(*(self._async.getitem(slice(a, b)) for a, b in ranges))
 
         parts = zarr_sync(fetch())
         if out is None:
-            out = np.empty((sum(b - a for a, b in ranges), *self._async.shape[1:]),
-                           dtype=self._async.dtype)
+            out = np.empty(
+                (sum(b - a for a, b in ranges), *self._async.shape[1:]), dtype=self._async.dtype
+            )
         if parts:
             np.concatenate(parts, out=out)
         return out

@@ -56,7 +56,8 @@ class AnnDataGroup:
     def __init__(self, root: h5py.Group | zarr.Group, where: str, path: Path) -> None:
         self.where = where
         self.matrices: dict[str, CSRMatrix | DenseMatrix] = {
-            "X": open_matrix(_child(root, "X", where), f"{where}: X")}
+            "X": open_matrix(_child(root, "X", where), f"{where}: X")
+        }
         layers = root.get("layers", {})
         for name in layers:
             self.matrices[f"layers/{name}"] = open_matrix(layers[name], f"{where}: layers/{name}")
@@ -66,8 +67,10 @@ class AnnDataGroup:
         self.obs = {str(k): obs_column(str(k), obs[k]) for k in obs.columns}
         for key, m in self.matrices.items():
             if m.shape != (self.n_obs, len(self.var_names)):
-                msg = (f"{where}: {key} has shape {m.shape}, obs x var is "
-                       f"({self.n_obs}, {len(self.var_names)})")
+                msg = (
+                    f"{where}: {key} has shape {m.shape}, obs x var is "
+                    f"({self.n_obs}, {len(self.var_names)})"
+                )
                 raise StoreFormatError(msg)
 
 
@@ -119,8 +122,9 @@ class Store:
         key = "X" if layer is None else f"layers/{layer}"
         return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
 
-    def read_rows(self, rows: np.ndarray, layer: str | None = None,
-                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
+    def read_rows(
+        self, rows: np.ndarray, layer: str | None = None, pool: BufferPool | None = None
+    ) -> CSRRows | DenseRows:
         """Read rows of X (or of a layer).
 
         Parameters
@@ -139,9 +143,13 @@ class Store:
         """
         key = "X" if layer is None else f"layers/{layer}"
         bounds = np.searchsorted(rows, self.group_offsets)
-        pieces = [(g.matrices[key], rows[a:b] - offset)
-                  for g, a, b, offset in zip(self._groups, bounds[:-1], bounds[1:],
-                                             self.group_offsets, strict=False) if b > a]
+        pieces = [
+            (g.matrices[key], rows[a:b] - offset)
+            for g, a, b, offset in zip(
+                self._groups, bounds[:-1], bounds[1:], self.group_offsets, strict=False
+            )
+            if b > a
+        ]
         if not pieces:
             pieces = [(self._groups[0].matrices[key], rows)]
         return _read_pieces(pieces, pool.empty if pool is not None else np.empty)
@@ -156,22 +164,25 @@ def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRo
     Groups of different dtypes are read one by one and concatenated instead.
     """
     first = pieces[0][0]
-    if any(m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
-           for m, _ in pieces):
+    if any(
+        m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
+        for m, _ in pieces
+    ):
         return _concat_rows([m.read_rows(r) for m, r in pieces])
     if not first.sparse:
         values = empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
         starts = np.cumsum([0] + [len(r) for _, r in pieces])
         for (m, r), a in zip(pieces, starts, strict=False):
-            m.read_rows(r, DenseRows(values[a:a + len(r)]))
+            m.read_rows(r, DenseRows(values[a : a + len(r)]))
         return DenseRows(values)
     sizes = [m.nnz(r) for m, r in pieces]
     indices = empty((sum(sizes),), first.index_dtype)
     data = empty((sum(sizes),), first.dtype)
     indptrs, offset = [np.zeros(1, np.int64)], 0
     for (m, r), n in zip(pieces, sizes, strict=True):
-        part = m.read_rows(r, CSRRows(indptrs[0], indices[offset:offset + n],
-                                      data[offset:offset + n]))
+        part = m.read_rows(
+            r, CSRRows(indptrs[0], indices[offset : offset + n], data[offset : offset + n])
+        )
         indptrs.append(part.indptr[1:] + offset)
         offset += n
     return CSRRows(np.concatenate(indptrs), indices, data)
@@ -182,8 +193,9 @@ def _concat_rows(parts: list[CSRRows | DenseRows]) -> CSRRows | DenseRows:
         return DenseRows(np.concatenate([p.values for p in parts]))
     nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
     indptr = np.concatenate([[0]] + [p.indptr[1:] + n for p, n in zip(parts, nnz, strict=True)])
-    return CSRRows(indptr, np.concatenate([p.indices for p in parts]),
-                   np.concatenate([p.data for p in parts]))
+    return CSRRows(
+        indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.data for p in parts])
+    )
 
 
 def _child(group: h5py.Group | zarr.Group, key: str, where: str) -> h5py.Group | zarr.Group:
@@ -193,8 +205,9 @@ def _child(group: h5py.Group | zarr.Group, key: str, where: str) -> h5py.Group |
     return group[key]
 
 
-def _read_annotations(root: h5py.Group | zarr.Group, where: str, path: Path
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _read_annotations(
+    root: h5py.Group | zarr.Group, where: str, path: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read obs and var with anndata, whatever version of the on-disk format wrote them."""
     obs_elem, var_elem = _child(root, "obs", where), _child(root, "var", where)
     try:
@@ -281,7 +294,14 @@ def open_store(path: str | Path) -> Store:
     except Exception as e:  # a malformed element: missing arrays, wrong attrs, bad shapes
         msg = f"{p}: not a readable AnnData store: {e!r}"
         raise StoreFormatError(msg) from e
-    logger.info("opened %s: %d obs x %d vars in %d group(s), %s X (%s), layers %s", p,
-                store.n_obs, store.n_vars, len(store.group_offsets) - 1,
-                "CSR" if store.x_sparse else "dense", store.x_dtype, list(store.layers))
+    logger.info(
+        "opened %s: %d obs x %d vars in %d group(s), %s X (%s), layers %s",
+        p,
+        store.n_obs,
+        store.n_vars,
+        len(store.group_offsets) - 1,
+        "CSR" if store.x_sparse else "dense",
+        store.x_dtype,
+        list(store.layers),
+    )
     return store

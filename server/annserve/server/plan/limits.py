@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from annserve.errors import ResourceExhaustedError
 
 if TYPE_CHECKING:
-    from annserve.server.plan.request import StreamPlan
     from annserve.server.io.store import Store
+    from annserve.server.plan.request import StreamPlan
 
 #: Smallest accepted ``max_message_bytes``; frames of ~2 MB need at least 4 MiB in practice.
 MIN_MESSAGE_BYTES = 64 << 10
@@ -64,8 +64,10 @@ class Limits:
             Naming ``max_streams``.
         """
         if open_streams >= self.max_streams:
-            msg = (f"max_streams: {open_streams} streams are open, this server's limit "
-                   f"(--max-streams {self.max_streams}); retry later or use another server")
+            msg = (
+                f"max_streams: {open_streams} streams are open, this server's limit "
+                f"(--max-streams {self.max_streams}); retry later or use another server"
+            )
             raise ResourceExhaustedError(msg)
 
     def check_request(self, plan: StreamPlan, store: Store) -> None:
@@ -77,24 +79,30 @@ class Limits:
             Naming ``max_batch_size`` or ``stream_memory_mb``.
         """
         if plan.batch_size > self.max_batch_size:
-            msg = (f"max_batch_size: batch_size {plan.batch_size} is over this server's limit "
-                   f"of {self.max_batch_size} rows (--max-batch-size)")
+            msg = (
+                f"max_batch_size: batch_size {plan.batch_size} is over this server's limit "
+                f"of {self.max_batch_size} rows (--max-batch-size)"
+            )
             raise ResourceExhaustedError(msg)
         rows = preload_rows(plan, store)
         need = rows * store.mean_row_bytes(plan.layer)
         if need > self.stream_memory_mb * 1e6:
-            msg = (f"stream_memory_mb: a preload buffer of {rows} rows (chunk_size "
-                   f"{plan.chunk_size} x preload_nchunks {plan.preload_nchunks}) needs about "
-                   f"{need / 1e6:,.0f} MB, over this server's per-stream budget of "
-                   f"{self.stream_memory_mb:g} MB (--stream-memory-mb); lower chunk_size or "
-                   "preload_nchunks")
+            msg = (
+                f"stream_memory_mb: a preload buffer of {rows} rows (chunk_size "
+                f"{plan.chunk_size} x preload_nchunks {plan.preload_nchunks}) needs about "
+                f"{need / 1e6:,.0f} MB, over this server's per-stream budget of "
+                f"{self.stream_memory_mb:g} MB (--stream-memory-mb); lower chunk_size or "
+                "preload_nchunks"
+            )
             raise ResourceExhaustedError(msg)
 
     def frame_too_large(self, nbytes: int) -> ResourceExhaustedError:
         """Return the error for a frame of ``nbytes`` bytes over ``max_message_bytes``."""
-        msg = (f"max_message_bytes: a frame of {nbytes:,} bytes is over this server's limit of "
-               f"{self.max_message_bytes:,} (--max-message-bytes); request a smaller batch_size "
-               "or fewer var_names, obs_keys")
+        msg = (
+            f"max_message_bytes: a frame of {nbytes:,} bytes is over this server's limit of "
+            f"{self.max_message_bytes:,} (--max-message-bytes); request a smaller batch_size "
+            "or fewer var_names, obs_keys"
+        )
         return ResourceExhaustedError(msg)
 
 

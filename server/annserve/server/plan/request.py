@@ -27,8 +27,12 @@ if TYPE_CHECKING:
 
 _POSITIVE = ("batch_size", "chunk_size", "preload_nchunks")
 #: Largest ``compression_level`` of each codec (0 = the codec's default).
-_MAX_LEVEL = {pb.COMPRESSION_NONE: 0, pb.COMPRESSION_ZSTD: 22, pb.COMPRESSION_LZ4: 0,
-              pb.COMPRESSION_BLOSC: 9}
+_MAX_LEVEL = {
+    pb.COMPRESSION_NONE: 0,
+    pb.COMPRESSION_ZSTD: 22,
+    pb.COMPRESSION_LZ4: 0,
+    pb.COMPRESSION_BLOSC: 9,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +156,17 @@ def _check_wire(request: pb.StreamBatchesRequest) -> None:
         msg = f"encoding: unknown value {request.encoding}; allowed {list(pb.Encoding.keys())}"
         raise InvalidRequestError(msg)
     if request.compression not in _MAX_LEVEL:
-        msg = (f"compression: unknown value {request.compression}; "
-               f"allowed {list(pb.Compression.keys())}")
+        msg = (
+            f"compression: unknown value {request.compression}; "
+            f"allowed {list(pb.Compression.keys())}"
+        )
         raise InvalidRequestError(msg)
     if not 0 <= request.compression_level <= _MAX_LEVEL[request.compression]:
         name = pb.Compression.Name(request.compression)
-        msg = (f"compression_level must be in 0..{_MAX_LEVEL[request.compression]} for {name}, "
-               f"got {request.compression_level}")
+        msg = (
+            f"compression_level must be in 0..{_MAX_LEVEL[request.compression]} for {name}, "
+            f"got {request.compression_level}"
+        )
         raise InvalidRequestError(msg)
 
 
@@ -172,8 +180,10 @@ def _obs_column(store: Store, key: str, field: str) -> ObsColumnData:
 def _shard(request: pb.StreamBatchesRequest) -> Shard:
     count = request.shard_count or 1
     if count < 0 or not 0 <= request.shard_index < count:
-        msg = (f"shard_index must be in 0..shard_count-1 and shard_count >= 1, got "
-               f"shard_index={request.shard_index} shard_count={request.shard_count}")
+        msg = (
+            f"shard_index must be in 0..shard_count-1 and shard_count >= 1, got "
+            f"shard_index={request.shard_index} shard_count={request.shard_count}"
+        )
         raise InvalidRequestError(msg)
     return Shard(request.shard_index, count, even=not request.uneven_shards)
 
@@ -185,12 +195,17 @@ def _split(request: pb.StreamBatchesRequest, store: Store) -> Split | None:
             msg = f"split: name one of {list(SPLIT_NAMES)} to use split_fractions/split_by"
             raise InvalidRequestError(msg)
         return None
-    if (not 2 <= len(fractions) <= len(SPLIT_NAMES) or min(fractions) < 0
-            or abs(sum(fractions) - 1) > 1e-6):
-        msg = (f"split_fractions must be 2 or 3 non-negative numbers adding up to 1, "
-               f"got {list(fractions)}")
+    if (
+        not 2 <= len(fractions) <= len(SPLIT_NAMES)
+        or min(fractions) < 0
+        or abs(sum(fractions) - 1) > 1e-6
+    ):
+        msg = (
+            f"split_fractions must be 2 or 3 non-negative numbers adding up to 1, "
+            f"got {list(fractions)}"
+        )
         raise InvalidRequestError(msg)
-    names = SPLIT_NAMES[:len(fractions)]
+    names = SPLIT_NAMES[: len(fractions)]
     if request.split not in names:
         msg = f"split: unknown split {request.split!r}; allowed {list(names)}"
         raise InvalidRequestError(msg)
@@ -213,9 +228,11 @@ def _balance(request: pb.StreamBatchesRequest, store: Store) -> Balance | None:
         allowed = set(value_names(column))
         unknown = sorted(set(weights) - allowed)
         if unknown or min(weights.values()) < 0 or not any(weights.values()):
-            msg = (f"category_weights: need non-negative weights, not all 0, for values of "
-                   f"{request.balance_by!r}; unknown {unknown[:5]}, allowed e.g. "
-                   f"{sorted(allowed)[:10]}")
+            msg = (
+                f"category_weights: need non-negative weights, not all 0, for values of "
+                f"{request.balance_by!r}; unknown {unknown[:5]}, allowed e.g. "
+                f"{sorted(allowed)[:10]}"
+            )
             raise InvalidRequestError(msg)
     return Balance(column, weights, request.num_samples)
 
@@ -231,8 +248,10 @@ def _columns(var_names: Sequence[str], store: Store) -> np.ndarray | None:
         return None
     unknown = [v for v in var_names if v not in store.var_index]
     if unknown:
-        msg = (f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
-               f"the store has {store.n_vars} genes, e.g. {list(store.var_names[:5])}")
+        msg = (
+            f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
+            f"the store has {store.n_vars} genes, e.g. {list(store.var_names[:5])}"
+        )
         raise InvalidRequestError(msg)
     if len(set(var_names)) != len(var_names):
         repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)[:5]

@@ -107,8 +107,15 @@ class ChunkSampler(Sampler):
         Chunks keep their place; rows outside the mask are dropped from their buffer.
     """
 
-    def __init__(self, layout: ChunkLayout, preload_nchunks: int, *, shuffle: bool, seed: int,
-                 mask: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        layout: ChunkLayout,
+        preload_nchunks: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        mask: np.ndarray | None = None,
+    ) -> None:
         self.layout = layout
         self.preload_nchunks = preload_nchunks
         self.shuffle = shuffle
@@ -127,7 +134,7 @@ class ChunkSampler(Sampler):
         rng = np.random.default_rng((self.seed, epoch))
         order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
         for first in range(0, n_chunks, self.preload_nchunks):
-            rows = self.layout.rows(np.sort(order[first:first + self.preload_nchunks]))
+            rows = self.layout.rows(np.sort(order[first : first + self.preload_nchunks]))
             if self._mask is not None:
                 rows = rows[self._mask[rows]]
             yield rng.permutation(rows) if self.shuffle else rows
@@ -158,8 +165,15 @@ class WeightedSampler(Sampler):
         Rows drawn per epoch (> 0).
     """
 
-    def __init__(self, layout: ChunkLayout, preload_nchunks: int, *, seed: int,
-                 weights: np.ndarray, num_samples: int) -> None:
+    def __init__(
+        self,
+        layout: ChunkLayout,
+        preload_nchunks: int,
+        *,
+        seed: int,
+        weights: np.ndarray,
+        num_samples: int,
+    ) -> None:
         self.layout = layout
         self.preload_nchunks = preload_nchunks
         self.seed = seed
@@ -181,7 +195,7 @@ class WeightedSampler(Sampler):
         n_draws = -(-self._num_samples // size)
         draws = rng.choice(self.layout.n_chunks, size=n_draws, p=self._chunk_p)
         for first in range(0, n_draws, self.preload_nchunks):
-            chunk_ids = draws[first:first + self.preload_nchunks]
+            chunk_ids = draws[first : first + self.preload_nchunks]
             last = first + len(chunk_ids) == n_draws
             rows = [self._draw_rows(c, rng, size) for c in chunk_ids]
             if last:  # the epoch ends after exactly num_samples rows
@@ -190,5 +204,5 @@ class WeightedSampler(Sampler):
 
     def _draw_rows(self, chunk_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
         (start,), (length,) = self.layout.bounds(np.array([chunk_id]))
-        w = self._weights[start:start + length]
+        w = self._weights[start : start + length]
         return start + rng.choice(length, size=size, p=w / w.sum())

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from annserve.server.io.obs import ObsColumnData
-    from annserve.server.plan.request import StreamPlan
     from annserve.server.io.store import Store
+    from annserve.server.plan.request import StreamPlan
 
 #: Split names, in the order of ``split_fractions``.
 SPLIT_NAMES = ("train", "val", "test")
@@ -120,8 +120,9 @@ def make_sampler(store: Store, plan: StreamPlan) -> Sampler:
     layout = ChunkLayout(store.group_offsets, plan.chunk_size)
     mask = plan.split.mask(store.n_obs) if plan.split is not None else None
     if plan.balance is None:
-        return ChunkSampler(layout, plan.preload_nchunks, shuffle=plan.shuffle, seed=plan.seed,
-                            mask=mask)
+        return ChunkSampler(
+            layout, plan.preload_nchunks, shuffle=plan.shuffle, seed=plan.seed, mask=mask
+        )
     weights = plan.balance.row_weights(store.n_obs)
     if mask is not None:
         weights = weights * mask
@@ -129,5 +130,6 @@ def make_sampler(store: Store, plan: StreamPlan) -> Sampler:
         msg = "balance_by: no row of the requested split has a positive weight"
         raise InvalidRequestError(msg)
     num_samples = plan.balance.num_samples or int(np.count_nonzero(weights))
-    return WeightedSampler(layout, plan.preload_nchunks, seed=plan.seed, weights=weights,
-                           num_samples=num_samples)
+    return WeightedSampler(
+        layout, plan.preload_nchunks, seed=plan.seed, weights=weights, num_samples=num_samples
+    )

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
     from google.protobuf.message import Message
 
-    from annserve.server.rpc.security import TLSConfig
     from annserve.server.io.store import Store
+    from annserve.server.rpc.security import TLSConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,13 @@ class AnnServer:
         The server's Prometheus metrics.
     """
 
-    def __init__(self, server: grpc.Server, ports: list[int], service: AnnServeService,
-                 health_servicer: health.HealthServicer) -> None:
+    def __init__(
+        self,
+        server: grpc.Server,
+        ports: list[int],
+        service: AnnServeService,
+        health_servicer: health.HealthServicer,
+    ) -> None:
         self.server, self.ports, self.service = server, ports, service
         self.health = health_servicer
         self.metrics = service.metrics
@@ -79,18 +84,27 @@ class AnnServer:
         self.service.drain()
         finished = self.service.wait_idle(grace)
         if not finished:
-            logger.warning("%d stream(s) still running after the %.1f s grace; ending them",
-                           self.service.open_streams(), grace)
+            logger.warning(
+                "%d stream(s) still running after the %.1f s grace; ending them",
+                self.service.open_streams(),
+                grace,
+            )
             self.service.stop_streams()
         # streams still blocked on a slow client after the slack are cancelled by grpc
         self.server.stop(STOP_SLACK_S if not finished else 0).wait()
         return finished
 
 
-def build_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0.0.1:0",), *,
-                 limits: Limits | None = None, tls: TLSConfig | None = None,
-                 tokens: frozenset[str] | None = None, metrics: Metrics | None = None,
-                 max_workers: int | None = None) -> AnnServer:
+def build_server(
+    stores: Mapping[str, Store],
+    addresses: Sequence[str] = ("127.0.0.1:0",),
+    *,
+    limits: Limits | None = None,
+    tls: TLSConfig | None = None,
+    tokens: frozenset[str] | None = None,
+    metrics: Metrics | None = None,
+    max_workers: int | None = None,
+) -> AnnServer:
     """Create and start a server for ``stores``, with health checking and reflection.
 
     The stream method is registered without a response serializer: the servicer
@@ -139,19 +153,24 @@ def build_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0
     if tokens is not None:
         interceptors.append(TokenAuthInterceptor(tokens))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers or limits.max_streams + EXTRA_WORKERS,
-                                   thread_name_prefix="annserve-rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers or limits.max_streams + EXTRA_WORKERS,
+            thread_name_prefix="annserve-rpc",
+        ),
         handlers=[grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)],
         interceptors=interceptors,
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                 # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently
-                 ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently
+            ("grpc.so_reuseport", 0),
+        ],
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     ports = []
     for address in addresses:
         try:
@@ -176,30 +195,35 @@ def _bad_request(cls: type[Message], error: Exception, context: grpc.ServicerCon
 
 def _parsed(cls: type[Message], behavior: Callable) -> Callable:
     """Wrap a unary handler taking a message into one taking the request's bytes."""
+
     def handle(data: bytes, context: grpc.ServicerContext) -> object:
         try:
             request = cls.FromString(data)
         except DecodeError as e:
             _bad_request(cls, e, context)
         return behavior(request, context)
+
     return handle
 
 
 def _parsed_stream(cls: type[Message], behavior: Callable) -> Callable:
     """Wrap a streaming handler taking a message into one taking the request's bytes."""
+
     def handle(data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
             request = cls.FromString(data)
         except DecodeError as e:
             _bad_request(cls, e, context)
         yield from behavior(request, context)
+
     return handle
 
 
-
-
-def create_server(stores: Mapping[str, Store], addresses: Sequence[str] = ("127.0.0.1:0",),
-                  max_workers: int | None = None) -> tuple[grpc.Server, list[int]]:
+def create_server(
+    stores: Mapping[str, Store],
+    addresses: Sequence[str] = ("127.0.0.1:0",),
+    max_workers: int | None = None,
+) -> tuple[grpc.Server, list[int]]:
     """Create and start a plaintext server for ``stores`` with default limits.
 
     See :func:`build_server` (TLS, tokens, limits, metrics, graceful shutdown).

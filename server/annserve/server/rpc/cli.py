@@ -22,14 +22,14 @@ import zarr
 
 from annserve.errors import AnnServeError, InvalidRequestError
 from annserve.memory import retain_freed_memory
-from annserve.server.rpc.app import build_server
 from annserve.server.convert import convert_main
+from annserve.server.io.ranges import ZARRS_PIPELINE
+from annserve.server.io.store import Store, open_store
 from annserve.server.plan.limits import Limits
+from annserve.server.rpc.app import build_server
 from annserve.server.rpc.logs import configure_logging
 from annserve.server.rpc.metrics import serve_metrics
-from annserve.server.io.ranges import ZARRS_PIPELINE
 from annserve.server.rpc.security import TLSConfig, is_loopback, read_tokens
-from annserve.server.io.store import Store, open_store
 
 logger = logging.getLogger("annserve")
 
@@ -55,65 +55,132 @@ def _env(flag: str, default: object = None) -> object:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``annserve``."""
     parser = argparse.ArgumentParser(
-        prog="annserve", description="Serve AnnData minibatches to remote trainers over gRPC.",
-        epilog="annserve convert --help: convert AnnData files into a shuffled collection.")
-    parser.add_argument("--store", action="append", metavar="[NAME=]PATH", type=store_spec,
-                        help=".h5ad file, AnnData zarr store or collection, opened read-only; "
-                             "repeat to serve several, clients choose by NAME (default: the "
-                             "file name without suffix; the first store is the default). "
-                             "Env ANNSERVE_STORE: specs separated by commas")
-    parser.add_argument("--host", default=_env("--host", "127.0.0.1"),
-                        help="address to bind (default %(default)s)")
-    parser.add_argument("--port", type=int, default=_env("--port", 50051),
-                        help="port to bind; 0 picks a free one (default %(default)s)")
-    parser.add_argument("--unix", metavar="PATH", default=_env("--unix"),
-                        help="also listen on this unix domain socket (same-host trainers connect "
-                             "with address unix:PATH; faster than TCP loopback; no TLS)")
-    parser.add_argument("--grace", type=float, default=_env("--grace", 5.0), metavar="SECONDS",
-                        help="seconds in-flight streams get to finish on SIGTERM/SIGINT; then "
-                             "they end with UNAVAILABLE (default %(default)s)")
-    parser.add_argument("--zarr-pipeline", choices=["zarrs", "zarr-python"],
-                        default=_env("--zarr-pipeline", "zarrs"),
-                        help="codec pipeline decoding zarr chunks (default %(default)s: the Rust "
-                             "zarrs pipeline, several times faster)")
-    parser.add_argument("--log-level", default=_env("--log-level", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default=_env("--log-format", "text"),
-                        choices=["text", "json"],
-                        help="text lines, or one JSON object per line with a stream_id field "
-                             "on stream records (default %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=_env("--metrics-port"),
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a "
-                             "free port (default: off)")
-    parser.add_argument("--metrics-host", default=_env("--metrics-host"),
-                        help="address of the metrics endpoint (default: --host)")
+        prog="annserve",
+        description="Serve AnnData minibatches to remote trainers over gRPC.",
+        epilog="annserve convert --help: convert AnnData files into a shuffled collection.",
+    )
+    parser.add_argument(
+        "--store",
+        action="append",
+        metavar="[NAME=]PATH",
+        type=store_spec,
+        help=".h5ad file, AnnData zarr store or collection, opened read-only; "
+        "repeat to serve several, clients choose by NAME (default: the "
+        "file name without suffix; the first store is the default). "
+        "Env ANNSERVE_STORE: specs separated by commas",
+    )
+    parser.add_argument(
+        "--host", default=_env("--host", "127.0.0.1"), help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env("--port", 50051),
+        help="port to bind; 0 picks a free one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        default=_env("--unix"),
+        help="also listen on this unix domain socket (same-host trainers connect "
+        "with address unix:PATH; faster than TCP loopback; no TLS)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=_env("--grace", 5.0),
+        metavar="SECONDS",
+        help="seconds in-flight streams get to finish on SIGTERM/SIGINT; then "
+        "they end with UNAVAILABLE (default %(default)s)",
+    )
+    parser.add_argument(
+        "--zarr-pipeline",
+        choices=["zarrs", "zarr-python"],
+        default=_env("--zarr-pipeline", "zarrs"),
+        help="codec pipeline decoding zarr chunks (default %(default)s: the Rust "
+        "zarrs pipeline, several times faster)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("--log-level", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    parser.add_argument(
+        "--log-format",
+        default=_env("--log-format", "text"),
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line with a stream_id field "
+        "on stream records (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("--metrics-port"),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a "
+        "free port (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=_env("--metrics-host"),
+        help="address of the metrics endpoint (default: --host)",
+    )
     limits = Limits()
-    parser.add_argument("--max-streams", type=int,
-                        default=_env("--max-streams", limits.max_streams),
-                        help="concurrent StreamBatches calls; more get RESOURCE_EXHAUSTED "
-                             "(default %(default)s)")
-    parser.add_argument("--max-batch-size", type=int,
-                        default=_env("--max-batch-size", limits.max_batch_size),
-                        help="largest batch_size a client may ask for, rows (default %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int,
-                        default=_env("--max-message-bytes", limits.max_message_bytes),
-                        help="largest frame sent, bytes; frames are ~2 MB, so keep it >= 4 MiB "
-                             "(default %(default)s)")
-    parser.add_argument("--stream-memory-mb", type=float,
-                        default=_env("--stream-memory-mb", limits.stream_memory_mb),
-                        help="per-stream budget: refuse requests whose preload buffer "
-                             "(chunk_size x preload_nchunks rows) would need more, MB "
-                             "(default %(default)s)")
-    parser.add_argument("--tls-cert", type=Path, default=_env("--tls-cert"), metavar="PEM",
-                        help="serve TCP over TLS with this certificate chain (with --tls-key)")
-    parser.add_argument("--tls-key", type=Path, default=_env("--tls-key"), metavar="PEM",
-                        help="private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", type=Path, default=_env("--tls-client-ca"),
-                        metavar="PEM", help="require client certificates signed by these CAs "
-                                            "(mutual TLS)")
-    parser.add_argument("--token-file", type=Path, default=_env("--token-file"), metavar="PATH",
-                        help="require 'authorization: Bearer TOKEN' metadata, TOKEN one of the "
-                             "file's non-empty lines (health checks are exempt)")
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=_env("--max-streams", limits.max_streams),
+        help="concurrent StreamBatches calls; more get RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_env("--max-batch-size", limits.max_batch_size),
+        help="largest batch_size a client may ask for, rows (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=_env("--max-message-bytes", limits.max_message_bytes),
+        help="largest frame sent, bytes; frames are ~2 MB, so keep it >= 4 MiB "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream-memory-mb",
+        type=float,
+        default=_env("--stream-memory-mb", limits.stream_memory_mb),
+        help="per-stream budget: refuse requests whose preload buffer "
+        "(chunk_size x preload_nchunks rows) would need more, MB "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("--tls-cert"),
+        metavar="PEM",
+        help="serve TCP over TLS with this certificate chain (with --tls-key)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env("--tls-key"),
+        metavar="PEM",
+        help="private key of --tls-cert",
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("--tls-client-ca"),
+        metavar="PEM",
+        help="require client certificates signed by these CAs (mutual TLS)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=_env("--token-file"),
+        metavar="PATH",
+        help="require 'authorization: Bearer TOKEN' metadata, TOKEN one of the "
+        "file's non-empty lines (health checks are exempt)",
+    )
     return parser
 
 
@@ -153,9 +220,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     try:
-        limits = Limits(max_streams=args.max_streams, max_batch_size=args.max_batch_size,
-                        max_message_bytes=args.max_message_bytes,
-                        stream_memory_mb=args.stream_memory_mb)
+        limits = Limits(
+            max_streams=args.max_streams,
+            max_batch_size=args.max_batch_size,
+            max_message_bytes=args.max_message_bytes,
+            stream_memory_mb=args.stream_memory_mb,
+        )
     except ValueError as e:
         parser.error(str(e))
     return args, limits
@@ -172,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.zarr_pipeline == "zarrs":
         zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
     try:
-        tls = (TLSConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
-               if args.tls_cert is not None else None)
+        tls = (
+            TLSConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+            if args.tls_cert is not None
+            else None
+        )
         tokens = read_tokens(args.token_file) if args.token_file is not None else None
     except (OSError, ValueError) as e:
         print(f"annserve: {e}", file=sys.stderr)
@@ -184,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_STORE
     if not is_loopback(args.host) and tls is None and tokens is None:
-        logger.warning("binding %s without TLS or a token: anyone who can reach this address "
-                       "can read the stores (set --tls-cert/--tls-key and/or --token-file)",
-                       args.host)
+        logger.warning(
+            "binding %s without TLS or a token: anyone who can reach this address "
+            "can read the stores (set --tls-cert/--tls-key and/or --token-file)",
+            args.host,
+        )
     addresses = [f"{args.host}:{args.port}"] + ([f"unix:{args.unix}"] if args.unix else [])
     try:
         server = build_server(stores, addresses, limits=limits, tls=tls, tokens=tokens)
@@ -200,29 +275,46 @@ def main(argv: list[str] | None = None) -> int:
             metrics_http = serve_metrics(server.metrics, metrics_host, args.metrics_port)
         except OSError as e:
             server.server.stop(None)
-            print(f"annserve: cannot bind metrics on {metrics_host}:{args.metrics_port}: {e}",
-                  file=sys.stderr)
+            print(
+                f"annserve: cannot bind metrics on {metrics_host}:{args.metrics_port}: {e}",
+                file=sys.stderr,
+            )
             return EXIT_BIND
         logger.info("metrics on http://%s:%d/metrics", metrics_host, metrics_http.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    logger.info("listening on %s:%d%s%s", args.host, server.ports[0],
-                " (TLS, client certificates required)" if tls and tls.client_ca else
-                " (TLS)" if tls else "", ", bearer token required" if tokens else "")
+    logger.info(
+        "listening on %s:%d%s%s",
+        args.host,
+        server.ports[0],
+        " (TLS, client certificates required)"
+        if tls and tls.client_ca
+        else " (TLS)"
+        if tls
+        else "",
+        ", bearer token required" if tokens else "",
+    )
     if args.unix:
         logger.info("listening on unix:%s", args.unix)
     # what startup loaded (stores' obs/var, zarr, anndata, gRPC) lives as long as the daemon:
     # keep it out of the cyclic GC, whose full passes over it cost ~50 ms per epoch streamed
     gc.freeze()
     stop.wait()
-    logger.info("shutting down: health NOT_SERVING, no new streams; %d in flight get %.1f s",
-                server.service.open_streams(), args.grace)
+    logger.info(
+        "shutting down: health NOT_SERVING, no new streams; %d in flight get %.1f s",
+        server.service.open_streams(),
+        args.grace,
+    )
     finished = server.shutdown(args.grace)
     if metrics_http is not None:
         metrics_http.close()
-    logger.info("stopped (%s)", "all streams finished" if finished
-                else "streams still running after the grace ended with UNAVAILABLE")
+    logger.info(
+        "stopped (%s)",
+        "all streams finished"
+        if finished
+        else "streams still running after the grace ended with UNAVAILABLE",
+    )
     return 0
 
 

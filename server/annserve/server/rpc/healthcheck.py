@@ -42,30 +42,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="annserve-health",
         description="Exit 0 when an annserve daemon reports SERVING over the gRPC health "
-                    "protocol, 1 otherwise.")
-    parser.add_argument("--address", default=default_address(),
-                        help="host:port or unix:PATH (default %(default)s; env "
-                             "ANNSERVE_HEALTH_ADDRESS, else from ANNSERVE_HOST/ANNSERVE_PORT)")
-    parser.add_argument("--service", default=env("ANNSERVE_HEALTH_SERVICE", ""),
-                        help="service to ask about; empty for the whole server (default)")
-    parser.add_argument("--timeout", type=float, default=env("ANNSERVE_HEALTH_TIMEOUT", "3"),
-                        metavar="SECONDS", help="deadline of the check (default %(default)s)")
-    parser.add_argument("--tls-ca", type=Path, default=env("ANNSERVE_HEALTH_TLS_CA"),
-                        metavar="PEM", help="connect over TLS, trusting these CA certificates "
-                                            "(env ANNSERVE_HEALTH_TLS_CA)")
-    parser.add_argument("--tls-cert", type=Path, default=env("ANNSERVE_HEALTH_TLS_CERT"),
-                        metavar="PEM", help="client certificate chain, for mutual TLS")
-    parser.add_argument("--tls-key", type=Path, default=env("ANNSERVE_HEALTH_TLS_KEY"),
-                        metavar="PEM", help="client private key, for mutual TLS")
-    parser.add_argument("--tls-server-name", default=env("ANNSERVE_HEALTH_TLS_SERVER_NAME"),
-                        help="name the server certificate must carry, when it differs from "
-                             "the address's host")
+        "protocol, 1 otherwise.",
+    )
+    parser.add_argument(
+        "--address",
+        default=default_address(),
+        help="host:port or unix:PATH (default %(default)s; env "
+        "ANNSERVE_HEALTH_ADDRESS, else from ANNSERVE_HOST/ANNSERVE_PORT)",
+    )
+    parser.add_argument(
+        "--service",
+        default=env("ANNSERVE_HEALTH_SERVICE", ""),
+        help="service to ask about; empty for the whole server (default)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=env("ANNSERVE_HEALTH_TIMEOUT", "3"),
+        metavar="SECONDS",
+        help="deadline of the check (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("ANNSERVE_HEALTH_TLS_CA"),
+        metavar="PEM",
+        help="connect over TLS, trusting these CA certificates (env ANNSERVE_HEALTH_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("ANNSERVE_HEALTH_TLS_CERT"),
+        metavar="PEM",
+        help="client certificate chain, for mutual TLS",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("ANNSERVE_HEALTH_TLS_KEY"),
+        metavar="PEM",
+        help="client private key, for mutual TLS",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=env("ANNSERVE_HEALTH_TLS_SERVER_NAME"),
+        help="name the server certificate must carry, when it differs from the address's host",
+    )
     return parser
 
 
-def check(address: str, service: str = "", timeout: float = 3.0,
-          credentials: grpc.ChannelCredentials | None = None,
-          server_name: str | None = None) -> str:
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> str:
     """Return the server's health status name (``SERVING``, ``NOT_SERVING``...).
 
     Raises
@@ -74,8 +106,11 @@ def check(address: str, service: str = "", timeout: float = 3.0,
         If the server cannot be reached within ``timeout`` or does not know ``service``.
     """
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    channel = (grpc.secure_channel(address, credentials, options=options)
-               if credentials is not None else grpc.insecure_channel(address))
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -91,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.tls_cert) != bool(args.tls_key):
             parser.error("--tls-cert and --tls-key go together")
         try:
-            read = [p.read_bytes() if p else None for p in (args.tls_ca, args.tls_key,
-                                                             args.tls_cert)]
+            read = [
+                p.read_bytes() if p else None for p in (args.tls_ca, args.tls_key, args.tls_cert)
+            ]
         except OSError as e:
             print(f"annserve-health: {e}")
             return EXIT_UNHEALTHY
         credentials = grpc.ssl_channel_credentials(*read)
     try:
-        status = check(args.address, args.service, args.timeout, credentials,
-                       args.tls_server_name)
+        status = check(args.address, args.service, args.timeout, credentials, args.tls_server_name)
     except grpc.RpcError as e:
         print(f"annserve-health: {args.address}: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
         return EXIT_UNHEALTHY

@@ -43,29 +43,42 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.streams = Counter("annserve_streams", "StreamBatches calls admitted", ["store"],
-                               registry=r)
-        self.active_streams = Gauge("annserve_active_streams", "StreamBatches calls in flight",
-                                    registry=r)
+        self.streams = Counter(
+            "annserve_streams", "StreamBatches calls admitted", ["store"], registry=r
+        )
+        self.active_streams = Gauge(
+            "annserve_active_streams", "StreamBatches calls in flight", registry=r
+        )
         self.frames_queued = Gauge(
             "annserve_frames_queued",
             "Frames encoded and waiting to be sent, all streams (preload buffer occupancy)",
-            registry=r)
+            registry=r,
+        )
         self.frames = Counter("annserve_frames", "Frames sent", ["store"], registry=r)
-        self.batches = Counter("annserve_batches", "Minibatches sent complete", ["store"],
-                               registry=r)
+        self.batches = Counter(
+            "annserve_batches", "Minibatches sent complete", ["store"], registry=r
+        )
         self.cells = Counter("annserve_cells", "Rows (cells) sent", ["store"], registry=r)
-        self.sent_bytes = Counter("annserve_sent_bytes", "Frame bytes sent", ["store"],
-                                  registry=r)
+        self.sent_bytes = Counter("annserve_sent_bytes", "Frame bytes sent", ["store"], registry=r)
         self.store_read_seconds = Histogram(
-            "annserve_store_read_seconds", "Time to read one preload buffer from a store",
-            ["store"], buckets=READ_BUCKETS, registry=r)
+            "annserve_store_read_seconds",
+            "Time to read one preload buffer from a store",
+            ["store"],
+            buckets=READ_BUCKETS,
+            registry=r,
+        )
         self.stream_seconds = Histogram(
-            "annserve_stream_duration_seconds", "Duration of StreamBatches calls",
-            buckets=STREAM_BUCKETS, registry=r)
-        self.errors = Counter("annserve_rpc_errors",
-                              "Calls that ended with a status other than OK",
-                              ["method", "code"], registry=r)
+            "annserve_stream_duration_seconds",
+            "Duration of StreamBatches calls",
+            buckets=STREAM_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "annserve_rpc_errors",
+            "Calls that ended with a status other than OK",
+            ["method", "code"],
+            registry=r,
+        )
 
     def stream(self, store: str) -> StreamMeter:
         """Return the per-frame counters of one stream over ``store``."""
@@ -112,8 +125,9 @@ class TimedStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
-    def read_rows(self, rows: np.ndarray, layer: str | None = None,
-                  pool: BufferPool | None = None) -> CSRRows | DenseRows:
+    def read_rows(
+        self, rows: np.ndarray, layer: str | None = None, pool: BufferPool | None = None
+    ) -> CSRRows | DenseRows:
         """Read rows (see :meth:`Store.read_rows`) and record how long it took."""
         start = time.perf_counter()
         try:
@@ -132,25 +146,36 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._errors = metrics.errors
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
-                          ) -> grpc.RpcMethodHandler | None:
+    def intercept_service(
+        self, continuation: Callable, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         """Wrap the method's handler with the counting."""
         handler = continuation(details)
         if handler is None:
             self._errors.labels(details.method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return None
-        return wrap_handler(handler, _unary_wrapper(self._errors, details.method),
-                            _stream_wrapper(self._errors, details.method))
+        return wrap_handler(
+            handler,
+            _unary_wrapper(self._errors, details.method),
+            _stream_wrapper(self._errors, details.method),
+        )
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable[[Callable], Callable],
-                 stream: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Callable], Callable],
+    stream: Callable[[Callable], Callable],
+) -> grpc.RpcMethodHandler:
     """Return ``handler`` with its behaviour wrapped by ``unary`` or ``stream`` (by response arity).
 
     The request deserializer and response serializer are kept.
     """
-    for kind, wrap in (("unary_unary", unary), ("stream_unary", unary),
-                       ("unary_stream", stream), ("stream_stream", stream)):
+    for kind, wrap in (
+        ("unary_unary", unary),
+        ("stream_unary", unary),
+        ("unary_stream", stream),
+        ("stream_stream", stream),
+    ):
         behavior = getattr(handler, kind)
         if behavior is not None:
             return handler._replace(**{kind: wrap(behavior)})
@@ -179,7 +204,9 @@ def _unary_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callabl
                 raise
             _count_failure(errors, method, context)
             return response
+
         return call
+
     return wrap
 
 
@@ -195,7 +222,9 @@ def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callab
                 errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
                 raise
             _count_failure(errors, method, context)
+
         return call
+
     return wrap
 
 

@@ -63,8 +63,10 @@ class TLSConfig:
     def credentials(self) -> grpc.ServerCredentials:
         """Return grpc server credentials (client certificates required with ``client_ca``)."""
         return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate_chain)], root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None)
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
 
 def read_tokens(path: Path) -> frozenset[str]:
@@ -125,11 +127,13 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         # compare against every token, so timing tells nothing about which one is close
         return any([hmac.compare_digest(token.strip(), t) for t in self._tokens])  # noqa: C419
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
-                          ) -> grpc.RpcMethodHandler | None:
+    def intercept_service(
+        self, continuation: Callable, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         """Continue to the handler when authorized; otherwise a handler that aborts."""
         if details.method.startswith(UNAUTHENTICATED_METHODS) or self._authorized(
-                details.invocation_metadata):
+            details.invocation_metadata
+        ):
             return continuation(details)
         handler = continuation(details)  # only looks the method up: nothing runs
         if handler is None:
@@ -143,10 +147,13 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 def _denial(method: str) -> Callable[[object, grpc.ServicerContext], object]:
     def deny(request: object, context: grpc.ServicerContext) -> object:
-        logger.warning("rejected %s from %s: missing or invalid bearer token", method,
-                       context.peer())
+        logger.warning(
+            "rejected %s from %s: missing or invalid bearer token", method, context.peer()
+        )
         error = AuthenticationError(
             "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
-            "with a token from the server's --token-file")
+            "with a token from the server's --token-file"
+        )
         context.abort(status_of(error), str(error))
+
     return deny

@@ -21,18 +21,18 @@ from annserve.errors import (
 )
 from annserve.prefetch import Prefetcher
 from annserve.server.plan.limits import Limits
-from annserve.server.rpc.metrics import Metrics, TimedStore
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
+from annserve.server.rpc.metrics import Metrics, TimedStore
 from annserve.server.stream.frames import epoch_frames, epoch_span
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
+    from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
-    from annserve.server.io.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ FRAME_QUEUE = 16
 
 def status_of(error: AnnServeError) -> grpc.StatusCode:
     """Return the gRPC status code for an annserve error (``INTERNAL`` when unmapped)."""
-    return next((code for cls, code in STATUS_OF if isinstance(error, cls)),
-                grpc.StatusCode.INTERNAL)
+    return next(
+        (code for cls, code in STATUS_OF if isinstance(error, cls)), grpc.StatusCode.INTERNAL
+    )
 
 
 class AnnServeService:
@@ -71,8 +72,12 @@ class AnnServeService:
         Where the streams are counted; default: a fresh :class:`Metrics`.
     """
 
-    def __init__(self, stores: Mapping[str, Store], limits: Limits | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        stores: Mapping[str, Store],
+        limits: Limits | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         if not stores:
             msg = "at least one store is required"
             raise ValueError(msg)
@@ -95,8 +100,9 @@ class AnnServeService:
             msg = f"store: unknown store {name!r}; configured: {sorted(self._stores)}"
             raise StoreNotFoundError(msg) from None
 
-    def describe_store(self, request: pb.DescribeStoreRequest,
-                       context: grpc.ServicerContext) -> pb.StoreInfo:
+    def describe_store(
+        self, request: pb.DescribeStoreRequest, context: grpc.ServicerContext
+    ) -> pb.StoreInfo:
         """Handle ``DescribeStore``."""
         try:
             store = self._store(request.store)
@@ -107,15 +113,18 @@ class AnnServeService:
             n_obs=store.n_obs,
             n_vars=store.n_vars,
             var_names=store.var_names,
-            obs_columns=[pb.ObsColumn(name=c.name, dtype=c.dtype, categories=c.categories,
-                                      ordered=c.ordered) for c in store.obs.values()],
+            obs_columns=[
+                pb.ObsColumn(name=c.name, dtype=c.dtype, categories=c.categories, ordered=c.ordered)
+                for c in store.obs.values()
+            ],
             x_sparse=store.x_sparse,
             x_dtype=store.x_dtype.name,
             layers=store.layers,
         )
 
-    def _plan(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
-              ) -> tuple[Store, StreamPlan, Sampler]:
+    def _plan(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> tuple[Store, StreamPlan, Sampler]:
         """Validate a request and build its sampler, aborting the call on bad input."""
         try:
             store = self._store(request.store)
@@ -129,16 +138,18 @@ class AnnServeService:
             context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
         raise AssertionError  # context.abort raises
 
-    def count_batches(self, request: pb.StreamBatchesRequest,
-                      context: grpc.ServicerContext) -> pb.EpochSize:
+    def count_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> pb.EpochSize:
         """Handle ``CountBatches``: the shard's epoch size, computed without reading data."""
         _, plan, sampler = self._plan(request, context)
         span = epoch_span(sampler, plan)
         n_rows = span.stop - span.start
         return pb.EpochSize(n_rows=n_rows, n_batches=-(-n_rows // plan.batch_size))
 
-    def stream_batches(self, request: pb.StreamBatchesRequest,
-                       context: grpc.ServicerContext) -> Iterator[bytes]:
+    def stream_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
         started = time.monotonic()
         stream_id = self._admit(context)
@@ -150,25 +161,41 @@ class AnnServeService:
             name = request.store or self._default
             meter = self.metrics.stream(name)
             timed = TimedStore(store, self.metrics.store_read_seconds.labels(name))
-            frames = Prefetcher(lambda: epoch_frames(timed, sampler, plan), FRAME_QUEUE,
-                                name=f"annserve-stream-{stream_id}")
+            frames = Prefetcher(
+                lambda: epoch_frames(timed, sampler, plan),
+                FRAME_QUEUE,
+                name=f"annserve-stream-{stream_id}",
+            )
             with self._idle:
                 self._open[stream_id] = frames
             context.add_callback(frames.close)
             # the client can name its request (x-request-id) and learn the server's stream id
             request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "-")
             context.send_initial_metadata((("annserve-stream-id", str(stream_id)),))
-            logger.info("stream %d start: peer=%s request_id=%s store=%s epoch=%d batch_size=%d "
-                        "chunk_size=%d preload_nchunks=%d shard=%d/%d start_batch=%d", stream_id,
-                        context.peer(), request_id, name, plan.epoch, plan.batch_size,
-                        plan.chunk_size, plan.preload_nchunks, plan.shard.index,
-                        plan.shard.count, plan.start_batch, extra={"stream_id": stream_id})
+            logger.info(
+                "stream %d start: peer=%s request_id=%s store=%s epoch=%d batch_size=%d "
+                "chunk_size=%d preload_nchunks=%d shard=%d/%d start_batch=%d",
+                stream_id,
+                context.peer(),
+                request_id,
+                name,
+                plan.epoch,
+                plan.batch_size,
+                plan.chunk_size,
+                plan.preload_nchunks,
+                plan.shard.index,
+                plan.shard.count,
+                plan.start_batch,
+                extra={"stream_id": stream_id},
+            )
             max_bytes = self.limits.max_message_bytes
             for frame in frames:
                 if self._stopping.is_set():
-                    msg = (f"annserve is shutting down: stream {stream_id} ended after "
-                           f"{meter.cells} rows ({meter.frames} frames); resume from the last "
-                           "complete batch on another server or after a restart")
+                    msg = (
+                        f"annserve is shutting down: stream {stream_id} ended after "
+                        f"{meter.cells} rows ({meter.frames} frames); resume from the last "
+                        "complete batch on another server or after a restart"
+                    )
                     raise ServerUnavailableError(msg)
                 if len(frame) > max_bytes:
                     raise self.limits.frame_too_large(len(frame))
@@ -186,8 +213,13 @@ class AnnServeService:
                 details = context.details()
                 if isinstance(details, bytes):
                     details = details.decode(errors="replace")
-                logger.info("stream %d refused: %s %s", stream_id, status, details,
-                            extra={"stream_id": stream_id})
+                logger.info(
+                    "stream %d refused: %s %s",
+                    stream_id,
+                    status,
+                    details,
+                    extra={"stream_id": stream_id},
+                )
                 raise
             status = "INTERNAL"
             logger.exception("stream %d failed", stream_id, extra={"stream_id": stream_id})
@@ -197,9 +229,16 @@ class AnnServeService:
                 frames.close()
             self._release(stream_id, started)
             if meter is not None:
-                logger.info("stream %d end: status=%s frames=%d rows=%d bytes=%d seconds=%.3f",
-                            stream_id, status, meter.frames, meter.cells, meter.nbytes,
-                            time.monotonic() - started, extra={"stream_id": stream_id})
+                logger.info(
+                    "stream %d end: status=%s frames=%d rows=%d bytes=%d seconds=%.3f",
+                    stream_id,
+                    status,
+                    meter.frames,
+                    meter.cells,
+                    meter.nbytes,
+                    time.monotonic() - started,
+                    extra={"stream_id": stream_id},
+                )
 
     # --- admission and shutdown ----------------------------------------------------
     def _admit(self, context: grpc.ServicerContext) -> int:

@@ -62,8 +62,9 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     return narrowed if narrowed is not None else values.astype(np.float32, copy=False)
 
 
-def lossless_cast(values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty,
-                  block: int = CHECK_BLOCK) -> np.ndarray | None:
+def lossless_cast(
+    values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty, block: int = CHECK_BLOCK
+) -> np.ndarray | None:
     """Return ``values`` cast to ``dtype`` if every value survives unchanged, else None.
 
     Cast and compared ``block`` values at a time: temporaries stay small and in cache,
@@ -89,8 +90,8 @@ def lossless_cast(values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty,
     src, dst = values.reshape(-1), out.reshape(-1)
     with np.errstate(invalid="ignore", over="ignore"):  # losses are caught by the comparison
         for i in range(0, len(src), block):
-            np.copyto(dst[i:i + block], src[i:i + block], casting="unsafe")
-            if not np.array_equal(dst[i:i + block], src[i:i + block]):
+            np.copyto(dst[i : i + block], src[i : i + block], casting="unsafe")
+            if not np.array_equal(dst[i : i + block], src[i : i + block]):
                 return None
     return out
 
@@ -101,8 +102,9 @@ def _cast(values: np.ndarray, dtype: np.dtype, empty: Empty) -> np.ndarray:
     return out
 
 
-def select_columns(block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int
-                   ) -> CSRRows | DenseRows:
+def select_columns(
+    block: CSRRows | DenseRows, columns: np.ndarray, n_vars: int
+) -> CSRRows | DenseRows:
     """Keep only some genes of a block, renumbered in the given order.
 
     Parameters
@@ -148,8 +150,9 @@ class WireRows:
         return self.values.nbytes + (self.indices.nbytes if self.indices is not None else 0)
 
 
-def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty = np.empty
-            ) -> WireRows:
+def prepare(
+    block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty = np.empty
+) -> WireRows:
     """Convert a preload buffer to the wire dtypes of ``encoding``.
 
     Parameters
@@ -176,8 +179,9 @@ def prepare(block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty
     return WireRows(True, block.indptr, indices, compact_values(block.data, empty))
 
 
-def frame_arrays(rows: WireRows, positions: np.ndarray, encoding: int
-                 ) -> list[tuple[str, np.ndarray | Pieces]]:
+def frame_arrays(
+    rows: WireRows, positions: np.ndarray, encoding: int
+) -> list[tuple[str, np.ndarray | Pieces]]:
     """Gather the X arrays of one frame.
 
     Parameters
@@ -209,8 +213,11 @@ def frame_arrays(rows: WireRows, positions: np.ndarray, encoding: int
     # times faster than a fancy-index gather through a per-non-zero index array
     stops = starts + lengths
     nnz = int(lengths.sum())
-    return [row_part, ("indices", _pieces(rows.indices, starts, stops, nnz)),
-            ("data", _pieces(rows.values, starts, stops, nnz))]
+    return [
+        row_part,
+        ("indices", _pieces(rows.indices, starts, stops, nnz)),
+        ("data", _pieces(rows.values, starts, stops, nnz)),
+    ]
 
 
 def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: int) -> Pieces:
@@ -218,13 +225,15 @@ def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: i
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
     raw = memoryview(values).cast("B")
     size = values.itemsize
-    parts = [raw[a:b] for a, b in zip((starts * size).tolist(), (stops * size).tolist(),
-                                       strict=True)]
+    parts = [
+        raw[a:b] for a, b in zip((starts * size).tolist(), (stops * size).tolist(), strict=True)
+    ]
     return Pieces(parts, values.dtype, length)
 
 
-def obs_arrays(columns: Sequence[ObsColumnData], global_rows: np.ndarray
-               ) -> tuple[list[tuple[str, np.ndarray]], list[pb.StringColumn]]:
+def obs_arrays(
+    columns: Sequence[ObsColumnData], global_rows: np.ndarray
+) -> tuple[list[tuple[str, np.ndarray]], list[pb.StringColumn]]:
     """Slice the requested obs columns at the frame's rows.
 
     Parameters

@@ -9,18 +9,18 @@ import numpy as np
 
 from annserve.buffers import BufferPool
 from annserve.prefetch import Prefetcher
-from annserve.server.stream.encode import frame_arrays, obs_arrays, prepare, select_columns
 from annserve.server.plan.epoch import Span, rows_in_span, shard_span
+from annserve.server.stream.encode import frame_arrays, obs_arrays, prepare, select_columns
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from annserve.server.stream.encode import WireRows
+    from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
-    from annserve.server.io.store import Store
+    from annserve.server.stream.encode import WireRows
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
 MAX_FRAME_ROWS = 1024
@@ -63,8 +63,11 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     n_emit = span.stop - span.start
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
     todo = Span(span.start + emitted, span.stop)
-    buffers = Prefetcher(lambda: _read_ahead(store, sampler, plan, todo, pool), 1,
-                         name=f"{threading.current_thread().name}-read")
+    buffers = Prefetcher(
+        lambda: _read_ahead(store, sampler, plan, todo, pool),
+        1,
+        name=f"{threading.current_thread().name}-read",
+    )
     try:
         for rows, positions, wire in buffers:
             step = _frame_rows(wire.nbytes, len(rows))
@@ -73,18 +76,26 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
                 batch, row_start = divmod(emitted, plan.batch_size)
                 batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
                 n = min(step, batch_rows - row_start, len(rows) - start)
-                header = pb.BatchHeader(batch=batch, batch_rows=batch_rows, row_start=row_start,
-                                        n_rows=n, n_vars=plan.n_vars, sparse=wire.sparse)
-                yield _frame(header, wire, positions[start:start + n], rows[start:start + n],
-                             plan)
+                header = pb.BatchHeader(
+                    batch=batch,
+                    batch_rows=batch_rows,
+                    row_start=row_start,
+                    n_rows=n,
+                    n_vars=plan.n_vars,
+                    sparse=wire.sparse,
+                )
+                yield _frame(
+                    header, wire, positions[start : start + n], rows[start : start + n], plan
+                )
                 start += n
                 emitted += n
     finally:
         buffers.close()
 
 
-def _read_ahead(store: Store, sampler: Sampler, plan: StreamPlan, span: Span, pool: BufferPool
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows]]:
+def _read_ahead(
+    store: Store, sampler: Sampler, plan: StreamPlan, span: Span, pool: BufferPool
+) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows]]:
     """Yield each preload buffer of ``span`` read and prepared for the wire.
 
     Yields ``(rows, positions, wire)``: the buffer's rows in yield order, each row's
@@ -104,8 +115,13 @@ def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
     return int(np.clip(TARGET_FRAME_BYTES // per_row, 1, MAX_FRAME_ROWS))
 
 
-def _frame(header: pb.BatchHeader, wire: WireRows, positions: np.ndarray, global_rows: np.ndarray,
-           plan: StreamPlan) -> bytes:
+def _frame(
+    header: pb.BatchHeader,
+    wire: WireRows,
+    positions: np.ndarray,
+    global_rows: np.ndarray,
+    plan: StreamPlan,
+) -> bytes:
     arrays = frame_arrays(wire, positions, plan.encoding)
     obs, strings = obs_arrays(plan.obs, global_rows)
     arrays += obs
