@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from annserve.client._torch import to_device, to_torch
 from annserve.errors import InvalidRequestError, ServerUnavailableError
 from annserve.memory import retain_freed_memory
 from annserve.prefetch import Prefetcher
+from annserve.sampling import Shard
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class RemoteLoader(IterableDataset):
         AnnServeError
             If the server rejects the request.
         """
-        request = self._request(self._epoch, _Shard(self.rank, self.world_size), 0)
+        request = self._request(self._epoch, Shard(self.rank, self.world_size), 0)
         return self._connection().count_batches(request).n_batches
 
     def set_epoch(self, epoch: int) -> None:
@@ -338,7 +338,7 @@ class RemoteLoader(IterableDataset):
         self.seed, self._epoch, self._batch = state["seed"], state["epoch"], state["batch"]
 
     def _config(self) -> dict[str, Any]:
-        request = self._request(0, _Shard(self.rank, self.world_size), 0)
+        request = self._request(0, Shard(self.rank, self.world_size), 0)
         return {"request": request.SerializeToString(deterministic=True).hex()}
 
     # --- iteration ---------------------------------------------------------------
@@ -400,13 +400,13 @@ class RemoteLoader(IterableDataset):
             call.cancel()
             batches.close()
 
-    def _shard(self) -> _Shard:
+    def _shard(self) -> Shard:
         """Return the shard of this consumer: rank x DataLoader worker."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return _Shard(self.rank * workers + worker, self.world_size * workers)
+        return Shard(self.rank * workers + worker, self.world_size * workers)
 
-    def _request(self, epoch: int, shard: _Shard, start_batch: int) -> pb.StreamBatchesRequest:
+    def _request(self, epoch: int, shard: Shard, start_batch: int) -> pb.StreamBatchesRequest:
         request = pb.StreamBatchesRequest(
             store=self.store,
             batch_size=self.batch_size,
@@ -446,12 +446,6 @@ class RemoteLoader(IterableDataset):
     # buffers are not worth pickling
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_conn": None, "_pool": None}
-
-
-@dataclass(frozen=True, slots=True)
-class _Shard:
-    index: int
-    count: int
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from annserve.sampling import DEFAULT_SPLIT_FRACTIONS
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class Split:
     """
 
     name: str
-    fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+    fractions: tuple[float, ...] = DEFAULT_SPLIT_FRACTIONS
     by: str | None = None
     seed: int = 0
 

@@ -10,28 +10,8 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from annserve.sampling import Shard
     from annserve.server.plan.sampler import Sampler
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    """One consumer's part of every epoch.
-
-    Attributes
-    ----------
-    index
-        ``rank * num_workers + worker_id``, in ``0..count-1``.
-    count
-        ``world_size * num_workers``.
-    even
-        Give every shard the same number of rows: pad by repeating the epoch's first
-        rows (as ``torch.utils.data.DistributedSampler``), or with ``drop_last`` drop
-        the remainder. Uneven shard sizes make DDP ranks wait for each other forever.
-    """
-
-    index: int = 0
-    count: int = 1
-    even: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annserve.errors import InvalidRequestError
-from annserve.server.plan.epoch import Shard
+from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, Shard
 from annserve.server.plan.selection import (
-    DEFAULT_FRACTIONS,
-    SPLIT_NAMES,
     Balance,
     Split,
     value_names,
@@ -189,7 +187,7 @@ def _shard(request: pb.StreamBatchesRequest) -> Shard:
 
 
 def _split(request: pb.StreamBatchesRequest, store: Store) -> Split | None:
-    fractions = tuple(request.split_fractions) or DEFAULT_FRACTIONS
+    fractions = tuple(request.split_fractions) or DEFAULT_SPLIT_FRACTIONS
     if not request.split:
         if request.split_fractions or request.split_by:
             msg = f"split: name one of {list(SPLIT_NAMES)} to use split_fractions/split_by"

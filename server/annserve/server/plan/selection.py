@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annserve.errors import InvalidRequestError
+from annserve.sampling import SPLIT_BLOCK_ROWS
 from annserve.server.plan.sampler import ChunkLayout, ChunkSampler, Sampler, WeightedSampler
 
 if TYPE_CHECKING:
@@ -16,13 +17,6 @@ if TYPE_CHECKING:
     from annserve.server.io.obs import ObsColumnData
     from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
-
-#: Split names, in the order of ``split_fractions``.
-SPLIT_NAMES = ("train", "val", "test")
-#: Default ``split_fractions``.
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
-#: Rows per block assigned to one split when splitting by position (not by an obs column).
-SPLIT_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True, slots=True)
