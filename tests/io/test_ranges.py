@@ -8,7 +8,9 @@ import pytest
 import zarr
 from zarr.core.indexing import BasicIndexer
 
-from annserve.server.io.ranges import ZARRS_PIPELINE, _RangesIndexer, range_reader, row_runs
+from annserve.server.io._zarr import ZARRS_PIPELINE
+from annserve.server.io._zarr import RangesIndexer as _RangesIndexer
+from annserve.server.io.ranges import range_reader, row_runs
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,23 @@ import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
+from annserve.server.format import MANIFEST_KEY
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-#: Root attribute holding the manifest.
-MANIFEST_KEY = "annserve"
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_KEY",
+    "GroupEntry",
+    "Manifest",
+    "SourceEntry",
+    "read_manifest",
+    "var_names_sha256",
+]
+
 #: Version of the collection layout this module writes and reads.
 FORMAT_VERSION = 1
-#: Root attributes annbatch's ``DatasetCollection`` recognises its collections by.
-ANNBATCH_MARKER = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
 
 
 @dataclass(frozen=True, slots=True)

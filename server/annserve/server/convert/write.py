@@ -25,10 +25,10 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from annserve.server.convert.manifest import ANNBATCH_MARKER, MANIFEST_KEY, GroupEntry
+from annserve.server.convert.manifest import GroupEntry
 from annserve.server.convert.rows import Ragged, decode_strings
-from annserve.server.io.ranges import ZARRS_PIPELINE
-from annserve.server.stream.encode import lossless_cast
+from annserve.server.format import ANNBATCH_MARKER, MANIFEST_KEY, lossless_cast
+from annserve.server.io._zarr import ZARRS_PIPELINE
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager

@@ -17,22 +17,21 @@ import logging
 import os
 import resource
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import google_crc32c
 import h5py
 import numpy as np
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
-from zarr.codecs.bytes import Endian
-from zarr.storage import LocalStore
 
 from annserve.errors import StoreFormatError
+from annserve.server.io._zarr import chunk_file_layout
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     import zarr
+
+    from annserve.server.io._zarr import ChunkFileLayout
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +83,14 @@ class ChunkFileRanges:
         """
         if not (hasattr(os, "preadv") and hasattr(resource, "RUSAGE_THREAD")):
             return None
+        chunks: _ChunkFiles | None
         if isinstance(array, h5py.Dataset):
             chunks = _H5Chunks.of(array)
             fill = array.fillvalue
         else:
-            chunks = _ZarrChunks.of(array)
-            fill = array.metadata.fill_value
+            layout = chunk_file_layout(array) if _little_endian(array.dtype) else None
+            chunks = None if layout is None else _ZarrChunks(layout, array.dtype.itemsize)
+            fill = None if layout is None else layout.fill_value
         if chunks is None:
             return None
         reader = cls(chunks, array.dtype, fill)
@@ -250,14 +251,6 @@ class _H5Chunks:
         return self._path, (offset if offset >= 0 else None)
 
 
-def _plain_bytes(codecs: Sequence[object]) -> bool:
-    return (
-        len(codecs) == 1
-        and isinstance(codecs[0], BytesCodec)
-        and codecs[0].endian in (None, Endian.little)
-    )
-
-
 class _ZarrChunks:
     """Chunks of an uncompressed zarr v3 array in a local store, sharded or not.
 
@@ -265,38 +258,13 @@ class _ZarrChunks:
     not change while it is served.
     """
 
-    def __init__(self, array: zarr.Array, inner: int, shard: ShardingCodec | None) -> None:
-        self._array = array
-        self._directory = Path(array.store.root) / array.path
-        self._outer = array.metadata.chunk_grid.chunk_shape[0]
-        self.chunk = inner
-        self._shard = shard
+    def __init__(self, layout: ChunkFileLayout, itemsize: int) -> None:
+        self._layout = layout
+        self._itemsize = itemsize
+        self.chunk = layout.chunk
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}
         self._lock = threading.Lock()
-
-    @classmethod
-    def of(cls, array: zarr.Array) -> _ZarrChunks | None:
-        meta = array.metadata
-        if (
-            meta.zarr_format != 3
-            or len(array.shape) != 1
-            or not _little_endian(array.dtype)
-            or not isinstance(array.store, LocalStore)
-        ):
-            return None
-        if _plain_bytes(meta.codecs):
-            return cls(array, meta.chunk_grid.chunk_shape[0], None)
-        shard = meta.codecs[0] if len(meta.codecs) == 1 else None
-        if not isinstance(shard, ShardingCodec) or not _plain_bytes(shard.codecs):
-            return None
-        index = shard.index_codecs
-        if not (
-            _plain_bytes(index)
-            or (_plain_bytes(index[:1]) and len(index) == 2 and isinstance(index[1], Crc32cCodec))
-        ):
-            return None
-        return cls(array, shard.chunk_shape[0], shard)
 
     def _path(self, file: int) -> str:
         """Path of chunk (or shard) file ``file``; kept, as building it costs ~10 us."""
@@ -304,16 +272,14 @@ class _ZarrChunks:
         if path is None:
             if len(self._paths) >= _MAX_PATHS:
                 self._paths.clear()
-            path = self._paths[file] = str(
-                self._directory / self._array.metadata.encode_chunk_key((file,))
-            )
+            path = self._paths[file] = str(self._layout.directory / self._layout.chunk_key(file))
         return path
 
     def locate(self, k: int) -> tuple[str, int | None]:
-        per_file = self._outer // self.chunk
+        per_file = self._layout.per_file // self.chunk
         file, inner = divmod(k, per_file)
         path = self._path(file)
-        if self._shard is None:
+        if self._layout.shard is None:
             return path, 0
         index = self._indexes.get(file)
         if index is None and file not in self._indexes:
@@ -325,7 +291,9 @@ class _ZarrChunks:
 
     def _read_index(self, path: str, n: int) -> np.ndarray | None:
         """Read and check the ``(offset, nbytes)`` index of one shard; None if no shard."""
-        checksum = len(self._shard.index_codecs) == 2
+        shard = self._layout.shard
+        assert shard is not None  # only sharded arrays have shard indexes
+        checksum = shard.checksum
         size = 16 * n + 4 * checksum
         fd = _open(path)
         if fd < 0:
@@ -333,8 +301,7 @@ class _ZarrChunks:
         try:
             end = os.fstat(fd).st_size
             raw = bytearray(size)
-            at_end = self._shard.index_location == ShardingCodecIndexLocation.end
-            _pread(fd, memoryview(raw), max(0, end - size) if at_end else 0, path)
+            _pread(fd, memoryview(raw), max(0, end - size) if shard.at_end else 0, path)
         finally:
             os.close(fd)
         body = bytes(raw[: 16 * n])
@@ -343,7 +310,7 @@ class _ZarrChunks:
             raise StoreFormatError(msg)
         index = np.frombuffer(body, "<u8").reshape(n, 2)
         present = index[:, 0] != _MISSING
-        expected = self.chunk * self._array.dtype.itemsize
+        expected = self.chunk * self._itemsize
         if np.any(index[present, 1] != expected) or np.any(index[present].sum(axis=1) > end):
             msg = f"{path}: shard holds chunks that are not {expected} plain bytes (corrupt store?)"
             raise StoreFormatError(msg)

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
+from annserve.server.format import MANIFEST_KEY
 from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
 from annserve.server.io.obs import concat_obs, obs_column
 
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
     from annserve.buffers import BufferPool
 
 logger = logging.getLogger(__name__)
-
-#: Root attribute holding the manifest written by ``annserve convert``.
-MANIFEST_KEY = "annserve"
 
 
 class AnnDataGroup:

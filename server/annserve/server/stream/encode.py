@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annserve.server.format import NARROW_UINTS, lossless_cast, smallest_uint
+from annserve.server.format import cast_into as _cast
 from annserve.server.io.matrix import CSRRows, DenseRows
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import Pieces
@@ -23,16 +25,6 @@ if TYPE_CHECKING:
 
     #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
     Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
-
-_UINTS = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
-#: Values compared at a time when checking that narrowing lost nothing.
-CHECK_BLOCK = 1 << 16
-
-
-def smallest_uint(max_value: int) -> np.dtype | None:
-    """Return the smallest unsigned dtype holding ``0..max_value``, None if over uint32."""
-    return next((dt for dt in _UINTS if max_value <= np.iinfo(dt).max), None)
-
 
 def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     """Narrow values losslessly for the ``compact`` encoding.
@@ -54,52 +46,12 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     """
     if values.size == 0:
         return values.astype(np.uint8)
-    if values.dtype in _UINTS[:2]:
+    if values.dtype in NARROW_UINTS[:2]:
         return values
     lo, hi = values.min(), values.max()
     dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
     narrowed = lossless_cast(values, dtype, empty) if dtype is not None else None
     return narrowed if narrowed is not None else values.astype(np.float32, copy=False)
-
-
-def lossless_cast(
-    values: np.ndarray, dtype: np.dtype, empty: Empty = np.empty, block: int = CHECK_BLOCK
-) -> np.ndarray | None:
-    """Return ``values`` cast to ``dtype`` if every value survives unchanged, else None.
-
-    Cast and compared ``block`` values at a time: temporaries stay small and in cache,
-    and the first block that loses something (a fraction, a negative, NaN, a value out
-    of range) ends the work.
-
-    Parameters
-    ----------
-    values
-        Any shape, numeric dtype.
-    dtype
-        Target dtype, e.g. uint16.
-    empty
-        Allocates the result, ``empty(shape, dtype)``.
-    block
-        Values cast and compared at a time.
-
-    Returns
-    -------
-    An array of ``values.shape`` and ``dtype`` equal to ``values``, or None.
-    """
-    out = empty(values.shape, dtype)
-    src, dst = values.reshape(-1), out.reshape(-1)
-    with np.errstate(invalid="ignore", over="ignore"):  # losses are caught by the comparison
-        for i in range(0, len(src), block):
-            np.copyto(dst[i : i + block], src[i : i + block], casting="unsafe")
-            if not np.array_equal(dst[i : i + block], src[i : i + block]):
-                return None
-    return out
-
-
-def _cast(values: np.ndarray, dtype: np.dtype, empty: Empty) -> np.ndarray:
-    out = empty(values.shape, dtype)
-    np.copyto(out, values, casting="unsafe")
-    return out
 
 
 def select_columns(
