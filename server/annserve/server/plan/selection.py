@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
     from annserve.server.io.obs import ObsColumnData
     from annserve.server.io.store import Store
-    from annserve.server.plan.request import StreamPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +98,45 @@ def _value_codes(column: ObsColumnData) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64), len(values)
 
 
-def make_sampler(store: Store, plan: StreamPlan) -> Sampler:
+class SamplerSpec(Protocol):
+    """What :func:`make_sampler` needs of a stream; a validated ``StreamPlan`` is one.
+
+    Declared here, not imported from :mod:`~annserve.server.plan.request`, so that the
+    request module depends on this one and not the other way round.
+    """
+
+    @property
+    def chunk_size(self) -> int:
+        """Contiguous rows per chunk."""
+        ...
+
+    @property
+    def preload_nchunks(self) -> int:
+        """Chunks per preload buffer."""
+        ...
+
+    @property
+    def shuffle(self) -> bool:
+        """Permute chunks and rows within preload buffers."""
+        ...
+
+    @property
+    def seed(self) -> int:
+        """Generator seed."""
+        ...
+
+    @property
+    def split(self) -> Split | None:
+        """The split the epoch draws from; None for all rows."""
+        ...
+
+    @property
+    def balance(self) -> Balance | None:
+        """Weighted sampling; None for the chunk sampler."""
+        ...
+
+
+def make_sampler(store: Store, plan: SamplerSpec) -> Sampler:
     """Build the sampler of a stream.
 
     Parameters
@@ -107,9 +144,9 @@ def make_sampler(store: Store, plan: StreamPlan) -> Sampler:
     store
         The served store; chunks never span its groups.
     plan
-        The validated request: ``chunk_size``, ``preload_nchunks``, ``shuffle`` and ``seed``
-        as in :class:`~annserve.server.plan.sampler.ChunkSampler`; ``split`` restricts the
-        rows; ``balance`` selects the :class:`WeightedSampler`.
+        The validated request (a ``StreamPlan``): ``chunk_size``, ``preload_nchunks``,
+        ``shuffle`` and ``seed`` as in :class:`~annserve.server.plan.sampler.ChunkSampler`;
+        ``split`` restricts the rows; ``balance`` selects the :class:`WeightedSampler`.
     """
     layout = ChunkLayout(store.group_offsets, plan.chunk_size)
     mask = plan.split.mask(store.n_obs) if plan.split is not None else None
