@@ -219,10 +219,10 @@ def _check_groups(p: Path, root: zarr.Group, manifest: Manifest) -> None:
         raise StoreFormatError(msg)
     for i, g in enumerate(manifest.groups):
         try:
-            group = root[g.name]
-            shape = tuple(group["X"].attrs["shape"])
-            n_names = group["obs"][group["obs"].attrs["_index"]].shape[0]
-            var_index = group["var"][group["var"].attrs["_index"]]
+            group = _group(root[g.name], g.name)
+            shape = _shape(_group(group["X"], "X").attrs["shape"])
+            n_names = _index(_group(group["obs"], "obs")).shape[0]
+            var_index = _index(_group(group["var"], "var"))
         except Exception as e:  # KeyError for a missing node, others on corrupt metadata
             msg = f"{p}: group {g.name!r} listed in the manifest is missing or incomplete: {e!r}"
             raise StoreFormatError(msg) from e
@@ -234,6 +234,33 @@ def _check_groups(p: Path, root: zarr.Group, manifest: Manifest) -> None:
                 f"({g.n_obs}, {manifest.n_vars})"
             )
             raise StoreFormatError(msg)
-        if i == 0 and var_names_sha256(str(v) for v in var_index[...]) != manifest.var_names_sha256:
+        if i == 0 and _sha256_of(var_index) != manifest.var_names_sha256:
             msg = f"{p}: gene names of group {g.name!r} do not match the manifest"
             raise StoreFormatError(msg)
+
+
+def _group(node: zarr.Group | zarr.Array[Any], name: str) -> zarr.Group:
+    if not isinstance(node, zarr.Group):
+        msg = f"{name} is not a group"
+        raise TypeError(msg)
+    return node
+
+
+def _index(frame: zarr.Group) -> zarr.Array[Any]:
+    """Return the index array of a dataframe element (named by its ``_index`` attribute)."""
+    node = frame[str(frame.attrs["_index"])]
+    if not isinstance(node, zarr.Array):
+        msg = f"the index of {frame.name} is not an array"
+        raise TypeError(msg)
+    return node
+
+
+def _sha256_of(names: zarr.Array[Any]) -> str:
+    return var_names_sha256(str(v) for v in np.asarray(names[...]))
+
+
+def _shape(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+        msg = f"shape attribute {value!r} is not a list of integers"
+        raise TypeError(msg)
+    return tuple(int(v) for v in value)

@@ -118,7 +118,7 @@ class ChunkFileRanges:
         """
         if out is None:
             out = np.empty(sum(b - a for a, b in ranges), self._dtype)
-        raw = memoryview(out).cast("B")
+        raw = out.data.cast("B")
         size = self._dtype.itemsize
         pieces = list(self._pieces(ranges))
         blocks = _blocks_read()

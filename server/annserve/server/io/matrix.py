@@ -10,9 +10,11 @@ import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError
+from annserve.server.io.elements import array_at, attr_ints, is_array
 from annserve.server.io.ranges import range_reader, row_runs
 
 if TYPE_CHECKING:
+    from annserve.server.io.elements import ArrayNode, GroupNode
     from annserve.server.io.ranges import RangeReader
 
 
@@ -59,18 +61,18 @@ class CSRMatrix:
 
     sparse = True
 
-    def __init__(self, group: h5py.Group | zarr.Group) -> None:
-        self.shape = tuple(int(s) for s in group.attrs["shape"])
-        self.dtype = np.dtype(group["data"].dtype)
-        self._indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+    def __init__(self, group: GroupNode, where: str = "CSR matrix") -> None:
+        self.shape = attr_ints(group.attrs, "shape", where)
+        data, indices = array_at(group, "data", where), array_at(group, "indices", where)
+        self.dtype = np.dtype(data.dtype)
+        self._indptr = np.asarray(array_at(group, "indptr", where)[...], dtype=np.int64)
         nnz = int(self._indptr[-1]) if len(self._indptr) else 0
         self.nbytes = (
-            nnz * (self.dtype.itemsize + np.dtype(group["indices"].dtype).itemsize)
-            + 8 * self.shape[0]
+            nnz * (self.dtype.itemsize + np.dtype(indices.dtype).itemsize) + 8 * self.shape[0]
         )
-        self._indices = range_reader(group["indices"])
-        self.index_dtype = np.dtype(group["indices"].dtype)
-        self._data = range_reader(group["data"])
+        self._indices = range_reader(indices)
+        self.index_dtype = np.dtype(indices.dtype)
+        self._data = range_reader(data)
 
     def nnz(self, rows: np.ndarray) -> int:
         """Non-zeros in the given rows (no data read)."""
@@ -103,7 +105,7 @@ class DenseMatrix:
 
     sparse = False
 
-    def __init__(self, array: h5py.Dataset | zarr.Array) -> None:
+    def __init__(self, array: ArrayNode) -> None:
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
@@ -114,9 +116,7 @@ class DenseMatrix:
         return DenseRows(self._reader.read(row_runs(rows), None if out is None else out.values))
 
 
-def open_matrix(
-    elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array, where: str
-) -> CSRMatrix | DenseMatrix:
+def open_matrix(elem: GroupNode | ArrayNode, where: str) -> CSRMatrix | DenseMatrix:
     """Open a matrix element written by anndata.
 
     Parameters
@@ -131,17 +131,16 @@ def open_matrix(
     StoreFormatError
         If the element is not CSR or a dense 2-d array (CSC included: annserve reads rows).
     """
-    is_array = isinstance(elem, h5py.Dataset | zarr.Array)
-    if "encoding-type" not in elem.attrs and not is_array:
+    if "encoding-type" not in elem.attrs and not is_array(elem):
         msg = (
             f"{where} is a group without anndata encoding metadata (a pre-0.7 file?); "
             "rewrite it with current anndata (read_h5ad + write_h5ad)"
         )
         raise StoreFormatError(msg)
     encoding = elem.attrs.get("encoding-type", "array")
-    if encoding == "csr_matrix":
-        return CSRMatrix(elem)
-    if encoding == "array" and is_array and len(elem.shape) == 2:
+    if encoding == "csr_matrix" and isinstance(elem, h5py.Group | zarr.Group):
+        return CSRMatrix(elem, where)
+    if encoding == "array" and isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 2:
         return DenseMatrix(elem)
     msg = (
         f"{where} has encoding {encoding!r}; annserve serves CSR or dense matrices "

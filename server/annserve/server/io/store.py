@@ -21,6 +21,7 @@ import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.format import MANIFEST_KEY
+from annserve.server.io.elements import element_at, group_at
 from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
 from annserve.server.io.obs import concat_obs, obs_column
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from annserve.buffers import BufferPool
+    from annserve.server.io.elements import GroupNode
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +53,17 @@ class AnnDataGroup:
         ``"X"`` and every layer name, each a CSR or dense matrix of shape ``(n_obs, n_vars)``.
     """
 
-    def __init__(self, root: h5py.Group | zarr.Group, where: str, path: Path) -> None:
+    def __init__(self, root: GroupNode, where: str, path: Path) -> None:
         self.where = where
         self.matrices: dict[str, CSRMatrix | DenseMatrix] = {
-            "X": open_matrix(_child(root, "X", where), f"{where}: X")
+            "X": open_matrix(element_at(root, "X", where), f"{where}: X")
         }
-        layers = root.get("layers", {})
-        for name in layers:
-            self.matrices[f"layers/{name}"] = open_matrix(layers[name], f"{where}: layers/{name}")
+        if "layers" in root:
+            layers = group_at(root, "layers", where)
+            for name in layers:
+                self.matrices[f"layers/{name}"] = open_matrix(
+                    element_at(layers, name, f"{where}: layers"), f"{where}: layers/{name}"
+                )
         obs, var = _read_annotations(root, where, path)
         self.n_obs = len(obs)
         self.var_names = tuple(str(v) for v in var.index)
@@ -161,18 +166,33 @@ def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRo
 
     Groups of different dtypes are read one by one and concatenated instead.
     """
+    dense = [(m, r) for m, r in pieces if isinstance(m, DenseMatrix)]
+    sparse = [(m, r) for m, r in pieces if isinstance(m, CSRMatrix)]
+    if dense and sparse:  # a store's groups agree on the layout of each matrix
+        msg = "the groups of a store mix CSR and dense layouts of one matrix"
+        raise StoreFormatError(msg)
+    return _read_dense(dense, empty) if dense else _read_csr(sparse, empty)
+
+
+def _read_dense(
+    pieces: list[tuple[DenseMatrix, np.ndarray]], empty: Callable[..., np.ndarray]
+) -> DenseRows:
     first = pieces[0][0]
-    if any(
-        m.dtype != first.dtype or (m.sparse and m.index_dtype != first.index_dtype)
-        for m, _ in pieces
-    ):
-        return _concat_rows([m.read_rows(r) for m, r in pieces])
-    if not first.sparse:
-        values = empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
-        starts = np.cumsum([0] + [len(r) for _, r in pieces])
-        for (m, r), a in zip(pieces, starts, strict=False):
-            m.read_rows(r, DenseRows(values[a : a + len(r)]))
-        return DenseRows(values)
+    if any(m.dtype != first.dtype for m, _ in pieces):
+        return DenseRows(np.concatenate([m.read_rows(r).values for m, r in pieces]))
+    values = empty((sum(len(r) for _, r in pieces), first.shape[1]), first.dtype)
+    starts = np.cumsum([0] + [len(r) for _, r in pieces])
+    for (m, r), a in zip(pieces, starts, strict=False):
+        m.read_rows(r, DenseRows(values[a : a + len(r)]))
+    return DenseRows(values)
+
+
+def _read_csr(
+    pieces: list[tuple[CSRMatrix, np.ndarray]], empty: Callable[..., np.ndarray]
+) -> CSRRows:
+    first = pieces[0][0]
+    if any(m.dtype != first.dtype or m.index_dtype != first.index_dtype for m, _ in pieces):
+        return _concat_csr([m.read_rows(r) for m, r in pieces])
     sizes = [m.nnz(r) for m, r in pieces]
     indices = empty((sum(sizes),), first.index_dtype)
     data = empty((sum(sizes),), first.dtype)
@@ -186,28 +206,19 @@ def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRo
     return CSRRows(np.concatenate(indptrs), indices, data)
 
 
-def _concat_rows(parts: list[CSRRows | DenseRows]) -> CSRRows | DenseRows:
-    if isinstance(parts[0], DenseRows):
-        return DenseRows(np.concatenate([p.values for p in parts]))
-    nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + n for p, n in zip(parts, nnz, strict=True)])
+def _concat_csr(parts: list[CSRRows]) -> CSRRows:
+    nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]], dtype=np.int64)
+    indptr = np.concatenate(
+        [np.zeros(1, np.int64)] + [p.indptr[1:] + n for p, n in zip(parts, nnz, strict=True)]
+    )
     return CSRRows(
         indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.data for p in parts])
     )
 
 
-def _child(group: h5py.Group | zarr.Group, key: str, where: str) -> h5py.Group | zarr.Group:
-    if key not in group:
-        msg = f"{where}: not an AnnData store (no {key!r} element)"
-        raise StoreFormatError(msg)
-    return group[key]
-
-
-def _read_annotations(
-    root: h5py.Group | zarr.Group, where: str, path: Path
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _read_annotations(root: GroupNode, where: str, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read obs and var with anndata, whatever version of the on-disk format wrote them."""
-    obs_elem, var_elem = _child(root, "obs", where), _child(root, "var", where)
+    obs_elem, var_elem = element_at(root, "obs", where), element_at(root, "var", where)
     try:
         if isinstance(obs_elem, h5py.Dataset):
             # pre-0.7 h5ad (obs/var as compound datasets): anndata's backed reader knows the
@@ -226,10 +237,22 @@ def _natural_key(name: str) -> list[int | str]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _manifest_groups(manifest: object, path: Path) -> list[tuple[str, int]]:
+    """Return the ``(name, n_obs)`` of each group a manifest lists."""
+    try:
+        entries = manifest["groups"]  # type: ignore[index]  # any failure is caught below
+        return [(str(g["name"]), int(g["n_obs"])) for g in entries]
+    except (KeyError, TypeError, ValueError) as e:
+        msg = f"{path}: malformed manifest: {e!r}"
+        raise StoreFormatError(msg) from e
+
+
 def _collection_groups(root: zarr.Group, path: Path) -> list[AnnDataGroup]:
     manifest = root.attrs.get(MANIFEST_KEY)
-    if manifest is not None:
-        names = [g["name"] for g in manifest["groups"]]
+    listed = None if manifest is None else _manifest_groups(manifest, path)
+    names: list[str]
+    if listed is not None:
+        names = [name for name, _ in listed]
     else:
         names = sorted((k for k, v in root.groups() if "X" in v), key=_natural_key)
     if not names:
@@ -240,9 +263,9 @@ def _collection_groups(root: zarr.Group, path: Path) -> list[AnnDataGroup]:
         if name not in root:
             msg = f"{path}: collection group {name!r} is missing (truncated store?)"
             raise StoreFormatError(msg)
-        groups.append(AnnDataGroup(root[name], f"{path}/{name}", path))
-    if manifest is not None:
-        expected = [g["n_obs"] for g in manifest["groups"]]
+        groups.append(AnnDataGroup(group_at(root, name, str(path)), f"{path}/{name}", path))
+    if listed is not None:
+        expected = [n for _, n in listed]
         if [g.n_obs for g in groups] != expected:
             msg = f"{path}: group sizes {[g.n_obs for g in groups]} differ from the manifest's"
             raise StoreFormatError(msg)
