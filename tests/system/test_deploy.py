@@ -65,6 +65,24 @@ def final_stage(dockerfile: list[Instruction]) -> list[Instruction]:
     return dockerfile[froms[-1] :]
 
 
+def stages(dockerfile: list[Instruction]) -> dict[str, list[Instruction]]:
+    """Each named stage's instructions (``FROM image AS name`` up to the next FROM)."""
+    named: dict[str, list[Instruction]] = {}
+    current: list[Instruction] = []
+    for keyword, rest in dockerfile:
+        if keyword == "FROM":
+            current = []
+            words = rest.split()
+            if len(words) == 3 and words[1].upper() == "AS":
+                named[words[2]] = current
+        current.append((keyword, rest))
+    return named
+
+
+def stage_name(dockerfile: list[Instruction], stage: list[Instruction]) -> str:
+    return next(name for name, body in stages(dockerfile).items() if body == stage)
+
+
 def exec_form(dockerfile: list[Instruction], keyword: str) -> list[str]:
     """Return the JSON array of the final stage's last ``keyword`` instruction."""
     values = [rest for k, rest in final_stage(dockerfile) if k == keyword]
@@ -140,11 +158,66 @@ def annserve_port(services: dict, dockerfile: list[Instruction]) -> str:
     )
 
 
-def test_trainers_wait_for_a_healthy_annserve(services):
+def test_trainers_wait_for_a_healthy_annserve(services, dockerfile):
     for name, trainer in trainers(services).items():
         assert trainer["depends_on"]["annserve"]["condition"] == "service_healthy", name
-        # they share the image: its healthcheck would probe a daemon that is not there
-        assert trainer["healthcheck"]["disable"] is True, name
+        # a healthcheck in a trainer would probe a daemon that is not there
+        stage = stages(dockerfile)[trainer["build"]["target"]]
+        assert trainer.get("healthcheck", {}).get("disable") is True or not any(
+            keyword == "HEALTHCHECK" for keyword, _ in stage
+        ), name
+
+
+def test_compose_builds_the_daemon_from_the_final_stage(services, dockerfile):
+    """`docker build` without --target gives the image that compose runs as the daemon,
+    so the final-stage checks below are checks of the daemon's image."""
+    build = services["annserve"]["build"]
+    assert (ROOT / "deploy" / build["context"] / build["dockerfile"]).resolve() == (
+        DEPLOY / "Dockerfile"
+    )
+    assert build.get("target", stage_name(dockerfile, final_stage(dockerfile))) == stage_name(
+        dockerfile, final_stage(dockerfile)
+    )
+
+
+def test_trainers_build_their_own_stage_and_image(services, dockerfile):
+    daemon_image = services["annserve"]["image"]
+    for name, trainer in trainers(services).items():
+        target = trainer["build"]["target"]
+        assert target in stages(dockerfile), (name, target)
+        assert stages(dockerfile)[target] != final_stage(dockerfile), name
+        assert trainer["image"] != daemon_image, name  # two stages, two images
+
+
+def pip_installs(stage: list[Instruction]) -> list[str]:
+    return [rest for keyword, rest in stage if keyword == "RUN" and "pip install" in rest]
+
+
+def test_daemon_image_installs_the_server_extra_and_no_torch(dockerfile):
+    installs = pip_installs(final_stage(dockerfile))
+    assert any("[server]" in run for run in installs), installs
+    stage_text = " ".join(rest for _, rest in final_stage(dockerfile))
+    assert "torch" not in stage_text  # the daemon never imports it (tests/system/test_package.py)
+    copies = [rest for keyword, rest in final_stage(dockerfile) if keyword == "COPY"]
+    assert not any("examples" in copy for copy in copies), copies  # the trainers' scripts
+
+
+def test_trainer_image_has_cpu_torch_the_client_and_the_examples(services, dockerfile):
+    stage = stages(dockerfile)[services["trainer"]["build"]["target"]]
+    installs = pip_installs(stage)
+    torch = [i for i, run in enumerate(installs) if "torch==2.13.0" in run]
+    client = [i for i, run in enumerate(installs) if "[client]" in run]
+    assert torch, installs
+    assert client, installs
+    # torch first and from the CPU index: the client extra alone would pull CUDA torch
+    assert torch[0] < client[0]
+    assert "download.pytorch.org/whl/cpu" in installs[torch[0]]
+    copies = [rest.split() for keyword, rest in stage if keyword == "COPY"]
+    script = argv(services["trainer"]["entrypoint"])[-1]
+    assert any(Path(script).is_relative_to(c[0].rstrip("/")) for c in copies), copies
+    users = [rest for keyword, rest in stage if keyword == "USER"]
+    assert users, "trainer stage has no USER"
+    assert users[-1].split(":")[0] not in {"root", "0"}
 
 
 def test_trainer_address_is_annserve_service(services, dockerfile):
