@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import h5py
 import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError
+from annserve.server.io.elements import array_at, attr_ints, element_at
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    from annserve.server.io.elements import ArrayNode, GroupNode
 
 #: Rows of ``indptr`` read at once when planning row blocks.
 _INDPTR_WINDOW = 1 << 16
@@ -41,47 +44,30 @@ class MatrixInfo:
     nnz: int
 
 
-class Matrix:
-    """Row-range reads of one CSR group or dense array, as CSR parts."""
+class CSRSource:
+    """Row-range reads of one CSR group of an input, as CSR parts."""
 
-    def __init__(
-        self, key: str, elem: h5py.Group | zarr.Group | h5py.Dataset | zarr.Array, path: Path
-    ) -> None:
-        self.sparse = elem.attrs.get("encoding-type") == "csr_matrix"
-        if self.sparse:
-            self.shape = tuple(int(s) for s in elem.attrs["shape"])
-            self._indptr, self._indices, self._data = (
-                elem["indptr"],
-                elem["indices"],
-                elem["data"],
-            )
-            _check_csr(path, key, self.shape, self._indptr, self._indices, self._data)
-            nnz = int(self._indptr[self.shape[0]])
-            dtype = np.dtype(self._data.dtype)
-        else:
-            self.shape = tuple(int(s) for s in elem.shape)
-            self._dense = elem
-            nnz = self.shape[0] * self.shape[1]
-            dtype = np.dtype(elem.dtype)
-        if dtype.kind not in "biuf":
-            msg = f"{path}: {key} has non-numeric dtype {dtype}"
-            raise StoreFormatError(msg)
-        self.info = MatrixInfo(key, self.sparse, dtype, nnz)
+    sparse = True
+
+    def __init__(self, key: str, group: GroupNode, path: Path) -> None:
+        where = f"{path}: {key}"
+        self.shape = attr_ints(group.attrs, "shape", where)
+        self._indptr = array_at(group, "indptr", where)
+        self._indices = array_at(group, "indices", where)
+        self._data = array_at(group, "data", where)
+        _check_csr(path, key, self.shape, self._indptr, self._indices, self._data)
+        nnz = int(np.asarray(self._indptr[self.shape[0]]))
+        self.info = MatrixInfo(key, True, _numeric(np.dtype(self._data.dtype), key, path), nnz)
 
     def blocks(
         self, value_bytes: int, row_bytes: int, block_bytes: int
     ) -> Iterator[tuple[int, int]]:
         """Cut the rows into ``[start, stop)`` blocks of at most ``block_bytes`` (one row at least).
 
-        A block costs ``value_bytes`` per stored value (non-zero, or every value of a
-        dense matrix) plus ``row_bytes`` per row, bytes.
+        A block costs ``value_bytes`` per stored value (non-zero) plus ``row_bytes`` per
+        row, bytes.
         """
         n_obs = self.shape[0]
-        if not self.sparse:
-            step = max(1, block_bytes // (self.shape[1] * value_bytes + row_bytes))
-            for start in range(0, n_obs, step):
-                yield start, min(start + step, n_obs)
-            return
         start = 0
         while start < n_obs:
             window = np.asarray(
@@ -93,24 +79,58 @@ class Matrix:
             start = stop
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read rows ``[start, stop)`` as CSR parts (zeros of a dense matrix dropped).
+        """Read rows ``[start, stop)`` as CSR parts.
 
         Returns
         -------
         ``row_nnz`` (shape ``(stop - start,)``, int64), ``indices`` and ``data`` (shape
         ``(nnz,)``, the stored dtypes).
         """
-        if not self.sparse:
-            dense = np.asarray(self._dense[start:stop])
-            rows, cols = np.nonzero(dense)
-            row_nnz = np.bincount(rows, minlength=stop - start).astype(np.int64)
-            return row_nnz, cols, dense[rows, cols]
         indptr = np.asarray(self._indptr[start : stop + 1], dtype=np.int64)
         a, b = int(indptr[0]), int(indptr[-1])
         return np.diff(indptr), np.asarray(self._indices[a:b]), np.asarray(self._data[a:b])
 
 
-def open_matrix(root: h5py.Group | zarr.Group, key: str, path: Path) -> Matrix:
+class DenseSource:
+    """Row-range reads of one dense 2-d array of an input, as CSR parts (zeros dropped)."""
+
+    sparse = False
+
+    def __init__(self, key: str, array: ArrayNode, path: Path) -> None:
+        self.shape = tuple(int(s) for s in array.shape)
+        self._dense = array
+        nnz = self.shape[0] * self.shape[1]
+        self.info = MatrixInfo(key, False, _numeric(np.dtype(array.dtype), key, path), nnz)
+
+    def blocks(
+        self, value_bytes: int, row_bytes: int, block_bytes: int
+    ) -> Iterator[tuple[int, int]]:
+        """Cut the rows into blocks as :meth:`CSRSource.blocks` (every value is stored)."""
+        n_obs = self.shape[0]
+        step = max(1, block_bytes // (self.shape[1] * value_bytes + row_bytes))
+        for start in range(0, n_obs, step):
+            yield start, min(start + step, n_obs)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read rows ``[start, stop)`` as CSR parts; see :meth:`CSRSource.read`."""
+        dense = np.asarray(self._dense[start:stop])
+        rows, cols = np.nonzero(dense)
+        row_nnz = np.bincount(rows, minlength=stop - start).astype(np.int64)
+        return row_nnz, cols, dense[rows, cols]
+
+
+#: One matrix of an input, read by row ranges.
+Matrix: TypeAlias = CSRSource | DenseSource
+
+
+def _numeric(dtype: np.dtype, key: str, path: Path) -> np.dtype:
+    if dtype.kind not in "biuf":
+        msg = f"{path}: {key} has non-numeric dtype {dtype}"
+        raise StoreFormatError(msg)
+    return dtype
+
+
+def open_matrix(root: GroupNode, key: str, path: Path) -> Matrix:
     """Open ``X`` or ``layers/<name>`` of an input.
 
     Raises
@@ -122,22 +142,23 @@ def open_matrix(root: h5py.Group | zarr.Group, key: str, path: Path) -> Matrix:
         what = "X" if key == "X" else f"layer {key.split('/', 1)[1]!r}"
         msg = f"{path}: has no {what}"
         raise StoreFormatError(msg)
-    elem = root[key]
+    elem = element_at(root, key, str(path))
     encoding = elem.attrs.get("encoding-type", "array")
-    is_2d = isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 2
-    if encoding != "csr_matrix" and not (encoding == "array" and is_2d):
-        msg = f"{path}: {key} has encoding {encoding!r}; convert reads CSR or dense matrices"
-        raise StoreFormatError(msg)
-    return Matrix(key, elem, path)
+    if encoding == "csr_matrix" and isinstance(elem, h5py.Group | zarr.Group):
+        return CSRSource(key, elem, path)
+    if encoding == "array" and isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 2:
+        return DenseSource(key, elem, path)
+    msg = f"{path}: {key} has encoding {encoding!r}; convert reads CSR or dense matrices"
+    raise StoreFormatError(msg)
 
 
 def _check_csr(
     path: Path,
     key: str,
     shape: tuple[int, ...],
-    indptr: h5py.Dataset | zarr.Array,
-    indices: h5py.Dataset | zarr.Array,
-    data: h5py.Dataset | zarr.Array,
+    indptr: ArrayNode,
+    indices: ArrayNode,
+    data: ArrayNode,
 ) -> None:
     if len(shape) != 2 or indptr.shape != (shape[0] + 1,) or indices.shape != data.shape:
         msg = (
@@ -145,6 +166,6 @@ def _check_csr(
             f"indices {indices.shape}, data {data.shape})"
         )
         raise StoreFormatError(msg)
-    if int(indptr[shape[0]]) > data.shape[0]:
+    if int(np.asarray(indptr[shape[0]])) > data.shape[0]:
         msg = f"{path}: {key} indptr points past the end of data ({data.shape[0]} values)"
         raise StoreFormatError(msg)

@@ -19,9 +19,12 @@ import pandas as pd
 import zarr
 
 from annserve.errors import StoreFormatError
+from annserve.server.io.elements import array_at, element_at
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from annserve.server.io.elements import ArrayNode, GroupNode
 
 logger = logging.getLogger(__name__)
 
@@ -121,24 +124,22 @@ def _labels(index: pd.Index | np.ndarray) -> tuple[object, ...]:
     return tuple(str(v) for v in values.tolist())
 
 
-def _column_reader(
-    name: str, elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array
-) -> ColumnReader:
+def _column_reader(name: str, elem: GroupNode | ArrayNode) -> ColumnReader:
     encoding = elem.attrs.get("encoding-type")
-    if encoding == "categorical":
-        categories = ad.io.read_elem(elem["categories"])
+    if encoding == "categorical" and isinstance(elem, h5py.Group | zarr.Group):
+        categories = ad.io.read_elem(element_at(elem, "categories", name))
         info = ColumnInfo(
             name,
             "category",
             categories=_labels(categories),
             ordered=bool(elem.attrs.get("ordered", False)),
         )
-        return _SlicedColumn(info, elem["codes"])
-    is_array = isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 1
-    if encoding == "string-array" and is_array:
-        return _SlicedColumn(ColumnInfo(name, "str"), elem)
-    if encoding == "array" and is_array and np.dtype(elem.dtype).kind in "biuf":
-        return _SlicedColumn(ColumnInfo(name, "numeric", np.dtype(elem.dtype)), elem)
+        return _SlicedColumn(info, array_at(elem, "codes", name))
+    if isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 1:
+        if encoding == "string-array":
+            return _SlicedColumn(ColumnInfo(name, "str"), elem)
+        if encoding == "array" and np.dtype(elem.dtype).kind in "biuf":
+            return _SlicedColumn(ColumnInfo(name, "numeric", np.dtype(elem.dtype)), elem)
     logger.debug("obs column %r (encoding %r) is read whole", name, encoding)
     return _memory_column(name, ad.io.read_elem(elem))
 
@@ -157,8 +158,11 @@ def check_obs_lengths(path: Path, root: h5py.Group | zarr.Group, n_obs: int) -> 
     else:
         lengths = {}
         for key in obs:
-            elem = obs[key]
-            array = elem["codes"] if elem.attrs.get("encoding-type") == "categorical" else elem
+            elem = element_at(obs, key, str(path))
+            categorical = elem.attrs.get("encoding-type") == "categorical"
+            array = (
+                elem["codes"] if categorical and isinstance(elem, h5py.Group | zarr.Group) else elem
+            )
             if isinstance(array, h5py.Dataset | zarr.Array):
                 lengths[key] = array.shape[0]
     bad = {k: v for k, v in lengths.items() if v != n_obs}
@@ -185,8 +189,10 @@ def read_annotations(
     try:
         if isinstance(obs, h5py.Dataset) or obs.attrs.get("encoding-type") != "dataframe":
             return _legacy_annotations(path)
-        index = _column_reader("_index", obs[obs.attrs["_index"]])
-        columns = [_column_reader(str(k), obs[k]) for k in obs.attrs.get("column-order", [])]
+        index = _column_reader("_index", element_at(obs, str(obs.attrs["_index"]), str(path)))
+        order = obs.attrs.get("column-order", [])
+        names = [str(k) for k in order] if isinstance(order, list | tuple | np.ndarray) else []
+        columns = [_column_reader(k, element_at(obs, k, str(path))) for k in names]
         var = ad.io.read_elem(root["var"])
     except StoreFormatError:
         raise

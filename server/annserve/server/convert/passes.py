@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import zarr
 
     from annserve.server.convert.manifest import GroupEntry
+    from annserve.server.convert.obs import ColumnInfo
     from annserve.server.convert.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,19 @@ MAX_BLOCK_BYTES = 64 << 20
 BUCKET_FILL = 0.8
 
 
+def _column_bytes(column: ColumnInfo) -> int:
+    """Estimated bytes of one value of an obs column in memory."""
+    if column.kind == "category":
+        return 4  # int32 code
+    if column.kind == "str" or column.dtype is None:
+        return 8 + 24  # length + UTF-8 bytes
+    return column.dtype.itemsize
+
+
 def row_bytes(plan: Plan) -> int:
     """Estimated bytes of a row in memory besides its matrix values (obs, row lengths)."""
     names = 8 + 24  # length + UTF-8 bytes of an obs name
-    columns = sum(
-        4 if c.kind == "category" else 8 + 24 if c.kind == "str" else c.dtype.itemsize
-        for c in plan.columns
-    )
+    columns = sum(_column_bytes(c) for c in plan.columns)
     return names + columns + 8 * len(plan.dtypes)
 
 
@@ -138,7 +145,7 @@ def shuffled(
         writer.bytes.max() / 1e6,
     )
     t0 = time.perf_counter()
-    groups = []
+    groups: list[GroupEntry] = []
     with tqdm(
         total=int(writer.rows.sum()), unit="cells", desc="convert: write", disable=not progress
     ) as bar:

@@ -165,7 +165,10 @@ class RowBlock:
 
         def column(key: str) -> np.ndarray | Ragged:
             parts = [b.columns[key] for b in blocks]
-            return Ragged.concat(parts) if isinstance(parts[0], Ragged) else np.concatenate(parts)
+            ragged = [p for p in parts if isinstance(p, Ragged)]  # str columns; all or none
+            if ragged:
+                return Ragged.concat(ragged)
+            return np.concatenate([p for p in parts if not isinstance(p, Ragged)])
 
         return RowBlock(
             Ragged.concat([b.obs_names for b in blocks]),
@@ -182,13 +185,14 @@ def from_arrays(arrays: list[np.ndarray], like: RowBlock) -> RowBlock:
     """Rebuild a block from :meth:`RowBlock.arrays` output, with the layout of ``like``."""
     it = iter(arrays)
 
+    def take_ragged(field: Ragged) -> Ragged:
+        return Ragged(next(it), tuple(next(it) for _ in field.values))
+
     def take(field: np.ndarray | Ragged) -> np.ndarray | Ragged:
-        if isinstance(field, Ragged):
-            return Ragged(next(it), tuple(next(it) for _ in field.values))
-        return next(it)
+        return take_ragged(field) if isinstance(field, Ragged) else next(it)
 
     return RowBlock(
-        take(like.obs_names),
-        {k: take(m) for k, m in like.matrices.items()},
+        take_ragged(like.obs_names),
+        {k: take_ragged(m) for k, m in like.matrices.items()},
         {k: take(c) for k, c in like.columns.items()},
     )

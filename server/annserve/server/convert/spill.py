@@ -116,7 +116,7 @@ def read_bucket(path: Path, template: RowBlock) -> RowBlock | None:
             for array, start, count in zip(out, filled.tolist(), counts.tolist(), strict=True):
                 if count == 0:
                     continue
-                view = memoryview(array[start : start + count]).cast("B")
+                view = array[start : start + count].data.cast("B")
                 if f.readinto(view) != view.nbytes:
                     msg = f"spill file {path} is truncated"
                     raise OSError(msg)

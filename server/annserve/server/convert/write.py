@@ -128,7 +128,7 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
         # cells of different inputs may share a name; the dataset column tells them apart
         warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
         ad.io.write_elem(root, name, ad.AnnData(obs=_obs_frame(rows, plan), var=plan.var))
-        group = root[name]
+        group = _group(root[name])
     with _settings(), zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
         for key, matrix in rows.matrices.items():
             indices, data = matrix.values
@@ -140,7 +140,7 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
             itemsize = max(data.itemsize, indices.itemsize)
             parent, _, leaf = key.rpartition("/")  # "X" or "layers/<name>"
             _write_csr(
-                group[parent] if parent else group,
+                _group(group[parent]) if parent else group,
                 leaf,
                 (n, plan.n_vars),
                 (data, indices, matrix.offsets()),
@@ -183,11 +183,17 @@ def _write_csr(
         array[...] = values
 
 
+def _group(node: object) -> zarr.Group:
+    """Return ``node``, a group this module wrote (an AnnData group or its ``layers``)."""
+    assert isinstance(node, zarr.Group)  # written by anndata as a group
+    return node
+
+
 def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:
     columns: dict[str, Any] = {}
     for spec in plan.columns:
         values = rows.columns[spec.name]
-        if spec.kind == "category":
+        if spec.kind == "category" and not isinstance(values, Ragged):  # codes, never ragged
             columns[spec.name] = pd.Categorical.from_codes(
                 values, categories=pd.Index(spec.categories), ordered=spec.ordered
             )
