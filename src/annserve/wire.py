@@ -93,7 +93,7 @@ class Pieces:
     Attributes
     ----------
     parts
-        Slices of one C-contiguous, little-endian array (1-d arrays or byte memoryviews),
+        Byte memoryviews of slices of one C-contiguous, little-endian array,
         in wire order.
     dtype
         Their common dtype.
@@ -101,7 +101,7 @@ class Pieces:
         Total elements of ``parts``.
     """
 
-    parts: list[np.ndarray | memoryview]
+    parts: Sequence[memoryview]
     dtype: np.dtype
     length: int
 
@@ -109,7 +109,7 @@ class Pieces:
 def encode_frame(
     header: pb.BatchHeader,
     arrays: Sequence[tuple[str, np.ndarray | Pieces]],
-    compression: int = pb.COMPRESSION_NONE,
+    compression: pb.Compression = pb.COMPRESSION_NONE,
     level: int = 0,
 ) -> bytes:
     """Serialize a frame; fills ``header.arrays`` with the payload layout.
@@ -132,7 +132,7 @@ def encode_frame(
     -------
     The serialized ``BatchFrame``.
     """
-    parts: list[bytes | np.ndarray] = []
+    parts: list[bytes | memoryview] = []
     offset = 0
     for name, array in arrays:
         pad = -offset % _ALIGN
@@ -145,7 +145,7 @@ def encode_frame(
         else:
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             dtype, shape, nbytes = array.dtype, array.shape, array.nbytes
-            parts.append(array.reshape(-1))
+            parts.append(array.reshape(-1).data)
         header.arrays.add(name=name, dtype=dtype.str, shape=shape, offset=offset)
         offset += nbytes
     header.payload_nbytes = offset

@@ -58,7 +58,7 @@ def stream(path, *, encoding="compact", compression="none", batch_size=7, shuffl
     )
     plan = plan_stream(request, store)
     sampler = make_sampler(store, plan)
-    return list(epoch_frames(store, sampler, plan)), store
+    return [frame.data for frame in epoch_frames(store, sampler, plan)], store
 
 
 def assemble(frames, n_vars):

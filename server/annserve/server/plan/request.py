@@ -90,7 +90,7 @@ class StreamPlan:
     obs: tuple[ObsColumnData, ...]
     return_index: bool
     encoding: int
-    compression: int
+    compression: pb.Compression
     compression_level: int
     layer: str | None
     columns: np.ndarray | None

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = check(args.address, args.service, args.timeout, credentials, args.tls_server_name)
     except grpc.RpcError as e:
-        print(f"annserve-health: {args.address}: {e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+        print(f"annserve-health: {args.address}: {e.code().name}: {e.details()}")
         return EXIT_UNHEALTHY
     print(f"annserve-health: {args.address}: {status}")
     return EXIT_SERVING if status == "SERVING" else EXIT_UNHEALTHY

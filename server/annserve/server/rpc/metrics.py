@@ -8,23 +8,18 @@ process (tests) without sharing counters. Nothing is registered at import.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from annserve.wire import peek_header
+from annserve.server.rpc.handlers import rebuild_handler, status_set
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from wsgiref.simple_server import WSGIServer
 
-    import numpy as np
-
-    from annserve.buffers import BufferPool
-    from annserve.server.io.matrix import CSRRows, DenseRows
-    from annserve.server.io.store import Store
+    from annserve.server.stream.frames import Frame
 
 #: Store read latency buckets, seconds: one preload buffer takes ms (cached) to seconds (cold).
 READ_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -102,38 +97,17 @@ class StreamMeter:
         self._bytes = metrics.sent_bytes.labels(store)
         self.frames = self.cells = self.nbytes = 0
 
-    def sent(self, frame: bytes) -> None:
-        """Count one frame that was sent (its header is parsed, the payload is not)."""
-        header = peek_header(frame)
+    def sent(self, frame: Frame) -> None:
+        """Count one frame that was sent, from the header the stream built it from."""
+        header = frame.header
         self.frames += 1
         self.cells += header.n_rows
-        self.nbytes += len(frame)
+        self.nbytes += len(frame.data)
         self._frames.inc()
         self._cells.inc(header.n_rows)
-        self._bytes.inc(len(frame))
+        self._bytes.inc(len(frame.data))
         if header.row_start + header.n_rows == header.batch_rows:
             self._batches.inc()
-
-
-class TimedStore:
-    """A store whose :meth:`read_rows` calls are timed into a histogram; all else delegates."""
-
-    def __init__(self, store: Store, seconds: Histogram) -> None:
-        self._store = store
-        self._seconds = seconds
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._store, name)
-
-    def read_rows(
-        self, rows: np.ndarray, layer: str | None = None, pool: BufferPool | None = None
-    ) -> CSRRows | DenseRows:
-        """Read rows (see :meth:`Store.read_rows`) and record how long it took."""
-        start = time.perf_counter()
-        try:
-            return self._store.read_rows(rows, layer, pool)
-        finally:
-            self._seconds.observe(time.perf_counter() - start)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -154,37 +128,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             self._errors.labels(details.method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return None
-        return wrap_handler(
-            handler,
-            _unary_wrapper(self._errors, details.method),
-            _stream_wrapper(self._errors, details.method),
-        )
-
-
-def wrap_handler(
-    handler: grpc.RpcMethodHandler,
-    unary: Callable[[Callable], Callable],
-    stream: Callable[[Callable], Callable],
-) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with its behaviour wrapped by ``unary`` or ``stream`` (by response arity).
-
-    The request deserializer and response serializer are kept.
-    """
-    for kind, wrap in (
-        ("unary_unary", unary),
-        ("stream_unary", unary),
-        ("unary_stream", stream),
-        ("stream_stream", stream),
-    ):
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            return handler._replace(**{kind: wrap(behavior)})
-    return handler
+        wrapper = _stream_wrapper if handler.response_streaming else _unary_wrapper
+        return rebuild_handler(handler, wrapper(self._errors, details.method))
 
 
 def _code_name(context: grpc.ServicerContext, default: grpc.StatusCode) -> str:
-    code = context.code()
-    return (code if isinstance(code, grpc.StatusCode) else default).name
+    code, _ = status_set(context)
+    return (code or default).name
 
 
 def _count_failure(errors: Counter, method: str, context: grpc.ServicerContext) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from annserve.errors import AuthenticationError
+from annserve.server.rpc.handlers import rebuild_handler
 from annserve.server.rpc.service import status_of
 
 if TYPE_CHECKING:
@@ -139,10 +140,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         deny = _denial(details.method)
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            if getattr(handler, kind) is not None:
-                return handler._replace(**{kind: deny})
-        return None
+        return rebuild_handler(handler, lambda _behavior: deny)
 
 
 def _denial(method: str) -> Callable[[object, grpc.ServicerContext], object]:

@@ -23,7 +23,8 @@ from annserve.prefetch import Prefetcher
 from annserve.server.plan.limits import Limits
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
-from annserve.server.rpc.metrics import Metrics, TimedStore
+from annserve.server.rpc.handlers import status_set
+from annserve.server.rpc.metrics import Metrics
 from annserve.server.stream.frames import epoch_frames, epoch_span
 from annserve.v1 import annserve_pb2 as pb
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
+    from annserve.server.stream.frames import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class AnnServeService:
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.frames_queued.set_function(self.frames_queued)
         # open streams by id (None while being planned), guarded by _idle's lock
-        self._open: dict[int, Prefetcher[bytes] | None] = {}
+        self._open: dict[int, Prefetcher[Frame] | None] = {}
         self._idle = threading.Condition()
         self._draining = threading.Event()  # refuse new streams
         self._stopping = threading.Event()  # end in-flight streams at their next frame
@@ -153,16 +155,16 @@ class AnnServeService:
         """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
         started = time.monotonic()
         stream_id = self._admit(context)
-        frames: Prefetcher[bytes] | None = None
+        frames: Prefetcher[Frame] | None = None
         status = "OK"
         meter = None
         try:
             store, plan, sampler = self._plan(request, context)
             name = request.store or self._default
             meter = self.metrics.stream(name)
-            timed = TimedStore(store, self.metrics.store_read_seconds.labels(name))
+            on_read = self.metrics.store_read_seconds.labels(name).observe
             frames = Prefetcher(
-                lambda: epoch_frames(timed, sampler, plan),
+                lambda: epoch_frames(store, sampler, plan, on_read),
                 FRAME_QUEUE,
                 name=f"annserve-stream-{stream_id}",
             )
@@ -197,9 +199,9 @@ class AnnServeService:
                         "complete batch on another server or after a restart"
                     )
                     raise ServerUnavailableError(msg)
-                if len(frame) > max_bytes:
-                    raise self.limits.frame_too_large(len(frame))
-                yield frame
+                if len(frame.data) > max_bytes:
+                    raise self.limits.frame_too_large(len(frame.data))
+                yield frame.data
                 meter.sent(frame)
         except GeneratorExit:
             status = "CANCELLED"
@@ -208,11 +210,9 @@ class AnnServeService:
             status = status_of(e).name
             context.abort(status_of(e), str(e))
         except Exception:
-            if context.code() is not None:  # context.abort() in _plan
-                status = context.code().name
-                details = context.details()
-                if isinstance(details, bytes):
-                    details = details.decode(errors="replace")
+            code, details = status_set(context)
+            if code is not None:  # context.abort() in _plan
+                status = code.name
                 logger.info(
                     "stream %d refused: %s %s",
                     stream_id,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
     Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
+
 def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     """Narrow values losslessly for the ``compact`` encoding.
 
@@ -88,18 +89,45 @@ def select_columns(
 
 
 @dataclass(frozen=True, slots=True)
-class WireRows:
-    """A preload buffer converted to wire dtypes; same row order as the buffer."""
+class WireCSR:
+    """A sparse preload buffer converted to wire dtypes; same row order as the buffer.
 
-    sparse: bool
-    indptr: np.ndarray | None
-    indices: np.ndarray | None
+    Attributes
+    ----------
+    indptr
+        Row offsets into ``indices``/``values``, shape ``(n_rows + 1,)``, int64.
+    indices
+        Column of each non-zero, shape ``(nnz,)``, uint16/uint32 (compact) or as stored.
+    values
+        Each non-zero, shape ``(nnz,)``, in the encoding's dtype.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
     values: np.ndarray
+    sparse = True
 
     @property
     def nbytes(self) -> int:
         """Bytes of X held in wire dtypes."""
-        return self.values.nbytes + (self.indices.nbytes if self.indices is not None else 0)
+        return self.values.nbytes + self.indices.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class WireDense:
+    """A dense preload buffer converted to wire dtypes, shape ``(n_rows, n_vars)``."""
+
+    values: np.ndarray
+    sparse = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of X held in wire dtypes."""
+        return self.values.nbytes
+
+
+#: A preload buffer in wire dtypes.
+WireRows = WireCSR | WireDense
 
 
 def prepare(
@@ -121,14 +149,14 @@ def prepare(
     compact = encoding == pb.ENCODING_COMPACT
     if isinstance(block, DenseRows):
         values = compact_values(block.values, empty) if compact else block.values
-        return WireRows(False, None, None, values)
+        return WireDense(values)
     if not compact:
-        return WireRows(True, block.indptr, block.indices, block.data)
+        return WireCSR(block.indptr, block.indices, block.data)
     index_dtype = np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
     indices = block.indices
     if indices.dtype != index_dtype:
         indices = _cast(indices, index_dtype, empty)
-    return WireRows(True, block.indptr, indices, compact_values(block.data, empty))
+    return WireCSR(block.indptr, indices, compact_values(block.data, empty))
 
 
 def frame_arrays(
@@ -152,7 +180,7 @@ def frame_arrays(
     ``indices`` and ``data`` as :class:`~annserve.wire.Pieces`, one slice of the
     buffer per row, gathered by :func:`annserve.wire.encode_frame`.
     """
-    if not rows.sparse:
+    if isinstance(rows, WireDense):
         return [("X", rows.values[positions])]
     starts = rows.indptr[positions]
     lengths = rows.indptr[positions + 1] - starts
@@ -175,7 +203,7 @@ def frame_arrays(
 def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: int) -> Pieces:
     """Cut ``values[a:b]`` for each ``(a, b)`` as byte memoryviews (cheaper than array views)."""
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    raw = memoryview(values).cast("B")
+    raw = values.data.cast("B")
     size = values.itemsize
     parts = [
         raw[a:b] for a, b in zip((starts * size).tolist(), (stops * size).tolist(), strict=True)

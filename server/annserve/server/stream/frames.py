@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +17,7 @@ from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
@@ -28,12 +30,33 @@ MAX_FRAME_ROWS = 1024
 TARGET_FRAME_BYTES = 2 << 20
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One frame of a stream, serialized, with the header it was built from.
+
+    Attributes
+    ----------
+    header
+        The frame's ``BatchHeader`` (batch number, rows, payload layout), for counting.
+    data
+        The serialized ``BatchFrame`` message, bytes, sent as is.
+    """
+
+    header: pb.BatchHeader
+    data: bytes
+
+
 def epoch_span(sampler: Sampler, plan: StreamPlan) -> Span:
     """Return the positions of the epoch's row sequence the stream's shard covers."""
     return shard_span(sampler.n_rows, plan.shard, plan.batch_size, drop_last=plan.drop_last)
 
 
-def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[bytes]:
+def epoch_frames(
+    store: Store,
+    sampler: Sampler,
+    plan: StreamPlan,
+    on_read: Callable[[float], None] | None = None,
+) -> Iterator[Frame]:
     """Yield the serialized frames of one shard's epoch, from batch ``plan.start_batch`` on.
 
     The epoch's rows are the sampler's preload buffers concatenated; the shard's
@@ -51,10 +74,13 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
         Row order of the epoch.
     plan
         Validated request.
+    on_read
+        Called with the seconds each preload buffer's store read took (e.g. a
+        Prometheus histogram's ``observe``), on the read-ahead thread.
 
     Yields
     ------
-    Serialized ``BatchFrame`` messages, in order.
+    The frames, in order.
     """
     span = epoch_span(sampler, plan)
     # three preload buffers alive (the one framed, the one read ahead, the one being read),
@@ -64,7 +90,7 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
     emitted = min(plan.start_batch * plan.batch_size, n_emit)
     todo = Span(span.start + emitted, span.stop)
     buffers = Prefetcher(
-        lambda: _read_ahead(store, sampler, plan, todo, pool),
+        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read),
         1,
         name=f"{threading.current_thread().name}-read",
     )
@@ -94,7 +120,12 @@ def epoch_frames(store: Store, sampler: Sampler, plan: StreamPlan) -> Iterator[b
 
 
 def _read_ahead(
-    store: Store, sampler: Sampler, plan: StreamPlan, span: Span, pool: BufferPool
+    store: Store,
+    sampler: Sampler,
+    plan: StreamPlan,
+    span: Span,
+    pool: BufferPool,
+    on_read: Callable[[float], None] | None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows]]:
     """Yield each preload buffer of ``span`` read and prepared for the wire.
 
@@ -103,7 +134,10 @@ def _read_ahead(
     """
     for rows in rows_in_span(sampler, plan.epoch, span):
         unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
+        started = time.perf_counter()
         block = store.read_rows(unique_rows, plan.layer, pool)
+        if on_read is not None:
+            on_read(time.perf_counter() - started)
         if plan.columns is not None:
             block = select_columns(block, plan.columns, store.n_vars)
         wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
@@ -121,11 +155,11 @@ def _frame(
     positions: np.ndarray,
     global_rows: np.ndarray,
     plan: StreamPlan,
-) -> bytes:
+) -> Frame:
     arrays = frame_arrays(wire, positions, plan.encoding)
     obs, strings = obs_arrays(plan.obs, global_rows)
     arrays += obs
     header.string_obs.extend(strings)
     if plan.return_index:
         arrays.append(("index", global_rows))
-    return encode_frame(header, arrays, plan.compression, plan.compression_level)
+    return Frame(header, encode_frame(header, arrays, plan.compression, plan.compression_level))

@@ -1,0 +1,55 @@
+"""Rebuild a gRPC method handler around a new behaviour (for server interceptors)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: Handler attribute holding the behaviour, and grpc's public factory, by
+#: ``(request_streaming, response_streaming)``.
+_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def rebuild_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """Return a handler of the same arity whose behaviour is ``wrap(behaviour)``.
+
+    Built with grpc's public ``*_rpc_method_handler`` factories; the request
+    deserializer and response serializer are kept.
+
+    Parameters
+    ----------
+    handler
+        The method's handler, as returned by an interceptor's ``continuation``.
+    wrap
+        Takes the handler's behaviour, returns the new one (same call signature).
+    """
+    kind, factory = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        wrap(getattr(handler, kind)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def status_set(context: grpc.ServicerContext) -> tuple[grpc.StatusCode | None, str]:
+    """Return the status code and details a handler has set so far (e.g. by ``abort``).
+
+    ``(None, "")`` while none is set. Details sent as bytes are decoded.
+    """
+    # grpcio >= 1.38 has ServicerContext.code()/details(); grpc-stubs 1.53 does not list them
+    code = context.code()  # type: ignore[attr-defined]
+    details = context.details() or ""  # type: ignore[attr-defined]
+    if isinstance(details, bytes):
+        details = details.decode(errors="replace")
+    return (code if isinstance(code, grpc.StatusCode) else None), details
