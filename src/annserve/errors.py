@@ -1,40 +1,116 @@
-"""One error hierarchy for server and client.
+"""One error hierarchy for server and client, and its one table of status codes.
 
-Each class also inherits the builtin it refines, so callers may catch either.
-The server maps these classes to gRPC status codes in one place
-(:data:`annserve.server.rpc.service.STATUS_OF`); the client maps status codes back.
+Each class also inherits the builtin it refines, so callers may catch either. Each
+class names, once, the gRPC status the server sends for it (``grpc_status``; the
+client maps that status, and any in ``also_from``, back to the class) and the
+``annserve`` commands' exit code where it has one (``exit_code``). The server's map
+(:func:`annserve.server.rpc.service.status_of`) and the client's
+(:func:`annserve.client._rpc.translate`) are both derived from :func:`error_for_status`
+and the class attributes. Status codes are named by string so this module imports
+no grpc.
+
+| class | gRPC status (also mapped back from) | exit code |
+|---|---|---|
+| ``InvalidRequestError`` | ``INVALID_ARGUMENT`` | 2 |
+| ``StoreNotFoundError`` | ``NOT_FOUND`` | 3 |
+| ``StoreFormatError`` | ``FAILED_PRECONDITION`` | 3 |
+| ``ResourceExhaustedError`` | ``RESOURCE_EXHAUSTED`` | |
+| ``AuthenticationError`` | ``UNAUTHENTICATED`` (``PERMISSION_DENIED``) | |
+| ``ServerUnavailableError`` | ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``) | |
+| ``FrameDecodeError`` | none: raised by the client only | |
+| any other ``AnnServeError`` | ``INTERNAL`` | 1 |
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class AnnServeError(Exception):
-    """Base class of every error annserve raises on purpose."""
+    """Base class of every error annserve raises on purpose.
+
+    Attributes
+    ----------
+    grpc_status
+        Name of the ``grpc.StatusCode`` the server ends a call with for this error;
+        None for errors that never cross the wire.
+    also_from
+        Further status names the client maps to this class.
+    exit_code
+        Exit code of the ``annserve`` commands when this error stops them.
+    """
+
+    grpc_status: ClassVar[str | None] = "INTERNAL"
+    also_from: ClassVar[tuple[str, ...]] = ()
+    exit_code: ClassVar[int] = 1
 
 
 class InvalidRequestError(AnnServeError, ValueError):
     """A request field has a value the server cannot serve (``INVALID_ARGUMENT``)."""
 
+    grpc_status = "INVALID_ARGUMENT"
+    exit_code = 2
+
 
 class StoreNotFoundError(AnnServeError, FileNotFoundError):
     """A store path does not exist, or a request names an unknown store (``NOT_FOUND``)."""
+
+    grpc_status = "NOT_FOUND"
+    exit_code = 3
 
 
 class StoreFormatError(AnnServeError, ValueError):
     """A store exists but is not a readable AnnData store of a supported layout."""
 
+    grpc_status = "FAILED_PRECONDITION"
+    exit_code = 3
+
 
 class FrameDecodeError(AnnServeError, ValueError):
     """A received frame is malformed or truncated; its data must not be used."""
+
+    grpc_status = None
 
 
 class ServerUnavailableError(AnnServeError, ConnectionError):
     """The server at the given address cannot be reached (``UNAVAILABLE``)."""
 
+    grpc_status = "UNAVAILABLE"
+    also_from = ("DEADLINE_EXCEEDED",)
+
 
 class ResourceExhaustedError(AnnServeError, RuntimeError):
     """A request exceeds a server limit, named in the message (``RESOURCE_EXHAUSTED``)."""
 
+    grpc_status = "RESOURCE_EXHAUSTED"
+
 
 class AuthenticationError(AnnServeError, PermissionError):
     """A call carried no valid credentials (``UNAUTHENTICATED``)."""
+
+    grpc_status = "UNAUTHENTICATED"
+    also_from = ("PERMISSION_DENIED",)
+
+
+def error_for_status(status: str) -> type[AnnServeError]:
+    """Return the error class a call that ended with ``status`` (a status name) raises.
+
+    :class:`AnnServeError` itself for statuses no subclass claims (e.g. ``INTERNAL``).
+    """
+    return _BY_STATUS.get(status, AnnServeError)
+
+
+def _by_status() -> dict[str, type[AnnServeError]]:
+    table: dict[str, type[AnnServeError]] = {}
+    pending = list(AnnServeError.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        own = cls.__dict__.get("grpc_status")
+        for status in (own, *cls.__dict__.get("also_from", ())):
+            if status is not None:
+                table.setdefault(status, cls)
+    return table
+
+
+_BY_STATUS = _by_status()

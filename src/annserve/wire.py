@@ -21,6 +21,10 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+#: Largest message either side accepts, bytes; frames are sized far below it (a few MB;
+#: the server enforces its ``--max-message-bytes`` on each frame).
+MAX_MESSAGE_BYTES = 256 << 20
+
 
 class Codec(Protocol):
     """A numcodecs-style byte codec."""

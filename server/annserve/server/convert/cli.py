@@ -19,16 +19,18 @@ import argparse
 import logging
 import sys
 
-from annserve.errors import InvalidRequestError, StoreFormatError, StoreNotFoundError
+from annserve.errors import (
+    AnnServeError,
+    InvalidRequestError,
+    StoreFormatError,
+    StoreNotFoundError,
+)
 from annserve.server.convert.pipeline import DEFAULT_BUCKET_BYTES, OutputExistsError, convert
 from annserve.server.convert.write import COMPRESSORS
 
 __all__ = ["build_convert_parser", "convert_main"]
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INPUT = 3
-EXIT_EXISTS = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -154,10 +156,4 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def _exit_code(error: Exception) -> int:
-    if isinstance(error, InvalidRequestError):
-        return EXIT_USAGE
-    if isinstance(error, OutputExistsError):
-        return EXIT_EXISTS
-    if isinstance(error, StoreFormatError | StoreNotFoundError):
-        return EXIT_INPUT
-    return EXIT_FAILED
+    return error.exit_code if isinstance(error, AnnServeError) else EXIT_FAILED

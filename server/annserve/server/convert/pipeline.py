@@ -47,6 +47,9 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 class OutputExistsError(AnnServeError, FileExistsError):
     """The output of a conversion exists and overwriting was not asked for."""
 
+    grpc_status = None  # raised by ``annserve convert`` only, never sent
+    exit_code = 5
+
 
 def convert(
     inputs: Sequence[str | Path],

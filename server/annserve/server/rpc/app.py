@@ -17,6 +17,7 @@ from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
 from annserve.server.rpc.security import TokenAuthInterceptor
 from annserve.server.rpc.service import SERVICE_NAME, AnnServeService, status_of
 from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Largest message either side accepts, bytes; frames are sized far below it
-#: (the servicer enforces ``Limits.max_message_bytes`` on frames).
-MAX_MESSAGE_BYTES = 256 << 20
 #: Largest request accepted, bytes: a request lists at most all genes' names.
 MAX_REQUEST_BYTES = 16 << 20
 #: Seconds streams still in flight after the grace get to end with UNAVAILABLE, then

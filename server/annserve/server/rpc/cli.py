@@ -33,8 +33,6 @@ from annserve.server.rpc.security import TLSConfig, is_loopback, read_tokens
 
 logger = logging.getLogger("annserve")
 
-EXIT_ARGS = 2
-EXIT_STORE = 3
 EXIT_BIND = 4
 EXIT_SECURITY = 5
 
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         stores = _open_stores(args.store)
     except AnnServeError as e:
         print(f"annserve: {e}", file=sys.stderr)
-        return EXIT_STORE
+        return e.exit_code
     if not is_loopback(args.host) and tls is None and tokens is None:
         logger.warning(
             "binding %s without TLS or a token: anyone who can reach this address "

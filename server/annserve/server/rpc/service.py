@@ -12,11 +12,7 @@ import grpc
 
 from annserve.errors import (
     AnnServeError,
-    AuthenticationError,
-    InvalidRequestError,
-    ResourceExhaustedError,
     ServerUnavailableError,
-    StoreFormatError,
     StoreNotFoundError,
 )
 from annserve.prefetch import Prefetcher
@@ -40,25 +36,16 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "annserve.v1.AnnServe"
 
-#: The one table from error class to gRPC status; the first matching class wins.
-STATUS_OF: tuple[tuple[type[AnnServeError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (StoreNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (StoreFormatError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (ServerUnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
-
 #: Frames that may wait between the preload thread and the gRPC send loop.
 FRAME_QUEUE = 16
 
 
 def status_of(error: AnnServeError) -> grpc.StatusCode:
-    """Return the gRPC status code for an annserve error (``INTERNAL`` when unmapped)."""
-    return next(
-        (code for cls, code in STATUS_OF if isinstance(error, cls)), grpc.StatusCode.INTERNAL
-    )
+    """Return the gRPC status code of an annserve error (its class's ``grpc_status``).
+
+    ``INTERNAL`` for errors that name none.
+    """
+    return grpc.StatusCode[error.grpc_status or "INTERNAL"]
 
 
 class AnnServeService:
