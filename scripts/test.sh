@@ -20,7 +20,9 @@ step "mypy"
 .venv/bin/mypy
 if grep -q '^\[tool\.importlinter\]' pyproject.toml; then
     step "lint-imports"
-    .venv/bin/lint-imports
+    # grimp walks the namespace package's directories: all three roots on the path (the
+    # editable install's import hook would give it src/annserve only)
+    PYTHONPATH=src:server:client .venv/bin/lint-imports
 else
     step "lint-imports skipped: pyproject.toml has no [tool.importlinter] section"
 fi
