@@ -9,16 +9,18 @@ client maps that status, and any in ``also_from``, back to the class) and the
 and the class attributes. Status codes are named by string so this module imports
 no grpc.
 
-| class | gRPC status (also mapped back from) | exit code |
-|---|---|---|
-| ``InvalidRequestError`` | ``INVALID_ARGUMENT`` | 2 |
-| ``StoreNotFoundError`` | ``NOT_FOUND`` | 3 |
-| ``StoreFormatError`` | ``FAILED_PRECONDITION`` | 3 |
-| ``ResourceExhaustedError`` | ``RESOURCE_EXHAUSTED`` | |
-| ``AuthenticationError`` | ``UNAUTHENTICATED`` (``PERMISSION_DENIED``) | |
-| ``ServerUnavailableError`` | ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``) | |
-| ``FrameDecodeError`` | none: raised by the client only | |
-| any other ``AnnServeError`` | ``INTERNAL`` | 1 |
+=============================  ===============================================  =========
+class                          gRPC status (also mapped back from)              exit code
+=============================  ===============================================  =========
+``InvalidRequestError``        ``INVALID_ARGUMENT``                             2
+``StoreNotFoundError``         ``NOT_FOUND``                                    3
+``StoreFormatError``           ``FAILED_PRECONDITION``                          3
+``ResourceExhaustedError``     ``RESOURCE_EXHAUSTED``
+``AuthenticationError``        ``UNAUTHENTICATED`` (``PERMISSION_DENIED``)
+``ServerUnavailableError``     ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``)
+``FrameDecodeError``           none: raised by the client only
+any other ``AnnServeError``    ``INTERNAL``                                     1
+=============================  ===============================================  =========
 """
 
 from __future__ import annotations
