@@ -27,6 +27,30 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+#: The names of ``grpc.StatusCode`` but ``OK``, from the gRPC status code specification.
+STATUS_NAMES = frozenset(
+    {
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)
+#: Error class by status name: filled as each class is defined (``__init_subclass__``).
+_BY_STATUS: dict[str, type[AnnServeError]] = {}
+
 
 class AnnServeError(Exception):
     """Base class of every error annserve raises on purpose.
@@ -45,6 +69,29 @@ class AnnServeError(Exception):
     grpc_status: ClassVar[str | None] = "INTERNAL"
     also_from: ClassVar[tuple[str, ...]] = ()
     exit_code: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Check the class's status names and exit code; enter its statuses in the table.
+
+        Raises
+        ------
+        TypeError
+            If ``grpc_status`` or ``also_from`` names no non-OK gRPC status, or
+            ``exit_code`` is not an integer from 1 to 125.
+        """
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("grpc_status")
+        statuses = (*((own,) if own is not None else ()), *cls.__dict__.get("also_from", ()))
+        unknown = [s for s in statuses if s not in STATUS_NAMES]
+        if unknown:
+            msg = f"{cls.__name__}: unknown gRPC status {unknown}; allowed {sorted(STATUS_NAMES)}"
+            raise TypeError(msg)
+        code = cls.exit_code
+        if not isinstance(code, int) or isinstance(code, bool) or not 1 <= code <= 125:
+            msg = f"{cls.__name__}: exit_code must be an integer from 1 to 125, got {code!r}"
+            raise TypeError(msg)
+        for status in statuses:
+            _BY_STATUS.setdefault(status, cls)  # the first class claiming a status keeps it
 
 
 class InvalidRequestError(AnnServeError, ValueError):
@@ -100,19 +147,3 @@ def error_for_status(status: str) -> type[AnnServeError]:
     :class:`AnnServeError` itself for statuses no subclass claims (e.g. ``INTERNAL``).
     """
     return _BY_STATUS.get(status, AnnServeError)
-
-
-def _by_status() -> dict[str, type[AnnServeError]]:
-    table: dict[str, type[AnnServeError]] = {}
-    pending = list(AnnServeError.__subclasses__())
-    while pending:
-        cls = pending.pop(0)
-        pending.extend(cls.__subclasses__())
-        own = cls.__dict__.get("grpc_status")
-        for status in (own, *cls.__dict__.get("also_from", ())):
-            if status is not None:
-                table.setdefault(status, cls)
-    return table
-
-
-_BY_STATUS = _by_status()

@@ -211,23 +211,6 @@ def decode_frame(buf: bytes) -> Frame:
     return Frame(header, {spec.name: _array_view(spec, payload) for spec in header.arrays})
 
 
-def peek_header(buf: bytes) -> pb.BatchHeader:
-    """Parse only the header of a serialized ``BatchFrame`` (the server writes it first).
-
-    Raises
-    ------
-    FrameDecodeError
-        If the frame does not start with a complete header field.
-    """
-    mv = memoryview(buf)
-    key, pos = _read_varint(mv, 0)
-    size, pos = _read_varint(mv, pos)
-    if key != 0x0A or pos + size > len(mv):
-        msg = "frame does not start with a complete header field"
-        raise FrameDecodeError(msg)
-    return _parse_header(mv[pos : pos + size])
-
-
 def _decompress(header: pb.BatchHeader, payload: memoryview) -> memoryview:
     try:
         codec = payload_codec(header.compression)

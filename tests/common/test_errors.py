@@ -39,3 +39,24 @@ def test_exit_codes_of_the_commands():
     assert errors.StoreNotFoundError.exit_code == errors.StoreFormatError.exit_code == 3
     assert OutputExistsError.exit_code == 5
     assert errors.AnnServeError.exit_code == 1
+
+
+def test_status_names_are_grpcs():
+    assert {c.name for c in grpc.StatusCode} - {"OK"} == errors.STATUS_NAMES
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"grpc_status": "NOT_A_STATUS"},
+        {"grpc_status": "OK"},
+        {"also_from": ("DATA_LOSS", "NOPE")},
+        {"exit_code": 0},
+        {"exit_code": "3"},
+    ],
+    ids=["unknown-status", "ok", "unknown-also-from", "exit-0", "exit-str"],
+)
+def test_a_class_with_a_bad_status_or_exit_code_is_refused(attrs):
+    with pytest.raises(TypeError, match="Bad"):
+        type("Bad", (errors.AnnServeError,), attrs)
+    assert errors.error_for_status("DATA_LOSS") is errors.AnnServeError  # nothing entered
