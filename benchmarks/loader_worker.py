@@ -49,7 +49,7 @@ def csr_tensor(m: sp.csr_matrix) -> torch.Tensor:
 
 def run_remote(args: argparse.Namespace) -> dict[str, Any]:
     """Consume batches from an annserve daemon through ``RemoteLoader``."""
-    from annserve.client import RemoteLoader
+    from annserve.client import Connection, Output, RemoteLoader
 
     def setup() -> Callable[[int], RemoteLoader]:
         loader = RemoteLoader(
@@ -59,8 +59,8 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
             preload_nchunks=args.preload_nchunks,
             shuffle=args.shuffle,
             seed=args.seed,
-            encoding=args.encoding,
-            to_torch=True,
+            connection=Connection(encoding=args.encoding),
+            output=Output(to_torch=True),
         )
         return lambda _: loader  # each iteration streams the next epoch
 

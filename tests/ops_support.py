@@ -273,15 +273,15 @@ class GoodClient:
     """
 
     def __init__(self, address: str, n_obs: int, **loader_args: object) -> None:
-        from annserve.client import RemoteLoader
+        from annserve.client import Connection, Output, RemoteLoader
 
         args = {
             "batch_size": 64,
             "chunk_size": 32,
             "preload_nchunks": 8,
-            "to_torch": False,
+            "output": Output(to_torch=False),
             "return_index": True,
-            "timeout": RPC_TIMEOUT,
+            "connection": Connection(timeout=RPC_TIMEOUT),
             **loader_args,
         }
         self._loader = RemoteLoader(address, **args)

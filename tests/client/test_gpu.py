@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from annserve.client import RemoteLoader
+from annserve.client import Output, RemoteLoader
 from annserve.errors import InvalidRequestError
 from conftest import real_path
 
@@ -20,10 +20,8 @@ def test_batches_arrive_on_the_gpu(serve, real_adata, to_dense):
         serve(real_path("wu2020")),
         batch_size=64,
         return_index=True,
-        device="cuda",
-        to_dense=to_dense,
+        output=Output(device="cuda", to_dense=to_dense),
         seed=0,
-        timeout=10,
     )
     for batch in loader:
         assert batch["X"].is_cuda
@@ -35,4 +33,4 @@ def test_batches_arrive_on_the_gpu(serve, real_adata, to_dense):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_cuda_without_a_device_is_a_clear_error(serve):
     with pytest.raises(InvalidRequestError, match="CUDA"):
-        RemoteLoader(serve(real_path("wu2020")), device="cuda", timeout=10)
+        RemoteLoader(serve(real_path("wu2020")), output=Output(device="cuda"))

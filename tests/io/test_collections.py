@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 import zarr
 
-from annserve.client import RemoteLoader
+from annserve.client import Connection, RemoteLoader
 from annserve.errors import InvalidRequestError, StoreFormatError
 from annserve.server import create_server, open_store
 from annserve.server.rpc.cli import main as cli_main
@@ -62,7 +62,6 @@ def test_collection_is_one_virtual_dataset(serve, wu_collection, real_adata):
         seed=4,
         return_index=True,
         obs_keys=["patient"],
-        timeout=10,
     )
     assert loader.n_obs == adata.n_obs
     seen = []
@@ -91,9 +90,7 @@ def test_collection_groups_must_share_genes(tmp_path, real_adata):
 def test_layer_instead_of_x(serve, layered):
     adata = ad.read_h5ad(layered)
     address = serve(layered)
-    loader = RemoteLoader(
-        address, layer="counts", batch_size=50, return_index=True, seed=0, timeout=10
-    )
+    loader = RemoteLoader(address, layer="counts", batch_size=50, return_index=True, seed=0)
     for batch in epoch(loader):
         idx = batch["index"].numpy()
         np.testing.assert_array_equal(
@@ -109,7 +106,7 @@ def test_unknown_layer_is_invalid_argument(serve, layered):
     assert "spliced" in err.value.details()
     assert "counts" in err.value.details()
     with pytest.raises(InvalidRequestError, match="layer"):
-        RemoteLoader(address, layer="spliced", timeout=10)
+        RemoteLoader(address, layer="spliced")
 
 
 @pytest.mark.parametrize("name", ["wu2020", "pbmc68k"])
@@ -123,7 +120,6 @@ def test_gene_subset_in_requested_order(serve, real_adata, name):
         batch_size=64,
         return_index=True,
         seed=1,
-        timeout=10,
     )
     assert loader.n_vars == 40
     assert loader.var_names == genes
@@ -157,8 +153,8 @@ def test_several_named_stores(real_adata):
     server, (port,) = create_server(stores, ["127.0.0.1:0"])
     try:
         address = f"127.0.0.1:{port}"
-        assert RemoteLoader(address, timeout=10).n_obs == 200  # the first is the default
-        pbmc = RemoteLoader(address, store="pbmc", batch_size=700, return_index=True, timeout=10)
+        assert RemoteLoader(address).n_obs == 200  # the first is the default
+        pbmc = RemoteLoader(address, store="pbmc", batch_size=700, return_index=True)
         assert pbmc.n_vars == real_adata("pbmc68k").n_vars
         assert len(next(iter(pbmc))["index"]) == 700
         with pytest.raises(grpc.RpcError) as err:
@@ -184,7 +180,7 @@ def check_full_epoch(address, adata, **options) -> None:
         preload_nchunks=4,
         seed=2,
         return_index=True,
-        timeout=30,
+        connection=Connection(timeout=30),
         **options,
     )
     assert (loader.n_obs, loader.n_vars) == adata.shape
@@ -235,7 +231,6 @@ def test_collection_groups_read_into_one_buffer(serve, tmp_path, real_adata, kin
         seed=3,
         preload_nchunks=8,
         return_index=True,
-        timeout=10,
     )
     seen = []
     for batch in loader:

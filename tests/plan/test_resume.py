@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from annserve.client import Balanced, RemoteLoader, Split
+from annserve.client import Balanced, RemoteLoader, Sharding, Split
 from annserve.errors import InvalidRequestError
 from conftest import real_path
 
@@ -19,8 +19,8 @@ CONFIGS = {
     "drop-last": {"drop_last": True},
     "weighted": {"balance": Balanced("patient", num_samples=300)},
     "split-by-patient": {"split": Split("train", by="patient", seed=3)},
-    "sharded-uneven": {"rank": 1, "world_size": 3, "even_batches": False},
-    "sharded-even": {"rank": 2, "world_size": 3},
+    "sharded-uneven": {"sharding": Sharding(rank=1, world_size=3, even_batches=False)},
+    "sharded-even": {"sharding": Sharding(rank=2, world_size=3)},
 }
 BASE = {
     "batch_size": 16,
@@ -28,7 +28,6 @@ BASE = {
     "preload_nchunks": 3,
     "seed": 11,
     "return_index": True,
-    "timeout": 10,
 }
 
 

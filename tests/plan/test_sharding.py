@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from annserve.client import Balanced, RemoteLoader, Split
+from annserve.client import Balanced, RemoteLoader, Sharding, Split
 from conftest import real_path
 
 BASE = {
@@ -24,7 +24,6 @@ BASE = {
     "preload_nchunks": 4,
     "seed": 5,
     "return_index": True,
-    "timeout": 10,
 }
 
 
@@ -38,7 +37,8 @@ def test_ranks_partition_the_epoch(serve, world_size, even):
     address = serve(real_path("wu2020"))
     per_rank = []
     for rank in range(world_size):
-        loader = RemoteLoader(address, rank=rank, world_size=world_size, even_batches=even, **BASE)
+        sharding = Sharding(rank=rank, world_size=world_size, even_batches=even)
+        loader = RemoteLoader(address, sharding=sharding, **BASE)
         batches = indices(loader)
         assert len(batches) == len(loader)
         per_rank.append(np.concatenate(batches))
@@ -52,7 +52,7 @@ def test_ranks_partition_the_epoch(serve, world_size, even):
 
 
 def test_dataloader_workers_take_sub_shards(serve):
-    loader = RemoteLoader(serve(real_path("wu2020")), even_batches=False, **BASE)
+    loader = RemoteLoader(serve(real_path("wu2020")), sharding=Sharding(even_batches=False), **BASE)
     rows = np.concatenate(
         [
             b["index"].numpy()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from annserve.client import RemoteLoader
+from annserve.client import Connection, RemoteLoader
 from annserve.errors import (
     InvalidRequestError,
     ServerUnavailableError,
@@ -92,20 +92,20 @@ def test_unknown_store_name_is_not_found(address):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "elsewhere" in err.value.details()
     with pytest.raises(StoreNotFoundError, match="elsewhere"):
-        RemoteLoader(address, store="elsewhere", timeout=5)
+        RemoteLoader(address, store="elsewhere", connection=Connection(timeout=5))
 
 
 def test_client_checks_before_streaming(address):
     with pytest.raises(InvalidRequestError, match="batch_size"):
-        RemoteLoader(address, batch_size=0, timeout=5)
+        RemoteLoader(address, batch_size=0, connection=Connection(timeout=5))
     with pytest.raises(InvalidRequestError, match="obs_keys.*cell_type"):
-        RemoteLoader(address, obs_keys=["cell_type"], timeout=5)
+        RemoteLoader(address, obs_keys=["cell_type"], connection=Connection(timeout=5))
     with pytest.raises(InvalidRequestError, match="encoding"):
-        RemoteLoader(address, encoding="gzip", timeout=5)
+        RemoteLoader(address, connection=Connection(encoding="gzip", timeout=5))
     with pytest.raises(InvalidRequestError, match="compression"):
-        RemoteLoader(address, compression="gzip", timeout=5)
+        RemoteLoader(address, connection=Connection(compression="gzip", timeout=5))
     with pytest.raises(InvalidRequestError, match="epoch"):
-        RemoteLoader(address, timeout=5).set_epoch(-1)
+        RemoteLoader(address, connection=Connection(timeout=5)).set_epoch(-1)
 
 
 def test_server_down_is_a_connection_error_naming_the_address():
@@ -114,7 +114,7 @@ def test_server_down_is_a_connection_error_naming_the_address():
         port = s.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}") as err:
-        RemoteLoader(f"127.0.0.1:{port}", timeout=2)
+        RemoteLoader(f"127.0.0.1:{port}", connection=Connection(timeout=2))
     assert isinstance(err.value, ServerUnavailableError)
     assert time.monotonic() - start < 30  # a bounded wait, not a hang
 

@@ -171,13 +171,16 @@ def test_reflection_lists_and_describes_the_service(start, pbmc):
 
 # --- metrics ---------------------------------------------------------------------------
 def test_metrics_endpoint_counts_a_stream_and_errors(start, pbmc):
-    from annserve.client import RemoteLoader
+    from annserve.client import Connection, Output, RemoteLoader
 
     server, _ = start({"pbmc": pbmc})
     endpoint = serve_metrics(server.metrics, "127.0.0.1", 0)
     try:
         loader = RemoteLoader(
-            address_of(server), batch_size=1000, to_torch=False, timeout=RPC_TIMEOUT
+            address_of(server),
+            batch_size=1000,
+            output=Output(to_torch=False),
+            connection=Connection(timeout=RPC_TIMEOUT),
         )
         n_batches = sum(1 for _ in loader)
         with grpc.insecure_channel(address_of(server)) as channel, pytest.raises(grpc.RpcError):
@@ -242,7 +245,7 @@ def test_each_limit_gives_resource_exhausted_naming_it_while_a_good_client_strea
 
 
 def test_max_streams_gives_resource_exhausted_and_frees_the_slot(start, pbmc):
-    from annserve.client import RemoteLoader
+    from annserve.client import Connection, Output, RemoteLoader
 
     server, _ = start({"pbmc": pbmc}, limits=Limits(max_streams=3))
     address = address_of(server)
@@ -256,7 +259,12 @@ def test_max_streams_gives_resource_exhausted_and_frees_the_slot(start, pbmc):
             next(stream_call(channel, batch_size=16, chunk_size=16, preload_nchunks=4))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused.value.details().startswith("max_streams: 3 streams are open")
-        loader = RemoteLoader(address, batch_size=256, to_torch=False, timeout=RPC_TIMEOUT)
+        loader = RemoteLoader(
+            address,
+            batch_size=256,
+            output=Output(to_torch=False),
+            connection=Connection(timeout=RPC_TIMEOUT),
+        )
         with pytest.raises(ResourceExhaustedError, match="max_streams"):
             next(iter(loader))
         assert frame_rows([next(held[0]), *held[0]]) == pbmc.n_obs - 16  # a held one completes

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import annserve.server.rpc.service as service_module
-from annserve.client import RemoteLoader
+from annserve.client import Connection, Output, RemoteLoader
 from annserve.errors import AnnServeError, ServerUnavailableError
 from annserve.server import open_store
 from conftest import real_path
@@ -65,10 +65,9 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
                 batch_size=32,
                 chunk_size=16,
                 preload_nchunks=4,
-                to_torch=False,
+                output=Output(to_torch=False),
                 return_index=True,
-                timeout=RPC_TIMEOUT,
-                retries=0,
+                connection=Connection(timeout=RPC_TIMEOUT, retries=0),
             )  # the status, not a retry
             seen = []
             try:
@@ -246,8 +245,8 @@ def test_16_concurrent_clients_for_a_bounded_time_without_errors():
                     chunk_size=32,
                     preload_nchunks=16,
                     seed=i,
-                    to_torch=False,
-                    timeout=RPC_TIMEOUT,
+                    output=Output(to_torch=False),
+                    connection=Connection(timeout=RPC_TIMEOUT),
                 )
                 start.wait(60)
                 while time.monotonic() < deadline[0]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from annserve.client import RemoteLoader
+from annserve.client import Connection, Output, RemoteLoader
 from annserve.errors import AuthenticationError, ServerUnavailableError
 from annserve.server import open_store
 from annserve.server.rpc.security import TLSConfig
@@ -37,8 +37,14 @@ def tiny(tmp_path_factory):
     return write_tiny_store(tmp_path_factory.mktemp("tiny") / "tiny.h5ad")
 
 
-def epoch_rows(address: str, **kwargs) -> np.ndarray:
-    loader = RemoteLoader(address, batch_size=64, to_torch=False, return_index=True, **kwargs)
+def epoch_rows(address: str, **connection) -> np.ndarray:
+    loader = RemoteLoader(
+        address,
+        batch_size=64,
+        output=Output(to_torch=False),
+        return_index=True,
+        connection=Connection(**connection),
+    )
     return np.sort(np.concatenate([b["index"] for b in loader]))
 
 
@@ -49,9 +55,10 @@ def test_tls_serves_a_client_trusting_the_ca_only(start, pki, tiny):
     ca = pki.ca.read_bytes()
     assert np.array_equal(epoch_rows(address, root_certificates=ca), np.arange(200))
     with pytest.raises(ServerUnavailableError):  # plaintext client: no handshake
-        RemoteLoader(address, timeout=FAIL_TIMEOUT)
+        RemoteLoader(address, connection=Connection(timeout=FAIL_TIMEOUT))
+    rogue = Connection(root_certificates=pki.rogue_cert.read_bytes(), timeout=FAIL_TIMEOUT)
     with pytest.raises(ServerUnavailableError):  # a CA that did not sign the server
-        RemoteLoader(address, root_certificates=pki.rogue_cert.read_bytes(), timeout=FAIL_TIMEOUT)
+        RemoteLoader(address, connection=rogue)
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(start, pki, tiny):
@@ -66,15 +73,15 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(start, pki, tiny):
     )
     assert np.array_equal(rows, np.arange(200))
     with pytest.raises(ServerUnavailableError):  # no client certificate
-        RemoteLoader(address, root_certificates=ca, timeout=FAIL_TIMEOUT)
+        RemoteLoader(address, connection=Connection(root_certificates=ca, timeout=FAIL_TIMEOUT))
+    rogue = Connection(
+        root_certificates=ca,
+        certificate_chain=pki.rogue_cert.read_bytes(),
+        private_key=pki.rogue_key.read_bytes(),
+        timeout=FAIL_TIMEOUT,
+    )
     with pytest.raises(ServerUnavailableError):  # a certificate from another CA
-        RemoteLoader(
-            address,
-            root_certificates=ca,
-            certificate_chain=pki.rogue_cert.read_bytes(),
-            private_key=pki.rogue_key.read_bytes(),
-            timeout=FAIL_TIMEOUT,
-        )
+        RemoteLoader(address, connection=rogue)
 
 
 # --- tokens ---------------------------------------------------------------------------
@@ -131,9 +138,9 @@ def test_loader_token_is_required_and_works(start, tiny):
     counting = CountingStore(open_store(tiny))
     _, address = start({"tiny": counting.store}, tokens=frozenset({TOKEN, "rotated"}))
     with pytest.raises(AuthenticationError, match="UNAUTHENTICATED"):
-        RemoteLoader(address, timeout=RPC_TIMEOUT)
+        RemoteLoader(address, connection=Connection(timeout=RPC_TIMEOUT))
     with pytest.raises(AuthenticationError):
-        RemoteLoader(address, token="nope", timeout=RPC_TIMEOUT)
+        RemoteLoader(address, connection=Connection(token="nope", timeout=RPC_TIMEOUT))
     assert counting.reads == 0
     assert np.array_equal(epoch_rows(address, token=TOKEN), np.arange(200))
     assert np.array_equal(epoch_rows(address, token="rotated"), np.arange(200))
@@ -165,7 +172,7 @@ def test_daemon_with_mutual_tls_and_token_from_flags_and_environment(tmp_path, p
             epoch_rows(daemon.address, token=TOKEN, **credentials), np.arange(200)
         )
         with pytest.raises(AuthenticationError):
-            RemoteLoader(daemon.address, timeout=RPC_TIMEOUT, **credentials)
+            RemoteLoader(daemon.address, connection=Connection(timeout=RPC_TIMEOUT, **credentials))
         assert daemon.terminate() == 0
 
 

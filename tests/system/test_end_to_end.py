@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from annserve.client import CSRArrays, RemoteLoader
+from annserve.client import Connection, CSRArrays, Output, RemoteLoader
 from conftest import as_scipy
 
 OBS_KEYS = {
@@ -56,7 +56,6 @@ def test_full_epoch_equals_anndata(serve, store_path, real_adata, name):
         seed=0,
         obs_keys=OBS_KEYS[name],
         return_index=True,
-        timeout=10,
     )
     assert (loader.n_obs, loader.n_vars) == adata.shape
     assert loader.var_names == list(adata.var_names)
@@ -86,11 +85,9 @@ def test_encodings_and_dense_output(serve, real_adata, encoding, compression, to
         preload_nchunks=4,
         seed=1,
         return_index=True,
-        encoding=encoding,
-        compression=compression,
-        to_dense=to_dense,
+        connection=Connection(encoding=encoding, compression=compression),
+        output=Output(to_dense=to_dense),
         obs_keys=["source"],
-        timeout=10,
     )
     seen = []
     for batch in loader:
@@ -112,10 +109,9 @@ def test_numpy_output_without_torch_tensors(serve, real_adata):
     loader = RemoteLoader(
         serve(real_path("pbmc3k")),
         batch_size=512,
-        to_torch=False,
+        output=Output(to_torch=False),
         return_index=True,
         seed=2,
-        timeout=10,
     )
     batch = next(iter(loader))
     assert isinstance(batch["X"], CSRArrays)
@@ -136,7 +132,6 @@ def test_no_shuffle_yields_store_order_and_drop_last(serve, real_adata):
         shuffle=False,
         drop_last=True,
         return_index=True,
-        timeout=10,
     )
     batches = [check_batch(b, adata, []) for b in loader]
     assert len(batches) == len(loader) == 3  # 200 rows: 3 full batches, the short one dropped
@@ -156,7 +151,6 @@ def test_epochs_are_reproducible_and_distinct(serve):
             preload_nchunks=10,
             seed=seed,
             return_index=True,
-            timeout=10,
         )
         loader.set_epoch(epoch)
         return np.concatenate([b["index"].numpy() for b in loader])
@@ -176,7 +170,6 @@ def test_iterations_continue_where_the_last_one_stopped(serve):
         preload_nchunks=10,
         seed=0,
         return_index=True,
-        timeout=10,
     )
     batches = iter(loader)
     first = next(batches)["index"].numpy()
@@ -203,7 +196,6 @@ def test_abandoned_stream_stops_server_reader(serve):
         chunk_size=4,
         preload_nchunks=2,
         seed=0,
-        timeout=10,
     )
     batches = iter(loader)
     next(batches)
@@ -230,7 +222,7 @@ def test_unix_socket_address(tmp_path, real_adata):
     sock = tmp_path / "annserve.sock"
     server, _ = create_server({"wu": open_store(real_path("wu2020"))}, [f"unix:{sock}"])
     try:
-        loader = RemoteLoader(f"unix:{sock}", batch_size=64, return_index=True, seed=0, timeout=10)
+        loader = RemoteLoader(f"unix:{sock}", batch_size=64, return_index=True, seed=0)
         rows = np.concatenate([check_batch(b, real_adata("wu2020"), []) for b in loader])
         np.testing.assert_array_equal(np.sort(rows), np.arange(200))
     finally:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from annserve.client import RemoteLoader
+from annserve.client import Connection, RemoteLoader
 from conftest import real_path
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ def test_sigkill_mid_epoch_then_restart_loses_and_repeats_nothing(tmp_path, capl
             preload_nchunks=2,
             seed=0,
             return_index=True,
-            encoding="raw",
-            retries=6,
-            retry_backoff=0.5,
-            timeout=10,
+            connection=Connection(encoding="raw", retries=6, retry_backoff=0.5),
         )
         seen = []
         with caplog.at_level(logging.WARNING, logger="annserve.client.loader"):

@@ -2,6 +2,6 @@
 
 from annserve.client._assemble import CSRArrays
 from annserve.client.loader import RemoteLoader
-from annserve.client.options import Balanced, Split
+from annserve.client.options import Balanced, Connection, Output, Sharding, Split
 
-__all__ = ["Balanced", "CSRArrays", "RemoteLoader", "Split"]
+__all__ = ["Balanced", "CSRArrays", "Connection", "Output", "RemoteLoader", "Sharding", "Split"]

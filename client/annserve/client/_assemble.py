@@ -167,7 +167,7 @@ class _Batch:
         if nnz and int(indices.max()) >= self._n_vars:
             msg = f"column index {int(indices.max())} out of range for {self._n_vars} vars"
             raise _fail(msg)
-        if self._indices is None:  # room for the whole batch at this frame's density
+        if self._indices is None or self._data is None:  # room for the batch at this density
             estimate = int(nnz * self._n_rows / frame.header.n_rows * _ESTIMATE_MARGIN) + 1
             self._indices = _Growing(self._pool, np.int32, estimate)
             self._data = _Growing(self._pool, np.float32, estimate)
@@ -201,16 +201,20 @@ class _Batch:
         return batch
 
     def _x(self) -> CSRArrays | np.ndarray:
-        if not self._sparse:
-            return self._dense
-        indices, data = self._indices.result(), self._data.result()
-        indptr = self._pool.empty((self._n_rows + 1,), indices.dtype)
-        indptr[0] = 0
-        np.cumsum(np.concatenate(self._lengths), out=indptr[1:])
-        return CSRArrays(data, indices, indptr, (self._n_rows, self._n_vars))
+        # a batch exists once a frame arrived, so one of the two layouts was started
+        if self._indices is not None and self._data is not None:
+            indices, data = self._indices.result(), self._data.result()
+            indptr = self._pool.empty((self._n_rows + 1,), indices.dtype)
+            indptr[0] = 0
+            np.cumsum(np.concatenate(self._lengths), out=indptr[1:])
+            return CSRArrays(data, indices, indptr, (self._n_rows, self._n_vars))
+        if self._dense is None:
+            msg = f"batch {self.number} has no X"
+            raise _fail(msg)
+        return self._dense
 
     def _obs_frame(self) -> pd.DataFrame:
-        columns = {}
+        columns: dict[str, pd.Series | pd.Categorical[str] | np.ndarray] = {}
         for col in self._obs:
             if col.dtype == "str":
                 columns[col.name] = pd.Series(self._strings[col.name], dtype=object)
@@ -269,10 +273,10 @@ def _array(frame: Frame, name: str) -> np.ndarray:
     return part
 
 
-def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical:
+def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical[str]:
     try:
         return pd.Categorical.from_codes(
-            codes, categories=list(col.categories), ordered=col.ordered
+            codes, categories=pd.Index(list(col.categories)), ordered=col.ordered
         )
     except ValueError as e:
         msg = f"obs column {col.name!r}: bad category codes: {e}"

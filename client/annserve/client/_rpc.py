@@ -2,66 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
 from annserve.errors import (
     AnnServeError,
+    AuthenticationError,
     InvalidRequestError,
+    ResourceExhaustedError,
     ServerUnavailableError,
-    error_for_status,
+    StoreFormatError,
+    StoreNotFoundError,
 )
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from annserve.client.options import Connection
+
 _SERVICE = "/annserve.v1.AnnServe/"
+#: Largest frame accepted, bytes; the server sizes frames at a few MB.
+MAX_RECEIVE_BYTES = 256 << 20
 _OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     # detect a dead server during a long stream instead of waiting forever
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """How a client proves who it is and checks the server: TLS material and a token.
-
-    Attributes
-    ----------
-    root_certificates
-        PEM CA certificates the server's certificate must chain to; None uses the
-        system's roots. Any of the three PEM fields (or ``tls``) selects TLS.
-    certificate_chain, private_key
-        PEM client certificate and key, for servers requiring mutual TLS.
-    token
-        Bearer token sent as ``authorization: Bearer <token>`` metadata on every call.
-    tls
-        Use TLS even when no PEM field is given (system roots).
-    """
-
-    root_certificates: bytes | None = None
-    certificate_chain: bytes | None = None
-    private_key: bytes | None = None
-    token: str | None = None
-    tls: bool = False
-
-    @property
-    def secure(self) -> bool:
-        """Whether the channel uses TLS."""
-        return self.tls or any(
-            v is not None
-            for v in (self.root_certificates, self.certificate_chain, self.private_key)
-        )
-
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """Return the call metadata carrying the token, None without one."""
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+_ERROR_OF = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: StoreNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: StoreFormatError,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+}
 
 
 def translate(error: grpc.RpcError, address: str) -> AnnServeError:
@@ -74,44 +53,30 @@ def translate(error: grpc.RpcError, address: str) -> AnnServeError:
     address
         Server address, named in the message.
     """
-    code, details = error.code(), error.details()
-    cls = error_for_status(code.name)
+    code, details = error.code(), error.details()  # type: ignore[attr-defined]
+    cls = _ERROR_OF.get(code, AnnServeError)
     return cls(f"annserve at {address}: {code.name}: {details}")
 
 
-class Connection:
-    """A channel to one annserve server.
+class Channel:
+    """A channel to one annserve server, with the calls of its service.
 
     Parameters
     ----------
     address
         ``host:port`` or ``unix:/path``.
-    timeout
-        Deadline of unary calls and of waiting for the channel, seconds.
-    credentials
-        TLS material and token; None: plaintext, no token.
-
-    Raises
-    ------
-    InvalidRequestError
-        If only one of a client certificate and its key is given.
+    options
+        Deadline, TLS material and token (:class:`annserve.client.Connection`).
     """
 
-    def __init__(
-        self, address: str, timeout: float, credentials: Credentials | None = None
-    ) -> None:
+    def __init__(self, address: str, options: Connection) -> None:
         self.address = address
-        self.timeout = timeout
-        credentials = credentials or Credentials()
-        self._metadata = credentials.metadata()
-        if (credentials.certificate_chain is None) != (credentials.private_key is None):
-            msg = "certificate_chain and private_key go together (mutual TLS needs both)"
-            raise InvalidRequestError(msg)
-        if credentials.secure:
+        self.timeout = options.timeout
+        token = options.token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if options.secure:
             channel_credentials = grpc.ssl_channel_credentials(
-                credentials.root_certificates,
-                credentials.private_key,
-                credentials.certificate_chain,
+                options.root_certificates, options.private_key, options.certificate_chain
             )
             self._channel = grpc.secure_channel(address, channel_credentials, options=_OPTIONS)
         else:
@@ -130,6 +95,7 @@ class Connection:
         self._stream = self._channel.unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
+            response_deserializer=None,
         )
 
     def describe(self, store: str) -> pb.StoreInfo:

@@ -14,8 +14,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
-from annserve.client._rpc import Connection, Credentials, frames_of
+from annserve.client._rpc import Channel, frames_of
 from annserve.client._torch import to_device, to_torch
+from annserve.client.options import Connection, Output, Sharding
 from annserve.errors import InvalidRequestError, ServerUnavailableError
 from annserve.memory import retain_freed_memory
 from annserve.prefetch import Prefetcher
@@ -31,13 +32,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait between reconnection attempts, seconds.
 _MAX_BACKOFF_S = 8.0
-_ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
-_COMPRESSIONS = {
-    None: pb.COMPRESSION_NONE,
-    "zstd": pb.COMPRESSION_ZSTD,
-    "lz4": pb.COMPRESSION_LZ4,
-    "blosc": pb.COMPRESSION_BLOSC,
-}
 
 
 class RemoteLoader(IterableDataset):
@@ -51,12 +45,9 @@ class RemoteLoader(IterableDataset):
     ``multiprocessing_context="spawn"`` (or ``"forkserver"``): gRPC does not survive
     ``fork()`` in a process that has used it.
 
-    Sharding: under ``torch.distributed`` (or with ``rank``/``world_size``), and in each
+    Sharding: under ``torch.distributed`` (or with :class:`Sharding`), and in each
     ``DataLoader`` worker, the stream carries only this consumer's shard: a contiguous,
-    disjoint part of the epoch's row sequence, chosen by the server. With
-    ``even_batches`` every rank gets the same number of rows (as
-    ``DistributedSampler``: the epoch's first rows are repeated to pad, or with
-    ``drop_last`` the remainder is dropped); uneven counts make DDP hang.
+    disjoint part of the epoch's row sequence, chosen by the server.
 
     Resume: :meth:`state_dict` holds ``(seed, epoch, batches yielded)``; a loader built
     with the same arguments and given that state (:meth:`load_state_dict`) yields
@@ -64,12 +55,22 @@ class RemoteLoader(IterableDataset):
     any server serving the same store. The state is that of the process iterating
     the loader (with ``DataLoader`` workers, use ``torchdata``'s ``StatefulDataLoader``).
 
+    The top-level arguments are those of annbatch's ``Loader`` and what picks the data;
+    the rest come in groups (:mod:`annserve.client.options`). The server checks the
+    configuration when the loader is built, so a bad size, obs key, layer or gene
+    fails here, with the server's message naming the field.
+
     Parameters
     ----------
     address
         Server address, ``host:port`` or ``unix:/path``.
     store
         Name of a store configured on the server; empty for its default store.
+    layer
+        Serve this layer (e.g. ``"counts"``) instead of X.
+    var_names
+        Serve only these genes, in this order; ``n_vars`` and ``var_names`` then describe
+        the subset.
     batch_size
         Rows (cells) per minibatch; same meaning as annbatch ``Loader.batch_size``.
     chunk_size
@@ -86,75 +87,34 @@ class RemoteLoader(IterableDataset):
         epoch's order.
     obs_keys
         obs columns to return with each batch.
-    layer
-        Serve this layer (e.g. ``"counts"``) instead of X.
-    var_names
-        Serve only these genes, in this order; ``n_vars`` and ``var_names`` then describe
-        the subset.
+    return_index
+        Also return the global row index (position in the store) of each row.
     split
         Stream one split of the store (:class:`Split`); None streams every row.
     balance
         Weighted sampling with replacement (:class:`Balanced`); None visits every row
         once per epoch.
-    rank, world_size
-        This process's place among data-parallel ranks; default: from
-        ``torch.distributed`` when initialised, else 0 of 1.
-    even_batches
-        Give every rank the same number of rows (default; see above).
-    return_index
-        Also return the global row index (position in the store) of each row.
-    to_torch
-        Yield torch tensors; False yields numpy arrays (X as :class:`CSRArrays`, no scipy).
-    to_dense
-        Yield X dense even when the store is sparse.
-    device
-        Move tensors to this torch device (e.g. ``"cuda"``); None keeps them on the CPU.
-    encoding
-        Wire encoding, ``"compact"`` (lossless narrow types, default) or ``"raw"``.
-    compression
-        Compress each frame's payload with this numcodecs codec: ``"zstd"``, ``"lz4"``,
-        ``"blosc"``, or None (default). Pays only on links slower than ~0.6 GB/s.
-    compression_level
-        Codec level, 0 for the codec's default (zstd 1-22, blosc 1-9).
-    timeout
-        Deadline for connecting and for unary calls, seconds.
-    prefetch
-        Decoded batches that may wait ahead of the training loop. The loader holds
-        ``prefetch + 2`` batches at most (those waiting, the one being assembled, the
-        one the loop has), reusing their memory from one batch to the next; 1 (default)
-        measured as fast as 2 on a 2-core machine with ~35 MB less peak RSS.
-    retries, retry_backoff
-        When the server becomes unavailable mid-epoch, reconnect up to ``retries`` times,
-        waiting ``retry_backoff`` seconds, doubled after each failure (at most 8 s), and
-        resume at the first batch not yet yielded: no batch is lost or repeated.
-    retain_memory
-        On connecting, raise glibc malloc's mmap and trim thresholds and keep one malloc
-        arena for this process (:func:`annserve.memory.retain_freed_memory`): every
-        received frame is a fresh multi-MB ``bytes`` object, and without this each one
-        is page-faulted in again, about half of the client's CPU (measured). The
-        process then keeps up to 512 MiB of freed memory for reuse. No effect off glibc.
-    root_certificates
-        PEM CA certificates to verify a TLS server (``annserve --tls-cert``) against.
-        Giving it, or ``certificate_chain``/``private_key``, connects over TLS.
-    certificate_chain, private_key
-        PEM client certificate and key, for a server requiring mutual TLS
-        (``annserve --tls-client-ca``).
-    token
-        Bearer token for a server started with ``--token-file``, sent as
-        ``authorization: Bearer <token>`` metadata on every call.
+    sharding
+        Rank, world size and even batches (:class:`Sharding`); default: from
+        ``torch.distributed``, every rank the same number of rows.
+    output
+        Tensor types, layout, device and prefetch depth (:class:`Output`).
+    connection
+        Timeout, retries, wire format, TLS and token (:class:`Connection`).
 
     Raises
     ------
     ServerUnavailableError
-        If no server answers at ``address`` within ``timeout`` (a ``ConnectionError``;
-        also when the TLS handshake fails).
+        If no server answers at ``address`` within ``connection.timeout`` (a
+        ``ConnectionError``; also when the TLS handshake fails).
     AuthenticationError
-        If the server requires a token and ``token`` is missing or wrong.
+        If the server requires a token and ``connection.token`` is missing or wrong.
     StoreNotFoundError
         If the server has no store named ``store``.
     InvalidRequestError
-        If a size is not positive, an obs key is unknown, or an option is not supported
-        (a ``ValueError``).
+        If the server rejects the configuration (a size is not positive, an obs key,
+        layer or gene is unknown, ...; a ``ValueError`` naming the field), or ``seed``
+        is negative.
 
     Examples
     --------
@@ -168,6 +128,8 @@ class RemoteLoader(IterableDataset):
         address: str,
         *,
         store: str = "",
+        layer: str | None = None,
+        var_names: Sequence[str] | None = None,
         batch_size: int = 4096,
         chunk_size: int = 32,
         preload_nchunks: int = 256,
@@ -175,91 +137,34 @@ class RemoteLoader(IterableDataset):
         drop_last: bool = False,
         seed: int | np.random.Generator | None = None,
         obs_keys: Sequence[str] = (),
-        layer: str | None = None,
-        var_names: Sequence[str] | None = None,
+        return_index: bool = False,
         split: Split | None = None,
         balance: Balanced | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        even_batches: bool = True,
-        return_index: bool = False,
-        to_torch: bool = True,
-        to_dense: bool = False,
-        device: str | torch.device | None = None,
-        encoding: str = "compact",
-        compression: str | None = None,
-        compression_level: int = 0,
-        timeout: float = 10.0,
-        prefetch: int = 1,
-        retries: int = 5,
-        retry_backoff: float = 0.5,
-        retain_memory: bool = True,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        token: str | None = None,
+        sharding: Sharding = Sharding(),  # noqa: B008 (frozen: one shared default is safe)
+        output: Output = Output(),  # noqa: B008 (frozen)
+        connection: Connection = Connection(),  # noqa: B008 (frozen)
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("chunk_size", chunk_size),
-            ("preload_nchunks", preload_nchunks),
-            ("prefetch", prefetch),
-        ):
-            if value <= 0:
-                msg = f"{name} must be a positive integer, got {value}"
-                raise InvalidRequestError(msg)
-        if encoding not in _ENCODINGS:
-            msg = f"encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
-            raise InvalidRequestError(msg)
-        if compression not in _COMPRESSIONS:
-            msg = f"compression must be one of {list(_COMPRESSIONS)}, got {compression!r}"
-            raise InvalidRequestError(msg)
         self.address, self.store = address, store
+        self.layer = layer
+        self._var_subset = tuple(var_names) if var_names is not None else None
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self.preload_nchunks = preload_nchunks
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed = _resolve_seed(seed)
         self.obs_keys = tuple(obs_keys)
-        self.layer = layer
-        self._var_subset = tuple(var_names) if var_names is not None else None
-        self.split, self.balance, self.even_batches = split, balance, even_batches
-        self.rank, self.world_size = _resolve_rank(rank, world_size)
-        self.return_index, self.to_torch, self.to_dense = return_index, to_torch, to_dense
-        self.device = _resolve_device(device)
-        self.encoding, self.timeout, self.prefetch = encoding, timeout, prefetch
-        self.compression, self.compression_level = compression, compression_level
-        self.retries, self.retry_backoff = retries, retry_backoff
-        self.retain_memory = retain_memory
+        self.return_index = return_index
+        self.split, self.balance = split, balance
+        self.sharding, self.output, self.connection = sharding, output, connection
+        self.rank, self.world_size = _resolve_rank(sharding)
+        self.device = torch.device(output.device) if output.device is not None else None
         self._pool: BufferPool | None = None
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
-        self._credentials = Credentials(root_certificates, certificate_chain, private_key, token)
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._conn_pid = os.getpid()
         self._info = self._connection().describe(store)
-        self._check_against_store()
-
-    def _check_against_store(self) -> None:
-        missing = sorted(set(self.obs_keys) - {c.name for c in self._info.obs_columns})
-        if missing:
-            msg = (
-                f"obs_keys: unknown column(s) {missing}; the store has "
-                f"{sorted(c.name for c in self._info.obs_columns)}"
-            )
-            raise InvalidRequestError(msg)
-        if self.layer is not None and self.layer not in self._info.layers:
-            msg = f"layer: unknown layer {self.layer!r}; the store has {list(self._info.layers)}"
-            raise InvalidRequestError(msg)
-        if self._var_subset is not None:
-            known = set(self._info.var_names)
-            unknown = [v for v in self._var_subset if v not in known]
-            if unknown or len(set(self._var_subset)) != len(self._var_subset):
-                msg = (
-                    f"var_names: unknown {unknown[:5]} or repeated genes; each must be "
-                    "one of the store's var_names, listed once"
-                )
-                raise InvalidRequestError(msg)
+        len(self)  # the server checks the whole configuration now, not at the first epoch
 
     # --- store facts -------------------------------------------------------------
     @property
@@ -355,15 +260,16 @@ class RemoteLoader(IterableDataset):
         if self._pool is None:  # kept across epochs: later epochs reuse the first one's buffers
             # batches alive at once: the training loop's, the queued ones, the one being
             # assembled; each holds two pooled arrays (indices and data, or dense X)
-            self._pool = BufferPool(max_buffers=2 * (self.prefetch + 2))
+            self._pool = BufferPool(max_buffers=2 * (self.output.prefetch + 2))
         pool = self._pool
-        for attempt in range(self.retries + 1):
+        retries, backoff = self.connection.retries, self.connection.retry_backoff
+        for attempt in range(retries + 1):
             try:
                 yield from self._stream_from_cursor(pool)
             except ServerUnavailableError:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise
-                delay = min(self.retry_backoff * 2**attempt, _MAX_BACKOFF_S)
+                delay = min(backoff * 2**attempt, _MAX_BACKOFF_S)
                 logger.warning(
                     "annserve at %s unavailable; resuming at epoch %d batch %d in "
                     "%.1f s (retry %d of %d)",
@@ -372,7 +278,7 @@ class RemoteLoader(IterableDataset):
                     self._batch,
                     delay,
                     attempt + 1,
-                    self.retries,
+                    retries,
                 )
                 time.sleep(delay)
             else:
@@ -385,13 +291,15 @@ class RemoteLoader(IterableDataset):
         call = conn.stream(self._request(self._epoch, self._shard(), self._batch))
         assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars, pool)
 
+        output = self.output
+
         def produce() -> Iterator[dict[str, Any]]:
             for batch in assembler.batches(frames_of(call, conn.address)):
-                if self.to_torch:
-                    batch = to_torch(batch, to_dense=self.to_dense, pool=pool)
+                if output.to_torch:
+                    batch = to_torch(batch, to_dense=output.to_dense, pool=pool)
                 yield batch
 
-        batches = Prefetcher(produce, self.prefetch, name="annserve-decode")
+        batches = Prefetcher(produce, output.prefetch, name="annserve-decode")
         try:
             for batch in batches:
                 self._batch += 1
@@ -418,27 +326,25 @@ class RemoteLoader(IterableDataset):
             epoch=epoch,
             obs_keys=self.obs_keys,
             return_index=self.return_index,
-            encoding=_ENCODINGS[self.encoding],
-            compression=_COMPRESSIONS[self.compression],
-            compression_level=self.compression_level,
             layer=self.layer or "",
             var_names=self._var_subset or (),
             shard_index=shard.index,
             shard_count=shard.count,
-            uneven_shards=not self.even_batches,
+            uneven_shards=not self.sharding.even_batches,
             start_batch=start_batch,
         )
+        self.connection.apply(request)
         for option in (self.split, self.balance):
             if option is not None:
                 option.apply(request)
         return request
 
-    def _connection(self) -> Connection:
+    def _connection(self) -> Channel:
         # a channel inherited through fork() is unusable: each process opens its own
         if self._conn is None or self._conn_pid != os.getpid():
-            if self.retain_memory:  # before gRPC starts threads, so they share the one arena
+            if self.connection.retain_memory:  # before gRPC starts threads: one shared arena
                 retain_freed_memory()
-            self._conn = Connection(self.address, self.timeout, self._credentials)
+            self._conn = Channel(self.address, self.connection)
             self._conn_pid = os.getpid()
         return self._conn
 
@@ -448,14 +354,11 @@ class RemoteLoader(IterableDataset):
         return {**self.__dict__, "_conn": None, "_pool": None}
 
 
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def _resolve_rank(sharding: Sharding) -> tuple[int, int]:
+    rank, world_size = sharding.rank, sharding.world_size
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        msg = f"rank must be in 0..world_size-1, got rank={rank} world_size={world_size}"
-        raise InvalidRequestError(msg)
-    return rank, world_size
+    return rank or 0, world_size or 1
 
 
 def _resolve_seed(seed: int | np.random.Generator | None) -> int:
@@ -467,13 +370,3 @@ def _resolve_seed(seed: int | np.random.Generator | None) -> int:
         msg = f"seed must be >= 0, got {seed}"
         raise InvalidRequestError(msg)
     return int(seed)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device {str(device)!r} requested but torch finds no CUDA device"
-        raise InvalidRequestError(msg)
-    return device
