@@ -8,14 +8,11 @@ import grpc
 
 from annserve.errors import (
     AnnServeError,
-    AuthenticationError,
-    InvalidRequestError,
-    ResourceExhaustedError,
     ServerUnavailableError,
-    StoreFormatError,
-    StoreNotFoundError,
+    error_for_status,
 )
 from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -23,24 +20,12 @@ if TYPE_CHECKING:
     from annserve.client.options import Connection
 
 _SERVICE = "/annserve.v1.AnnServe/"
-#: Largest frame accepted, bytes; the server sizes frames at a few MB.
-MAX_RECEIVE_BYTES = 256 << 20
 _OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # detect a dead server during a long stream instead of waiting forever
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-_ERROR_OF = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-    grpc.StatusCode.NOT_FOUND: StoreNotFoundError,
-    grpc.StatusCode.FAILED_PRECONDITION: StoreFormatError,
-    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
-}
 
 
 def translate(error: grpc.RpcError, address: str) -> AnnServeError:
@@ -53,8 +38,8 @@ def translate(error: grpc.RpcError, address: str) -> AnnServeError:
     address
         Server address, named in the message.
     """
-    code, details = error.code(), error.details()  # type: ignore[attr-defined]
-    cls = _ERROR_OF.get(code, AnnServeError)
+    code, details = error.code(), error.details()
+    cls = error_for_status(code.name)
     return cls(f"annserve at {address}: {code.name}: {details}")
 
 
