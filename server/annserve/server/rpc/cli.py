@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zarr
 
-from annserve.errors import AnnServeError, InvalidRequestError
+from annserve.errors import AnnServeError, InvalidRequestError, StoreNotFoundError
 from annserve.memory import retain_freed_memory
 from annserve.server.convert import convert_main
 from annserve.server.io.ranges import ZARRS_PIPELINE
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         stores = _open_stores(args.store)
     except AnnServeError as e:
         print(f"annserve: {e}", file=sys.stderr)
-        return e.exit_code
+        # any store that cannot be served as configured (duplicate names too) is the
+        # "store missing or unreadable" exit code, whatever the error's own code
+        return StoreNotFoundError.exit_code
     if not is_loopback(args.host) and tls is None and tokens is None:
         logger.warning(
             "binding %s without TLS or a token: anyone who can reach this address "
