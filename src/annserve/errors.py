@@ -14,7 +14,9 @@ class                          gRPC status (also mapped back from)              
 =============================  ===============================================  =========
 ``InvalidRequestError``        ``INVALID_ARGUMENT``                             2
 ``StoreNotFoundError``         ``NOT_FOUND``                                    3
+``OutOfRangeError``            ``OUT_OF_RANGE``                                 2
 ``StoreFormatError``           ``FAILED_PRECONDITION``                          3
+``DataLossError``              ``DATA_LOSS``                                    3
 ``ResourceExhaustedError``     ``RESOURCE_EXHAUSTED``
 ``AuthenticationError``        ``UNAUTHENTICATED`` (``PERMISSION_DENIED``)
 ``ServerUnavailableError``     ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``)
@@ -101,6 +103,12 @@ class InvalidRequestError(AnnServeError, ValueError):
     exit_code = 2
 
 
+class OutOfRangeError(InvalidRequestError):
+    """A position field is past the end of what it counts, e.g. ``start_batch`` (``OUT_OF_RANGE``)."""
+
+    grpc_status = "OUT_OF_RANGE"
+
+
 class StoreNotFoundError(AnnServeError, FileNotFoundError):
     """A store path does not exist, or a request names an unknown store (``NOT_FOUND``)."""
 
@@ -113,6 +121,17 @@ class StoreFormatError(AnnServeError, ValueError):
 
     grpc_status = "FAILED_PRECONDITION"
     exit_code = 3
+
+
+class DataLossError(StoreFormatError):
+    """Stored data that should be there is missing or corrupt (``DATA_LOSS``).
+
+    A CSR ``data``/``indices`` chunk that ``indptr`` says was written but is absent, a
+    truncated shard, a compressed chunk that does not decode: the message names the
+    store, the array and the chunk. Never served as zeros or as other rows.
+    """
+
+    grpc_status = "DATA_LOSS"
 
 
 class FrameDecodeError(AnnServeError, ValueError):

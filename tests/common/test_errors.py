@@ -16,6 +16,8 @@ WIRE_ERRORS = [
     errors.ResourceExhaustedError,
     errors.AuthenticationError,
     errors.ServerUnavailableError,
+    errors.DataLossError,
+    errors.OutOfRangeError,
 ]
 
 
@@ -30,13 +32,17 @@ def test_extra_statuses_and_unclaimed_ones():
     assert errors.error_for_status("DEADLINE_EXCEEDED") is errors.ServerUnavailableError
     assert errors.error_for_status("PERMISSION_DENIED") is errors.AuthenticationError
     assert errors.error_for_status("INTERNAL") is errors.AnnServeError
-    assert errors.error_for_status("DATA_LOSS") is errors.AnnServeError
+    assert errors.error_for_status("DATA_LOSS") is errors.DataLossError
+    assert errors.error_for_status("OUT_OF_RANGE") is errors.OutOfRangeError
+    assert errors.error_for_status("ABORTED") is errors.AnnServeError
     assert status_of(errors.AnnServeError("x")) is grpc.StatusCode.INTERNAL
 
 
 def test_exit_codes_of_the_commands():
     assert errors.InvalidRequestError.exit_code == 2
     assert errors.StoreNotFoundError.exit_code == errors.StoreFormatError.exit_code == 3
+    assert errors.DataLossError.exit_code == 3
+    assert errors.OutOfRangeError.exit_code == 2
     assert OutputExistsError.exit_code == 5
     assert errors.AnnServeError.exit_code == 1
 
@@ -50,7 +56,7 @@ def test_status_names_are_grpcs():
     [
         {"grpc_status": "NOT_A_STATUS"},
         {"grpc_status": "OK"},
-        {"also_from": ("DATA_LOSS", "NOPE")},
+        {"also_from": ("ABORTED", "NOPE")},
         {"exit_code": 0},
         {"exit_code": "3"},
     ],
@@ -59,4 +65,4 @@ def test_status_names_are_grpcs():
 def test_a_class_with_a_bad_status_or_exit_code_is_refused(attrs):
     with pytest.raises(TypeError, match="Bad"):
         type("Bad", (errors.AnnServeError,), attrs)
-    assert errors.error_for_status("DATA_LOSS") is errors.AnnServeError  # nothing entered
+    assert errors.error_for_status("ABORTED") is errors.AnnServeError  # nothing entered
