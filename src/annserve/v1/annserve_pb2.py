@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61nnserve/v1/annserve.proto\x12\x0b\x61nnserve.v1\".\n\tEpochSize\x12\x0e\n\x06n_rows\x18\x01 \x01(\x03\x12\x11\n\tn_batches\x18\x02 \x01(\x03\"%\n\x14\x44\x65scribeStoreRequest\x12\r\n\x05store\x18\x01 \x01(\t\"M\n\tObsColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0f\n\x07ordered\x18\x04 \x01(\x08\"\xab\x01\n\tStoreInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05n_obs\x18\x02 \x01(\x03\x12\x0e\n\x06n_vars\x18\x03 \x01(\x03\x12\x11\n\tvar_names\x18\x04 \x03(\t\x12+\n\x0bobs_columns\x18\x05 \x03(\x0b\x32\x16.annserve.v1.ObsColumn\x12\x10\n\x08x_sparse\x18\x06 \x01(\x08\x12\x0f\n\x07x_dtype\x18\x07 \x01(\t\x12\x0e\n\x06layers\x18\x08 \x03(\t\"\xe6\x05\n\x14StreamBatchesRequest\x12\r\n\x05store\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x12\n\nchunk_size\x18\x03 \x01(\x03\x12\x17\n\x0fpreload_nchunks\x18\x04 \x01(\x03\x12\x0f\n\x07shuffle\x18\x05 \x01(\x08\x12\x11\n\tdrop_last\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x10\n\x08obs_keys\x18\t \x03(\t\x12\x14\n\x0creturn_index\x18\n \x01(\x08\x12\'\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x15.annserve.v1.Encoding\x12-\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x18.annserve.v1.Compression\x12\x19\n\x11\x63ompression_level\x18\r \x01(\x05\x12\r\n\x05layer\x18\x0e \x01(\t\x12\x11\n\tvar_names\x18\x0f \x03(\t\x12\x13\n\x0bshard_index\x18\x10 \x01(\x03\x12\x13\n\x0bshard_count\x18\x11 \x01(\x03\x12\x15\n\runeven_shards\x18\x12 \x01(\x08\x12\x13\n\x0bstart_batch\x18\x13 \x01(\x03\x12)\n\x07sampler\x18\x14 \x01(\x0e\x32\x18.annserve.v1.SamplerKind\x12\x12\n\nbalance_by\x18\x15 \x01(\t\x12P\n\x10\x63\x61tegory_weights\x18\x16 \x03(\x0b\x32\x36.annserve.v1.StreamBatchesRequest.CategoryWeightsEntry\x12\x13\n\x0bnum_samples\x18\x17 \x01(\x03\x12\r\n\x05split\x18\x18 \x01(\t\x12\x17\n\x0fsplit_fractions\x18\x19 \x03(\x01\x12\x10\n\x08split_by\x18\x1a \x01(\t\x12\x12\n\nsplit_seed\x18\x1b \x01(\x04\x1a\x36\n\x14\x43\x61tegoryWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\",\n\x0cStringColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\x91\x02\n\x0b\x42\x61tchHeader\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12\x12\n\nbatch_rows\x18\x02 \x01(\x03\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x0e\n\x06n_rows\x18\x04 \x01(\x03\x12\x0e\n\x06n_vars\x18\x05 \x01(\x03\x12\x0e\n\x06sparse\x18\x06 \x01(\x08\x12&\n\x06\x61rrays\x18\x07 \x03(\x0b\x32\x16.annserve.v1.ArraySpec\x12-\n\nstring_obs\x18\x08 \x03(\x0b\x32\x19.annserve.v1.StringColumn\x12-\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x18.annserve.v1.Compression\x12\x16\n\x0epayload_nbytes\x18\n \x01(\x03\"G\n\nBatchFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.annserve.v1.BatchHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c*L\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_COMPACT\x10\x02*e\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x15\n\x11\x43OMPRESSION_BLOSC\x10\x03*6\n\x0bSamplerKind\x12\x11\n\rSAMPLER_CHUNK\x10\x00\x12\x14\n\x10SAMPLER_WEIGHTED\x10\x01\x32\xf0\x01\n\x08\x41nnServe\x12J\n\rDescribeStore\x12!.annserve.v1.DescribeStoreRequest\x1a\x16.annserve.v1.StoreInfo\x12M\n\rStreamBatches\x12!.annserve.v1.StreamBatchesRequest\x1a\x17.annserve.v1.BatchFrame0\x01\x12I\n\x0c\x43ountBatches\x12!.annserve.v1.StreamBatchesRequest\x1a\x16.annserve.v1.EpochSizeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61nnserve/v1/annserve.proto\x12\x0b\x61nnserve.v1\".\n\tEpochSize\x12\x0e\n\x06n_rows\x18\x01 \x01(\x03\x12\x11\n\tn_batches\x18\x02 \x01(\x03\"%\n\x14\x44\x65scribeStoreRequest\x12\r\n\x05store\x18\x01 \x01(\t\"y\n\tObsColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0f\n\x07ordered\x18\x04 \x01(\x08\x12\x18\n\x10\x63\x61tegories_dtype\x18\x05 \x01(\t\x12\x10\n\x08nullable\x18\x06 \x01(\x08\"I\n\nMatrixInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06sparse\x18\x03 \x01(\x08\x12\x0e\n\x06n_vars\x18\x04 \x01(\x03\"G\n\x08ObsmInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06n_cols\x18\x03 \x01(\x03\x12\x0e\n\x06sparse\x18\x04 \x01(\x08\"\x92\x02\n\tStoreInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05n_obs\x18\x02 \x01(\x03\x12\x0e\n\x06n_vars\x18\x03 \x01(\x03\x12\x11\n\tvar_names\x18\x04 \x03(\t\x12+\n\x0bobs_columns\x18\x05 \x03(\x0b\x32\x16.annserve.v1.ObsColumn\x12\x10\n\x08x_sparse\x18\x06 \x01(\x08\x12\x0f\n\x07x_dtype\x18\x07 \x01(\t\x12\x0e\n\x06layers\x18\x08 \x03(\t\x12)\n\x08matrices\x18\t \x03(\x0b\x32\x17.annserve.v1.MatrixInfo\x12\x15\n\rraw_var_names\x18\n \x03(\t\x12#\n\x04obsm\x18\x0b \x03(\x0b\x32\x15.annserve.v1.ObsmInfo\"\x8a\x06\n\x14StreamBatchesRequest\x12\r\n\x05store\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x12\n\nchunk_size\x18\x03 \x01(\x03\x12\x17\n\x0fpreload_nchunks\x18\x04 \x01(\x03\x12\x0f\n\x07shuffle\x18\x05 \x01(\x08\x12\x11\n\tdrop_last\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x10\n\x08obs_keys\x18\t \x03(\t\x12\x14\n\x0creturn_index\x18\n \x01(\x08\x12\'\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x15.annserve.v1.Encoding\x12-\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x18.annserve.v1.Compression\x12\x19\n\x11\x63ompression_level\x18\r \x01(\x05\x12\r\n\x05layer\x18\x0e \x01(\t\x12\x11\n\tvar_names\x18\x0f \x03(\t\x12\x13\n\x0bshard_index\x18\x10 \x01(\x03\x12\x13\n\x0bshard_count\x18\x11 \x01(\x03\x12\x15\n\runeven_shards\x18\x12 \x01(\x08\x12\x13\n\x0bstart_batch\x18\x13 \x01(\x03\x12)\n\x07sampler\x18\x14 \x01(\x0e\x32\x18.annserve.v1.SamplerKind\x12\x12\n\nbalance_by\x18\x15 \x01(\t\x12P\n\x10\x63\x61tegory_weights\x18\x16 \x03(\x0b\x32\x36.annserve.v1.StreamBatchesRequest.CategoryWeightsEntry\x12\x13\n\x0bnum_samples\x18\x17 \x01(\x03\x12\r\n\x05split\x18\x18 \x01(\t\x12\x17\n\x0fsplit_fractions\x18\x19 \x03(\x01\x12\x10\n\x08split_by\x18\x1a \x01(\t\x12\x12\n\nsplit_seed\x18\x1b \x01(\x04\x12\x11\n\tobsm_keys\x18\x1c \x03(\t\x12\x0f\n\x07use_raw\x18\x1d \x01(\x08\x1a\x36\n\x14\x43\x61tegoryWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\",\n\x0cStringColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xa4\x02\n\x0b\x42\x61tchHeader\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x03\x12\x12\n\nbatch_rows\x18\x02 \x01(\x03\x12\x11\n\trow_start\x18\x03 \x01(\x03\x12\x0e\n\x06n_rows\x18\x04 \x01(\x03\x12\x0e\n\x06n_vars\x18\x05 \x01(\x03\x12\x0e\n\x06sparse\x18\x06 \x01(\x08\x12&\n\x06\x61rrays\x18\x07 \x03(\x0b\x32\x16.annserve.v1.ArraySpec\x12-\n\nstring_obs\x18\x08 \x03(\x0b\x32\x19.annserve.v1.StringColumn\x12-\n\x0b\x63ompression\x18\t \x01(\x0e\x32\x18.annserve.v1.Compression\x12\x16\n\x0epayload_nbytes\x18\n \x01(\x03\x12\x11\n\tobs_names\x18\x0b \x03(\t\"G\n\nBatchFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.annserve.v1.BatchHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c*L\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_COMPACT\x10\x02*e\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x15\n\x11\x43OMPRESSION_BLOSC\x10\x03*6\n\x0bSamplerKind\x12\x11\n\rSAMPLER_CHUNK\x10\x00\x12\x14\n\x10SAMPLER_WEIGHTED\x10\x01\x32\xf0\x01\n\x08\x41nnServe\x12J\n\rDescribeStore\x12!.annserve.v1.DescribeStoreRequest\x1a\x16.annserve.v1.StoreInfo\x12M\n\rStreamBatches\x12!.annserve.v1.StreamBatchesRequest\x1a\x17.annserve.v1.BatchFrame0\x01\x12I\n\x0c\x43ountBatches\x12!.annserve.v1.StreamBatchesRequest\x1a\x16.annserve.v1.EpochSizeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._loaded_options = None
   _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1596
-  _globals['_ENCODING']._serialized_end=1672
-  _globals['_COMPRESSION']._serialized_start=1674
-  _globals['_COMPRESSION']._serialized_end=1775
-  _globals['_SAMPLERKIND']._serialized_start=1777
-  _globals['_SAMPLERKIND']._serialized_end=1831
+  _globals['_ENCODING']._serialized_start=1946
+  _globals['_ENCODING']._serialized_end=2022
+  _globals['_COMPRESSION']._serialized_start=2024
+  _globals['_COMPRESSION']._serialized_end=2125
+  _globals['_SAMPLERKIND']._serialized_start=2127
+  _globals['_SAMPLERKIND']._serialized_end=2181
   _globals['_EPOCHSIZE']._serialized_start=43
   _globals['_EPOCHSIZE']._serialized_end=89
   _globals['_DESCRIBESTOREREQUEST']._serialized_start=91
   _globals['_DESCRIBESTOREREQUEST']._serialized_end=128
   _globals['_OBSCOLUMN']._serialized_start=130
-  _globals['_OBSCOLUMN']._serialized_end=207
-  _globals['_STOREINFO']._serialized_start=210
-  _globals['_STOREINFO']._serialized_end=381
-  _globals['_STREAMBATCHESREQUEST']._serialized_start=384
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=1126
-  _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._serialized_start=1072
-  _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._serialized_end=1126
-  _globals['_ARRAYSPEC']._serialized_start=1128
-  _globals['_ARRAYSPEC']._serialized_end=1199
-  _globals['_STRINGCOLUMN']._serialized_start=1201
-  _globals['_STRINGCOLUMN']._serialized_end=1245
-  _globals['_BATCHHEADER']._serialized_start=1248
-  _globals['_BATCHHEADER']._serialized_end=1521
-  _globals['_BATCHFRAME']._serialized_start=1523
-  _globals['_BATCHFRAME']._serialized_end=1594
-  _globals['_ANNSERVE']._serialized_start=1834
-  _globals['_ANNSERVE']._serialized_end=2074
+  _globals['_OBSCOLUMN']._serialized_end=251
+  _globals['_MATRIXINFO']._serialized_start=253
+  _globals['_MATRIXINFO']._serialized_end=326
+  _globals['_OBSMINFO']._serialized_start=328
+  _globals['_OBSMINFO']._serialized_end=399
+  _globals['_STOREINFO']._serialized_start=402
+  _globals['_STOREINFO']._serialized_end=676
+  _globals['_STREAMBATCHESREQUEST']._serialized_start=679
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=1457
+  _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._serialized_start=1403
+  _globals['_STREAMBATCHESREQUEST_CATEGORYWEIGHTSENTRY']._serialized_end=1457
+  _globals['_ARRAYSPEC']._serialized_start=1459
+  _globals['_ARRAYSPEC']._serialized_end=1530
+  _globals['_STRINGCOLUMN']._serialized_start=1532
+  _globals['_STRINGCOLUMN']._serialized_end=1576
+  _globals['_BATCHHEADER']._serialized_start=1579
+  _globals['_BATCHHEADER']._serialized_end=1871
+  _globals['_BATCHFRAME']._serialized_start=1873
+  _globals['_BATCHFRAME']._serialized_end=1944
+  _globals['_ANNSERVE']._serialized_start=2184
+  _globals['_ANNSERVE']._serialized_end=2424
 # @@protoc_insertion_point(module_scope)

@@ -49,19 +49,47 @@ class DescribeStoreRequest(_message.Message):
     def __init__(self, store: _Optional[str] = ...) -> None: ...
 
 class ObsColumn(_message.Message):
-    __slots__ = ("name", "dtype", "categories", "ordered")
+    __slots__ = ("name", "dtype", "categories", "ordered", "categories_dtype", "nullable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     ORDERED_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NULLABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     categories: _containers.RepeatedScalarFieldContainer[str]
     ordered: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., ordered: _Optional[bool] = ...) -> None: ...
+    categories_dtype: str
+    nullable: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., ordered: _Optional[bool] = ..., categories_dtype: _Optional[str] = ..., nullable: _Optional[bool] = ...) -> None: ...
+
+class MatrixInfo(_message.Message):
+    __slots__ = ("name", "dtype", "sparse", "n_vars")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    N_VARS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    sparse: bool
+    n_vars: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., sparse: _Optional[bool] = ..., n_vars: _Optional[int] = ...) -> None: ...
+
+class ObsmInfo(_message.Message):
+    __slots__ = ("name", "dtype", "n_cols", "sparse")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    N_COLS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    n_cols: int
+    sparse: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., n_cols: _Optional[int] = ..., sparse: _Optional[bool] = ...) -> None: ...
 
 class StoreInfo(_message.Message):
-    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers")
+    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers", "matrices", "raw_var_names", "obsm")
     NAME_FIELD_NUMBER: _ClassVar[int]
     N_OBS_FIELD_NUMBER: _ClassVar[int]
     N_VARS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +98,9 @@ class StoreInfo(_message.Message):
     X_SPARSE_FIELD_NUMBER: _ClassVar[int]
     X_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MATRICES_FIELD_NUMBER: _ClassVar[int]
+    RAW_VAR_NAMES_FIELD_NUMBER: _ClassVar[int]
+    OBSM_FIELD_NUMBER: _ClassVar[int]
     name: str
     n_obs: int
     n_vars: int
@@ -78,10 +109,13 @@ class StoreInfo(_message.Message):
     x_sparse: bool
     x_dtype: str
     layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    matrices: _containers.RepeatedCompositeFieldContainer[MatrixInfo]
+    raw_var_names: _containers.RepeatedScalarFieldContainer[str]
+    obsm: _containers.RepeatedCompositeFieldContainer[ObsmInfo]
+    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw")
     class CategoryWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +150,8 @@ class StreamBatchesRequest(_message.Message):
     SPLIT_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
     SPLIT_BY_FIELD_NUMBER: _ClassVar[int]
     SPLIT_SEED_FIELD_NUMBER: _ClassVar[int]
+    OBSM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    USE_RAW_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -143,7 +179,9 @@ class StreamBatchesRequest(_message.Message):
     split_fractions: _containers.RepeatedScalarFieldContainer[float]
     split_by: str
     split_seed: int
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ...) -> None: ...
+    obsm_keys: _containers.RepeatedScalarFieldContainer[str]
+    use_raw: bool
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset")
@@ -166,7 +204,7 @@ class StringColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes")
+    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +215,7 @@ class BatchHeader(_message.Message):
     STRING_OBS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OBS_NAMES_FIELD_NUMBER: _ClassVar[int]
     batch: int
     batch_rows: int
     row_start: int
@@ -187,7 +226,8 @@ class BatchHeader(_message.Message):
     string_obs: _containers.RepeatedCompositeFieldContainer[StringColumn]
     compression: Compression
     payload_nbytes: int
-    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ...) -> None: ...
+    obs_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
     __slots__ = ("header", "payload")

@@ -1,12 +1,13 @@
-"""obs columns prepared for slicing by row, and their concatenation across groups."""
+"""obs columns prepared for slicing by row, and the concatenation of several groups' obs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -24,13 +25,20 @@ class ObsColumnData:
         ``"category"`` (``values`` are the integer codes, -1 = missing), ``"numeric"``
         (numeric or bool numpy values) or ``"str"`` (``values`` is an object array of str).
     values
-        Shape ``(n_obs,)``.
+        Shape ``(n_obs,)``; 0 or ``""`` where ``missing`` is set.
     dtype
-        dtype name reported to clients.
+        pandas dtype name reported to clients (``"category"``, ``"int8"``, ``"Int64"``,
+        ``"boolean"``, ``"string"``, ``"str"``...).
     categories
-        Category labels as strings (``kind == "category"`` only).
+        Category labels as text, ``str()`` of each (``kind == "category"`` only).
     ordered
         Whether the categorical is ordered.
+    categories_dtype
+        dtype of the categories: ``"str"`` for text, else a numpy dtype name.
+    missing
+        True where the value is missing, shape ``(n_obs,)``, bool; None for columns
+        that cannot hold missing values (numpy numbers, where NaN is a value, and
+        categoricals, where code -1 says it).
     """
 
     name: str
@@ -39,61 +47,84 @@ class ObsColumnData:
     dtype: str
     categories: tuple[str, ...] = ()
     ordered: bool = False
+    categories_dtype: str = ""
+    missing: np.ndarray | None = None
 
 
 def obs_column(name: str, series: pd.Series) -> ObsColumnData:
-    """Prepare one obs column read by anndata."""
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        cats = tuple(str(c) for c in series.cat.categories)
+    """Prepare one obs column as anndata read it, keeping its dtype and missing values.
+
+    Categoricals keep their categories' dtype (``Categorical([0, 10])`` has int64
+    categories); pandas nullable integers and booleans travel as numpy values plus a
+    missing mask; everything else that is not a numpy number becomes text (with a
+    mask when values are missing).
+    """
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        cats = dtype.categories
+        numeric = cats.dtype.kind in "biuf"
         return ObsColumnData(
             name,
             "category",
             np.asarray(series.cat.codes),
             "category",
-            cats,
-            bool(series.cat.ordered),
+            tuple(str(c) for c in cats),
+            bool(dtype.ordered),
+            cats.dtype.name if numeric else "str",
         )
-    if isinstance(series.dtype, np.dtype) and series.dtype.kind in "biuf":
-        return ObsColumnData(name, "numeric", series.to_numpy(), series.dtype.name)
-    return ObsColumnData(name, "str", series.astype(str).to_numpy(dtype=object), "str")
+    if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+        return ObsColumnData(name, "numeric", series.to_numpy(), dtype.name)
+    missing = series.isna().to_numpy()
+    if _masked_number(dtype):
+        values = series.to_numpy(dtype=dtype.numpy_dtype, na_value=0)
+        return ObsColumnData(name, "numeric", values, dtype.name, missing=missing)
+    text = series.astype(object).where(~missing, "").astype(str).to_numpy(dtype=object)
+    label = "string" if isinstance(dtype, pd.StringDtype) else "str"
+    nullable = label == "string" or bool(missing.any())
+    return ObsColumnData(name, "str", text, label, missing=missing if nullable else None)
 
 
-def concat_obs(parts: Sequence[dict[str, ObsColumnData]]) -> dict[str, ObsColumnData]:
-    """Concatenate the obs of several groups, in order.
+def _masked_number(dtype: object) -> bool:
+    """Whether ``dtype`` is a pandas nullable number or boolean (``Int64``, ``boolean``...)."""
+    return (
+        isinstance(dtype, pd.api.extensions.ExtensionDtype)
+        and hasattr(dtype, "numpy_dtype")
+        and (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+    )
+
+
+def concat_obs(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate the obs of several groups, in order, with pandas.
 
     Columns present in every group are kept. Categoricals get the union of their
-    categories (in order of first appearance) and codes are translated to it;
-    numeric columns take numpy's common dtype; anything else becomes strings.
+    categories in order of first appearance (:func:`pandas.api.types.union_categoricals`;
+    ordered only when every part is ordered with the same categories); other columns
+    take pandas' common dtype (:func:`pandas.concat`), text when there is none.
+
+    Parameters
+    ----------
+    parts
+        Each group's obs, indexed by its obs_names.
+
+    Returns
+    -------
+    One frame of ``sum(len(p))`` rows, indexed by the groups' obs_names in order.
     """
     if len(parts) == 1:
-        return dict(parts[0])
-    names = [n for n in parts[0] if all(n in p for p in parts[1:])]
-    return {n: _concat_column([p[n] for p in parts]) for n in names}
+        return parts[0]
+    names = [n for n in parts[0].columns if all(n in p.columns for p in parts[1:])]
+    index = pd.Index(np.concatenate([p.index.to_numpy(dtype=object) for p in parts]))
+    columns = {n: _concat_column([p[n] for p in parts]) for n in names}
+    return pd.DataFrame(columns, index=index)
 
 
-def _concat_column(columns: list[ObsColumnData]) -> ObsColumnData:
-    kinds = {c.kind for c in columns}
-    first = columns[0]
-    if kinds == {"category"}:
-        categories = tuple(dict.fromkeys(cat for c in columns for cat in c.categories))
-        position = {cat: i for i, cat in enumerate(categories)}
-        codes = [
-            np.append(np.array([position[cat] for cat in c.categories], dtype=np.int32), -1)[
-                c.values
-            ]
-            for c in columns
-        ]  # code -1 indexes the appended -1
-        ordered = all(c.ordered for c in columns) and len({c.categories for c in columns}) == 1
-        return replace(first, values=np.concatenate(codes), categories=categories, ordered=ordered)
-    if kinds == {"numeric"}:
-        values = np.concatenate([c.values for c in columns])
-        return replace(first, values=values, dtype=values.dtype.name)
-    values = np.concatenate(
-        [
-            c.values.astype(str).astype(object)
-            if c.kind != "category"
-            else np.array(c.categories + ("nan",), dtype=object)[c.values]
-            for c in columns
-        ]
-    )
-    return ObsColumnData(first.name, "str", values, "str")
+def _concat_column(parts: list[pd.Series]) -> pd.api.extensions.ExtensionArray | np.ndarray:
+    """Concatenate one column's parts; the values only (the frame's index is set once)."""
+    if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+        first = parts[0].dtype
+        same = all(p.dtype == first for p in parts)
+        try:
+            return union_categoricals(parts, ignore_order=not (same and first.ordered))
+        except TypeError:  # categories of different dtypes: served as text
+            parts = [p.astype(str) for p in parts]
+    return pd.concat(parts, ignore_index=True).array

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.format import MANIFEST_KEY
-from annserve.server.io.elements import element_at, group_at
+from annserve.server.io.elements import element_at, group_at, is_array
 from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
 from annserve.server.io.obs import concat_obs, obs_column
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from annserve.buffers import BufferPool
-    from annserve.server.io.elements import GroupNode
+    from annserve.server.io.elements import ArrayNode, GroupNode
 
 logger = logging.getLogger(__name__)
 
@@ -47,34 +48,90 @@ class AnnDataGroup:
         Rows (cells).
     var_names
         Gene names.
+    raw_var_names
+        Gene names of ``raw/X``; empty without ``.raw``.
     obs
-        Prepared obs columns by name.
+        obs as anndata reads it, indexed by obs_names.
     matrices
-        ``"X"`` and every layer name, each a CSR or dense matrix of shape ``(n_obs, n_vars)``.
+        Row-readable matrices by key: ``"X"``, ``"layers/<name>"``, ``"raw/X"`` and
+        ``"obsm/<name>"`` (numeric 2-d obsm arrays, dense or CSR), each of shape
+        ``(n_obs, columns)``.
     """
 
     def __init__(self, root: GroupNode, where: str, path: Path) -> None:
         self.where = where
-        self.matrices: dict[str, CSRMatrix | DenseMatrix] = {
-            "X": open_matrix(element_at(root, "X", where), f"{where}: X")
-        }
-        if "layers" in root:
-            layers = group_at(root, "layers", where)
-            for name in layers:
-                self.matrices[f"layers/{name}"] = open_matrix(
-                    element_at(layers, name, f"{where}: layers"), f"{where}: layers/{name}"
-                )
-        obs, var = _read_annotations(root, where, path)
-        self.n_obs = len(obs)
+        self.matrices = _open_matrices(root, where)
+        self.obs, var = _read_annotations(root, where, path)
+        self.n_obs = len(self.obs)
         self.var_names = tuple(str(v) for v in var.index)
-        self.obs = {str(k): obs_column(str(k), obs[k]) for k in obs.columns}
+        self.raw_var_names = _raw_var_names(root, where) if "raw/X" in self.matrices else ()
         for key, m in self.matrices.items():
-            if m.shape != (self.n_obs, len(self.var_names)):
-                msg = (
-                    f"{where}: {key} has shape {m.shape}, obs x var is "
-                    f"({self.n_obs}, {len(self.var_names)})"
-                )
+            columns = {"raw/X": len(self.raw_var_names)}.get(key, len(self.var_names))
+            if m.shape[0] != self.n_obs or (not key.startswith("obsm/") and m.shape[1] != columns):
+                msg = f"{where}: {key} has shape {m.shape}, obs x var is ({self.n_obs}, {columns})"
                 raise StoreFormatError(msg)
+
+
+def _open_matrices(root: GroupNode, where: str) -> dict[str, CSRMatrix | DenseMatrix]:
+    """Open X, every layer, raw X and every numeric 2-d obsm array of a group."""
+    matrices = {"X": open_matrix(element_at(root, "X", where), f"{where}: X")}
+    for parent in ("layers", "obsm"):
+        elems = _subgroup(root, parent)
+        if elems is None:
+            continue
+        for name in elems:
+            elem = element_at(elems, name, f"{where}: {parent}")
+            if parent == "obsm" and not _row_matrix(elem):
+                logger.info("%s: obsm/%s is not a numeric 2-d array; not served", where, name)
+                continue
+            matrices[f"{parent}/{name}"] = open_matrix(elem, f"{where}: {parent}/{name}")
+    raw = _subgroup(root, "raw")
+    if raw is not None and "X" in raw:
+        matrices["raw/X"] = open_matrix(element_at(raw, "X", where), f"{where}: raw/X")
+    return matrices
+
+
+def _subgroup(root: GroupNode, key: str) -> GroupNode | None:
+    """Return ``root[key]`` if it is a group (pre-0.7 h5ad files keep compound datasets)."""
+    node = root.get(key)
+    return node if isinstance(node, h5py.Group | zarr.Group) else None
+
+
+def _row_matrix(elem: GroupNode | ArrayNode) -> bool:
+    """Whether an element is a CSR matrix or a numeric 2-d array (what obsm may serve)."""
+    encoding = elem.attrs.get("encoding-type", "array")
+    if is_array(elem):
+        return encoding == "array" and len(elem.shape) == 2 and elem.dtype.kind in "biuf"
+    return encoding == "csr_matrix"
+
+
+def _raw_var_names(root: GroupNode, where: str) -> tuple[str, ...]:
+    try:
+        var = ad.io.read_elem(element_at(root, "raw/var", where))
+    except Exception as e:  # anndata raises many types for a malformed element
+        msg = f"{where}: cannot read raw/var: {e}"
+        raise StoreFormatError(msg) from e
+    return tuple(str(v) for v in var.index)
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixSpec:
+    """What a servable matrix holds, every group together.
+
+    Attributes
+    ----------
+    dtype
+        dtype holding the values of every group's matrix (groups of an ``annserve
+        convert`` collection may differ: uint16 counts, float32 otherwise).
+    sparse
+        CSR (True) or dense.
+    n_cols
+        Columns: genes for X, layers and raw X; the array's width for obsm.
+    """
+
+    dtype: np.dtype
+    sparse: bool
+    n_cols: int
 
 
 class Store:
@@ -88,17 +145,22 @@ class Store:
         Rows in all groups together, genes.
     var_names
         Gene names, length ``n_vars``.
-    var_index
-        Position of each gene name.
+    raw_var_names
+        Gene names of raw X; empty when some group has no ``.raw`` (or the groups' raw
+        genes differ).
     obs
         obs columns present in every group, concatenated in group order.
-    layers
-        Layer names present in every group.
+    obs_names
+        Name of every row, shape ``(n_obs,)``, object array of str.
+    matrices
+        Every matrix present in every group with the same layout, by key (``"X"``,
+        ``"layers/<name>"``, ``"raw/X"``, ``"obsm/<name>"``).
+    layers, obsm
+        Names of the layers and obsm arrays among ``matrices``.
     group_offsets
         First global row of each group, then ``n_obs``: shape ``(n_groups + 1,)``, int64.
     x_sparse, x_dtype
-        Layout of X, and the dtype holding the values of every group's X (groups of an
-        ``annserve convert`` collection may differ: uint16 counts, float32 otherwise).
+        Layout and dtype of X (``matrices["X"]``).
     """
 
     def __init__(self, path: Path, groups: Sequence[AnnDataGroup]) -> None:
@@ -111,31 +173,53 @@ class Store:
                 raise StoreFormatError(msg)
         self.var_names = first.var_names
         self.n_vars = len(self.var_names)
-        self.var_index = {name: i for i, name in enumerate(self.var_names)}
+        same_raw = all(g.raw_var_names == first.raw_var_names for g in self._groups)
+        self.raw_var_names = first.raw_var_names if same_raw else ()
         self.group_offsets = np.cumsum([0] + [g.n_obs for g in self._groups], dtype=np.int64)
         self.n_obs = int(self.group_offsets[-1])
-        self.obs = concat_obs([g.obs for g in self._groups])
-        keys = set.intersection(*(set(g.matrices) for g in self._groups))
-        self.layers = tuple(sorted(k.removeprefix("layers/") for k in keys if k != "X"))
-        self.x_sparse = first.matrices["X"].sparse
-        self.x_dtype = np.result_type(*(g.matrices["X"].dtype for g in self._groups))
+        obs = concat_obs([g.obs for g in self._groups])
+        self.obs = {str(k): obs_column(str(k), obs[k]) for k in obs.columns}
+        self.obs_names = obs.index.to_numpy(dtype=object).astype(str).astype(object)
+        self.matrices = self._common_matrices()
+        self.layers = tuple(k.removeprefix("layers/") for k in self.matrices if k[:7] == "layers/")
+        self.obsm = tuple(k.removeprefix("obsm/") for k in self.matrices if k[:5] == "obsm/")
+        self.x_sparse = self.matrices["X"].sparse
+        self.x_dtype = self.matrices["X"].dtype
 
-    def mean_row_bytes(self, layer: str | None = None) -> float:
-        """Return the mean bytes of one row of X (or of a layer) once read into memory."""
-        key = "X" if layer is None else f"layers/{layer}"
+    def _common_matrices(self) -> dict[str, MatrixSpec]:
+        """Matrices every group has, with one layout and width (raw X: the same raw genes)."""
+        out = {}
+        for key in sorted(self._groups[0].matrices, key=lambda k: (k != "X", k)):
+            parts = [g.matrices.get(key) for g in self._groups]
+            present = [m for m in parts if m is not None]
+            shapes = {(m.sparse, m.shape[1]) for m in present}
+            if (
+                len(present) < len(parts)
+                or len(shapes) > 1
+                or (key == "raw/X" and not self.raw_var_names)
+            ):
+                logger.info("%s: %s is not in every group alike; not served", self.path, key)
+                continue
+            ((sparse, n_cols),) = shapes
+            out[key] = MatrixSpec(np.result_type(*(m.dtype for m in present)), sparse, n_cols)
+        return out
+
+    def mean_row_bytes(self, key: str = "X") -> float:
+        """Return the mean bytes of one row of a matrix (a key of :attr:`matrices`) once read."""
         return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
 
     def read_rows(
-        self, rows: np.ndarray, layer: str | None = None, pool: BufferPool | None = None
+        self, rows: np.ndarray, key: str = "X", pool: BufferPool | None = None
     ) -> CSRRows | DenseRows:
-        """Read rows of X (or of a layer).
+        """Read rows of a matrix.
 
         Parameters
         ----------
         rows
             Global row indices, shape ``(n,)``, int64, strictly increasing.
-        layer
-            Layer name; None reads X.
+        key
+            One of :attr:`matrices`: ``"X"``, ``"layers/<name>"``, ``"raw/X"`` or
+            ``"obsm/<name>"``.
         pool
             Where the large arrays come from; a stream passes its own so that each
             preload buffer reuses the memory of one it has finished with.
@@ -144,7 +228,6 @@ class Store:
         -------
         The rows in the given order, CSR or dense as stored.
         """
-        key = "X" if layer is None else f"layers/{layer}"
         bounds = np.searchsorted(rows, self.group_offsets)
         pieces = [
             (g.matrices[key], rows[a:b] - offset)
@@ -316,7 +399,7 @@ def open_store(path: str | Path) -> Store:
         msg = f"{p}: not a readable AnnData store: {e!r}"
         raise StoreFormatError(msg) from e
     logger.info(
-        "opened %s: %d obs x %d vars in %d group(s), %s X (%s), layers %s",
+        "opened %s: %d obs x %d vars in %d group(s), %s X (%s), layers %s, obsm %s, raw %s",
         p,
         store.n_obs,
         store.n_vars,
@@ -324,5 +407,7 @@ def open_store(path: str | Path) -> Store:
         "CSR" if store.x_sparse else "dense",
         store.x_dtype,
         list(store.layers),
+        list(store.obsm),
+        "raw/X" in store.matrices,
     )
     return store

@@ -85,7 +85,7 @@ class Limits:
             )
             raise ResourceExhaustedError(msg)
         rows = preload_rows(plan, store)
-        need = rows * store.mean_row_bytes(plan.layer)
+        need = rows * sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
         if need > self.stream_memory_mb * 1e6:
             msg = (
                 f"stream_memory_mb: a preload buffer of {rows} rows (chunk_size "

@@ -63,10 +63,14 @@ class StreamPlan:
         ``pb.Compression`` value applied to each frame's payload.
     compression_level
         Codec level, 0 for the codec's default.
-    layer
-        Layer to serve instead of X; None for X.
+    matrix
+        Key of the served matrix in :attr:`Store.matrices`: ``"X"``, ``"layers/<name>"``
+        or ``"raw/X"`` (``use_raw``, scanpy's ``adata.raw``).
+    obsm
+        Keys (``"obsm/<name>"``) of the obsm arrays sent with each batch, in request order.
     columns
-        Store positions of the requested genes, in request order, shape ``(n_vars,)``,
+        Positions of the requested genes in the matrix's gene space (the store's
+        var_names, or raw_var_names for raw X), in request order, shape ``(n_vars,)``,
         int64; None for all genes.
     n_vars
         Genes per served row.
@@ -92,7 +96,8 @@ class StreamPlan:
     encoding: int
     compression: pb.Compression
     compression_level: int
-    layer: str | None
+    matrix: str
+    obsm: tuple[str, ...]
     columns: np.ndarray | None
     n_vars: int
     shard: Shard
@@ -113,8 +118,10 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
     for key in request.obs_keys:
         _obs_column(store, key, "obs_keys")
     _check_wire(request)
-    _check_layer(request.layer, store)
-    columns = _columns(request.var_names, store)
+    matrix = _matrix(request, store)
+    obsm = tuple(_obsm_key(key, store) for key in request.obsm_keys)
+    names = store.raw_var_names if matrix == "raw/X" else store.var_names
+    columns = _columns(request.var_names, names)
     return StreamPlan(
         batch_size=request.batch_size,
         chunk_size=request.chunk_size,
@@ -128,9 +135,10 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
         encoding=request.encoding or pb.ENCODING_COMPACT,
         compression=request.compression,
         compression_level=request.compression_level,
-        layer=request.layer or None,
+        matrix=matrix,
+        obsm=obsm,
         columns=columns,
-        n_vars=store.n_vars if columns is None else len(columns),
+        n_vars=len(names) if columns is None else len(columns),
         shard=_shard(request),
         start_batch=request.start_batch,
         split=_split(request, store),
@@ -235,24 +243,43 @@ def _balance(request: pb.StreamBatchesRequest, store: Store) -> Balance | None:
     return Balance(column, weights, request.num_samples)
 
 
-def _check_layer(layer: str, store: Store) -> None:
-    if layer and layer not in store.layers:
-        msg = f"layer: unknown layer {layer!r}; the store has {list(store.layers)}"
+def _matrix(request: pb.StreamBatchesRequest, store: Store) -> str:
+    """Return the key of the matrix a request serves: X, a layer or raw X."""
+    if request.use_raw:
+        if request.layer:
+            msg = f"use_raw: serves raw X; it cannot be combined with layer {request.layer[:100]!r}"
+            raise InvalidRequestError(msg)
+        if "raw/X" not in store.matrices:
+            msg = "use_raw: this store has no .raw (raw X with raw var_names in every group)"
+            raise InvalidRequestError(msg)
+        return "raw/X"
+    if request.layer and request.layer not in store.layers:
+        msg = f"layer: unknown layer {request.layer[:100]!r}; the store has {list(store.layers)}"
         raise InvalidRequestError(msg)
+    return f"layers/{request.layer}" if request.layer else "X"
 
 
-def _columns(var_names: Sequence[str], store: Store) -> np.ndarray | None:
+def _obsm_key(name: str, store: Store) -> str:
+    if name not in store.obsm:
+        msg = f"obsm_keys: unknown obsm array {name[:100]!r}; the store has {list(store.obsm)}"
+        raise InvalidRequestError(msg)
+    return f"obsm/{name}"
+
+
+def _columns(var_names: Sequence[str], names: Sequence[str]) -> np.ndarray | None:
+    """Positions of the requested genes among ``names`` (the served matrix's genes)."""
     if not var_names:
         return None
-    unknown = [v for v in var_names if v not in store.var_index]
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [v for v in var_names if v not in index]
     if unknown:
         msg = (
             f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
-            f"the store has {store.n_vars} genes, e.g. {list(store.var_names[:5])}"
+            f"the served matrix has {len(names)} genes, e.g. {list(names[:5])}"
         )
         raise InvalidRequestError(msg)
     if len(set(var_names)) != len(var_names):
         repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)[:5]
         msg = f"var_names: genes must be listed once, repeated {repeated}"
         raise InvalidRequestError(msg)
-    return np.array([store.var_index[v] for v in var_names], dtype=np.int64)
+    return np.array([index[v] for v in var_names], dtype=np.int64)

@@ -19,6 +19,7 @@ from annserve.prefetch import Prefetcher
 from annserve.server.plan.limits import Limits
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
+from annserve.server.rpc.describe import store_info
 from annserve.server.rpc.handlers import status_set
 from annserve.server.rpc.metrics import Metrics
 from annserve.server.stream.frames import epoch_frames, epoch_span
@@ -97,19 +98,7 @@ class AnnServeService:
             store = self._store(request.store)
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
-        return pb.StoreInfo(
-            name=request.store or self._default,
-            n_obs=store.n_obs,
-            n_vars=store.n_vars,
-            var_names=store.var_names,
-            obs_columns=[
-                pb.ObsColumn(name=c.name, dtype=c.dtype, categories=c.categories, ordered=c.ordered)
-                for c in store.obs.values()
-            ],
-            x_sparse=store.x_sparse,
-            x_dtype=store.x_dtype.name,
-            layers=store.layers,
-        )
+        return store_info(store, request.store or self._default)
 
     def _plan(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext

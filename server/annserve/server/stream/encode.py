@@ -41,9 +41,9 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     Returns
     -------
     ``values`` itself when already uint8/uint16 (counts stored narrow, e.g. by
-    ``annserve convert``); otherwise the smallest unsigned integer dtype (uint8/16/32)
-    when all are non-negative integers (counts) up to 2**32 - 1, else float32 (which is
-    what the client yields, so nothing is lost that the client would keep).
+    ``annserve convert``); the smallest unsigned integer dtype (uint8/16/32) when all
+    are non-negative integers (counts) up to 2**32 - 1; else ``values`` as stored
+    (float64 stays float64): the wire never rounds.
     """
     if values.size == 0:
         return values.astype(np.uint8)
@@ -52,7 +52,7 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
     lo, hi = values.min(), values.max()
     dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
     narrowed = lossless_cast(values, dtype, empty) if dtype is not None else None
-    return narrowed if narrowed is not None else values.astype(np.float32, copy=False)
+    return narrowed if narrowed is not None else values
 
 
 def select_columns(
@@ -146,17 +146,22 @@ def prepare(
     empty
         Allocates converted arrays, see :func:`compact_values`.
     """
-    compact = encoding == pb.ENCODING_COMPACT
+    if encoding != pb.ENCODING_COMPACT:
+        return raw_rows(block)
     if isinstance(block, DenseRows):
-        values = compact_values(block.values, empty) if compact else block.values
-        return WireDense(values)
-    if not compact:
-        return WireCSR(block.indptr, block.indices, block.data)
+        return WireDense(compact_values(block.values, empty))
     index_dtype = np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
     indices = block.indices
     if indices.dtype != index_dtype:
         indices = _cast(indices, index_dtype, empty)
     return WireCSR(block.indptr, indices, compact_values(block.data, empty))
+
+
+def raw_rows(block: CSRRows | DenseRows) -> WireRows:
+    """Wrap rows as read for the ``raw`` encoding (what obsm arrays travel in)."""
+    if isinstance(block, DenseRows):
+        return WireDense(block.values)
+    return WireCSR(block.indptr, block.indices, block.data)
 
 
 def frame_arrays(
@@ -226,7 +231,8 @@ def obs_arrays(
     Returns
     -------
     ``("obs/<name>", values)`` arrays for categorical (codes) and numeric columns,
-    and string columns as protobuf messages.
+    ``("obs/<name>/missing", mask)`` for nullable columns, and text columns as protobuf
+    messages.
     """
     arrays, strings = [], []
     for col in columns:
@@ -235,4 +241,6 @@ def obs_arrays(
             strings.append(pb.StringColumn(name=col.name, values=values.tolist()))
         else:
             arrays.append((f"obs/{col.name}", values))
+        if col.missing is not None:
+            arrays.append((f"obs/{col.name}/missing", col.missing[global_rows]))
     return arrays, strings

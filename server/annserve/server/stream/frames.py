@@ -12,7 +12,13 @@ import numpy as np
 from annserve.buffers import BufferPool
 from annserve.prefetch import Prefetcher
 from annserve.server.plan.epoch import Span, rows_in_span, shard_span
-from annserve.server.stream.encode import frame_arrays, obs_arrays, prepare, select_columns
+from annserve.server.stream.encode import (
+    frame_arrays,
+    obs_arrays,
+    prepare,
+    raw_rows,
+    select_columns,
+)
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
@@ -95,7 +101,7 @@ def epoch_frames(
         name=f"{threading.current_thread().name}-read",
     )
     try:
-        for rows, positions, wire in buffers:
+        for rows, positions, wire, obsm in buffers:
             step = _frame_rows(wire.nbytes, len(rows))
             start = 0
             while start < len(rows):
@@ -110,9 +116,8 @@ def epoch_frames(
                     n_vars=plan.n_vars,
                     sparse=wire.sparse,
                 )
-                yield _frame(
-                    header, wire, positions[start : start + n], rows[start : start + n], plan
-                )
+                at = slice(start, start + n)
+                yield _frame(header, wire, obsm, positions[at], rows[at], plan, store)
                 start += n
                 emitted += n
     finally:
@@ -126,22 +131,24 @@ def _read_ahead(
     span: Span,
     pool: BufferPool,
     on_read: Callable[[float], None] | None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]]:
     """Yield each preload buffer of ``span`` read and prepared for the wire.
 
-    Yields ``(rows, positions, wire)``: the buffer's rows in yield order, each row's
-    position in ``wire``, and the prepared buffer (rows sorted, each once).
+    Yields ``(rows, positions, wire, obsm)``: the buffer's rows in yield order, each
+    row's position in ``wire``, the prepared buffer (rows sorted, each once) and the
+    requested obsm arrays at the same rows (as stored, by key).
     """
     for rows in rows_in_span(sampler, plan.epoch, span):
         unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
         started = time.perf_counter()
-        block = store.read_rows(unique_rows, plan.layer, pool)
+        block = store.read_rows(unique_rows, plan.matrix, pool)
+        obsm = {k: raw_rows(store.read_rows(unique_rows, k)) for k in plan.obsm}
         if on_read is not None:
             on_read(time.perf_counter() - started)
         if plan.columns is not None:
-            block = select_columns(block, plan.columns, store.n_vars)
+            block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
         wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
-        yield rows, np.searchsorted(unique_rows, rows), wire
+        yield rows, np.searchsorted(unique_rows, rows), wire, obsm
 
 
 def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
@@ -152,14 +159,20 @@ def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
 def _frame(
     header: pb.BatchHeader,
     wire: WireRows,
+    obsm: dict[str, WireRows],
     positions: np.ndarray,
     global_rows: np.ndarray,
     plan: StreamPlan,
+    store: Store,
 ) -> Frame:
     arrays = frame_arrays(wire, positions, plan.encoding)
+    for key, rows in obsm.items():
+        parts = frame_arrays(rows, positions, pb.ENCODING_RAW)
+        arrays += [(key if name == "X" else f"{key}/{name}", a) for name, a in parts]
     obs, strings = obs_arrays(plan.obs, global_rows)
     arrays += obs
     header.string_obs.extend(strings)
+    header.obs_names.extend(store.obs_names[global_rows].tolist())
     if plan.return_index:
         arrays.append(("index", global_rows))
     return Frame(header, encode_frame(header, arrays, plan.compression, plan.compression_level))
