@@ -76,7 +76,7 @@ def obs_column(name: str, series: pd.Series) -> ObsColumnData:
         return ObsColumnData(name, "numeric", series.to_numpy(), dtype.name)
     missing = series.isna().to_numpy()
     if _masked_number(dtype):
-        values = series.to_numpy(dtype=dtype.numpy_dtype, na_value=0)
+        values = series.to_numpy(dtype=dtype.numpy_dtype, na_value=0)  # type: ignore[union-attr]  # masked dtypes have it
         return ObsColumnData(name, "numeric", values, dtype.name, missing=missing)
     text = series.astype(object).where(~missing, "").astype(str).to_numpy(dtype=object)
     label = "string" if isinstance(dtype, pd.StringDtype) else "str"
@@ -120,11 +120,12 @@ def concat_obs(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 def _concat_column(parts: list[pd.Series]) -> pd.api.extensions.ExtensionArray | np.ndarray:
     """Concatenate one column's parts; the values only (the frame's index is set once)."""
-    if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
-        first = parts[0].dtype
-        same = all(p.dtype == first for p in parts)
+    dtypes = [p.dtype for p in parts]
+    if all(isinstance(d, pd.CategoricalDtype) for d in dtypes):
+        first = dtypes[0]
+        ordered = all(d == first and d.ordered for d in dtypes)  # type: ignore[union-attr]  # categorical
         try:
-            return union_categoricals(parts, ignore_order=not (same and first.ordered))
+            return union_categoricals(parts, ignore_order=not ordered)
         except TypeError:  # categories of different dtypes: served as text
             parts = [p.astype(str) for p in parts]
     return pd.concat(parts, ignore_index=True).array

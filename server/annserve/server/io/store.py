@@ -22,7 +22,7 @@ import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.format import MANIFEST_KEY
-from annserve.server.io.elements import element_at, group_at, is_array
+from annserve.server.io.elements import element_at, group_at
 from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
 from annserve.server.io.obs import concat_obs, obs_column
 
@@ -100,7 +100,7 @@ def _subgroup(root: GroupNode, key: str) -> GroupNode | None:
 def _row_matrix(elem: GroupNode | ArrayNode) -> bool:
     """Whether an element is a CSR matrix or a numeric 2-d array (what obsm may serve)."""
     encoding = elem.attrs.get("encoding-type", "array")
-    if is_array(elem):
+    if isinstance(elem, h5py.Dataset | zarr.Array):
         return encoding == "array" and len(elem.shape) == 2 and elem.dtype.kind in "biuf"
     return encoding == "csr_matrix"
 
