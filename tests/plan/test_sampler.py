@@ -68,3 +68,79 @@ def test_chunks_never_span_two_groups(shuffle):
         group = np.searchsorted(offsets, chunk[0], side="right") - 1
         assert chunk[-1] < offsets[group + 1]
         np.testing.assert_array_equal(chunk, np.arange(chunk[0], chunk[-1] + 1))
+
+
+# --- alignment of preload buffers with batches, as in annbatch -------------------------
+BATCH, CHUNK, PRELOAD = 256, 32, 16  # one full preload buffer = two batches
+
+
+def annbatch_batch_chunks(n_obs: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Chunk of every row of every batch of one epoch under annbatch's rule.
+
+    A transcription of annbatch's ``_ChunkSampler`` without replacement, shuffled
+    (``_compute_slices_without_replacement``, ``_iter_from_slices_base``): slices over
+    the whole collection, the short one last in iteration order; each preload buffer's
+    rows permuted and split into batches, never mixing two buffers.
+    """
+    order = np.arange(-(-n_obs // CHUNK))
+    rng.shuffle(order)
+    lengths = np.full(len(order), CHUNK)
+    lengths[order[-1]] = n_obs % CHUNK or CHUNK  # the slot iterated last is the short one
+    batches = []
+    for first in range(0, len(order), PRELOAD):
+        ids = np.arange(first, min(first + PRELOAD, len(order)))
+        chunk_of_row = np.repeat(ids, lengths[order[ids]])[
+            rng.permutation(lengths[order[ids]].sum())
+        ]
+        batches += [chunk_of_row[i : i + BATCH] for i in range(0, len(chunk_of_row), BATCH)]
+    return batches
+
+
+def annserve_batch_chunks(offsets: list[int], seed: int) -> list[np.ndarray]:
+    """Chunk of every row of every batch of one epoch of :class:`ChunkSampler`.
+
+    Batches cut the epoch's row sequence as the stream does (a buffer's leftover
+    rows open the next batch).
+    """
+    sampler = ChunkSampler(ChunkLayout(offsets, CHUNK), PRELOAD, shuffle=True, seed=seed)
+    starts, _ = sampler.layout.bounds(np.arange(sampler.layout.n_chunks))
+    chunk_of_row = np.searchsorted(starts, epoch_rows(sampler, 0), side="right") - 1
+    return [chunk_of_row[i : i + BATCH] for i in range(0, len(chunk_of_row), BATCH)]
+
+
+def distinct_chunks(batches: list[np.ndarray]) -> tuple[float, float]:
+    """Mean and standard deviation over an epoch of the distinct chunks per batch."""
+    counts = np.array([len(np.unique(b)) for b in batches])
+    return float(counts.mean()), float(counts.std())
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[0, 10_000], [0, 3001, 6502, 10_000]],  # every group ends in a short chunk
+    ids=["one-group", "three-groups"],
+)
+def test_batches_mix_as_many_chunks_as_annbatch(offsets):
+    seeds = range(8)
+    ours = np.mean([distinct_chunks(annserve_batch_chunks(offsets, s)) for s in seeds], axis=0)
+    reference = np.mean(
+        [
+            distinct_chunks(annbatch_batch_chunks(offsets[-1], np.random.default_rng(s)))
+            for s in seeds
+        ],
+        axis=0,
+    )
+    # a batch spanning two buffers mixes ~PRELOAD more chunks: misalignment moves the mean by >2
+    assert abs(ours[0] - reference[0]) < 0.3, (ours, reference)
+    assert abs(ours[1] - reference[1]) < 0.5, (ours, reference)
+
+
+@pytest.mark.parametrize("offsets", [[0, 1003], [0, 10, 11, 450, 1000]])
+def test_short_chunks_close_the_epoch_and_full_buffers_stay_full(offsets):
+    layout = ChunkLayout(offsets, 8)
+    sampler = ChunkSampler(layout, 4, shuffle=True, seed=2)
+    _, lengths = layout.bounds(np.arange(layout.n_chunks))
+    n_full_buffers = int(np.count_nonzero(lengths == 8)) // 4
+    for epoch in range(3):
+        sizes = [len(rows) for rows in sampler.preloads(epoch)]
+        assert sizes[:n_full_buffers] == [4 * 8] * n_full_buffers
+        assert sum(sizes) == offsets[-1]

@@ -92,6 +92,19 @@ class ChunkSampler(Sampler):
     come in store order (the sequential sampler). Every row of ``mask`` appears
     exactly once per epoch.
 
+    Short chunks go last, as in annbatch: its
+    ``_ChunkSampler._compute_slices_without_replacement``
+    (``annbatch/samplers/_chunk_sampler.py``) places the one incomplete slice last in
+    iteration order regardless of shuffling, so every preload buffer but the last
+    holds ``preload_nchunks * chunk_size`` rows, a multiple of ``batch_size`` (annbatch
+    requires it), and no batch mixes two buffers. annbatch's slices may span the
+    datasets of a collection; ours never span groups, so each group may end in a
+    short chunk. With ``shuffle`` the full chunks are permuted first and the short
+    ones, permuted among themselves, close the epoch: full buffers stay aligned with
+    batches and only the final buffers are short. What still differs: a short chunk
+    is its group's last rows (annbatch draws which slot of the range is short), and a
+    masked epoch's buffers lose the rows outside the mask.
+
     Parameters
     ----------
     layout
@@ -122,6 +135,9 @@ class ChunkSampler(Sampler):
         self.seed = seed
         self._mask = mask
         self._n_rows = layout.n_obs if mask is None else int(np.count_nonzero(mask))
+        _, lengths = layout.bounds(np.arange(layout.n_chunks, dtype=np.int64))
+        short = lengths < layout.chunk_size
+        self._full_chunks, self._short_chunks = np.flatnonzero(~short), np.flatnonzero(short)
 
     @property
     def n_rows(self) -> int:
@@ -132,12 +148,18 @@ class ChunkSampler(Sampler):
         """Yield preload buffers of the epoch; see :meth:`Sampler.preloads`."""
         n_chunks = self.layout.n_chunks
         rng = np.random.default_rng((self.seed, epoch))
-        order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
+        order = self._shuffled_chunks(rng) if self.shuffle else np.arange(n_chunks)
         for first in range(0, n_chunks, self.preload_nchunks):
             rows = self.layout.rows(np.sort(order[first : first + self.preload_nchunks]))
             if self._mask is not None:
                 rows = rows[self._mask[rows]]
             yield rng.permutation(rows) if self.shuffle else rows
+
+    def _shuffled_chunks(self, rng: np.random.Generator) -> np.ndarray:
+        """Return the chunk ids, full chunks shuffled first, then short ones shuffled, int64."""
+        return np.concatenate(
+            [rng.permutation(self._full_chunks), rng.permutation(self._short_chunks)]
+        )
 
 
 class WeightedSampler(Sampler):
