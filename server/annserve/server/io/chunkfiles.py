@@ -17,14 +17,14 @@ import logging
 import os
 import resource
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import google_crc32c
 import h5py
 import numpy as np
 
-from annserve.errors import StoreFormatError
-from annserve.server.io._zarr import chunk_file_layout
+from annserve.errors import DataLossError
+from annserve.server.io._zarr import MISSING, chunk_file_layout, chunk_label
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Offset and length of a chunk absent from its shard (zarr sharding spec).
-_MISSING = np.uint64(2**64 - 1)
 #: Chunk file paths kept per array (an unsharded array may have very many files).
 _MAX_PATHS = 1 << 14
 
@@ -55,6 +53,10 @@ class _ChunkFiles(Protocol):
         """
         ...
 
+    def describe(self, k: int) -> str:
+        """Name chunk ``k`` in messages, relative to its array (``c/3``, ``chunk 3``)."""
+        ...
+
 
 class ChunkFileRanges:
     """Range reads (:class:`~annserve.server.io.ranges.RangeReader`) from chunk files.
@@ -67,19 +69,36 @@ class ChunkFileRanges:
         The array's dtype (little-endian or single-byte).
     fill_value
         Value of elements of absent chunks.
+    name
+        Names the array in error messages, e.g. ``"store.zarr: X/data"``.
+    complete
+        Every chunk a read touches must be stored (CSR ``data``/``indices``): an absent
+        one is lost data, not fill values.
     """
 
-    def __init__(self, chunks: _ChunkFiles, dtype: np.dtype, fill_value: object) -> None:
+    def __init__(
+        self,
+        chunks: _ChunkFiles,
+        dtype: np.dtype,
+        fill_value: object,
+        name: str,
+        complete: bool = False,
+    ) -> None:
         self._chunks = chunks
         self._dtype = np.dtype(dtype)
         self._fill = fill_value
+        self._name = name
+        self._complete = complete
         self._from_disk = True  # whether the last read went to the disk (first: assume so)
 
     @classmethod
-    def open(cls, array: zarr.Array | h5py.Dataset) -> ChunkFileRanges | None:
+    def open(
+        cls, array: zarr.Array | h5py.Dataset, name: str, complete: bool = False
+    ) -> ChunkFileRanges | None:
         """Return a reader of ``array``, or None if its layout needs zarr or h5py to decode.
 
         Also None off Linux (no ``preadv``, ``posix_fadvise`` or per-thread ``getrusage``).
+        ``name`` and ``complete`` are those of the reader.
         """
         if not (hasattr(os, "preadv") and hasattr(resource, "RUSAGE_THREAD")):
             return None
@@ -89,11 +108,11 @@ class ChunkFileRanges:
             fill = array.fillvalue
         else:
             layout = chunk_file_layout(array) if _little_endian(array.dtype) else None
-            chunks = None if layout is None else _ZarrChunks(layout, array.dtype.itemsize)
+            chunks = None if layout is None else _ZarrChunks(layout, array.dtype.itemsize, name)
             fill = None if layout is None else layout.fill_value
         if chunks is None:
             return None
-        reader = cls(chunks, array.dtype, fill)
+        reader = cls(chunks, array.dtype, fill, name, complete)
         return reader if reader._agrees_with(array) else None
 
     def _agrees_with(self, array: zarr.Array | h5py.Dataset) -> bool:
@@ -113,8 +132,9 @@ class ChunkFileRanges:
 
         Raises
         ------
-        StoreFormatError
-            If a chunk file is shorter than its chunks or a shard index is corrupt.
+        DataLossError
+            If a chunk file is shorter than its chunks, cannot be read, or its shard
+            index is corrupt; or, when ``complete``, a chunk the ranges touch is absent.
         """
         if out is None:
             out = np.empty(sum(b - a for a, b in ranges), self._dtype)
@@ -124,21 +144,18 @@ class ChunkFileRanges:
         blocks = _blocks_read()
         fds: dict[str, int] = {}  # each file opened once per call; -1: the store has none
         try:
-            for path, *_ in pieces:
-                if path not in fds:
-                    fds[path] = _open(path)
+            for piece in pieces:
+                if piece.path not in fds:
+                    fds[piece.path] = self._open(piece)
             if self._from_disk:
                 self._advise(pieces, fds)
-            for path, base, start, stop, at in pieces:
-                if fds[path] < 0 or base is None:
-                    out[at : at + stop - start] = self._fill
+            for piece in pieces:
+                at, n = piece.at, piece.stop - piece.start
+                if fds[piece.path] < 0 or piece.base is None:
+                    self._absent(piece)
+                    out[at : at + n] = self._fill
                 else:
-                    _pread(
-                        fds[path],
-                        raw[at * size : (at + stop - start) * size],
-                        base + start * size,
-                        path,
-                    )
+                    self._pread(fds[piece.path], raw[at * size : (at + n) * size], piece)
         finally:
             for fd in fds.values():
                 if fd >= 0:
@@ -146,9 +163,7 @@ class ChunkFileRanges:
         self._from_disk = _blocks_read() > blocks
         return out
 
-    def _advise(
-        self, pieces: list[tuple[str, int | None, int, int, int]], fds: dict[str, int]
-    ) -> None:
+    def _advise(self, pieces: list[_Piece], fds: dict[str, int]) -> None:
         """Ask the kernel to fetch every piece now (``POSIX_FADV_WILLNEED``).
 
         Reads that miss the page cache then run many at a time instead of one
@@ -157,21 +172,17 @@ class ChunkFileRanges:
         is cached, so :meth:`read` gives them only while its reads reach the disk.
         """
         size = self._dtype.itemsize
-        for path, base, start, stop, _ in pieces:
-            if fds[path] >= 0 and base is not None:
+        for p in pieces:
+            if fds[p.path] >= 0 and p.base is not None:
                 os.posix_fadvise(
-                    fds[path], base + start * size, (stop - start) * size, os.POSIX_FADV_WILLNEED
+                    fds[p.path],
+                    p.base + p.start * size,
+                    (p.stop - p.start) * size,
+                    os.POSIX_FADV_WILLNEED,
                 )
 
-    def _pieces(
-        self, ranges: Sequence[tuple[int, int]]
-    ) -> Iterator[tuple[str, int | None, int, int, int]]:
-        """Cut ranges at chunk boundaries.
-
-        Yields ``(path, base, start, stop, at)``: the chunk's file and byte offset (None
-        if absent), the elements ``[start, stop)`` counted from the chunk's first, and
-        their position in the output.
-        """
+    def _pieces(self, ranges: Sequence[tuple[int, int]]) -> Iterator[_Piece]:
+        """Cut ranges at chunk boundaries, in output order."""
         chunk = self._chunks.chunk
         at = 0
         for a, b in ranges:
@@ -180,28 +191,62 @@ class ChunkFileRanges:
                 k = pos // chunk
                 stop = min(b, (k + 1) * chunk)
                 path, base = self._chunks.locate(k)
-                yield path, base, pos - k * chunk, stop - k * chunk, at
+                yield _Piece(k, path, base, pos - k * chunk, stop - k * chunk, at)
                 at += stop - pos
                 pos = stop
+
+    def _lost(self, piece: _Piece, what: str) -> DataLossError:
+        """Return the error naming the array and the chunk of ``piece``, ``what`` saying why."""
+        msg = f"{self._name}: chunk {self._chunks.describe(piece.k)} {what}"
+        logger.error("%s (file %s)", msg, piece.path)
+        return DataLossError(msg)
+
+    def _absent(self, piece: _Piece) -> None:
+        """Raise :class:`DataLossError` for an absent chunk when the array must be complete."""
+        if self._complete:
+            raise self._lost(piece, "is missing from the store (deleted?); its values are lost")
+
+    def _open(self, piece: _Piece) -> int:
+        """Open the chunk file of ``piece`` read-only; -1 if the store has none."""
+        try:
+            return os.open(piece.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return -1
+        except OSError as e:
+            raise self._lost(piece, f"cannot be opened ({e.strerror})") from e
+
+    def _pread(self, fd: int, into: memoryview, piece: _Piece) -> None:
+        """Read ``into`` from the chunk of ``piece``, all of it."""
+        assert piece.base is not None  # absent chunks are filled, not read
+        try:
+            n = os.preadv(fd, [into], piece.base + piece.start * self._dtype.itemsize)
+        except OSError as e:
+            raise self._lost(piece, f"cannot be read ({e.strerror})") from e
+        if n != len(into):
+            raise self._lost(piece, "is cut short: its file is truncated")
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """Elements ``[start, stop)`` of chunk ``k`` (counted from its first), going to ``at``."""
+
+    k: int
+    """The chunk."""
+    path: str
+    """Its file."""
+    base: int | None
+    """Its byte offset in the file; None if the store holds no such chunk."""
+    start: int
+    """First element of the piece, counted from the chunk's first."""
+    stop: int
+    """Element after the piece's last, counted from the chunk's first."""
+    at: int
+    """Position of the piece in the output, elements."""
 
 
 def _blocks_read() -> int:
     """512-byte blocks this thread has read from disk so far (``getrusage``)."""
     return resource.getrusage(resource.RUSAGE_THREAD).ru_inblock
-
-
-def _open(path: str) -> int:
-    """Open a chunk file read-only; -1 if the store has none (fill value)."""
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return -1
-
-
-def _pread(fd: int, into: memoryview, offset: int, path: str) -> None:
-    if os.preadv(fd, [into], offset) != len(into):
-        msg = f"{path}: file is shorter than the chunks it should hold (truncated store?)"
-        raise StoreFormatError(msg)
 
 
 def _little_endian(dtype: np.dtype) -> bool:
@@ -250,6 +295,9 @@ class _H5Chunks:
         offset = int(self._offsets[k])
         return self._path, (offset if offset >= 0 else None)
 
+    def describe(self, k: int) -> str:
+        return str(k)
+
 
 class _ZarrChunks:
     """Chunks of an uncompressed zarr v3 array in a local store, sharded or not.
@@ -258,10 +306,12 @@ class _ZarrChunks:
     not change while it is served.
     """
 
-    def __init__(self, layout: ChunkFileLayout, itemsize: int) -> None:
+    def __init__(self, layout: ChunkFileLayout, itemsize: int, name: str) -> None:
         self._layout = layout
         self._itemsize = itemsize
+        self._name = name
         self.chunk = layout.chunk
+        self._per_file = layout.per_file // layout.chunk
         self._indexes: dict[int, np.ndarray | None] = {}
         self._paths: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -276,42 +326,48 @@ class _ZarrChunks:
         return path
 
     def locate(self, k: int) -> tuple[str, int | None]:
-        per_file = self._layout.per_file // self.chunk
-        file, inner = divmod(k, per_file)
+        file, inner = divmod(k, self._per_file)
         path = self._path(file)
         if self._layout.shard is None:
             return path, 0
         index = self._indexes.get(file)
         if index is None and file not in self._indexes:
             with self._lock:
-                index = self._indexes[file] = self._read_index(path, per_file)
-        if index is None or index[inner, 0] == _MISSING:
+                index = self._indexes[file] = self._read_index(file, path)
+        if index is None or index[inner, 0] == MISSING:
             return path, None
         return path, int(index[inner, 0])
 
-    def _read_index(self, path: str, n: int) -> np.ndarray | None:
-        """Read and check the ``(offset, nbytes)`` index of one shard; None if no shard."""
+    def describe(self, k: int) -> str:
+        file, inner = divmod(k, self._per_file)
+        return chunk_label(self._layout.chunk_key(file), inner, self._per_file)
+
+    def _read_index(self, file: int, path: str) -> np.ndarray | None:
+        """Read and check the ``(offset, nbytes)`` index of shard ``file``; None if no shard.
+
+        Raises
+        ------
+        DataLossError
+            If the index is corrupt or truncated, or lists chunks that are not
+            ``chunk`` elements of plain bytes.
+        """
         shard = self._layout.shard
         assert shard is not None  # only sharded arrays have shard indexes
-        checksum = shard.checksum
-        size = 16 * n + 4 * checksum
-        fd = _open(path)
-        if fd < 0:
-            return None
+        where = f"{self._name}: shard {self._layout.chunk_key(file)}"
+        nbytes = shard.nbytes(self._per_file)
         try:
-            end = os.fstat(fd).st_size
-            raw = bytearray(size)
-            _pread(fd, memoryview(raw), max(0, end - size) if shard.at_end else 0, path)
-        finally:
-            os.close(fd)
-        body = bytes(raw[: 16 * n])
-        if checksum and google_crc32c.value(body) != int.from_bytes(raw[16 * n :], "little"):
-            msg = f"{path}: shard index checksum mismatch (corrupt store?)"
-            raise StoreFormatError(msg)
-        index = np.frombuffer(body, "<u8").reshape(n, 2)
-        present = index[:, 0] != _MISSING
+            with open(path, "rb") as f:
+                end = os.fstat(f.fileno()).st_size
+                f.seek(max(0, end - nbytes) if shard.at_end else 0)
+                raw = f.read(nbytes)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            msg = f"{where}: cannot be read ({e.strerror})"
+            raise DataLossError(msg) from e
+        index = shard.decode(raw, self._per_file, end, where)
         expected = self.chunk * self._itemsize
-        if np.any(index[present, 1] != expected) or np.any(index[present].sum(axis=1) > end):
-            msg = f"{path}: shard holds chunks that are not {expected} plain bytes (corrupt store?)"
-            raise StoreFormatError(msg)
+        if np.any(index[index[:, 0] != MISSING, 1] != expected):
+            msg = f"{where}: holds chunks that are not {expected} plain bytes (corrupt shard?)"
+            raise DataLossError(msg)
         return index

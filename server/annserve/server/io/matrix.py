@@ -11,7 +11,7 @@ import zarr
 
 from annserve.errors import StoreFormatError
 from annserve.server.io.elements import array_at, attr_ints, is_array
-from annserve.server.io.ranges import range_reader, row_runs
+from annserve.server.io.ranges import check_stored, range_reader, row_runs
 
 if TYPE_CHECKING:
     from annserve.server.io.elements import ArrayNode, GroupNode
@@ -62,17 +62,29 @@ class CSRMatrix:
     sparse = True
 
     def __init__(self, group: GroupNode, where: str = "CSR matrix") -> None:
+        """Open the matrix; ``where`` names it in messages, e.g. ``"store.h5ad: X"``.
+
+        Raises
+        ------
+        StoreFormatError
+            If ``indptr`` is not a valid row index into ``data``/``indices``.
+        DataLossError
+            If a chunk of ``data``/``indices`` that ``indptr`` says holds non-zeros, or a
+            chunk of ``indptr``, is absent (:func:`~annserve.server.io.ranges.check_stored`).
+        """
         self.shape = attr_ints(group.attrs, "shape", where)
-        data, indices = array_at(group, "data", where), array_at(group, "indices", where)
+        data, indices, indptr = (array_at(group, k, where) for k in ("data", "indices", "indptr"))
         self.dtype = np.dtype(data.dtype)
-        self._indptr = np.asarray(array_at(group, "indptr", where)[...], dtype=np.int64)
-        nnz = int(self._indptr[-1]) if len(self._indptr) else 0
-        self.nbytes = (
-            nnz * (self.dtype.itemsize + np.dtype(indices.dtype).itemsize) + 8 * self.shape[0]
-        )
-        self._indices = range_reader(indices)
         self.index_dtype = np.dtype(indices.dtype)
-        self._data = range_reader(data)
+        # an empty matrix may have an indptr of zeros that zarr left unwritten
+        check_stored(indptr, indptr.shape[0] if data.shape[0] else 0, f"{where}/indptr")
+        self._indptr = np.asarray(indptr[...], dtype=np.int64)
+        nnz = _checked_nnz(self._indptr, self.shape[0], min(data.shape[0], indices.shape[0]), where)
+        self.nbytes = nnz * (self.dtype.itemsize + self.index_dtype.itemsize) + 8 * self.shape[0]
+        check_stored(data, nnz, f"{where}/data")
+        check_stored(indices, nnz, f"{where}/indices")
+        self._indices = range_reader(indices, f"{where}/indices", complete=True)
+        self._data = range_reader(data, f"{where}/data", complete=True)
 
     def nnz(self, rows: np.ndarray) -> int:
         """Non-zeros in the given rows (no data read)."""
@@ -105,15 +117,52 @@ class DenseMatrix:
 
     sparse = False
 
-    def __init__(self, array: ArrayNode) -> None:
+    def __init__(self, array: ArrayNode, where: str = "dense matrix") -> None:
+        """Open the matrix; ``where`` names it in messages, e.g. ``"store.h5ad: X"``.
+
+        Absent chunks read as the fill value: zarr leaves out chunks of zeros.
+        """
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.nbytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
-        self._reader: RangeReader = range_reader(array)
+        self._reader: RangeReader = range_reader(array, where)
 
     def read_rows(self, rows: np.ndarray, out: DenseRows | None = None) -> DenseRows:
         """Read rows, into ``out`` when given; see :meth:`CSRMatrix.read_rows`."""
         return DenseRows(self._reader.read(row_runs(rows), None if out is None else out.values))
+
+
+def _checked_nnz(indptr: np.ndarray, n_obs: int, stored: int, where: str) -> int:
+    """Return the non-zeros ``indptr`` counts (its last entry), once checked.
+
+    Parameters
+    ----------
+    indptr
+        Shape ``(n_obs + 1,)``, int64.
+    n_obs
+        Rows of the matrix.
+    stored
+        Elements of the shorter of ``data`` and ``indices``.
+    where
+        Names the matrix in messages.
+
+    Raises
+    ------
+    StoreFormatError
+        Unless ``indptr`` has ``n_obs + 1`` entries, starts at 0, never decreases and
+        ends at most at ``stored``: rows would be read from other rows' non-zeros.
+    """
+    if len(indptr) != n_obs + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        msg = (
+            f"{where}/indptr is not a CSR row index of {n_obs} rows ({len(indptr)} entries, "
+            "first 0, non-decreasing)"
+        )
+        raise StoreFormatError(msg)
+    nnz = int(indptr[-1])
+    if nnz > stored:
+        msg = f"{where}/indptr counts {nnz} non-zeros; data/indices hold {stored}"
+        raise StoreFormatError(msg)
+    return nnz
 
 
 def open_matrix(elem: GroupNode | ArrayNode, where: str) -> CSRMatrix | DenseMatrix:
@@ -141,7 +190,7 @@ def open_matrix(elem: GroupNode | ArrayNode, where: str) -> CSRMatrix | DenseMat
     if encoding == "csr_matrix" and isinstance(elem, h5py.Group | zarr.Group):
         return CSRMatrix(elem, where)
     if encoding == "array" and isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 2:
-        return DenseMatrix(elem)
+        return DenseMatrix(elem, where)
     msg = (
         f"{where} has encoding {encoding!r}; annserve serves CSR or dense matrices "
         "(convert CSC to CSR first)"
