@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from annserve.errors import OutOfRangeError
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -53,6 +55,38 @@ def shard_span(n_rows: int, shard: Shard, batch_size: int, *, drop_last: bool) -
     if drop_last:
         stop -= (stop - start) % batch_size
     return Span(start, stop)
+
+
+def from_batch(span: Span, batch_size: int, start_batch: int) -> Span:
+    """Return the part of a shard's span a stream resumed at ``start_batch`` sends.
+
+    Parameters
+    ----------
+    span
+        The shard's positions (:func:`shard_span`).
+    batch_size
+        Rows per batch.
+    start_batch
+        First batch to send, >= 0; the span's number of batches (a checkpoint taken
+        after the last batch) gives an empty span.
+
+    Returns
+    -------
+    The positions from the first row of batch ``start_batch`` to the span's end.
+
+    Raises
+    ------
+    OutOfRangeError
+        If ``start_batch`` is past the span's number of batches.
+    """
+    n_batches = -(-(span.stop - span.start) // batch_size)
+    if start_batch > n_batches:
+        msg = (
+            f"start_batch must be in 0..{n_batches} (the shard's batches this epoch), "
+            f"got {start_batch}"
+        )
+        raise OutOfRangeError(msg)
+    return Span(min(span.start + start_batch * batch_size, span.stop), span.stop)
 
 
 def rows_in_span(sampler: Sampler, epoch: int, span: Span) -> Iterator[np.ndarray]:

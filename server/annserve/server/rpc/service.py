@@ -16,6 +16,7 @@ from annserve.errors import (
     StoreNotFoundError,
 )
 from annserve.prefetch import Prefetcher
+from annserve.server.plan.epoch import from_batch
 from annserve.server.plan.limits import Limits
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
     from annserve.server.io.store import Store
+    from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
     from annserve.server.stream.frames import Frame
@@ -47,6 +49,17 @@ def status_of(error: AnnServeError) -> grpc.StatusCode:
     ``INTERNAL`` for errors that name none.
     """
     return grpc.StatusCode[error.grpc_status or "INTERNAL"]
+
+
+def _sent_span(sampler: Sampler, plan: StreamPlan) -> Span:
+    """Return the positions of the epoch a stream sends: its shard, from ``start_batch`` on.
+
+    Raises
+    ------
+    OutOfRangeError
+        If ``plan.start_batch`` is past the shard's number of batches.
+    """
+    return from_batch(epoch_span(sampler, plan), plan.batch_size, plan.start_batch)
 
 
 class AnnServeService:
@@ -103,12 +116,17 @@ class AnnServeService:
     def _plan(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
     ) -> tuple[Store, StreamPlan, Sampler]:
-        """Validate a request and build its sampler, aborting the call on bad input."""
+        """Validate a request and build its sampler, aborting the call on bad input.
+
+        A ``start_batch`` past the shard's batches aborts with ``OUT_OF_RANGE``.
+        """
         try:
             store = self._store(request.store)
             plan = plan_stream(request, store)
             self.limits.check_request(plan, store)
-            return store, plan, make_sampler(store, plan)
+            sampler = make_sampler(store, plan)
+            _sent_span(sampler, plan)  # raises OutOfRangeError for start_batch
+            return store, plan, sampler
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
         except Exception:
@@ -119,9 +137,12 @@ class AnnServeService:
     def count_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
     ) -> pb.EpochSize:
-        """Handle ``CountBatches``: the shard's epoch size, computed without reading data."""
+        """Handle ``CountBatches``: what the stream would send from ``start_batch`` on.
+
+        Rows and batches of the shard's epoch, computed without reading data.
+        """
         _, plan, sampler = self._plan(request, context)
-        span = epoch_span(sampler, plan)
+        span = _sent_span(sampler, plan)
         n_rows = span.stop - span.start
         return pb.EpochSize(n_rows=n_rows, n_batches=-(-n_rows // plan.batch_size))
 
