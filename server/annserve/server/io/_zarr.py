@@ -391,7 +391,9 @@ def absent_chunks(array: zarr.Array[Any], stop: int, name: str) -> list[str]:
     shards = [i for i, k in enumerate(keys) if k in stored]
 
     async def indexes() -> list[np.ndarray]:
-        loads = (index.load(array.store_path / keys[i], per, f"{name}: {keys[i]}") for i in shards)
+        loads = (
+            index.load(array.store_path / keys[i], per, f"{name}: shard {keys[i]}") for i in shards
+        )
         return list(await asyncio.gather(*loads))
 
     wanted = -(-stop // int(shard.chunk_shape[0]))  # inner chunks holding [0, stop)
