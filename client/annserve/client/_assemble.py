@@ -25,7 +25,7 @@ class CSRArrays:
     Attributes
     ----------
     data
-        Non-zero values, shape ``(nnz,)``, float32.
+        Non-zero values, shape ``(nnz,)``, the loader's ``dtype`` (float32 by default).
     indices
         Column (gene) of each non-zero, shape ``(nnz,)``, int32 (int64 when nnz >= 2**31).
     indptr
@@ -38,6 +38,9 @@ class CSRArrays:
     indices: np.ndarray
     indptr: np.ndarray
     shape: tuple[int, int]
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def _fail(message: str) -> FrameDecodeError:
@@ -60,6 +63,11 @@ class BatchAssembler:
         Genes in the store; every column index must be below it.
     pool
         Where large output arrays come from; a private pool by default.
+    dtype
+        dtype of X's values in the batches (frames may carry narrower ones).
+    obsm
+        The requested obsm arrays (from ``DescribeStore``), each with the dtype its
+        values take in the batches.
     """
 
     def __init__(
@@ -68,14 +76,22 @@ class BatchAssembler:
         obs_keys: Sequence[str],
         n_vars: int,
         pool: BufferPool | None = None,
+        *,
+        dtype: np.dtype = _FLOAT32,
+        obsm: Sequence[tuple[pb.ObsmInfo, np.dtype]] = (),
     ) -> None:
         by_name = {c.name: c for c in obs_columns}
-        self._obs = [by_name[k] for k in obs_keys]
-        self._n_vars = n_vars
+        self._spec = _Spec(
+            tuple(by_name[k] for k in obs_keys), n_vars, np.dtype(dtype), tuple(obsm)
+        )
         self._pool = pool if pool is not None else BufferPool()
 
     def batches(self, frames: Iterator[bytes]) -> Iterator[dict[str, object]]:
-        """Yield ``{"X", "obs", "index"?}`` batches as numpy/pandas objects.
+        """Yield ``{"X", "obs", "obsm"?, "index"?}`` batches as numpy/pandas objects.
+
+        ``obs`` is indexed by the rows' obs_names; ``obsm`` (when obsm arrays were
+        requested) maps each name to its rows, dense ``(n_rows, n_cols)`` or
+        :class:`CSRArrays`.
 
         Raises
         ------
@@ -87,7 +103,7 @@ class BatchAssembler:
             frame = decode_frame(raw)
             if batch is None:
                 h = frame.header
-                batch = _Batch(h.batch, h.batch_rows, self._n_vars, self._obs, self._pool)
+                batch = _Batch(h.batch, h.batch_rows, self._spec, self._pool)
             batch.add(frame)
             del raw, frame  # the frame's bytes are copied: free them before the next arrives
             if batch.complete:
@@ -98,23 +114,36 @@ class BatchAssembler:
             raise _fail(msg)
 
 
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What every batch of a stream holds: obs columns, genes, dtypes, obsm arrays."""
+
+    obs: tuple[pb.ObsColumn, ...]
+    n_vars: int
+    dtype: np.dtype
+    obsm: tuple[tuple[pb.ObsmInfo, np.dtype], ...]
+
+
 class _Batch:
     """One minibatch being filled frame by frame."""
 
-    def __init__(
-        self, number: int, n_rows: int, n_vars: int, obs: Sequence[pb.ObsColumn], pool: BufferPool
-    ) -> None:
-        self.number, self._n_rows, self._n_vars = number, n_rows, n_vars
-        self._obs = obs
+    def __init__(self, number: int, n_rows: int, spec: _Spec, pool: BufferPool) -> None:
+        self.number, self._n_rows, self._spec = number, n_rows, spec
         self._pool = pool
         self._rows = 0
         self._sparse: bool | None = None
         self._dense: np.ndarray | None = None
-        self._lengths: list[np.ndarray] = []
-        self._indices: _Growing | None = None
-        self._data: _Growing | None = None
+        self._csr: _CSRBuilder | None = None
+        self._obsm_csr = {
+            info.name: _CSRBuilder(pool, dtype, n_rows, info.n_cols, f"obsm/{info.name}/")
+            for info, dtype in spec.obsm
+            if info.sparse
+        }
         self._parts: dict[str, list[np.ndarray]] = {}
-        self._strings: dict[str, list[str]] = {c.name: [] for c in obs if c.dtype == "str"}
+        self._strings: dict[str, list[str]] = {
+            c.name: [] for c in spec.obs if c.dtype in _TEXT_DTYPES
+        }
+        self._names: list[str] = []
 
     @property
     def complete(self) -> bool:
@@ -138,100 +167,172 @@ class _Batch:
             raise _fail(msg)
         self._sparse = h.sparse
         if h.sparse:
-            self._add_csr(frame)
+            if self._csr is None:
+                self._csr = _CSRBuilder(
+                    self._pool, self._spec.dtype, self._n_rows, self._spec.n_vars
+                )
+            self._csr.add(frame)
         else:
             self._add_dense(frame)
-        self._add_obs(frame)
+        for builder in self._obsm_csr.values():
+            builder.add(frame)
+        self._add_columns(frame)
         self._rows += h.n_rows
 
     def _add_dense(self, frame: Frame) -> None:
         part = _array(frame, "X")
-        if part.shape != (frame.header.n_rows, self._n_vars):
-            expected = (frame.header.n_rows, self._n_vars)
+        n_vars = self._spec.n_vars
+        if part.shape != (frame.header.n_rows, n_vars):
+            expected = (frame.header.n_rows, n_vars)
             msg = f"dense X frame has shape {part.shape}, expected {expected}"
             raise _fail(msg)
         if self._dense is None:
-            self._dense = self._pool.empty((self._n_rows, self._n_vars), np.float32)
+            self._dense = self._pool.empty((self._n_rows, n_vars), self._spec.dtype)
         self._dense[self._rows : self._rows + len(part)] = part
 
-    def _add_csr(self, frame: Frame) -> None:
-        lengths = _row_lengths(frame)
-        indices, data = _array(frame, "indices"), _array(frame, "data")
-        nnz = int(lengths.sum())
-        if len(indices) != nnz or len(data) != nnz:
-            msg = (
-                f"CSR arrays disagree: {nnz} non-zeros by row, {len(indices)} indices, "
-                f"{len(data)} values"
-            )
-            raise _fail(msg)
-        if nnz and int(indices.max()) >= self._n_vars:
-            msg = f"column index {int(indices.max())} out of range for {self._n_vars} vars"
-            raise _fail(msg)
-        if self._indices is None or self._data is None:  # room for the batch at this density
-            estimate = int(nnz * self._n_rows / frame.header.n_rows * _ESTIMATE_MARGIN) + 1
-            self._indices = _Growing(self._pool, np.int32, estimate)
-            self._data = _Growing(self._pool, np.float32, estimate)
-        self._lengths.append(lengths)
-        self._indices.append(indices)
-        self._data.append(data)
-
-    def _add_obs(self, frame: Frame) -> None:
-        names = [f"obs/{c.name}" for c in self._obs if c.dtype != "str"]
+    def _add_columns(self, frame: Frame) -> None:
+        """Keep the frame's per-row arrays: obs values and masks, dense obsm, index."""
+        n = frame.header.n_rows
+        names = [f"obs/{c.name}" for c in self._spec.obs if c.dtype not in _TEXT_DTYPES]
+        names += [f"obs/{c.name}/missing" for c in self._spec.obs if c.nullable]
+        names += [f"obsm/{info.name}" for info, _ in self._spec.obsm if not info.sparse]
         if "index" in frame.arrays:
             names.append("index")
         for name in names:
             part = _array(frame, name)
-            if len(part) != frame.header.n_rows:
-                msg = f"array {name!r} has {len(part)} rows, frame has {frame.header.n_rows}"
+            if len(part) != n:
+                msg = f"array {name!r} has {len(part)} rows, frame has {n}"
                 raise _fail(msg)
             self._parts.setdefault(name, []).append(part.copy())  # a view would keep the frame
         for s in frame.header.string_obs:
             if s.name in self._strings:
                 self._strings[s.name].extend(s.values)
+        if len(frame.header.obs_names) != n:
+            msg = f"frame has {len(frame.header.obs_names)} obs_names for {n} rows"
+            raise _fail(msg)
+        self._names.extend(frame.header.obs_names)
 
     def result(self) -> dict[str, object]:
-        """Return the finished batch ``{"X", "obs", "index"?}``."""
+        """Return the finished batch ``{"X", "obs", "obsm"?, "index"?}``."""
         batch: dict[str, object] = {"X": self._x(), "obs": self._obs_frame()}
+        if self._spec.obsm:
+            batch["obsm"] = {info.name: self._obsm(info, dtype) for info, dtype in self._spec.obsm}
         if "index" in self._parts:
-            index = np.concatenate(self._parts["index"]).astype(np.int64, copy=False)
-            if len(index) != self._n_rows:
-                msg = f"index has {len(index)} rows, batch has {self._n_rows}"
-                raise _fail(msg)
-            batch["index"] = index
+            batch["index"] = self._joined("index").astype(np.int64, copy=False)
         return batch
+
+    def _joined(self, name: str) -> np.ndarray:
+        values = np.concatenate(self._parts[name])
+        if len(values) != self._n_rows:
+            msg = f"{name} has {len(values)} rows, batch has {self._n_rows}"
+            raise _fail(msg)
+        return values
 
     def _x(self) -> CSRArrays | np.ndarray:
         # a batch exists once a frame arrived, so one of the two layouts was started
-        if self._indices is not None and self._data is not None:
-            indices, data = self._indices.result(), self._data.result()
-            indptr = self._pool.empty((self._n_rows + 1,), indices.dtype)
-            indptr[0] = 0
-            np.cumsum(np.concatenate(self._lengths), out=indptr[1:])
-            return CSRArrays(data, indices, indptr, (self._n_rows, self._n_vars))
+        if self._csr is not None:
+            return self._csr.result()
         if self._dense is None:
             msg = f"batch {self.number} has no X"
             raise _fail(msg)
         return self._dense
 
+    def _obsm(self, info: pb.ObsmInfo, dtype: np.dtype) -> CSRArrays | np.ndarray:
+        if info.sparse:
+            return self._obsm_csr[info.name].result()
+        values = self._joined(f"obsm/{info.name}")
+        if values.shape[1:] != (info.n_cols,):
+            msg = f"obsm/{info.name} has shape {values.shape}, expected {info.n_cols} columns"
+            raise _fail(msg)
+        return values.astype(dtype, copy=False)
+
     def _obs_frame(self) -> pd.DataFrame:
-        columns: dict[str, pd.Series | pd.Categorical[str] | np.ndarray] = {}
-        for col in self._obs:
-            if col.dtype == "str":
-                columns[col.name] = pd.Series(self._strings[col.name], dtype=object)
-                continue
-            values = np.concatenate(self._parts[f"obs/{col.name}"])
-            if col.dtype == "category":
-                columns[col.name] = _categorical(col, values)
-            else:
-                columns[col.name] = values.astype(np.dtype(col.dtype), copy=False)
+        columns = {col.name: self._obs_column(col) for col in self._spec.obs}
         if any(len(v) != self._n_rows for v in columns.values()):
             msg = f"obs columns do not have {self._n_rows} rows"
             raise _fail(msg)
-        return pd.DataFrame(columns, index=pd.RangeIndex(self._n_rows))
+        if len(self._names) != self._n_rows:
+            msg = f"batch has {len(self._names)} obs_names for {self._n_rows} rows"
+            raise _fail(msg)
+        return pd.DataFrame(columns, index=pd.Index(self._names, dtype=object))
+
+    def _obs_column(self, col: pb.ObsColumn) -> np.ndarray | pd.api.extensions.ExtensionArray:
+        """One obs column in the pandas dtype the store has (see ``pb.ObsColumn``)."""
+        text = col.dtype in _TEXT_DTYPES
+        if text:
+            values = np.array(self._strings[col.name], dtype=object)
+        else:
+            values = self._joined(f"obs/{col.name}")
+        try:
+            if col.dtype == "category":
+                return _categorical(col, values)
+            if not col.nullable:
+                return values if text else values.astype(np.dtype(col.dtype), copy=False)
+            missing = self._joined(f"obs/{col.name}/missing").astype(bool)
+            if col.dtype == "str":
+                values[missing] = None
+                return values
+            out = pd.array(values, dtype=col.dtype)  # type: ignore[call-overload]  # a pandas nullable name: "Int64", "boolean", "string"...
+            out[missing] = pd.NA
+        except (TypeError, ValueError) as e:
+            msg = f"obs column {col.name!r} of dtype {col.dtype!r}: {e}"
+            raise _fail(msg) from e
+        return out
 
 
+#: ``ObsColumn.dtype`` of columns that travel as text (``StringColumn``).
+_TEXT_DTYPES = frozenset({"str", "string"})
 #: Room reserved for a batch's non-zeros beyond the estimate from its first frame.
 _ESTIMATE_MARGIN = 1.1
+
+
+class _CSRBuilder:
+    """The CSR rows of one matrix of a batch (X, or a sparse obsm array), frame by frame.
+
+    Reads the frame arrays ``<prefix>row_nnz`` (or ``<prefix>indptr``),
+    ``<prefix>indices`` and ``<prefix>data``, widening values to ``dtype``.
+    """
+
+    def __init__(
+        self, pool: BufferPool, dtype: np.dtype, n_rows: int, n_cols: int, prefix: str = ""
+    ) -> None:
+        self._pool, self._dtype = pool, dtype
+        self._n_rows, self._n_cols, self._prefix = n_rows, n_cols, prefix
+        self._lengths: list[np.ndarray] = []
+        self._indices: _Growing | None = None
+        self._data: _Growing | None = None
+
+    def add(self, frame: Frame) -> None:
+        lengths = _row_lengths(frame, self._prefix)
+        indices = _array(frame, f"{self._prefix}indices")
+        data = _array(frame, f"{self._prefix}data")
+        nnz = int(lengths.sum())
+        if len(indices) != nnz or len(data) != nnz:
+            msg = (
+                f"CSR arrays {self._prefix or 'X'!r} disagree: {nnz} non-zeros by row, "
+                f"{len(indices)} indices, {len(data)} values"
+            )
+            raise _fail(msg)
+        if nnz and int(indices.max()) >= self._n_cols:
+            msg = f"column index {int(indices.max())} out of range for {self._n_cols} columns"
+            raise _fail(msg)
+        if self._indices is None or self._data is None:  # room for the batch at this density
+            estimate = int(nnz * self._n_rows / frame.header.n_rows * _ESTIMATE_MARGIN) + 1
+            self._indices = _Growing(self._pool, np.dtype(np.int32), estimate)
+            self._data = _Growing(self._pool, self._dtype, estimate)
+        self._lengths.append(lengths)
+        self._indices.append(indices)
+        self._data.append(data)
+
+    def result(self) -> CSRArrays:
+        if self._indices is None or self._data is None:
+            msg = f"batch has no {self._prefix or 'X'} rows"
+            raise _fail(msg)
+        indices, data = self._indices.result(), self._data.result()
+        indptr = self._pool.empty((self._n_rows + 1,), indices.dtype)
+        indptr[0] = 0
+        np.cumsum(np.concatenate(self._lengths), out=indptr[1:])
+        return CSRArrays(data, indices, indptr, (self._n_rows, self._n_cols))
 
 
 class _Growing:
@@ -241,7 +342,7 @@ class _Growing:
     array would pass 2**31 - 1 elements (CSR indices of a huge batch).
     """
 
-    def __init__(self, pool: BufferPool, dtype: type, capacity: int) -> None:
+    def __init__(self, pool: BufferPool, dtype: np.dtype, capacity: int) -> None:
         self._pool = pool
         self._out = pool.empty((capacity,), dtype)
         self._n = 0
@@ -273,30 +374,34 @@ def _array(frame: Frame, name: str) -> np.ndarray:
     return part
 
 
-def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical[str]:
-    try:
-        return pd.Categorical.from_codes(
-            codes, categories=pd.Index(list(col.categories)), ordered=col.ordered
-        )
-    except ValueError as e:
-        msg = f"obs column {col.name!r}: bad category codes: {e}"
-        raise _fail(msg) from e
+def _categorical(col: pb.ObsColumn, codes: np.ndarray) -> pd.Categorical:
+    """Rebuild a categorical from its codes, its categories parsed to their dtype."""
+    texts = list(col.categories)
+    kind = col.categories_dtype
+    categories: pd.Index
+    if kind == "bool":
+        categories = pd.Index([t == "True" for t in texts], dtype=bool)
+    elif kind in ("", "str"):
+        categories = pd.Index(texts)
+    else:
+        categories = pd.Index(texts).astype(np.dtype(kind))
+    return pd.Categorical.from_codes(codes, categories=categories, ordered=col.ordered)
 
 
-def _row_lengths(frame: Frame) -> np.ndarray:
+def _row_lengths(frame: Frame, prefix: str = "") -> np.ndarray:
     n = frame.header.n_rows
-    if "row_nnz" in frame.arrays:
-        lengths = frame.arrays["row_nnz"].astype(np.int64)
-    elif "indptr" in frame.arrays:
-        indptr = frame.arrays["indptr"].astype(np.int64)
+    if f"{prefix}row_nnz" in frame.arrays:
+        lengths = frame.arrays[f"{prefix}row_nnz"].astype(np.int64)
+    elif f"{prefix}indptr" in frame.arrays:
+        indptr = frame.arrays[f"{prefix}indptr"].astype(np.int64)
         lengths = np.diff(indptr)
         if len(indptr) and indptr[0] != 0:
-            msg = "indptr does not start at 0"
+            msg = f"{prefix}indptr does not start at 0"
             raise _fail(msg)
     else:
-        msg = "sparse frame has neither row_nnz nor indptr"
+        msg = f"sparse frame has neither {prefix}row_nnz nor {prefix}indptr"
         raise _fail(msg)
     if len(lengths) != n or (len(lengths) and lengths.min() < 0):
-        msg = f"row lengths do not describe {n} rows"
+        msg = f"{prefix or 'X '}row lengths do not describe {n} rows"
         raise _fail(msg)
     return lengths

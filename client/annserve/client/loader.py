@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -68,9 +69,12 @@ class RemoteLoader(IterableDataset):
         Name of a store configured on the server; empty for its default store.
     layer
         Serve this layer (e.g. ``"counts"``) instead of X.
+    use_raw
+        Serve raw X (``adata.raw.X``) with ``adata.raw.var_names`` as the genes, as
+        scanpy's ``use_raw``; not together with ``layer``.
     var_names
-        Serve only these genes, in this order; ``n_vars`` and ``var_names`` then describe
-        the subset.
+        Serve only these genes (of the served matrix), in this order; ``n_vars`` and
+        ``var_names`` then describe the subset.
     batch_size
         Rows (cells) per minibatch; same meaning as annbatch ``Loader.batch_size``.
     chunk_size
@@ -86,7 +90,18 @@ class RemoteLoader(IterableDataset):
         drawn from it now), or None (a fresh random seed). ``(seed, epoch)`` fixes an
         epoch's order.
     obs_keys
-        obs columns to return with each batch.
+        obs columns to return with each batch, in the dtypes anndata reads them with:
+        categoricals keep their categories (and their dtype), pandas nullable columns
+        (``Int64``, ``boolean``, ``string``) their dtype and ``pd.NA``. ``batch["obs"]``
+        is indexed by the rows' obs_names, as annbatch yields it.
+    obsm_keys
+        obsm arrays (e.g. ``"X_pca"``) to return with each batch as ``batch["obsm"][key]``:
+        dense ``(batch, n_cols)`` (or sparse CSR when stored so), in ``dtype``.
+    dtype
+        dtype of X's values (and of obsm arrays) in the batches; default float32,
+        torch's default floating type. None keeps the store's dtype (float64 stays
+        float64; integer counts stay integers). The wire is lossless either way: the
+        value is rounded only here, once, when ``dtype`` is narrower than the store's.
     return_index
         Also return the global row index (position in the store) of each row.
     split
@@ -129,6 +144,7 @@ class RemoteLoader(IterableDataset):
         *,
         store: str = "",
         layer: str | None = None,
+        use_raw: bool = False,
         var_names: Sequence[str] | None = None,
         batch_size: int = 4096,
         chunk_size: int = 32,
@@ -137,6 +153,8 @@ class RemoteLoader(IterableDataset):
         drop_last: bool = False,
         seed: int | np.random.Generator | None = None,
         obs_keys: Sequence[str] = (),
+        obsm_keys: Sequence[str] = (),
+        dtype: npt.DTypeLike | None = np.float32,
         return_index: bool = False,
         split: Split | None = None,
         balance: Balanced | None = None,
@@ -146,13 +164,14 @@ class RemoteLoader(IterableDataset):
     ) -> None:
         super().__init__()
         self.address, self.store = address, store
-        self.layer = layer
+        self.layer, self.use_raw = layer, use_raw
         self._var_subset = tuple(var_names) if var_names is not None else None
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self.preload_nchunks = preload_nchunks
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed = _resolve_seed(seed)
-        self.obs_keys = tuple(obs_keys)
+        self.obs_keys, self.obsm_keys = tuple(obs_keys), tuple(obsm_keys)
+        self.dtype = _resolve_dtype(dtype)
         self.return_index = return_index
         self.split, self.balance = split, balance
         self.sharding, self.output, self.connection = sharding, output, connection
@@ -174,13 +193,15 @@ class RemoteLoader(IterableDataset):
 
     @property
     def n_vars(self) -> int:
-        """Columns (genes) of the served matrix: the store's, or the ``var_names`` subset's."""
-        return len(self._var_subset) if self._var_subset is not None else self._info.n_vars
+        """Columns (genes) of the served matrix: all of its genes, or the ``var_names`` subset's."""
+        return len(self.var_names)
 
     @property
     def var_names(self) -> list[str]:
-        """Gene names of the served columns, length ``n_vars``."""
-        return list(self._var_subset if self._var_subset is not None else self._info.var_names)
+        """Gene names of the served columns, length ``n_vars`` (raw genes with ``use_raw``)."""
+        if self._var_subset is not None:
+            return list(self._var_subset)
+        return list(self._info.raw_var_names if self.use_raw else self._info.var_names)
 
     @property
     def epoch(self) -> int:
@@ -248,7 +269,7 @@ class RemoteLoader(IterableDataset):
 
     # --- iteration ---------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Stream one epoch of batches ``{"X", "obs", "index"?}``.
+        """Stream one epoch of batches ``{"X", "obs", "obsm"?, "index"?}``.
 
         Raises
         ------
@@ -289,7 +310,7 @@ class RemoteLoader(IterableDataset):
         """Stream the current epoch from the next batch not yet yielded."""
         conn = self._connection()
         call = conn.stream(self._request(self._epoch, self._shard(), self._batch))
-        assembler = BatchAssembler(self._info.obs_columns, self.obs_keys, self.n_vars, pool)
+        assembler = self._assembler(pool)
 
         output = self.output
 
@@ -308,6 +329,25 @@ class RemoteLoader(IterableDataset):
             call.cancel()
             batches.close()
 
+    def _assembler(self, pool: BufferPool) -> BatchAssembler:
+        """Return the assembler of this loader's batches, with the dtypes they take."""
+        info = self._info
+        matrix = "raw/X" if self.use_raw else f"layers/{self.layer}" if self.layer else "X"
+        stored = {m.name: np.dtype(m.dtype) for m in info.matrices}
+        obsm = {o.name: o for o in info.obsm}
+        dtype = self.dtype
+        return BatchAssembler(
+            info.obs_columns,
+            self.obs_keys,
+            self.n_vars,
+            pool,
+            dtype=stored[matrix] if dtype is None else dtype,
+            obsm=[
+                (obsm[k], np.dtype(obsm[k].dtype) if dtype is None else dtype)
+                for k in self.obsm_keys
+            ],
+        )
+
     def _shard(self) -> Shard:
         """Return the shard of this consumer: rank x DataLoader worker."""
         info = get_worker_info()
@@ -325,8 +365,10 @@ class RemoteLoader(IterableDataset):
             seed=self.seed,
             epoch=epoch,
             obs_keys=self.obs_keys,
+            obsm_keys=self.obsm_keys,
             return_index=self.return_index,
             layer=self.layer or "",
+            use_raw=self.use_raw,
             var_names=self._var_subset or (),
             shard_index=shard.index,
             shard_count=shard.count,
@@ -359,6 +401,20 @@ def _resolve_rank(sharding: Sharding) -> tuple[int, int]:
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return rank or 0, world_size or 1
+
+
+def _resolve_dtype(dtype: npt.DTypeLike | None) -> np.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as e:
+        msg = f"dtype: not a numpy dtype: {str(dtype)[:100]!r}"
+        raise InvalidRequestError(msg) from e
+    if resolved.kind not in "biuf":
+        msg = f"dtype must be a numeric or bool dtype (e.g. float32), got {resolved}"
+        raise InvalidRequestError(msg)
+    return resolved
 
 
 def _resolve_seed(seed: int | np.random.Generator | None) -> int:
