@@ -98,7 +98,11 @@ class StreamMeter:
         self.frames = self.cells = self.nbytes = 0
 
     def sent(self, frame: Frame) -> None:
-        """Count one frame that was sent, from the header the stream built it from."""
+        """Count one frame handed to gRPC to send, from the header it was built from.
+
+        Called before the frame is yielded: a stream cancelled with that frame in
+        flight counts it, one more than the client may have received.
+        """
         header = frame.header
         self.frames += 1
         self.cells += header.n_rows
@@ -171,7 +175,10 @@ def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callab
             except Exception:
                 errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()
                 raise
-            _count_failure(errors, method, context)
+            if context.is_active():
+                _count_failure(errors, method, context)
+            else:  # cancelled while the handler waited for its next response
+                errors.labels(method, grpc.StatusCode.CANCELLED.name).inc()
 
         return call
 

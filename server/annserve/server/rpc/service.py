@@ -198,8 +198,12 @@ class AnnServeService:
                     raise ServerUnavailableError(msg)
                 if len(frame.data) > max_bytes:
                     raise self.limits.frame_too_large(len(frame.data))
-                yield frame.data
+                # counted before the yield: grpc resumes this generator only to ask for
+                # the next frame, and on a cancel drops it, closing it at the yield
                 meter.sent(frame)
+                yield frame.data
+            if not context.is_active():  # cancelled while waiting: frames.close ended the loop
+                status = "CANCELLED"
         except GeneratorExit:
             status = "CANCELLED"
             raise
