@@ -68,6 +68,8 @@ class BatchAssembler:
     obsm
         The requested obsm arrays (from ``DescribeStore``), each with the dtype its
         values take in the batches.
+    index_name
+        Name of the obs frames' index (``StoreInfo.obs_index_name``).
     """
 
     def __init__(
@@ -79,10 +81,11 @@ class BatchAssembler:
         *,
         dtype: np.dtype = _FLOAT32,
         obsm: Sequence[tuple[pb.ObsmInfo, np.dtype]] = (),
+        index_name: str | None = None,
     ) -> None:
         by_name = {c.name: c for c in obs_columns}
         self._spec = _Spec(
-            tuple(by_name[k] for k in obs_keys), n_vars, np.dtype(dtype), tuple(obsm)
+            index_name, tuple(by_name[k] for k in obs_keys), n_vars, np.dtype(dtype), tuple(obsm)
         )
         self._pool = pool if pool is not None else BufferPool()
 
@@ -118,6 +121,7 @@ class BatchAssembler:
 class _Spec:
     """What every batch of a stream holds: obs columns, genes, dtypes, obsm arrays."""
 
+    index_name: str | None
     obs: tuple[pb.ObsColumn, ...]
     n_vars: int
     dtype: np.dtype
@@ -254,7 +258,8 @@ class _Batch:
         if len(self._names) != self._n_rows:
             msg = f"batch has {len(self._names)} obs_names for {self._n_rows} rows"
             raise _fail(msg)
-        return pd.DataFrame(columns, index=pd.Index(self._names, dtype=object))
+        index = pd.Index(self._names, dtype=object, name=self._spec.index_name)
+        return pd.DataFrame(columns, index=index, columns=pd.Index(list(columns), dtype=object))
 
     def _obs_column(self, col: pb.ObsColumn) -> np.ndarray | pd.api.extensions.ExtensionArray:
         """One obs column in the pandas dtype the store has (see ``pb.ObsColumn``)."""

@@ -346,6 +346,7 @@ class RemoteLoader(IterableDataset):
                 (obsm[k], np.dtype(obsm[k].dtype) if dtype is None else dtype)
                 for k in self.obsm_keys
             ],
+            index_name=info.obs_index_name or None,
         )
 
     def _shard(self) -> Shard:

@@ -89,7 +89,7 @@ class ObsmInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., n_cols: _Optional[int] = ..., sparse: _Optional[bool] = ...) -> None: ...
 
 class StoreInfo(_message.Message):
-    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers", "matrices", "raw_var_names", "obsm")
+    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers", "matrices", "raw_var_names", "obsm", "obs_index_name")
     NAME_FIELD_NUMBER: _ClassVar[int]
     N_OBS_FIELD_NUMBER: _ClassVar[int]
     N_VARS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class StoreInfo(_message.Message):
     MATRICES_FIELD_NUMBER: _ClassVar[int]
     RAW_VAR_NAMES_FIELD_NUMBER: _ClassVar[int]
     OBSM_FIELD_NUMBER: _ClassVar[int]
+    OBS_INDEX_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     n_obs: int
     n_vars: int
@@ -112,7 +113,8 @@ class StoreInfo(_message.Message):
     matrices: _containers.RepeatedCompositeFieldContainer[MatrixInfo]
     raw_var_names: _containers.RepeatedScalarFieldContainer[str]
     obsm: _containers.RepeatedCompositeFieldContainer[ObsmInfo]
-    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ...) -> None: ...
+    obs_index_name: str
+    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
     __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw")

@@ -23,6 +23,7 @@ import zarr
 from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.format import MANIFEST_KEY
 from annserve.server.io.elements import element_at, group_at
+from annserve.server.io.legacy import is_legacy, reencoded
 from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
 from annserve.server.io.obs import concat_obs, obs_column
 
@@ -58,10 +59,10 @@ class AnnDataGroup:
         ``(n_obs, columns)``.
     """
 
-    def __init__(self, root: GroupNode, where: str, path: Path) -> None:
+    def __init__(self, root: GroupNode, where: str) -> None:
         self.where = where
         self.matrices = _open_matrices(root, where)
-        self.obs, var = _read_annotations(root, where, path)
+        self.obs, var = _read_annotations(root, where)
         self.n_obs = len(self.obs)
         self.var_names = tuple(str(v) for v in var.index)
         self.raw_var_names = _raw_var_names(root, where) if "raw/X" in self.matrices else ()
@@ -152,6 +153,8 @@ class Store:
         obs columns present in every group, concatenated in group order.
     obs_names
         Name of every row, shape ``(n_obs,)``, object array of str.
+    obs_index_name
+        Name of obs's index (``obs.index.name``), None for none.
     matrices
         Every matrix present in every group with the same layout, by key (``"X"``,
         ``"layers/<name>"``, ``"raw/X"``, ``"obsm/<name>"``).
@@ -180,6 +183,7 @@ class Store:
         obs = concat_obs([g.obs for g in self._groups])
         self.obs = {str(k): obs_column(str(k), obs[k]) for k in obs.columns}
         self.obs_names = obs.index.to_numpy(dtype=object).astype(str).astype(object)
+        self.obs_index_name = self._groups[0].obs.index.name
         self.matrices = self._common_matrices()
         self.layers = tuple(k.removeprefix("layers/") for k in self.matrices if k[:7] == "layers/")
         self.obsm = tuple(k.removeprefix("obsm/") for k in self.matrices if k[:5] == "obsm/")
@@ -299,21 +303,17 @@ def _concat_csr(parts: list[CSRRows]) -> CSRRows:
     )
 
 
-def _read_annotations(root: GroupNode, where: str, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read obs and var with anndata, whatever version of the on-disk format wrote them."""
-    obs_elem, var_elem = element_at(root, "obs", where), element_at(root, "var", where)
+def _read_annotations(root: GroupNode, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read obs and var with anndata's readers."""
     try:
-        if isinstance(obs_elem, h5py.Dataset):
-            # pre-0.7 h5ad (obs/var as compound datasets): anndata's backed reader knows the
-            # legacy layout; it also loads obsm/layers, so large legacy files should be rewritten
-            backed = ad.read_h5ad(path, backed="r")
-            obs, var = backed.obs, backed.var
-            backed.file.close()
-            return obs, var
-        return ad.io.read_elem(obs_elem), ad.io.read_elem(var_elem)
+        obs = ad.io.read_elem(element_at(root, "obs", where))
+        var = ad.io.read_elem(element_at(root, "var", where))
+    except StoreFormatError:
+        raise
     except Exception as e:  # anndata raises many types for a malformed element
         msg = f"{where}: cannot read obs/var: {e}"
         raise StoreFormatError(msg) from e
+    return obs, var
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -346,7 +346,7 @@ def _collection_groups(root: zarr.Group, path: Path) -> list[AnnDataGroup]:
         if name not in root:
             msg = f"{path}: collection group {name!r} is missing (truncated store?)"
             raise StoreFormatError(msg)
-        groups.append(AnnDataGroup(group_at(root, name, str(path)), f"{path}/{name}", path))
+        groups.append(AnnDataGroup(group_at(root, name, str(path)), f"{path}/{name}"))
     if listed is not None:
         expected = [n for _, n in listed]
         if [g.n_obs for g in groups] != expected:
@@ -363,7 +363,9 @@ def _open_groups(path: Path) -> list[AnnDataGroup]:
         raise StoreFormatError(msg) from e
     if isinstance(root, zarr.Group) and "X" not in root:
         return _collection_groups(root, path)
-    return [AnnDataGroup(root, str(path), path)]
+    if is_legacy(root):
+        root = reencoded(path)
+    return [AnnDataGroup(root, str(path))]
 
 
 def open_store(path: str | Path) -> Store:

@@ -36,6 +36,7 @@ def store_info(store: Store, name: str) -> pb.StoreInfo:
             for k, m in matrices.items()
         ],
         raw_var_names=store.raw_var_names,
+        obs_index_name=str(store.obs_index_name or ""),
         obsm=[
             pb.ObsmInfo(name=k, dtype=m.dtype.name, n_cols=m.n_cols, sparse=m.sparse)
             for k, m in ((k, store.matrices[f"obsm/{k}"]) for k in store.obsm)
