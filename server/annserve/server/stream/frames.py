@@ -11,7 +11,7 @@ import numpy as np
 
 from annserve.buffers import BufferPool
 from annserve.prefetch import Prefetcher
-from annserve.server.plan.epoch import Span, rows_in_span, shard_span
+from annserve.server.plan.epoch import Span, from_batch, rows_in_span, shard_span
 from annserve.server.stream.encode import (
     frame_arrays,
     obs_arrays,
@@ -93,8 +93,8 @@ def epoch_frames(
     # each up to four pooled arrays (X as read and as converted), plus room to spare
     pool = BufferPool(max_buffers=20)
     n_emit = span.stop - span.start
-    emitted = min(plan.start_batch * plan.batch_size, n_emit)
-    todo = Span(span.start + emitted, span.stop)
+    todo = from_batch(span, plan.batch_size, plan.start_batch)
+    emitted = todo.start - span.start
     buffers = Prefetcher(
         lambda: _read_ahead(store, sampler, plan, todo, pool, on_read),
         1,
