@@ -62,16 +62,16 @@ class AnnServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamBatches(self, request, context):
-        """Stream the minibatches of one epoch. Errors: INVALID_ARGUMENT for a bad
-        field (the message names it), NOT_FOUND for an unknown store name.
+        """Stream the minibatches of one epoch (status codes: see the top of the file).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CountBatches(self, request, context):
-        """Size of the epoch StreamBatches would send for this request (no data is
-        read): rows and batches of the requested shard.
+        """What StreamBatches would send for this request, without reading data: the
+        rows and batches of the requested shard from start_batch on (OUT_OF_RANGE
+        when start_batch is past the shard's batches).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
