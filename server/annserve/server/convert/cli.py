@@ -71,9 +71,10 @@ def build_convert_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layers",
         type=_comma_list,
-        default=[],
+        default=None,
         metavar="A,B",
-        help="layers to carry besides X (each must exist in every input)",
+        help="layers to carry besides X (each must exist in every input); default: every "
+        "layer all inputs hold; --layers '' carries none",
     )
     parser.add_argument(
         "--obs-columns",

@@ -1,12 +1,20 @@
-"""Matrices of an input of ``annserve convert``: X or a layer, CSR or dense, by row range."""
+"""Matrices of an input of ``annserve convert``, read by row range.
+
+X and layers are read by :class:`CSRSource` (the CSR arrays sliced directly, which also
+plans the row blocks) or :class:`DenseSource`; ``raw/X`` and CSR ``obsm`` elements,
+in any layout anndata reads (including the ``h5sparse_format`` groups of anndata < 0.7),
+through anndata's :func:`anndata.io.sparse_dataset` by :class:`SparseRows`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
+import anndata as ad
 import h5py
 import numpy as np
+import scipy.sparse as sp
 import zarr
 
 from annserve.errors import StoreFormatError
@@ -24,12 +32,12 @@ _INDPTR_WINDOW = 1 << 16
 
 @dataclass(frozen=True, slots=True)
 class MatrixInfo:
-    """One matrix of an input (``X`` or a layer), shape ``(n_obs, n_vars)``.
+    """One matrix of an input, shape ``(n_obs, n_columns)``.
 
     Attributes
     ----------
     key
-        ``"X"`` or ``"layers/<name>"``.
+        ``"X"``, ``"layers/<name>"``, ``"raw/X"`` or ``"obsm/<name>"``.
     sparse
         True for CSR, False for dense.
     dtype
@@ -119,8 +127,29 @@ class DenseSource:
         return row_nnz, cols, dense[rows, cols]
 
 
+class SparseRows:
+    """Row-range reads of a CSR matrix as CSR parts, through its ``[start:stop]`` slicing.
+
+    ``matrix`` is an anndata sparse dataset (:func:`anndata.io.sparse_dataset`) or an
+    in-memory scipy CSR matrix (the obsm of a legacy file read by anndata).
+    """
+
+    sparse = True
+
+    def __init__(self, key: str, matrix: ad.abc.CSRDataset | sp.csr_matrix, path: Path) -> None:
+        self.shape = tuple(int(s) for s in matrix.shape)
+        self._matrix = matrix
+        nnz = int(matrix.nnz) if sp.issparse(matrix) else int(matrix.group["indptr"][-1])
+        self.info = MatrixInfo(key, True, _numeric(np.dtype(matrix.dtype), key, path), nnz)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read rows ``[start, stop)`` as CSR parts; see :meth:`CSRSource.read`."""
+        part = sp.csr_matrix(self._matrix[start:stop])
+        return np.diff(part.indptr).astype(np.int64), part.indices, part.data
+
+
 #: One matrix of an input, read by row ranges.
-Matrix: TypeAlias = CSRSource | DenseSource
+Matrix: TypeAlias = CSRSource | DenseSource | SparseRows
 
 
 def _numeric(dtype: np.dtype, key: str, path: Path) -> np.dtype:

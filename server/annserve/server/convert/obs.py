@@ -1,16 +1,19 @@
-"""obs of an input of ``annserve convert``: column types and row-range readers.
+"""obs of an input of ``annserve convert``: column types and values, read with anndata.
 
-The obs index and the categorical (codes), numeric and string-array columns are read
-by row range, so memory does not grow with the size of an input. Columns of other
-encodings (nullable integers/booleans...) and the obs of legacy pre-0.7 ``.h5ad`` files
-are read whole, once per input.
+obs and var are read whole, once per input, by anndata's own readers
+(:func:`anndata.io.read_elem` on the obs/var dataframes; :func:`anndata.read_h5ad` with
+``backed="r"`` for the compound-dataset layout of anndata < 0.7), so every encoding
+anndata reads is read as anndata reads it: old-format categoricals (int codes with a
+``categories`` attribute), nullable integers, booleans and strings, integer categories.
+Each column is then held as flat numpy arrays (codes, values, a missing-value mask)
+that the passes slice by row range.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
@@ -19,198 +22,131 @@ import pandas as pd
 import zarr
 
 from annserve.errors import StoreFormatError
-from annserve.server.io.elements import array_at, element_at
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from annserve.server.io.elements import ArrayNode, GroupNode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ColumnInfo:
-    """Type of one obs column of one input.
+    """Type of one obs column of one input, or of the collection.
 
     Attributes
     ----------
     name
         Column name.
     kind
-        ``"category"`` (read as integer codes, -1 = missing), ``"numeric"`` (numeric or
-        bool values) or ``"str"`` (object array of str).
+        ``"category"`` (integer codes, -1 = missing), ``"numeric"`` (numeric or bool
+        values) or ``"str"`` (object array of str).
     dtype
         numpy dtype of the values (``kind == "numeric"``); None otherwise.
     categories
-        Category labels (``kind == "category"``).
+        Category labels (``kind == "category"``), with their dtype (e.g. int32).
     ordered
         Whether the categorical is ordered.
+    nullable
+        Whether the column is a pandas nullable one (``Int*``/``UInt*``, ``boolean``,
+        ``string``): values plus a mask, missing values ``pd.NA``.
     """
 
     name: str
     kind: str
     dtype: np.dtype | None = None
-    categories: tuple[object, ...] = ()
+    categories: pd.Index | None = None
     ordered: bool = False
+    nullable: bool = False
+
+    def same_categories(self, other: ColumnInfo) -> bool:
+        """Whether both columns have equal category labels, in the same order."""
+        a, b = self.categories, other.categories
+        return a is not None and b is not None and a.equals(b)
 
 
-class ColumnReader(Protocol):
-    """An obs column of one input, read by row range."""
+@dataclass(frozen=True, slots=True)
+class ObsColumn:
+    """One obs column of one input, in memory.
+
+    Attributes
+    ----------
+    info
+        Its type.
+    values
+        Shape ``(n_obs,)``: int64 codes, numeric values (missing ones arbitrary when
+        ``info.nullable``) or an object array of str.
+    mask
+        Shape ``(n_obs,)`` bool, True where missing (nullable columns); None otherwise.
+    """
 
     info: ColumnInfo
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Return rows ``[start, stop)`` of the column, shape ``(stop - start,)``."""
-        ...
+    values: np.ndarray
+    mask: np.ndarray | None = None
 
 
-class _SlicedColumn:
-    """A column read by row range: categorical codes, numeric array or string array."""
-
-    def __init__(self, info: ColumnInfo, array: h5py.Dataset | zarr.Array) -> None:
-        self.info = info
-        self._array = array
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        if self.info.kind != "str":
-            return np.asarray(self._array[start:stop])
-        if isinstance(self._array, h5py.Dataset):
-            return self._array.asstr()[start:stop]
-        return np.asarray(self._array[start:stop], dtype=object)
-
-
-class _MemoryColumn:
-    """A column held in memory (encodings without a sliced reader, legacy files)."""
-
-    def __init__(self, info: ColumnInfo, values: np.ndarray) -> None:
-        self.info = info
-        self._values = values
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self._values[start:stop]
-
-
-def _memory_column(name: str, values: object) -> _MemoryColumn:
-    """Classify in-memory column values (pandas or numpy) as category, numeric or str."""
-    series = pd.Series(values, copy=False)
-    if isinstance(series.dtype, pd.CategoricalDtype):
+def obs_column(name: str, series: pd.Series) -> ObsColumn:
+    """Hold a column read by anndata as flat arrays (codes, values, mask)."""
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
         info = ColumnInfo(
-            name,
-            "category",
-            categories=_labels(series.cat.categories),
-            ordered=bool(series.cat.ordered),
+            name, "category", categories=dtype.categories, ordered=bool(dtype.ordered)
         )
-        return _MemoryColumn(info, np.asarray(series.cat.codes, dtype=np.int64))
-    if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
-        if series.isna().any():
-            array = series.to_numpy(dtype=np.float64, na_value=np.nan)
-        else:
-            array = series.to_numpy(
-                dtype=np.dtype(series.dtype.numpy_dtype)
-                if hasattr(series.dtype, "numpy_dtype")
-                else None
-            )
-        return _MemoryColumn(ColumnInfo(name, "numeric", np.dtype(array.dtype)), array)
+        return ObsColumn(info, series.cat.codes.to_numpy(dtype=np.int64))
+    nullable = isinstance(dtype, pd.api.extensions.ExtensionDtype)
+    mask = series.isna().to_numpy(dtype=bool) if nullable else None
+    if pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+        numpy_dtype = np.dtype(getattr(dtype, "numpy_dtype", dtype))
+        values = series.to_numpy(dtype=numpy_dtype, na_value=numpy_dtype.type(0))
+        if numpy_dtype.kind == "f" and mask is not None:  # anndata writes no nullable floats
+            values[mask], nullable, mask = np.nan, False, None
+        return ObsColumn(ColumnInfo(name, "numeric", numpy_dtype, nullable=nullable), values, mask)
     strings = series.astype(object).where(series.notna(), "").astype(str).to_numpy(dtype=object)
-    return _MemoryColumn(ColumnInfo(name, "str"), strings)
+    string_dtype = isinstance(dtype, pd.StringDtype)
+    return ObsColumn(ColumnInfo(name, "str", nullable=string_dtype), strings, mask)
 
 
-def _labels(index: pd.Index | np.ndarray) -> tuple[object, ...]:
-    """Category labels as Python scalars (str for text of any numpy string dtype)."""
-    values = np.asarray(index)
-    if values.dtype.kind in "biuf":
-        return tuple(values.tolist())
-    return tuple(str(v) for v in values.tolist())
-
-
-def _column_reader(name: str, elem: GroupNode | ArrayNode) -> ColumnReader:
-    encoding = elem.attrs.get("encoding-type")
-    if encoding == "categorical" and isinstance(elem, h5py.Group | zarr.Group):
-        categories = ad.io.read_elem(element_at(elem, "categories", name))
-        info = ColumnInfo(
-            name,
-            "category",
-            categories=_labels(categories),
-            ordered=bool(elem.attrs.get("ordered", False)),
-        )
-        return _SlicedColumn(info, array_at(elem, "codes", name))
-    if isinstance(elem, h5py.Dataset | zarr.Array) and len(elem.shape) == 1:
-        if encoding == "string-array":
-            return _SlicedColumn(ColumnInfo(name, "str"), elem)
-        if encoding == "array" and np.dtype(elem.dtype).kind in "biuf":
-            return _SlicedColumn(ColumnInfo(name, "numeric", np.dtype(elem.dtype)), elem)
-    logger.debug("obs column %r (encoding %r) is read whole", name, encoding)
-    return _memory_column(name, ad.io.read_elem(elem))
-
-
-def check_obs_lengths(path: Path, root: h5py.Group | zarr.Group, n_obs: int) -> None:
-    """Check that the obs index and every obs column have ``n_obs`` rows.
-
-    Raises
-    ------
-    StoreFormatError
-        Naming the columns of another length.
-    """
+def is_legacy(root: h5py.Group | zarr.Group) -> bool:
+    """Whether ``root`` has the compound-dataset layout of anndata < 0.7 (obs a dataset)."""
     obs = root["obs"]
-    if isinstance(obs, h5py.Dataset | zarr.Array):
-        lengths = {"obs": obs.shape[0]}
-    else:
-        lengths = {}
-        for key in obs:
-            elem = element_at(obs, key, str(path))
-            categorical = elem.attrs.get("encoding-type") == "categorical"
-            array = (
-                elem["codes"] if categorical and isinstance(elem, h5py.Group | zarr.Group) else elem
-            )
-            if isinstance(array, h5py.Dataset | zarr.Array):
-                lengths[key] = array.shape[0]
-    bad = {k: v for k, v in lengths.items() if v != n_obs}
-    if bad:
-        msg = f"{path}: obs has {bad} rows but X has {n_obs}"
-        raise StoreFormatError(msg)
+    return isinstance(obs, h5py.Dataset) or obs.attrs.get("encoding-type") != "dataframe"
 
 
-def read_annotations(
-    root: h5py.Group | zarr.Group, path: Path
-) -> tuple[ColumnReader, list[ColumnReader], pd.DataFrame]:
-    """Return the obs-index reader, the obs column readers and var (read whole).
+def read_obs_var(
+    root: h5py.Group | zarr.Group, path: Path, n_obs: int, legacy: ad.AnnData | None
+) -> tuple[np.ndarray, list[ObsColumn], pd.DataFrame]:
+    """Return the obs names (object array of str), the obs columns and var.
+
+    Parameters
+    ----------
+    root
+        The input's root group.
+    path
+        The input, for messages.
+    n_obs
+        Rows of X.
+    legacy
+        The input opened with :func:`anndata.read_h5ad` (``backed="r"``) when it has the
+        compound-dataset layout; None otherwise.
 
     Raises
     ------
     StoreFormatError
-        If obs or var is missing or cannot be read.
+        If obs or var is missing, cannot be read, or obs does not have ``n_obs`` rows.
     """
     for key in ("obs", "var"):
         if key not in root:
             msg = f"{path}: not an AnnData store (no {key!r} element)"
             raise StoreFormatError(msg)
-    obs = root["obs"]
     try:
-        if isinstance(obs, h5py.Dataset) or obs.attrs.get("encoding-type") != "dataframe":
-            return _legacy_annotations(path)
-        index = _column_reader("_index", element_at(obs, str(obs.attrs["_index"]), str(path)))
-        order = obs.attrs.get("column-order", [])
-        names = [str(k) for k in order] if isinstance(order, list | tuple | np.ndarray) else []
-        columns = [_column_reader(k, element_at(obs, k, str(path))) for k in names]
-        var = ad.io.read_elem(root["var"])
-    except StoreFormatError:
-        raise
+        if legacy is not None:
+            obs, var = legacy.obs, legacy.var
+        else:
+            obs, var = ad.io.read_elem(root["obs"]), ad.io.read_elem(root["var"])
     except Exception as e:  # anndata/h5py/zarr raise many types for a malformed element
         msg = f"{path}: cannot read obs/var: {e!r}"
         raise StoreFormatError(msg) from e
-    if index.info.kind != "str":
-        index = _memory_column("_index", index.read(0, 2**62).astype(str))
-    return index, columns, var
-
-
-def _legacy_annotations(path: Path) -> tuple[ColumnReader, list[ColumnReader], pd.DataFrame]:
-    """Read obs and var of a pre-0.7 ``.h5ad`` whole, with anndata's backed reader."""
-    logger.info("%s: legacy obs layout, reading obs whole", path)
-    backed = ad.read_h5ad(path, backed="r")
-    try:
-        obs, var = backed.obs, backed.var
-    finally:
-        backed.file.close()
-    index = _memory_column("_index", obs.index.astype(str).to_numpy(dtype=object))
-    return index, [_memory_column(str(k), obs[k]) for k in obs.columns], var
+    if len(obs) != n_obs:
+        msg = f"{path}: obs has {len(obs)} rows but X has {n_obs}"
+        raise StoreFormatError(msg)
+    names = obs.index.astype(str).to_numpy(dtype=object)
+    return names, [obs_column(str(k), obs[k]) for k in obs.columns], var

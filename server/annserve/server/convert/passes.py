@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     import zarr
 
+    from annserve.server.convert.carry import ObsmInfo
     from annserve.server.convert.manifest import GroupEntry
     from annserve.server.convert.obs import ColumnInfo
     from annserve.server.convert.plan import Plan
@@ -50,23 +51,41 @@ BUCKET_FILL = 0.8
 
 def _column_bytes(column: ColumnInfo) -> int:
     """Estimated bytes of one value of an obs column in memory."""
+    mask = int(column.nullable)  # bool
     if column.kind == "category":
-        return 4  # int32 code
+        return 4 + mask  # int32 code
     if column.kind == "str" or column.dtype is None:
-        return 8 + 24  # length + UTF-8 bytes
-    return column.dtype.itemsize
+        return 8 + 24 + mask  # length + UTF-8 bytes
+    return column.dtype.itemsize + mask
+
+
+def _obsm_bytes(obsm: ObsmInfo) -> int:
+    """Bytes of one row of an obsm element in memory (CSR ones counted as if dense)."""
+    width = math.prod(obsm.tail)
+    if obsm.sparse:
+        return 8 + width * (4 + obsm.dtype.itemsize)  # length + int32 indices + values
+    return width * obsm.dtype.itemsize
 
 
 def row_bytes(plan: Plan) -> int:
-    """Estimated bytes of a row in memory besides its matrix values (obs, row lengths)."""
+    """Estimated bytes of a row in memory besides its matrix values (obs, obsm, lengths)."""
     names = 8 + 24  # length + UTF-8 bytes of an obs name
     columns = sum(_column_bytes(c) for c in plan.columns)
-    return names + columns + 8 * len(plan.dtypes)
+    obsm = sum(_obsm_bytes(o) for o in plan.obsm.values())
+    return names + columns + obsm + 8 * len(plan.dtypes)
 
 
 def value_bytes(plan: Plan) -> int:
-    """Bytes of one stored X value in memory, with the matching value of every layer."""
-    return sum(d.itemsize + plan.index_dtype.itemsize for d in plan.dtypes.values())
+    """Bytes of one stored X value in memory, with the matching values of every matrix.
+
+    Layers and ``raw/X`` count as many values per X value as they hold at most in an
+    input (raw often holds more genes than X).
+    """
+    total = 0.0
+    for key, dtype in plan.dtypes.items():
+        per_x = max(s.matrices[key].nnz / max(s.matrices["X"].nnz, 1) for s in plan.sources)
+        total += max(per_x, 1.0) * (dtype.itemsize + plan.space(key)[1].itemsize)
+    return math.ceil(total)
 
 
 def estimate_bytes(plan: Plan) -> int:
@@ -74,10 +93,12 @@ def estimate_bytes(plan: Plan) -> int:
 
     Dense inputs count every value (zeros are dropped later).
     """
-    index = plan.index_dtype.itemsize
     return sum(
         s.n_obs * row_bytes(plan)
-        + sum(m.nnz * (plan.dtypes[k].itemsize + index) for k, m in s.matrices.items())
+        + sum(
+            s.matrices[k].nnz * (d.itemsize + plan.space(k)[1].itemsize)
+            for k, d in plan.dtypes.items()
+        )
         for s in plan.sources
     )
 
@@ -85,11 +106,12 @@ def estimate_bytes(plan: Plan) -> int:
 def read_blocks(plan: Plan, i: int, block_bytes: int) -> Iterator[RowBlock]:
     """Rows of input ``i`` in collection layout, in blocks of about ``block_bytes`` bytes."""
     source = plan.sources[i]
-    columns = [c.name for c in plan.columns]
-    layers = [k.split("/", 1)[1] for k in source.matrices if k != "X"]
+    columns = {c.name for c in plan.columns}
+    layers = [k.split("/", 1)[1] for k in plan.dtypes if k.startswith("layers/")]
+    keys = {*plan.dtypes, *(f"obsm/{k}" for k in plan.obsm)}
     with open_source(source.path, source.label, layers) as reader:
         for start, stop in reader.blocks(value_bytes(plan), row_bytes(plan), block_bytes):
-            yield to_rows(reader.read(start, stop, columns), plan, i)
+            yield to_rows(reader.read(start, stop, keys, columns), plan, i)
 
 
 def _block_bytes(max_bucket_bytes: int) -> int:

@@ -3,9 +3,15 @@
 The command line (``annserve convert``) is :mod:`annserve.server.convert.cli`.
 
 The collection is a zarr v3 group whose children ``dataset_0``, ``dataset_1``, ... are
-AnnData zarr groups (each readable by :func:`anndata.read_zarr`) with CSR X (and the
-requested layers) in the joined gene space, the obs columns plus a categorical
-``dataset`` column naming each cell's input, and the same var. Matrices are stored
+AnnData zarr groups (each readable by :func:`anndata.read_zarr`) with CSR X and layers
+in the joined gene space, the obs columns (with their pandas dtypes: categoricals,
+nullable integers/booleans/strings) plus a categorical ``dataset`` column naming each
+cell's input, the same var, and what the inputs hold besides: obsm (dense and CSR,
+permuted with the rows like X), ``raw`` (CSR ``raw/X`` permuted like X, ``raw/var``),
+varm (when every input's var is the collection's) and uns. obsp and varp (cell x cell
+and gene x gene graphs, which a row shuffle would scramble), obsm DataFrames, and what
+only some inputs hold, are dropped and named in one warning per input (see
+:mod:`annserve.server.convert.plan` and :mod:`annserve.server.convert.carry`). Matrices are stored
 narrow: column indices as uint16 up to 65,536 genes, and a group's values as uint16
 when they are all integer counts up to 65,535 (lossless; ``--keep-dtype`` keeps the
 input dtype). The collection's rows
@@ -58,7 +64,7 @@ def convert(
     shuffle: bool = True,
     seed: int = 0,
     var_join: str = "outer",
-    layers: Sequence[str] = (),
+    layers: Sequence[str] | None = None,
     obs_columns: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -93,7 +99,9 @@ def convert(
         then each later input's new genes); genes absent from an input are absent from
         its rows. ``"inner"``: the genes in every input, in the first input's order.
     layers
-        Layers to carry besides X; each must exist in every input.
+        Layers to carry besides X; each must exist in every input. None (default):
+        every layer that all inputs hold (a layer only some inputs hold is dropped and
+        named in their warnings); ``()``: none.
     obs_columns
         obs columns to carry; None for all columns of all inputs. Columns are joined as
         described in :mod:`annserve.server.convert.plan`; categoricals get the union
@@ -122,6 +130,11 @@ def convert(
     -------
     The collection's manifest.
 
+    Warns
+    -----
+    One ``logging`` warning per input that holds elements not carried, naming them
+    (e.g. ``obsp/distances``, ``obsm/<a DataFrame>``, ``layers/<in one input only>``).
+
     Raises
     ------
     InvalidRequestError
@@ -143,8 +156,7 @@ def convert(
     if (out.exists() or out.is_symlink()) and not overwrite:
         msg = f"output exists: {out} (pass overwrite=True / --overwrite to replace it)"
         raise OutputExistsError(msg)
-    layers = tuple(dict.fromkeys(layers))
-    sources = _validate(paths, layers)
+    sources = _validate(paths, None if layers is None else tuple(dict.fromkeys(layers)))
     if compression not in COMPRESSORS:
         msg = f"compression: {compression!r}; allowed {sorted(COMPRESSORS)}"
         raise InvalidRequestError(msg)
@@ -153,6 +165,11 @@ def convert(
         compression=compression,
         keep_dtype=bool(keep_dtype),
     )
+    for source, dropped in zip(sources, plan.dropped, strict=True):
+        if dropped:
+            logger.warning(
+                "%s: not carried into the collection: %s", source.path, ", ".join(dropped)
+            )
     _warn_disk(out.parent, estimate_bytes(plan), shuffle)
     work = Path(tempfile.mkdtemp(prefix=".annserve-convert-", dir=out.parent))
     try:
@@ -180,7 +197,7 @@ def convert(
             ),
             seed,
             shuffle,
-            layers,
+            tuple(k.split("/", 1)[1] for k in plan.dtypes if k.startswith("layers/")),
             tuple(c.name for c in plan.columns),
         )
         write_manifest(staging, manifest)
@@ -203,7 +220,7 @@ def _check_arguments(
     seed: int,
     var_join: str,
     max_bucket_bytes: int,
-    layers: Sequence[str],
+    layers: Sequence[str] | None,
     obs_columns: Sequence[str] | None,
 ) -> tuple[list[Path], Path]:
     paths = [Path(p) for p in inputs]
@@ -242,7 +259,7 @@ def _labels(paths: list[Path]) -> list[str]:
     return [p.name if names.count(p.name) == 1 else str(p) for p in paths]
 
 
-def _validate(paths: list[Path], layers: tuple[str, ...]) -> list[SourceInfo]:
+def _validate(paths: list[Path], layers: tuple[str, ...] | None) -> list[SourceInfo]:
     infos = []
     for path, label in zip(paths, _labels(paths), strict=True):
         with open_source(path, label, layers) as source:

@@ -1,7 +1,8 @@
 """Rows of the collection held in memory: ragged CSR rows, encoded strings, obs arrays.
 
 A :class:`RowBlock` is what ``annserve convert`` moves between its passes: rows already
-in the collection's gene space and obs types. Every field is a flat numpy array or a
+in the collection's gene space and obs types, with their obsm rows. Every field is a
+numpy array with one row per cell (flat, or ``(n, *tail)`` for dense obsm) or a
 :class:`Ragged` (per-row lengths plus flat values), so a block spills to disk and reads
 back as raw bytes, and reordering rows is a vectorized gather done a slice of rows at a
 time (bounded temporaries).
@@ -107,15 +108,22 @@ class RowBlock:
     obs_names
         Cell names, UTF-8 :class:`Ragged`.
     matrices
-        ``X`` and layers by key, :class:`Ragged` with ``values = (indices, data)``.
+        ``X``, layers and ``raw/X`` by key, :class:`Ragged` with ``values = (indices,
+        data)``.
     columns
         obs columns by name: int32 category codes (-1 = missing), numeric arrays (both
         shape ``(n,)``) or UTF-8 :class:`Ragged`.
+    masks
+        Missing values of the nullable obs columns by name, shape ``(n,)`` bool.
+    obsm
+        obsm elements by key: dense rows, shape ``(n, *tail)``, or CSR :class:`Ragged`.
     """
 
     obs_names: Ragged
     matrices: dict[str, Ragged]
     columns: dict[str, np.ndarray | Ragged]
+    masks: dict[str, np.ndarray]
+    obsm: dict[str, np.ndarray | Ragged]
 
     @property
     def n_rows(self) -> int:
@@ -130,11 +138,18 @@ class RowBlock:
     def arrays(self) -> list[np.ndarray]:
         """Every array of the block, in a fixed order (the spill record layout)."""
         out = _flat(self.obs_names)
-        for m in self.matrices.values():
-            out += _flat(m)
-        for c in self.columns.values():
-            out += _flat(c)
+        for field in self._fields():
+            out += _flat(field)
         return out
+
+    def _fields(self) -> list[np.ndarray | Ragged]:
+        """Every field but the obs names, in the spill record order."""
+        return [
+            *self.matrices.values(),
+            *self.columns.values(),
+            *self.masks.values(),
+            *self.obsm.values(),
+        ]
 
     def map(
         self, ragged: Callable[[Ragged], Ragged], flat: Callable[[np.ndarray], np.ndarray]
@@ -148,6 +163,8 @@ class RowBlock:
             ragged(self.obs_names),
             {k: ragged(m) for k, m in self.matrices.items()},
             {k: apply(c) for k, c in self.columns.items()},
+            {k: flat(m) for k, m in self.masks.items()},
+            {k: apply(o) for k, o in self.obsm.items()},
         )
 
     def take(self, order: np.ndarray) -> RowBlock:
@@ -162,19 +179,21 @@ class RowBlock:
     def concat(blocks: list[RowBlock]) -> RowBlock:
         """Rows of all blocks, in order; the blocks share one layout."""
         first = blocks[0]
-
-        def column(key: str) -> np.ndarray | Ragged:
-            parts = [b.columns[key] for b in blocks]
-            ragged = [p for p in parts if isinstance(p, Ragged)]  # str columns; all or none
-            if ragged:
-                return Ragged.concat(ragged)
-            return np.concatenate([p for p in parts if not isinstance(p, Ragged)])
-
         return RowBlock(
             Ragged.concat([b.obs_names for b in blocks]),
             {k: Ragged.concat([b.matrices[k] for b in blocks]) for k in first.matrices},
-            {k: column(k) for k in first.columns},
+            {k: _concat([b.columns[k] for b in blocks]) for k in first.columns},
+            {k: np.concatenate([b.masks[k] for b in blocks]) for k in first.masks},
+            {k: _concat([b.obsm[k] for b in blocks]) for k in first.obsm},
         )
+
+
+def _concat(parts: list[np.ndarray | Ragged]) -> np.ndarray | Ragged:
+    """Rows of all parts, in order; all are :class:`Ragged` or all arrays."""
+    ragged = [p for p in parts if isinstance(p, Ragged)]
+    if ragged:
+        return Ragged.concat(ragged)
+    return np.concatenate([p for p in parts if not isinstance(p, Ragged)])
 
 
 def _flat(field: np.ndarray | Ragged) -> list[np.ndarray]:
@@ -189,10 +208,14 @@ def from_arrays(arrays: list[np.ndarray], like: RowBlock) -> RowBlock:
         return Ragged(next(it), tuple(next(it) for _ in field.values))
 
     def take(field: np.ndarray | Ragged) -> np.ndarray | Ragged:
-        return take_ragged(field) if isinstance(field, Ragged) else next(it)
+        if isinstance(field, Ragged):
+            return take_ragged(field)
+        return next(it).reshape(-1, *field.shape[1:])  # dense obsm rows are 2-d or more
 
     return RowBlock(
         take_ragged(like.obs_names),
         {k: take_ragged(m) for k, m in like.matrices.items()},
         {k: take(c) for k, c in like.columns.items()},
+        {k: next(it) for k in like.masks},
+        {k: take(o) for k, o in like.obsm.items()},
     )

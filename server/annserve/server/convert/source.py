@@ -1,27 +1,30 @@
 """Inputs of ``annserve convert``: validate one AnnData store and read it in row blocks.
 
-Everything is read by row range (``X``, the requested layers, the obs index and
-columns; see :mod:`annserve.server.convert.obs` for the exceptions), so memory does
-not grow with the size of an input.
+X, the layers, ``raw/X`` and obsm are read by row range, so memory does not grow with
+their size; obs, var, varm, uns and ``raw/var`` are read whole, once per open, with
+anndata's readers (see :mod:`annserve.server.convert.obs` and
+:mod:`annserve.server.convert.carry`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anndata as ad
 import h5py
 import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
+from annserve.server.convert.carry import Extras, read_extras
 from annserve.server.convert.matrix import Matrix, MatrixInfo, open_matrix
-from annserve.server.convert.obs import ColumnInfo, check_obs_lengths, read_annotations
+from annserve.server.convert.obs import ColumnInfo, ObsColumn, is_legacy, read_obs_var
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Collection, Iterator, Sequence
 
     import pandas as pd
 
@@ -43,11 +46,15 @@ class SourceInfo:
     var
         Its var DataFrame (index: gene names, unique).
     matrices
-        ``X`` and the requested layers, by key.
+        ``X``, the layers (the requested ones, or every readable one) and ``raw/X``
+        (when it has a readable raw), by key.
     columns
         Its obs columns, by name, in on-disk order.
     size_bytes
         Size on disk, bytes.
+    extras
+        obsm, varm, uns, ``raw/var`` and the names of what cannot be carried (with
+        the layers that cannot be read).
     """
 
     path: Path
@@ -58,6 +65,7 @@ class SourceInfo:
     matrices: dict[str, MatrixInfo]
     columns: dict[str, ColumnInfo]
     size_bytes: int
+    extras: Extras
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +79,15 @@ class SourceBlock:
     matrices
         By key: ``(row_nnz, indices, data)``, shapes ``(n,)`` int64, ``(nnz,)``, ``(nnz,)``.
     columns
-        By name: categorical codes, numeric values or str objects, shape ``(n,)``.
+        By name: the rows of the obs column.
+    obsm
+        By key: dense rows, shape ``(n, *tail)``, or CSR parts as in ``matrices``.
     """
 
     obs_names: np.ndarray
     matrices: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-    columns: dict[str, np.ndarray]
+    columns: dict[str, ObsColumn]
+    obsm: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class Source:
@@ -88,27 +99,31 @@ class Source:
         What validation found.
     """
 
-    def __init__(self, path: Path, label: str, layers: Sequence[str]) -> None:
+    def __init__(self, path: Path, label: str, layers: Sequence[str] | None) -> None:
         self._path = path
         self._file = h5py.File(path, "r") if path.is_file() else None
+        self._legacy: ad.AnnData | None = None
         try:
             self._inspect(label, layers)
         except BaseException:
             self.close()
             raise
 
-    def _inspect(self, label: str, layers: Sequence[str]) -> None:
+    def _inspect(self, label: str, layers: Sequence[str] | None) -> None:
         path = self._path
         root = self._file if self._file is not None else zarr.open_group(path, mode="r")
         self._matrices = {"X": open_matrix(root, "X", path)}
-        for layer in layers:
-            self._matrices[f"layers/{layer}"] = open_matrix(root, f"layers/{layer}", path)
-        names, columns, var = read_annotations(root, path)
-        self._names, self._columns = names, columns
-        first = next(iter(self._matrices.values()))
-        n_obs, n_vars = first.shape
+        n_obs, n_vars = self._matrices["X"].shape
+        if "obs" in root and is_legacy(root):
+            logger.info("%s: legacy (anndata < 0.7) layout, read with anndata", path)
+            self._legacy = ad.read_h5ad(path, backed="r")
+        unreadable = self._open_layers(root, layers)
+        self._names, columns, var = read_obs_var(root, path, n_obs, self._legacy)
+        self._columns = {c.info.name: c for c in columns}
+        extras, self._obsm, raw = read_extras(root, path, n_obs, self._legacy)
+        if raw is not None:
+            self._matrices["raw/X"] = raw
         _check_shapes(path, self._matrices, n_obs, n_vars, len(var))
-        check_obs_lengths(path, root, n_obs)
         _check_unique(path, var.index)
         self.info = SourceInfo(
             path,
@@ -119,7 +134,29 @@ class Source:
             {k: m.info for k, m in self._matrices.items()},
             {c.info.name: c.info for c in columns},
             _size_bytes(path),
+            replace(extras, dropped=(*unreadable, *extras.dropped)),
         )
+
+    def _open_layers(
+        self, root: h5py.Group | zarr.Group, layers: Sequence[str] | None
+    ) -> list[str]:
+        """Open the given layers (each must be readable), or every readable one if None.
+
+        Returns
+        -------
+        The names (``"layers/<name>"``) of the layers that cannot be read.
+        """
+        names = list(root.get("layers", {})) if layers is None else list(layers)
+        unreadable = []
+        for name in names:
+            key = f"layers/{name}"
+            try:
+                self._matrices[key] = open_matrix(root, key, self._path)
+            except StoreFormatError:
+                if layers is not None:
+                    raise
+                unreadable.append(key)
+        return unreadable
 
     def __enter__(self) -> Source:
         return self
@@ -129,6 +166,8 @@ class Source:
 
     def close(self) -> None:
         """Close the input file."""
+        if self._legacy is not None:
+            self._legacy.file.close()
         if self._file is not None:
             self._file.close()
 
@@ -148,8 +187,20 @@ class Source:
         """
         yield from self._matrices["X"].blocks(value_bytes, row_bytes, block_bytes)
 
-    def read(self, start: int, stop: int, columns: Sequence[str]) -> SourceBlock:
-        """Read rows ``[start, stop)``: the obs names, the matrices and the given columns.
+    def read(
+        self, start: int, stop: int, keys: Collection[str], columns: Collection[str]
+    ) -> SourceBlock:
+        """Read rows ``[start, stop)``: the obs names, the given matrices and columns.
+
+        Parameters
+        ----------
+        start, stop
+            The rows.
+        keys
+            Matrices (``"X"``, ``"layers/<name>"``, ``"raw/X"``) and obsm elements
+            (``"obsm/<name>"``) to read.
+        columns
+            obs columns to read.
 
         Raises
         ------
@@ -158,9 +209,18 @@ class Source:
         """
         try:
             return SourceBlock(
-                np.asarray(self._names.read(start, stop), dtype=object),
-                {k: m.read(start, stop) for k, m in self._matrices.items()},
-                {c.info.name: c.read(start, stop) for c in self._columns if c.info.name in columns},
+                self._names[start:stop],
+                {k: m.read(start, stop) for k, m in self._matrices.items() if k in keys},
+                {
+                    name: ObsColumn(
+                        c.info,
+                        c.values[start:stop],
+                        None if c.mask is None else c.mask[start:stop],
+                    )
+                    for name, c in self._columns.items()
+                    if name in columns
+                },
+                {k: r.read(start, stop) for k, r in self._obsm.items() if f"obsm/{k}" in keys},
             )
         except Exception as e:  # h5py/zarr raise OSError, ValueError... on corrupt data
             msg = f"{self._path}: cannot read rows {start}:{stop}: {e}"
@@ -171,7 +231,7 @@ def _check_shapes(
     path: Path, matrices: dict[str, Matrix], n_obs: int, n_vars: int, var_len: int
 ) -> None:
     for key, m in matrices.items():
-        if m.shape != (n_obs, n_vars):
+        if key != "raw/X" and m.shape != (n_obs, n_vars):
             msg = f"{path}: {key} has shape {m.shape}, X has {(n_obs, n_vars)}"
             raise StoreFormatError(msg)
     if var_len != n_vars:
@@ -196,7 +256,7 @@ def _size_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def open_source(path: str | Path, label: str, layers: Sequence[str] = ()) -> Source:
+def open_source(path: str | Path, label: str, layers: Sequence[str] | None = None) -> Source:
     """Open and validate one input.
 
     Parameters
@@ -206,7 +266,8 @@ def open_source(path: str | Path, label: str, layers: Sequence[str] = ()) -> Sou
     label
         Its value in the collection's ``dataset`` column.
     layers
-        Layers that must exist, with X's shape.
+        Layers to open, each of which must exist with X's shape; None opens every
+        layer that can be read (the others are named in ``info.extras.dropped``).
 
     Returns
     -------
@@ -218,7 +279,7 @@ def open_source(path: str | Path, label: str, layers: Sequence[str] = ()) -> Sou
         If ``path`` does not exist.
     StoreFormatError
         If it is not an AnnData store with CSR or dense X, shapes disagree, var names
-        repeat or a layer is missing. The message names the file.
+        repeat or a requested layer is missing. The message names the file.
     """
     p = Path(path)
     if not p.exists():

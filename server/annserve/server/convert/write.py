@@ -1,6 +1,9 @@
 """Writing a collection: one AnnData zarr group per bucket, and the manifest last.
 
-X and layers are CSR elements of the anndata on-disk format (``encoding-type``
+Each group holds obs, var, varm, uns and dense obsm (written by anndata), and its CSR
+matrices: X, layers, ``raw/X`` (next to ``raw/var``) and CSR obsm elements.
+
+X, layers and ``raw/X`` are CSR elements of the anndata on-disk format (``encoding-type``
 ``csr_matrix``, written here rather than with :func:`anndata.io.write_elem`, which would
 widen the indices), their ``data``, ``indices`` and ``indptr`` arrays chunked for
 contiguous row reads (about :data:`CHUNK_CELLS` cells' worth of non-zeros per chunk, at
@@ -24,6 +27,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.errors import UnstableSpecificationWarning
 
 from annserve.server.convert.manifest import GroupEntry
 from annserve.server.convert.rows import Ragged, decode_strings
@@ -111,8 +115,11 @@ def narrow_counts(data: np.ndarray) -> np.ndarray | None:
 def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> GroupEntry:
     """Write rows as the AnnData group ``dataset_<index>`` of ``root``.
 
-    Each matrix is a CSR element with ``indices`` of ``plan.index_dtype`` and ``int64``
-    ``indptr``. Its values are stored as uint16 when they are all integers in
+    The group holds obs (nullable columns as pandas nullable arrays), var, varm, uns,
+    obsm and, when the plan carries raw, ``raw`` (``raw/X``, ``raw/var``). Each of X,
+    the layers and ``raw/X`` is a CSR element with ``indices`` of its gene space's index
+    dtype (:meth:`Plan.space`) and ``int64`` ``indptr``; CSR obsm elements keep their
+    dtype, with int32 ``indices``. A matrix's values are stored as uint16 when they are all integers in
     ``[0, 65535]`` and ``plan.keep_dtype`` is False (see :func:`narrow_counts`; the
     values are unchanged, and :func:`anndata.read_zarr` reads the matrix back as uint16),
     else in ``plan.dtypes[key]``. The check is per group and per matrix: groups of one
@@ -124,35 +131,66 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
     """
     name = f"{GROUP_PREFIX}{index}"
     n = rows.n_rows
+    dense = {k: v for k, v in rows.obsm.items() if not isinstance(v, Ragged)}
+    skeleton = ad.AnnData(
+        obs=_obs_frame(rows, plan), var=plan.var, obsm=dense, varm=plan.varm, uns=plan.uns
+    )
     with _settings(), warnings.catch_warnings():
         # cells of different inputs may share a name; the dataset column tells them apart
         warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
-        ad.io.write_elem(root, name, ad.AnnData(obs=_obs_frame(rows, plan), var=plan.var))
+        # uns may hold structured arrays (e.g. scanpy's rank_genes_groups), carried as is
+        # though zarr v3 has no specification for them yet
+        warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
+        ad.io.write_elem(root, name, skeleton)
         group = _group(root[name])
+        if plan.raw_var is not None:
+            del group["raw"]  # anndata's "null" element for the skeleton's absent raw
+            raw = group.create_group("raw")
+            raw.attrs.update({"encoding-type": "raw", "encoding-version": "0.1.0"})
+            ad.io.write_elem(raw, "var", plan.raw_var)
+            ad.io.write_elem(raw, "varm", {})
     with _settings(), zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
         for key, matrix in rows.matrices.items():
-            indices, data = matrix.values
-            indices = np.asarray(indices, dtype=plan.index_dtype)
-            data = np.asarray(data, dtype=plan.dtypes[key])
-            narrow = None if plan.keep_dtype else narrow_counts(data)
-            if narrow is not None:
-                data = narrow
-            itemsize = max(data.itemsize, indices.itemsize)
-            parent, _, leaf = key.rpartition("/")  # "X" or "layers/<name>"
-            _write_csr(
-                _group(group[parent]) if parent else group,
-                leaf,
-                (n, plan.n_vars),
-                (data, indices, matrix.offsets()),
-                csr_kwargs(len(data), n, itemsize, plan.compression),
-            )
+            _write_matrix(group, key, matrix, plan)
+        for key, rows_of_key in rows.obsm.items():
+            if isinstance(rows_of_key, Ragged):
+                indices, data = rows_of_key.values
+                _write_csr(
+                    _group(group["obsm"]),
+                    key,
+                    (n, plan.obsm[key].tail[0]),
+                    (data, indices, rows_of_key.offsets()),
+                    csr_kwargs(
+                        len(data), n, max(data.itemsize, indices.itemsize), plan.compression
+                    ),
+                )
     logger.debug("wrote %s: %d cells", name, n)
     return GroupEntry(name, n, int(rows.matrices["X"].lengths.sum()))
 
 
+def _write_matrix(group: zarr.Group, key: str, matrix: Ragged, plan: Plan) -> None:
+    """Write ``X``, a layer or ``raw/X`` of a group, narrowed as :func:`write_group` says."""
+    n_cols, index_dtype = plan.space(key)
+    indices, data = matrix.values
+    indices = np.asarray(indices, dtype=index_dtype)
+    data = np.asarray(data, dtype=plan.dtypes[key])
+    narrow = None if plan.keep_dtype else narrow_counts(data)
+    if narrow is not None:
+        data = narrow
+    n = len(matrix.lengths)
+    parent, _, leaf = key.rpartition("/")  # "X", "layers/<name>" or "raw/X"
+    _write_csr(
+        _group(group[parent]) if parent else group,
+        leaf,
+        (n, n_cols),
+        (data, indices, matrix.offsets()),
+        csr_kwargs(len(data), n, max(data.itemsize, indices.itemsize), plan.compression),
+    )
+
+
 def _settings() -> AbstractContextManager[None]:
     """Return the settings of the writes: zarr v3, explicit chunks and shards only."""
-    options: dict[str, Any] = {"zarr_write_format": 3}
+    options: dict[str, Any] = {"zarr_write_format": 3, "allow_write_nullable_strings": True}
     if "auto_shard_zarr_v3" in dir(ad.settings):  # not in every 0.12.x; unset, it warns
         options["auto_shard_zarr_v3"] = False
     return ad.settings.override(**options)
@@ -190,17 +228,20 @@ def _group(node: object) -> zarr.Group:
 
 
 def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:
+    """Obs of a group: categoricals, numeric, str and pandas nullable columns."""
     columns: dict[str, Any] = {}
     for spec in plan.columns:
         values = rows.columns[spec.name]
         if spec.kind == "category" and not isinstance(values, Ragged):  # codes, never ragged
             columns[spec.name] = pd.Categorical.from_codes(
-                values, categories=pd.Index(spec.categories), ordered=spec.ordered
+                values, dtype=pd.CategoricalDtype(spec.categories, ordered=spec.ordered)
             )
-        elif isinstance(values, Ragged):
-            columns[spec.name] = decode_strings(values)
-        else:
-            columns[spec.name] = values
+            continue
+        array = decode_strings(values) if isinstance(values, Ragged) else values
+        if spec.nullable:  # Int*/UInt*/boolean (pd.array's choice for numpy values) or string
+            array = pd.array(array, dtype="string" if spec.kind == "str" else None)
+            array[rows.masks[spec.name]] = pd.NA
+        columns[spec.name] = array
     return pd.DataFrame(columns, index=pd.Index(decode_strings(rows.obs_names)))
 
 
@@ -213,4 +254,5 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     root.attrs.update({**ANNBATCH_MARKER, MANIFEST_KEY: manifest.to_json()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)  # see above
         zarr.consolidate_metadata(path)
