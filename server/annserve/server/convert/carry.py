@@ -96,8 +96,14 @@ class ObsmRows:
         return np.asarray(self._dense[start:stop])
 
 
+def child_keys(root: h5py.Group | zarr.Group, key: str) -> list[str]:
+    """Return the keys of the group ``root[key]``; none if it is absent or not a group."""
+    node = root.get(key)
+    return list(node.keys()) if isinstance(node, h5py.Group | zarr.Group) else []
+
+
 def _element(root: h5py.Group | zarr.Group, key: str) -> Any:
-    """An obsm element as something sliced by rows, None if it cannot be carried."""
+    """Return an element as something sliced by rows, or None if it cannot be carried."""
     elem = root[key]
     encoding = elem.attrs.get("encoding-type", "array")
     if encoding == "csr_matrix" and isinstance(elem, h5py.Group | zarr.Group):
@@ -108,12 +114,13 @@ def _element(root: h5py.Group | zarr.Group, key: str) -> Any:
 
 
 def _obsm_info(key: str, element: Any, n_obs: int) -> ObsmInfo | None:
-    """The element's type, None for what cannot be carried (DataFrames, CSC, strings)."""
+    """Return the element's type, or None if it cannot be carried (DataFrames, CSC, str)."""
     if element is None or isinstance(element, pd.DataFrame):
         return None
-    sparse = sp.issparse(element) or isinstance(element, ad.abc.CSRDataset)
+    sparse = sp.isspmatrix_csr(element) or isinstance(element, ad.abc.CSRDataset)
+    dense = isinstance(element, h5py.Dataset | zarr.Array | np.ndarray)
     shape = tuple(int(s) for s in element.shape)
-    if len(shape) < 2 or shape[0] != n_obs or (sparse and element.format != "csr"):
+    if not (sparse or dense) or len(shape) < 2 or shape[0] != n_obs:
         return None
     dtype = np.dtype(element.dtype)
     return ObsmInfo(key, sparse, shape[1:], dtype) if dtype.kind in "biuf" else None
@@ -149,13 +156,13 @@ def read_extras(
         raw_varm = {} if raw is None else dict(raw.varm)
         pairwise = [f"{k}/{n}" for k in PAIRWISE for n in getattr(legacy, k)]
     else:
-        obsm = {k: _element(root["obsm"], k) for k in root.get("obsm", {})}
+        obsm = {k: _element(root, f"obsm/{k}") for k in child_keys(root, "obsm")}
         varm = ad.io.read_elem(root["varm"]) if "varm" in root else {}
         uns = ad.io.read_elem(root["uns"]) if "uns" in root else {}
         raw_x = _element(root, "raw/X") if "raw/X" in root else None
         raw_var = ad.io.read_elem(root["raw/var"]) if "raw/var" in root else None
         raw_varm = ad.io.read_elem(root["raw/varm"]) if "raw/varm" in root else {}
-        pairwise = [f"{k}/{n}" for k in PAIRWISE for n in root.get(k, {})]
+        pairwise = [f"{k}/{n}" for k in PAIRWISE for n in child_keys(root, k)]
     infos = {k: _obsm_info(k, e, n_obs) for k, e in obsm.items()}
     readers = {k: ObsmRows(i, obsm[k], path) for k, i in infos.items() if i is not None}
     dropped = [*pairwise, *(f"obsm/{k}" for k, i in infos.items() if i is None)]
@@ -177,8 +184,8 @@ def _raw_rows(raw_x: Any, path: Path) -> Matrix | None:
     """``raw/X`` as a row reader: CSR through anndata's sparse dataset, or dense."""
     if raw_x is None:
         return None
-    if isinstance(raw_x, ad.abc.CSRDataset) or sp.issparse(raw_x):
-        return SparseRows("raw/X", raw_x, path) if raw_x.format == "csr" else None
-    if len(raw_x.shape) == 2:
+    if isinstance(raw_x, ad.abc.CSRDataset) or sp.isspmatrix_csr(raw_x):
+        return SparseRows("raw/X", raw_x, path)
+    if isinstance(raw_x, h5py.Dataset | zarr.Array | np.ndarray) and len(raw_x.shape) == 2:
         return DenseSource("raw/X", raw_x, path)
-    return None
+    return None  # CSC or another encoding

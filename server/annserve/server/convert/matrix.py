@@ -139,7 +139,9 @@ class SparseRows:
     def __init__(self, key: str, matrix: ad.abc.CSRDataset | sp.csr_matrix, path: Path) -> None:
         self.shape = tuple(int(s) for s in matrix.shape)
         self._matrix = matrix
-        nnz = int(matrix.nnz) if sp.issparse(matrix) else int(matrix.group["indptr"][-1])
+        nnz = (
+            int(matrix.group["indptr"][-1]) if isinstance(matrix, ad.abc.CSRDataset) else matrix.nnz
+        )
         self.info = MatrixInfo(key, True, _numeric(np.dtype(matrix.dtype), key, path), nnz)
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,7 +161,7 @@ def _numeric(dtype: np.dtype, key: str, path: Path) -> np.dtype:
     return dtype
 
 
-def open_matrix(root: GroupNode, key: str, path: Path) -> Matrix:
+def open_matrix(root: GroupNode, key: str, path: Path) -> CSRSource | DenseSource:
     """Open ``X`` or ``layers/<name>`` of an input.
 
     Raises

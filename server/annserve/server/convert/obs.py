@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
-import zarr
 
 from annserve.errors import StoreFormatError
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import zarr
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,11 @@ def obs_column(name: str, series: pd.Series) -> ObsColumn:
     nullable = isinstance(dtype, pd.api.extensions.ExtensionDtype)
     mask = series.isna().to_numpy(dtype=bool) if nullable else None
     if pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
-        numpy_dtype = np.dtype(getattr(dtype, "numpy_dtype", dtype))
-        values = series.to_numpy(dtype=numpy_dtype, na_value=numpy_dtype.type(0))
+        numpy_dtype = np.dtype(cast("np.dtype", getattr(dtype, "numpy_dtype", dtype)))
+        if nullable:  # missing values filled; NaN of a numpy float column is a value, kept
+            values = series.to_numpy(dtype=numpy_dtype, na_value=numpy_dtype.type(0))
+        else:
+            values = series.to_numpy(dtype=numpy_dtype)
         if numpy_dtype.kind == "f" and mask is not None:  # anndata writes no nullable floats
             values[mask], nullable, mask = np.nan, False, None
         return ObsColumn(ColumnInfo(name, "numeric", numpy_dtype, nullable=nullable), values, mask)

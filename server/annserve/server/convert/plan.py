@@ -168,7 +168,7 @@ def _no_rows(index_dtype: np.dtype, dtype: np.dtype) -> Ragged:
 
 
 def index_dtype_for(n_columns: int) -> np.dtype:
-    """The narrowest CSR index dtype for ``n_columns`` columns (as annbatch writes).
+    """Return the narrowest CSR index dtype for ``n_columns`` columns (as annbatch writes).
 
     uint16 up to 65,536 columns (half the bytes to read), int32 below 2**31, else int64.
     """

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
-import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError, StoreNotFoundError
-from annserve.server.convert.carry import Extras, read_extras
+from annserve.server.convert.carry import Extras, child_keys, read_extras
 from annserve.server.convert.matrix import Matrix, MatrixInfo, open_matrix
 from annserve.server.convert.obs import ColumnInfo, ObsColumn, is_legacy, read_obs_var
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator, Sequence
 
+    import numpy as np
     import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ class Source:
     def _inspect(self, label: str, layers: Sequence[str] | None) -> None:
         path = self._path
         root = self._file if self._file is not None else zarr.open_group(path, mode="r")
-        self._matrices = {"X": open_matrix(root, "X", path)}
-        n_obs, n_vars = self._matrices["X"].shape
+        self._x = open_matrix(root, "X", path)
+        self._matrices: dict[str, Matrix] = {"X": self._x}
+        n_obs, n_vars = self._x.shape
         if "obs" in root and is_legacy(root):
             logger.info("%s: legacy (anndata < 0.7) layout, read with anndata", path)
             self._legacy = ad.read_h5ad(path, backed="r")
@@ -146,7 +147,7 @@ class Source:
         -------
         The names (``"layers/<name>"``) of the layers that cannot be read.
         """
-        names = list(root.get("layers", {})) if layers is None else list(layers)
+        names = child_keys(root, "layers") if layers is None else list(layers)
         unreadable = []
         for name in names:
             key = f"layers/{name}"
@@ -185,7 +186,7 @@ class Source:
         block_bytes
             Target size of a block, bytes.
         """
-        yield from self._matrices["X"].blocks(value_bytes, row_bytes, block_bytes)
+        yield from self._x.blocks(value_bytes, row_bytes, block_bytes)
 
     def read(
         self, start: int, stop: int, keys: Collection[str], columns: Collection[str]

@@ -119,11 +119,11 @@ def write_group(root: zarr.Group, index: int, rows: RowBlock, plan: Plan) -> Gro
     obsm and, when the plan carries raw, ``raw`` (``raw/X``, ``raw/var``). Each of X,
     the layers and ``raw/X`` is a CSR element with ``indices`` of its gene space's index
     dtype (:meth:`Plan.space`) and ``int64`` ``indptr``; CSR obsm elements keep their
-    dtype, with int32 ``indices``. A matrix's values are stored as uint16 when they are all integers in
-    ``[0, 65535]`` and ``plan.keep_dtype`` is False (see :func:`narrow_counts`; the
-    values are unchanged, and :func:`anndata.read_zarr` reads the matrix back as uint16),
-    else in ``plan.dtypes[key]``. The check is per group and per matrix: groups of one
-    collection may differ.
+    dtype, with int32 ``indices``. A matrix's values are stored as uint16 when they are
+    all integers in ``[0, 65535]`` and ``plan.keep_dtype`` is False (see
+    :func:`narrow_counts`; the values are unchanged, and :func:`anndata.read_zarr` reads
+    the matrix back as uint16), else in ``plan.dtypes[key]``. The check is per group and
+    per matrix: groups of one collection may differ.
 
     Returns
     -------
@@ -239,9 +239,11 @@ def _obs_frame(rows: RowBlock, plan: Plan) -> pd.DataFrame:
             continue
         array = decode_strings(values) if isinstance(values, Ragged) else values
         if spec.nullable:  # Int*/UInt*/boolean (pd.array's choice for numpy values) or string
-            array = pd.array(array, dtype="string" if spec.kind == "str" else None)
-            array[rows.masks[spec.name]] = pd.NA
-        columns[spec.name] = array
+            nullable = pd.array(array, dtype="string" if spec.kind == "str" else None)
+            nullable[rows.masks[spec.name]] = pd.NA
+            columns[spec.name] = nullable
+        else:
+            columns[spec.name] = array
     return pd.DataFrame(columns, index=pd.Index(decode_strings(rows.obs_names)))
 
 
