@@ -171,7 +171,7 @@ def test_daemon_exits_3_naming_the_array_and_chunk(copy_of):
         [*annserve_command(), "--store", str(path), "--host", "127.0.0.1", "--port", "0"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
         check=False,
     )
     assert done.returncode == 3, done.stderr
