@@ -232,7 +232,7 @@ def _check_shapes(
     path: Path, matrices: dict[str, Matrix], n_obs: int, n_vars: int, var_len: int
 ) -> None:
     for key, m in matrices.items():
-        if key != "raw/X" and m.shape != (n_obs, n_vars):
+        if m.shape[0] != n_obs or (key != "raw/X" and m.shape != (n_obs, n_vars)):
             msg = f"{path}: {key} has shape {m.shape}, X has {(n_obs, n_vars)}"
             raise StoreFormatError(msg)
     if var_len != n_vars:
