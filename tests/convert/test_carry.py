@@ -299,3 +299,13 @@ def test_zarr_input_with_raw(tmp_path, dense_x):
     rows = pd.Index(whole.obs_names).get_indexer(src.obs_names)
     assert_same_rows(sp.vstack([g.raw.X for g in groups], format="csr")[rows], src.raw.X)
     pd.testing.assert_frame_equal(groups[0].raw.var, src.raw.var)
+
+
+def test_nan_in_float_column_stays_nan(tmp_path):
+    src = generated()
+    src.obs["score"] = np.where(np.arange(src.n_obs) % 3 == 0, np.nan, 1.5)
+    path = write_h5ad(tmp_path / "gen.h5ad", src)
+    manifest = convert([path], tmp_path / "c.zarr", progress=False)
+    got = in_input_order(groups_of(tmp_path / "c.zarr", manifest), src.obs_names).obs
+    assert got["score"].dtype == np.float64
+    np.testing.assert_array_equal(got["score"].to_numpy(), src.obs["score"].to_numpy())
