@@ -83,19 +83,31 @@ class Balance:
 
 
 def value_names(column: ObsColumnData) -> list[str]:
-    """Return the distinct values of an obs column as strings, in code order."""
+    """Return the distinct values of an obs column as strings, in code order.
+
+    Missing values (code -1 of a categorical, the mask of a nullable column) are one
+    more value, ``"nan"``, last.
+    """
     if column.kind == "category":
         return [*column.categories, "nan"]
-    return [str(v) for v in np.unique(column.values)]
+    present = column.values if column.missing is None else column.values[~column.missing]
+    names = [str(v) for v in np.unique(present)]
+    return names if column.missing is None else [*names, "nan"]
 
 
 def _value_codes(column: ObsColumnData) -> tuple[np.ndarray, int]:
-    """Integer code of every row's value (missing categories last), and how many values."""
+    """Integer code of every row's value (missing values last), and how many values."""
     if column.kind == "category":
         n = len(column.categories)
         return np.where(column.values < 0, n, column.values).astype(np.int64), n + 1
-    values, codes = np.unique(column.values, return_inverse=True)
-    return codes.astype(np.int64), len(values)
+    if column.missing is None:
+        values, codes = np.unique(column.values, return_inverse=True)
+        return codes.astype(np.int64), len(values)
+    present = ~column.missing
+    values, inverse = np.unique(column.values[present], return_inverse=True)
+    codes = np.full(len(column.values), len(values), dtype=np.int64)
+    codes[present] = inverse
+    return codes, len(values) + 1
 
 
 class SamplerSpec(Protocol):
