@@ -186,8 +186,9 @@ def test_chunk_deleted_while_serving_ends_the_stream(serve, copy_of, mouse, layo
     address = serve(broken, good)
     (broken / "X" / "data" / FIRST[layout]).unlink()
     error = stream_error(address, broken.name)
-    assert f"{broken.name}: X/data: chunk {FIRST[layout]}" in str(error)
+    assert f"store {broken.name!r}: X/data: chunk {FIRST[layout]}" in str(error)
     assert "missing" in str(error)
+    assert str(broken.parent) not in str(error)  # the client sees the store's name, no path
     # the other store of the server is served whole
     assert sum(len(b["X"].indptr) - 1 for b in loader(address, good.name)) == mouse.n_obs
 
@@ -226,7 +227,7 @@ def test_file_truncated_while_serving_ends_the_stream(serve, copy_of, layout):
     address = serve(path)
     truncate(path / "X" / "indices" / "c" / "0")
     error = stream_error(address, path.name)
-    assert f"{path.name}: X/indices: chunk c/0" in str(error)
+    assert f"store {path.name!r}: X/indices: chunk c/0" in str(error)
 
 
 def test_status_is_data_loss_on_the_wire(serve, copy_of):

@@ -28,6 +28,7 @@ from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
+    from pathlib import Path
 
     from annserve.server.io.store import Store
     from annserve.server.plan.epoch import Span
@@ -60,6 +61,15 @@ def _sent_span(sampler: Sampler, plan: StreamPlan) -> Span:
         If ``plan.start_batch`` is past the shard's number of batches.
     """
     return from_batch(epoch_span(sampler, plan), plan.batch_size, plan.start_batch)
+
+
+def _public(message: str, path: Path, name: str) -> str:
+    """Name a store by its configured name in a client's message, never by its path.
+
+    Messages raised while reading name elements as ``<store path>/<element>``; clients
+    know the store only by name (server paths are not theirs to see).
+    """
+    return message.replace(str(path), f"store {name!r}")
 
 
 class AnnServeService:
@@ -209,7 +219,8 @@ class AnnServeService:
             raise
         except AnnServeError as e:
             status = status_of(e).name
-            context.abort(status_of(e), str(e))
+            logger.warning("stream %d failed: %s", stream_id, e, extra={"stream_id": stream_id})
+            context.abort(status_of(e), _public(str(e), store.path, name))
         except Exception:
             code, details = status_set(context)
             if code is not None:  # context.abort() in _plan
