@@ -104,7 +104,7 @@ class InvalidRequestError(AnnServeError, ValueError):
 
 
 class OutOfRangeError(InvalidRequestError):
-    """A position field is past the end of what it counts, e.g. ``start_batch`` (``OUT_OF_RANGE``)."""
+    """A position is past the end of what it counts, e.g. ``start_batch`` (``OUT_OF_RANGE``)."""
 
     grpc_status = "OUT_OF_RANGE"
 
