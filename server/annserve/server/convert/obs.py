@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -25,6 +24,7 @@ from annserve.errors import StoreFormatError
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import h5py
     import zarr
 
 logger = logging.getLogger(__name__)
@@ -107,12 +107,6 @@ def obs_column(name: str, series: pd.Series) -> ObsColumn:
     strings = series.astype(object).where(series.notna(), "").astype(str).to_numpy(dtype=object)
     string_dtype = isinstance(dtype, pd.StringDtype)
     return ObsColumn(ColumnInfo(name, "str", nullable=string_dtype), strings, mask)
-
-
-def is_legacy(root: h5py.Group | zarr.Group) -> bool:
-    """Whether ``root`` has the compound-dataset layout of anndata < 0.7 (obs a dataset)."""
-    obs = root["obs"]
-    return isinstance(obs, h5py.Dataset) or obs.attrs.get("encoding-type") != "dataframe"
 
 
 def read_obs_var(

@@ -20,7 +20,8 @@ import zarr
 from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.convert.carry import Extras, child_keys, read_extras
 from annserve.server.convert.matrix import Matrix, MatrixInfo, open_matrix
-from annserve.server.convert.obs import ColumnInfo, ObsColumn, is_legacy, read_obs_var
+from annserve.server.convert.obs import ColumnInfo, ObsColumn, read_obs_var
+from annserve.server.io.legacy import is_legacy
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator, Sequence

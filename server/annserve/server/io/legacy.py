@@ -25,9 +25,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def is_legacy(root: h5py.File | zarr.Group) -> bool:
-    """Whether ``root`` is a pre-0.7 ``.h5ad`` file (obs stored as a compound dataset)."""
-    return isinstance(root, h5py.File) and isinstance(root.get("obs"), h5py.Dataset)
+def is_legacy(root: h5py.Group | zarr.Group) -> bool:
+    """Whether ``root`` has the layout of anndata < 0.7 (obs a compound dataset, or untagged).
+
+    Raises
+    ------
+    KeyError
+        If ``root`` has no obs.
+    """
+    obs = root["obs"]
+    return isinstance(obs, h5py.Dataset) or obs.attrs.get("encoding-type") != "dataframe"
 
 
 def reencoded(path: Path) -> zarr.Group:

@@ -363,7 +363,7 @@ def _open_groups(path: Path) -> list[AnnDataGroup]:
         raise StoreFormatError(msg) from e
     if isinstance(root, zarr.Group) and "X" not in root:
         return _collection_groups(root, path)
-    if is_legacy(root):
+    if isinstance(root, h5py.File) and "obs" in root and is_legacy(root):
         root = reencoded(path)
     return [AnnDataGroup(root, str(path))]
 
