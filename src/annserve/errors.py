@@ -27,7 +27,10 @@ any other ``AnnServeError``    ``INTERNAL``                                     
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 #: The names of ``grpc.StatusCode`` but ``OK``, from the gRPC status code specification.
 STATUS_NAMES = frozenset(
@@ -50,6 +53,11 @@ STATUS_NAMES = frozenset(
         "UNAUTHENTICATED",
     }
 )
+#: Characters of a client-sent value that a message (or log line) quotes at most.
+QUOTE_CHARS = 100
+#: Items of a list that a message names at most.
+LIST_ITEMS = 10
+
 #: Error class by status name: filled as each class is defined (``__init_subclass__``).
 _BY_STATUS: dict[str, type[AnnServeError]] = {}
 
@@ -166,3 +174,24 @@ def error_for_status(status: str) -> type[AnnServeError]:
     :class:`AnnServeError` itself for statuses no subclass claims (e.g. ``INTERNAL``).
     """
     return _BY_STATUS.get(status, AnnServeError)
+
+
+def quoted(value: object) -> str:
+    """Return ``repr(value)`` cut to :data:`QUOTE_CHARS` characters, for messages and logs.
+
+    A client may send a name megabytes long; echoing it whole would bloat the log and
+    push the status message over gRPC's metadata limit, so the client would see that
+    instead of the error.
+    """
+    text = repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    return f"{text[:QUOTE_CHARS]}... ({len(text):,} characters)"
+
+
+def listed(values: Iterable[object]) -> str:
+    """Return the first :data:`LIST_ITEMS` values, each :func:`quoted`, and how many there are."""
+    items = list(values)
+    shown = ", ".join(quoted(v) for v in items[:LIST_ITEMS])
+    more = f", ... ({len(items):,} in all)" if len(items) > LIST_ITEMS else ""
+    return f"[{shown}{more}]"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from annserve.errors import OutOfRangeError
+from annserve.errors import InvalidRequestError, OutOfRangeError
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Iterator
 
     import numpy as np
@@ -45,8 +46,19 @@ def shard_span(n_rows: int, shard: Shard, batch_size: int, *, drop_last: bool) -
     Returns
     -------
     A contiguous span: shards are disjoint and, without ``drop_last``, cover every row.
+
+    Raises
+    ------
+    InvalidRequestError
+        If there are more shards than rows (each shard would only repeat rows).
     """
     n = shard.count
+    if n > max(n_rows, 1):
+        msg = (
+            f"shard_count: {n:,} shards (world_size x DataLoader workers) for an epoch of "
+            f"{n_rows:,} rows; use at most one shard per row"
+        )
+        raise InvalidRequestError(msg)
     if shard.even:
         per = n_rows // n if drop_last else -(-n_rows // n)
         start, stop = shard.index * per, (shard.index + 1) * per
@@ -89,20 +101,38 @@ def from_batch(span: Span, batch_size: int, start_batch: int) -> Span:
     return Span(min(span.start + start_batch * batch_size, span.stop), span.stop)
 
 
-def rows_in_span(sampler: Sampler, epoch: int, span: Span) -> Iterator[np.ndarray]:
+def rows_in_span(
+    sampler: Sampler, epoch: int, span: Span, cancelled: threading.Event | None = None
+) -> Iterator[np.ndarray]:
     """Yield the rows at positions ``span`` of the epoch, one piece per preload buffer.
 
-    Buffers before the span are generated (index arithmetic only) but never read.
+    Buffers before the span in its lap are generated (index arithmetic only) but never
+    read; whole laps before it are skipped without generating them.
+
+    Parameters
+    ----------
+    sampler
+        The epoch's row sequence.
+    epoch
+        Epoch number.
+    span
+        Positions to yield; positions past the sequence wrap (padding).
+    cancelled
+        Set when the stream is over: generation stops at the next preload buffer.
 
     Yields
     ------
-    Global row indices, int64, in yield order; they add up to ``span.stop - span.start``.
+    Global row indices, int64, in yield order; they add up to ``span.stop - span.start``
+    (fewer once ``cancelled`` is set).
     """
-    if sampler.n_rows == 0:
+    lap = sampler.n_rows
+    if lap == 0:
         return
-    position = 0
+    position = span.start - span.start % lap
     while position < span.stop:  # a second lap only when the span wraps (padding)
         for rows in sampler.preloads(epoch):
+            if cancelled is not None and cancelled.is_set():
+                return
             a, b = max(span.start - position, 0), min(span.stop - position, len(rows))
             if a < b:
                 yield rows[a:b]

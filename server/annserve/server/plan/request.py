@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annserve.errors import InvalidRequestError
+from annserve.errors import InvalidRequestError, listed, quoted
 from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, Shard
 from annserve.server.plan.selection import (
     Balance,
@@ -115,6 +116,8 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
         Naming the first bad field and its allowed values.
     """
     _check_sizes(request)
+    for field in ("obs_keys", "obsm_keys"):
+        _check_unique(getattr(request, field), field)
     for key in request.obs_keys:
         _obs_column(store, key, "obs_keys")
     _check_wire(request)
@@ -176,9 +179,16 @@ def _check_wire(request: pb.StreamBatchesRequest) -> None:
         raise InvalidRequestError(msg)
 
 
+def _check_unique(names: Sequence[str], field: str) -> None:
+    if len(set(names)) != len(names):
+        repeated = sorted(v for v, n in Counter(names).items() if n > 1)
+        msg = f"{field}: each name may be listed once, repeated {listed(repeated)}"
+        raise InvalidRequestError(msg)
+
+
 def _obs_column(store: Store, key: str, field: str) -> ObsColumnData:
     if key not in store.obs:
-        msg = f"{field}: unknown obs column {key!r}; the store has {sorted(store.obs)}"
+        msg = f"{field}: unknown obs column {quoted(key)}; the store has {listed(store.obs)}"
         raise InvalidRequestError(msg)
     return store.obs[key]
 
@@ -203,17 +213,17 @@ def _split(request: pb.StreamBatchesRequest, store: Store) -> Split | None:
         return None
     if (
         not 2 <= len(fractions) <= len(SPLIT_NAMES)
-        or min(fractions) < 0
+        or not all(math.isfinite(f) and f >= 0 for f in fractions)
         or abs(sum(fractions) - 1) > 1e-6
     ):
         msg = (
-            f"split_fractions must be 2 or 3 non-negative numbers adding up to 1, "
-            f"got {list(fractions)}"
+            f"split_fractions must be 2 or 3 finite non-negative numbers adding up to 1, "
+            f"got {listed(fractions)}"
         )
         raise InvalidRequestError(msg)
     names = SPLIT_NAMES[: len(fractions)]
     if request.split not in names:
-        msg = f"split: unknown split {request.split!r}; allowed {list(names)}"
+        msg = f"split: unknown split {quoted(request.split)}; allowed {list(names)}"
         raise InvalidRequestError(msg)
     by = _obs_column(store, request.split_by, "split_by") if request.split_by else None
     return Split(names.index(request.split), fractions, by, request.split_seed)
@@ -233,11 +243,12 @@ def _balance(request: pb.StreamBatchesRequest, store: Store) -> Balance | None:
     if weights is not None:
         allowed = set(value_names(column))
         unknown = sorted(set(weights) - allowed)
-        if unknown or min(weights.values()) < 0 or not any(weights.values()):
+        values = list(weights.values())
+        if unknown or not all(math.isfinite(w) and w >= 0 for w in values) or not any(values):
             msg = (
-                f"category_weights: need non-negative weights, not all 0, for values of "
-                f"{request.balance_by!r}; unknown {unknown[:5]}, allowed e.g. "
-                f"{sorted(allowed)[:10]}"
+                f"category_weights: need finite non-negative weights, not all 0, for values of "
+                f"{quoted(request.balance_by)}; unknown {listed(unknown)}, allowed "
+                f"{listed(sorted(allowed))}"
             )
             raise InvalidRequestError(msg)
     return Balance(column, weights, request.num_samples)
@@ -247,21 +258,21 @@ def _matrix(request: pb.StreamBatchesRequest, store: Store) -> str:
     """Return the key of the matrix a request serves: X, a layer or raw X."""
     if request.use_raw:
         if request.layer:
-            msg = f"use_raw: serves raw X; it cannot be combined with layer {request.layer[:100]!r}"
+            msg = f"use_raw: serves raw X; it cannot be combined with layer {quoted(request.layer)}"
             raise InvalidRequestError(msg)
         if "raw/X" not in store.matrices:
             msg = "use_raw: this store has no .raw (raw X with raw var_names in every group)"
             raise InvalidRequestError(msg)
         return "raw/X"
     if request.layer and request.layer not in store.layers:
-        msg = f"layer: unknown layer {request.layer[:100]!r}; the store has {list(store.layers)}"
+        msg = f"layer: unknown layer {quoted(request.layer)}; the store has {listed(store.layers)}"
         raise InvalidRequestError(msg)
     return f"layers/{request.layer}" if request.layer else "X"
 
 
 def _obsm_key(name: str, store: Store) -> str:
     if name not in store.obsm:
-        msg = f"obsm_keys: unknown obsm array {name[:100]!r}; the store has {list(store.obsm)}"
+        msg = f"obsm_keys: unknown obsm array {quoted(name)}; the store has {listed(store.obsm)}"
         raise InvalidRequestError(msg)
     return f"obsm/{name}"
 
@@ -274,12 +285,9 @@ def _columns(var_names: Sequence[str], names: Sequence[str]) -> np.ndarray | Non
     unknown = [v for v in var_names if v not in index]
     if unknown:
         msg = (
-            f"var_names: {len(unknown)} unknown gene(s), e.g. {unknown[:5]}; "
-            f"the served matrix has {len(names)} genes, e.g. {list(names[:5])}"
+            f"var_names: {len(unknown)} unknown gene(s), e.g. {listed(unknown[:5])}; "
+            f"the served matrix has {len(names)} genes, e.g. {listed(names[:5])}"
         )
         raise InvalidRequestError(msg)
-    if len(set(var_names)) != len(var_names):
-        repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)[:5]
-        msg = f"var_names: genes must be listed once, repeated {repeated}"
-        raise InvalidRequestError(msg)
+    _check_unique(var_names, "var_names")
     return np.array([index[v] for v in var_names], dtype=np.int64)

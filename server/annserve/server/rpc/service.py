@@ -163,6 +163,7 @@ class AnnServeService:
         started = time.monotonic()
         stream_id = self._admit(context)
         frames: Prefetcher[Frame] | None = None
+        cancelled = threading.Event()  # stops the read-ahead, also while it skips ahead
         status = "OK"
         meter = None
         try:
@@ -170,8 +171,9 @@ class AnnServeService:
             name = request.store or self._default
             meter = self.metrics.stream(name)
             on_read = self.metrics.store_read_seconds.labels(name).observe
+            context.add_callback(cancelled.set)
             frames = Prefetcher(
-                lambda: epoch_frames(store, sampler, plan, on_read),
+                lambda: epoch_frames(store, sampler, plan, on_read, cancelled),
                 FRAME_QUEUE,
                 name=f"annserve-stream-{stream_id}",
             )
@@ -237,6 +239,7 @@ class AnnServeService:
             logger.exception("stream %d failed", stream_id, extra={"stream_id": stream_id})
             context.abort(grpc.StatusCode.INTERNAL, f"stream {stream_id} failed; see server log")
         finally:
+            cancelled.set()
             if frames is not None:
                 frames.close()
             self._release(stream_id, started)

@@ -62,6 +62,7 @@ def epoch_frames(
     sampler: Sampler,
     plan: StreamPlan,
     on_read: Callable[[float], None] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """Yield the serialized frames of one shard's epoch, from batch ``plan.start_batch`` on.
 
@@ -83,6 +84,9 @@ def epoch_frames(
     on_read
         Called with the seconds each preload buffer's store read took (e.g. a
         Prometheus histogram's ``observe``), on the read-ahead thread.
+    cancelled
+        Set when the stream is over (the client left): the read-ahead thread stops at
+        its next preload buffer, also while it skips to ``start_batch``.
 
     Yields
     ------
@@ -96,7 +100,7 @@ def epoch_frames(
     todo = from_batch(span, plan.batch_size, plan.start_batch)
     emitted = todo.start - span.start
     buffers = Prefetcher(
-        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read),
+        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled),
         1,
         name=f"{threading.current_thread().name}-read",
     )
@@ -131,6 +135,7 @@ def _read_ahead(
     span: Span,
     pool: BufferPool,
     on_read: Callable[[float], None] | None,
+    cancelled: threading.Event | None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]]:
     """Yield each preload buffer of ``span`` read and prepared for the wire.
 
@@ -138,7 +143,7 @@ def _read_ahead(
     row's position in ``wire``, the prepared buffer (rows sorted, each once) and the
     requested obsm arrays at the same rows (as stored, by key).
     """
-    for rows in rows_in_span(sampler, plan.epoch, span):
+    for rows in rows_in_span(sampler, plan.epoch, span, cancelled):
         unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
         started = time.perf_counter()
         block = store.read_rows(unique_rows, plan.matrix, pool)
