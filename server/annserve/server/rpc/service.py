@@ -14,6 +14,8 @@ from annserve.errors import (
     AnnServeError,
     ServerUnavailableError,
     StoreNotFoundError,
+    listed,
+    quoted,
 )
 from annserve.prefetch import Prefetcher
 from annserve.server.plan.epoch import from_batch
@@ -110,7 +112,7 @@ class AnnServeService:
         try:
             return self._stores[name or self._default]
         except KeyError:
-            msg = f"store: unknown store {name!r}; configured: {sorted(self._stores)}"
+            msg = f"store: unknown store {quoted(name)}; configured: {listed(self._stores)}"
             raise StoreNotFoundError(msg) from None
 
     def describe_store(
@@ -140,7 +142,7 @@ class AnnServeService:
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
         except Exception:
-            logger.exception("cannot plan a stream for %s", request)
+            logger.exception("cannot plan a stream for %s", quoted(str(request)))
             context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
         raise AssertionError  # context.abort raises
 
@@ -188,7 +190,7 @@ class AnnServeService:
                 "chunk_size=%d preload_nchunks=%d shard=%d/%d start_batch=%d",
                 stream_id,
                 context.peer(),
-                request_id,
+                quoted(request_id),
                 name,
                 plan.epoch,
                 plan.batch_size,
