@@ -19,24 +19,53 @@ _KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., grpc.RpcMethodHandler]]
 }
 
 
+def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """Return the behaviour of ``handler`` (its one non-None ``unary_unary``... attribute)."""
+    kind, _ = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return getattr(handler, kind)
+
+
+def is_non_blocking(handler: grpc.RpcMethodHandler) -> bool:
+    """Whether grpc calls the behaviour with a ``send_response_callback`` third argument.
+
+    grpc's sync server reads ``experimental_non_blocking`` off a response-streaming
+    behaviour (grpc_health's ``Watch`` sets it): such a behaviour returns at once and
+    sends later through the callback (None ends the call with the status set), so a
+    call held open holds no worker thread.
+    """
+    return handler.response_streaming and bool(
+        getattr(behavior_of(handler), "experimental_non_blocking", False)
+    )
+
+
 def rebuild_handler(
     handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
 ) -> grpc.RpcMethodHandler:
     """Return a handler of the same arity whose behaviour is ``wrap(behaviour)``.
 
     Built with grpc's public ``*_rpc_method_handler`` factories; the request
-    deserializer and response serializer are kept.
+    deserializer and response serializer are kept, and so are the non-blocking
+    flags (``experimental_non_blocking``, ``experimental_thread_pool``): without
+    them a health ``Watch`` would hold a worker thread for as long as it is open.
 
     Parameters
     ----------
     handler
         The method's handler, as returned by an interceptor's ``continuation``.
     wrap
-        Takes the handler's behaviour, returns the new one (same call signature).
+        Takes the handler's behaviour, returns a new function with the same call
+        signature: ``(request, context, send_response_callback)`` where
+        :func:`is_non_blocking`, else ``(request, context)``.
     """
     kind, factory = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, kind)
+    wrapped = wrap(behavior)
+    if is_non_blocking(handler):
+        wrapped.experimental_non_blocking = True  # type: ignore[attr-defined]
+        pool = getattr(behavior, "experimental_thread_pool", None)
+        wrapped.experimental_thread_pool = pool  # type: ignore[attr-defined]
     return factory(
-        wrap(getattr(handler, kind)),
+        wrapped,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

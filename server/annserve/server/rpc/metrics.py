@@ -4,6 +4,11 @@ The stream code calls :class:`StreamMeter` once per frame (never per row).
 
 Each :class:`Metrics` has its own registry, so several servers may live in one
 process (tests) without sharing counters. Nothing is registered at import.
+
+No label takes a client's text as it comes, so no client can grow ``/metrics``:
+``method`` is a method the server serves (any other path is :data:`UNKNOWN_METHOD`),
+``code`` a status code name, ``store`` a configured store's name (a stream is
+counted once its store is found).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from annserve.server.rpc.handlers import rebuild_handler, status_set
+from annserve.server.rpc.handlers import is_non_blocking, rebuild_handler, status_set
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 READ_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Stream duration buckets, seconds: one epoch of a small store to a long epoch of an atlas.
 STREAM_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+#: ``method`` label of calls to a method the server does not serve (the path is the client's).
+UNKNOWN_METHOD = "unknown"
 
 
 class Metrics:
@@ -118,7 +125,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     """Count every call that ends with a status other than OK, by method and code.
 
     A streaming call the client abandons (or the server cancels) counts as
-    ``CANCELLED``; an exception that aborted nothing counts as ``UNKNOWN``.
+    ``CANCELLED``; an exception that aborted nothing counts as ``UNKNOWN``. Calls to
+    methods the server does not serve count as ``UNIMPLEMENTED`` under one label,
+    :data:`UNKNOWN_METHOD`.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -130,9 +139,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         """Wrap the method's handler with the counting."""
         handler = continuation(details)
         if handler is None:
-            self._errors.labels(details.method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+            self._errors.labels(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return None
-        wrapper = _stream_wrapper if handler.response_streaming else _unary_wrapper
+        if is_non_blocking(handler):
+            wrapper = _callback_wrapper
+        else:
+            wrapper = _stream_wrapper if handler.response_streaming else _unary_wrapper
         return rebuild_handler(handler, wrapper(self._errors, details.method))
 
 
@@ -179,6 +191,40 @@ def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callab
                 _count_failure(errors, method, context)
             else:  # cancelled while the handler waited for its next response
                 errors.labels(method, grpc.StatusCode.CANCELLED.name).inc()
+
+        return call
+
+    return wrap
+
+
+def _callback_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callable]:
+    """Count a non-blocking call (health ``Watch``) when it terminates.
+
+    It ends with the status set when the servicer sends None, or ``CANCELLED`` when
+    it terminates before (the client left, the server stopped).
+    """
+
+    def wrap(behavior: Callable) -> Callable:
+        def call(request: object, context: grpc.ServicerContext, send_response: Callable) -> None:
+            ended: list[str] = []  # the code the call ended with, once it has
+
+            def send(response: object) -> None:
+                if response is None and not ended:
+                    ended.append(_code_name(context, grpc.StatusCode.OK))
+                send_response(response)
+
+            def count() -> None:
+                code = ended[0] if ended else grpc.StatusCode.CANCELLED.name
+                if code != "OK":
+                    errors.labels(method, code).inc()
+
+            # added before the servicer's own: runs first when the call terminates
+            context.add_callback(count)
+            try:
+                behavior(request, context, send)
+            except Exception:
+                ended.append(_code_name(context, grpc.StatusCode.UNKNOWN))
+                raise
 
         return call
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import hmac
 import ipaddress
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
-from annserve.errors import AuthenticationError
+from annserve.errors import AuthenticationError, ResourceExhaustedError
 from annserve.server.rpc.handlers import rebuild_handler
 from annserve.server.rpc.service import status_of
 
@@ -22,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 #: Methods any caller may use without a token: liveness probes carry no secrets.
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)
+#: Calls of each of those methods in flight at once; more get ``RESOURCE_EXHAUSTED``.
+#: A probe (kubelet, Docker's HEALTHCHECK, a load balancer) takes one call at a time; a
+#: health ``Watch`` stays open while its client watches, so unbounded, any caller could
+#: open them by the thousand.
+MAX_UNAUTHENTICATED_CALLS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +150,67 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return rebuild_handler(handler, lambda _behavior: deny)
 
 
-def _denial(method: str) -> Callable[[object, grpc.ServicerContext], object]:
-    def deny(request: object, context: grpc.ServicerContext) -> object:
+class UnauthenticatedCallLimit(grpc.ServerInterceptor):
+    """Refuse calls to a token-exempt method beyond ``limit`` in flight at once.
+
+    Each method counts apart, so ``Watch`` streams held open never crowd out ``Check``
+    probes; calls needing a token are not counted (what they may do is bounded once
+    authenticated). A call counts from when its handler starts until it terminates;
+    refused calls end with ``RESOURCE_EXHAUSTED``.
+
+    Parameters
+    ----------
+    limit
+        Calls of each method of :data:`UNAUTHENTICATED_METHODS` in flight at once.
+    """
+
+    def __init__(self, limit: int = MAX_UNAUTHENTICATED_CALLS) -> None:
+        if limit < 1:
+            msg = f"limit: {limit} unauthenticated calls; need at least 1"
+            raise ValueError(msg)
+        self._limit = limit
+        self._open: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def intercept_service(
+        self, continuation: Callable, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """Bound the calls of a token-exempt method; continue others unchanged."""
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(UNAUTHENTICATED_METHODS):
+            return handler
+        return rebuild_handler(handler, lambda behavior: self._bounded(details.method, behavior))
+
+    def _acquire(self, method: str) -> bool:
+        with self._lock:
+            if self._open[method] >= self._limit:
+                return False
+            self._open[method] += 1
+            return True
+
+    def _release(self, method: str) -> None:
+        with self._lock:
+            self._open[method] -= 1
+
+    def _bounded(self, method: str, behavior: Callable) -> Callable:
+        # a non-blocking behaviour (health Watch) takes a send_response_callback too
+        def call(request: object, context: grpc.ServicerContext, *callback: Callable) -> object:
+            if not self._acquire(method):
+                error = ResourceExhaustedError(
+                    f"{method}: {self._limit} calls of this method are in flight, this "
+                    "server's limit for calls without a token; retry later"
+                )
+                context.abort(status_of(error), str(error))
+            if not context.add_callback(lambda: self._release(method)):
+                self._release(method)  # the call has already terminated
+            return behavior(request, context, *callback)
+
+        return call
+
+
+def _denial(method: str) -> Callable[..., object]:
+    # a non-blocking behaviour would get a send_response_callback too: ignored
+    def deny(request: object, context: grpc.ServicerContext, *_callback: Callable) -> object:
         logger.warning(
             "rejected %s from %s: missing or invalid bearer token", method, context.peer()
         )
