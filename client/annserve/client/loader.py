@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,12 +28,16 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    import grpc
+
     from annserve.client.options import Balanced, Split
 
 logger = logging.getLogger(__name__)
 
 #: Longest wait between reconnection attempts, seconds.
 _MAX_BACKOFF_S = 8.0
+#: Longest wait for a closed stream's decoding thread to end, seconds.
+_CLOSE_TIMEOUT_S = 1.0
 
 
 class RemoteLoader(IterableDataset):
@@ -321,13 +326,17 @@ class RemoteLoader(IterableDataset):
                 yield batch
 
         batches = Prefetcher(produce, output.prefetch, name="annserve-decode")
+        # closed once: when the epoch ends or is abandoned, or at interpreter exit if it is
+        # left open (weakref.finalize runs from atexit, while threads still run); a call
+        # cancelled later, as the interpreter finalizes, waits forever on a lock held by
+        # a grpc thread that finalization has already stopped
+        close = weakref.finalize(batches, _close_stream, call, batches)
         try:
             for batch in batches:
                 self._batch += 1
                 yield to_device(batch, self.device) if self.device is not None else batch
         finally:
-            call.cancel()
-            batches.close()
+            close()
 
     def _assembler(self, pool: BufferPool) -> BatchAssembler:
         """Return the assembler of this loader's batches, with the dtypes they take."""
@@ -395,6 +404,12 @@ class RemoteLoader(IterableDataset):
     # buffers are not worth pickling
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_conn": None, "_pool": None}
+
+
+def _close_stream(call: grpc.Call, batches: Prefetcher[dict[str, Any]]) -> None:
+    """Cancel a stream's call, then stop its decoding thread (which the cancel wakes)."""
+    call.cancel()
+    batches.close(_CLOSE_TIMEOUT_S)
 
 
 def _resolve_rank(sharding: Sharding) -> tuple[int, int]:
