@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -25,7 +26,36 @@ _OPTIONS = [
     # detect a dead server during a long stream instead of waiting forever
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # try a lost server again at least every second (grpc's default backoff grows to 120 s),
+    # so that a restarted one is found within a second of listening again
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+#: Called, without waiting for a connection, to learn whether a server answers.
+_PROBE = "/grpc.health.v1.Health/Check"
+#: Seconds between probes of a server that does not answer yet.
+_POLL_S = 0.1
+#: What a connection error most likely means, by a part of grpc's message.
+_HANDSHAKE_CAUSES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's certificate is not signed by a CA in Connection.root_certificates",
+    ),
+    (
+        "WRONG_VERSION_NUMBER",
+        "the server does not use TLS: connect without root_certificates, "
+        "certificate_chain and private_key",
+    ),
+    ("handshake failed", "the TLS handshake failed"),
+)
+#: What a server closing the connection at once most likely means, by whether we use TLS.
+_CLOSED_CAUSES = {
+    False: "the server closed the connection at once: it likely requires TLS "
+    "(give Connection(root_certificates=<its CA certificate>))",
+    True: "the server closed the connection during the TLS handshake: it likely requires "
+    "a client certificate signed by its CA (mutual TLS: give certificate_chain and "
+    "private_key) and got none, or one from another CA",
+}
 
 
 def translate(error: grpc.RpcError, address: str) -> AnnServeError:
@@ -43,6 +73,23 @@ def translate(error: grpc.RpcError, address: str) -> AnnServeError:
     return cls(f"annserve at {address}: {code.name}: {details}")
 
 
+def handshake_failure(error: str, *, secure: bool) -> str | None:
+    """Return the likely cause of a connection error that is a failed handshake, else None.
+
+    Parameters
+    ----------
+    error
+        grpc's message for a call that found no connection (e.g. ``"... Tls handshake
+        failed ..."``; ``"Connection refused"`` is not a handshake failure).
+    secure
+        Whether this side uses TLS.
+    """
+    for marker, cause in _HANDSHAKE_CAUSES:
+        if marker in error:
+            return cause
+    return _CLOSED_CAUSES[secure] if "Socket closed" in error else None
+
+
 class Channel:
     """A channel to one annserve server, with the calls of its service.
 
@@ -57,6 +104,7 @@ class Channel:
     def __init__(self, address: str, options: Connection) -> None:
         self.address = address
         self.timeout = options.timeout
+        self.secure = options.secure
         token = options.token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if options.secure:
@@ -76,6 +124,8 @@ class Channel:
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
             response_deserializer=pb.EpochSize.FromString,
         )
+        # bytes in, bytes out: the answer is not read
+        self._probe_call = self._channel.unary_unary(_PROBE, None, None)
         # no deserializer: frames arrive as bytes and are decoded without protobuf copies
         self._stream = self._channel.unary_stream(
             _SERVICE + "StreamBatches",
@@ -89,21 +139,52 @@ class Channel:
         Raises
         ------
         ServerUnavailableError
-            If no server answers at the address within ``timeout`` seconds.
+            If no server answers at the address within ``timeout`` seconds, or the
+            connection's handshake fails (see :meth:`wait_until_ready`).
         AnnServeError
             Any other failure, mapped from its status code (e.g. ``StoreNotFoundError``).
         """
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
-        except grpc.FutureTimeoutError:
-            msg = f"no annserve server answered at {self.address} within {self.timeout:g} s"
-            raise ServerUnavailableError(msg) from None
+        self.wait_until_ready(self.timeout)
         try:
             return self._describe(
                 pb.DescribeStoreRequest(store=store), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Wait until a server answers at the address, up to ``timeout`` seconds.
+
+        Raises
+        ------
+        ServerUnavailableError
+            If none answers within ``timeout``; at once if one answers but the
+            connection's handshake fails (TLS on one side only, a server certificate
+            from another CA, a client certificate missing or from another CA), with
+            the likely cause and grpc's reason.
+        """
+        deadline = time.monotonic() + timeout
+        while (error := self._probe(deadline)) is not None:
+            if cause := handshake_failure(error, secure=self.secure):
+                msg = f"annserve at {self.address}: the handshake failed: {cause} ({error})"
+                raise ServerUnavailableError(msg)
+            if time.monotonic() >= deadline:
+                msg = (
+                    f"no annserve server answered at {self.address} within {timeout:g} s ({error})"
+                )
+                raise ServerUnavailableError(msg)
+            time.sleep(_POLL_S)
+
+    def _probe(self, deadline: float) -> str | None:
+        """Return None if a server answers now (with any status), else grpc's reason."""
+        timeout = max(deadline - time.monotonic(), _POLL_S)
+        try:
+            self._probe_call(b"", timeout=timeout, wait_for_ready=False)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return e.details() or code.name
+        return None
 
     def count_batches(self, request: pb.StreamBatchesRequest) -> pb.EpochSize:
         """Call ``CountBatches``: the epoch size the request would stream.
