@@ -15,7 +15,12 @@ from annserve.errors import InvalidRequestError
 from annserve.server.plan.limits import Limits
 from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
 from annserve.server.rpc.security import TokenAuthInterceptor
-from annserve.server.rpc.service import SERVICE_NAME, AnnServeService, status_of
+from annserve.server.rpc.service import (
+    SERVICE_NAME,
+    STALL_TIMEOUT_S,
+    AnnServeService,
+    status_of,
+)
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import MAX_MESSAGE_BYTES
 
@@ -36,6 +41,13 @@ MAX_REQUEST_BYTES = 16 << 20
 STOP_SLACK_S = 1.0
 #: RPC threads beyond ``max_streams``: unary calls, health checks and reflection.
 EXTRA_WORKERS = 16
+#: Seconds between the server's HTTP/2 pings on a connection (``--keepalive``).
+KEEPALIVE_S = 30.0
+#: Seconds a peer gets to answer a ping; a connection without an answer is closed and
+#: its streams end (a dead host, a stopped process).
+KEEPALIVE_TIMEOUT_S = 10.0
+#: Most often a client may ping, milliseconds: the client pings every 30 s.
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 class AnnServer:
@@ -102,6 +114,8 @@ def build_server(
     tokens: frozenset[str] | None = None,
     metrics: Metrics | None = None,
     max_workers: int | None = None,
+    stall_timeout: float = STALL_TIMEOUT_S,
+    keepalive: float = KEEPALIVE_S,
 ) -> AnnServer:
     """Create and start a server for ``stores``, with health checking and reflection.
 
@@ -126,14 +140,22 @@ def build_server(
         Where to count; default: fresh metrics.
     max_workers
         Threads serving RPCs; each open stream holds one. Default ``max_streams + 16``.
+    stall_timeout
+        Seconds a stream may wait for its client to take a frame; then it ends with
+        ``DEADLINE_EXCEEDED`` and frees its slot.
+    keepalive
+        Seconds between HTTP/2 pings on a connection; one unanswered for
+        :data:`KEEPALIVE_TIMEOUT_S` is closed (its streams end ``CANCELLED``).
 
     Raises
     ------
     OSError
         If an address cannot be bound.
+    ValueError
+        If ``stall_timeout`` is not positive.
     """
     limits = limits if limits is not None else Limits()
-    service = AnnServeService(stores, limits, metrics)
+    service = AnnServeService(stores, limits, metrics, stall_timeout)
     handlers = {
         "DescribeStore": grpc.unary_unary_rpc_method_handler(
             _parsed(pb.DescribeStoreRequest, service.describe_store),
@@ -162,6 +184,7 @@ def build_server(
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently
             ("grpc.so_reuseport", 0),
+            *_keepalive_options(keepalive),
         ],
     )
     health_servicer = health.HealthServicer()
@@ -184,6 +207,23 @@ def build_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return AnnServer(server, ports, service, health_servicer)
+
+
+def _keepalive_options(keepalive: float) -> list[tuple[str, int]]:
+    """Return the options that ping every ``keepalive`` s and close a silent connection.
+
+    Clients may ping every :data:`MIN_CLIENT_PING_INTERVAL_MS` ms, also with no call
+    open or no data flowing (a stalled stream), without being told ``too_many_pings``.
+    """
+    timeout_ms = int(KEEPALIVE_TIMEOUT_S * 1000)
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),  # a ping sent with data flowing
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging while a stream is blocked
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ]
 
 
 def _bad_request(cls: type[Message], error: Exception, context: grpc.ServicerContext) -> None:
@@ -221,6 +261,9 @@ def create_server(
     stores: Mapping[str, Store],
     addresses: Sequence[str] = ("127.0.0.1:0",),
     max_workers: int | None = None,
+    *,
+    stall_timeout: float = STALL_TIMEOUT_S,
+    keepalive: float = KEEPALIVE_S,
 ) -> tuple[grpc.Server, list[int]]:
     """Create and start a plaintext server for ``stores`` with default limits.
 
@@ -234,6 +277,10 @@ def create_server(
         Where to listen: ``host:port`` (port 0 picks a free port) or ``unix:/path`` each.
     max_workers
         Threads serving RPCs; each open stream holds one.
+    stall_timeout
+        Seconds a stream may wait for its client to take a frame (``DEADLINE_EXCEEDED``).
+    keepalive
+        Seconds between HTTP/2 pings on a connection.
 
     Returns
     -------
@@ -243,6 +290,14 @@ def create_server(
     ------
     OSError
         If the address cannot be bound.
+    ValueError
+        If ``stall_timeout`` is not positive.
     """
-    started = build_server(stores, addresses, max_workers=max_workers)
+    started = build_server(
+        stores,
+        addresses,
+        max_workers=max_workers,
+        stall_timeout=stall_timeout,
+        keepalive=keepalive,
+    )
     return started.server, started.ports

@@ -26,10 +26,11 @@ from annserve.server.convert import convert_main
 from annserve.server.io.ranges import ZARRS_PIPELINE
 from annserve.server.io.store import Store, open_store
 from annserve.server.plan.limits import Limits
-from annserve.server.rpc.app import build_server
+from annserve.server.rpc.app import KEEPALIVE_S, build_server
 from annserve.server.rpc.logs import configure_logging
 from annserve.server.rpc.metrics import serve_metrics
 from annserve.server.rpc.security import TLSConfig, is_loopback, read_tokens
+from annserve.server.rpc.service import STALL_TIMEOUT_S
 
 logger = logging.getLogger("annserve")
 
@@ -151,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=_env("--stall-timeout", STALL_TIMEOUT_S),
+        metavar="SECONDS",
+        help="end a stream with DEADLINE_EXCEEDED when its client has taken no frame "
+        "for this long, freeing its --max-streams slot (default %(default)s)",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=_env("--keepalive", KEEPALIVE_S),
+        metavar="SECONDS",
+        help="ping each connection this often; one whose peer does not answer within "
+        "10 s is closed and its streams end (default %(default)s)",
+    )
+    parser.add_argument(
         "--tls-cert",
         type=Path,
         default=_env("--tls-cert"),
@@ -217,6 +234,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag, seconds in (("--stall-timeout", args.stall_timeout), ("--keepalive", args.keepalive)):
+        if not seconds > 0:
+            parser.error(f"{flag} must be > 0 seconds, got {seconds}")
     try:
         limits = Limits(
             max_streams=args.max_streams,
@@ -264,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     addresses = [f"{args.host}:{args.port}"] + ([f"unix:{args.unix}"] if args.unix else [])
     try:
-        server = build_server(stores, addresses, limits=limits, tls=tls, tokens=tokens)
+        server = build_server(
+            stores,
+            addresses,
+            limits=limits,
+            tls=tls,
+            tokens=tokens,
+            stall_timeout=args.stall_timeout,
+            keepalive=args.keepalive,
+        )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_BIND

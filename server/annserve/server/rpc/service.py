@@ -6,6 +6,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -17,6 +18,7 @@ from annserve.errors import (
     listed,
     quoted,
 )
+from annserve.memory import TRIM_THRESHOLD, trim_freed_memory
 from annserve.prefetch import Prefetcher
 from annserve.server.plan.epoch import from_batch
 from annserve.server.plan.limits import Limits
@@ -44,6 +46,11 @@ SERVICE_NAME = "annserve.v1.AnnServe"
 
 #: Frames that may wait between the preload thread and the gRPC send loop.
 FRAME_QUEUE = 16
+#: Seconds a stream may wait for its client to take a frame before it ends with
+#: ``DEADLINE_EXCEEDED`` (``--stall-timeout``).
+STALL_TIMEOUT_S = 60.0
+#: Most seconds between two checks for stalled streams.
+STALL_CHECK_S = 1.0
 
 
 def status_of(error: AnnServeError) -> grpc.StatusCode:
@@ -74,6 +81,42 @@ def _public(message: str, path: Path, name: str) -> str:
     return message.replace(str(path), f"store {name!r}")
 
 
+def _end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call with ``code`` and ``details`` from any thread.
+
+    ``context.abort`` works only in the handler's own thread and ``context.cancel``
+    always sends ``CANCELLED``; grpc's call object ends it with a status of ours
+    (private API of grpcio's sync server, checked with grpcio 1.85). The handler's
+    generator is then closed at its ``yield``; ``context.code()`` tells why.
+    """
+    context.set_code(code)
+    context.set_details(details)
+    context._rpc_event.call.cancel(code.value[0], details)  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False, slots=True)
+class _OpenStream:
+    """A stream in flight, as the stall watch sees it.
+
+    Attributes
+    ----------
+    context
+        Its call.
+    frames
+        Its frames read ahead; None while it is being planned.
+    waiting_since
+        ``time.monotonic()`` when it yielded a frame grpc has not yet asked past, seconds;
+        None while the stream works (plans, reads, encodes).
+    stalled
+        Whether the stall watch ended it.
+    """
+
+    context: grpc.ServicerContext
+    frames: Prefetcher[Frame] | None = None
+    waiting_since: float | None = None
+    stalled: bool = False
+
+
 class AnnServeService:
     """Handlers of the ``annserve.v1.AnnServe`` service over a set of named stores.
 
@@ -85,6 +128,14 @@ class AnnServeService:
         Limits enforced on every stream; default :class:`Limits`.
     metrics
         Where the streams are counted; default: a fresh :class:`Metrics`.
+    stall_timeout
+        Seconds a stream may wait for its client to take the next frame; then it ends
+        with ``DEADLINE_EXCEEDED``, freeing its slot, buffers and threads.
+
+    Raises
+    ------
+    ValueError
+        If ``stores`` is empty or ``stall_timeout`` is not positive.
     """
 
     def __init__(
@@ -92,19 +143,25 @@ class AnnServeService:
         stores: Mapping[str, Store],
         limits: Limits | None = None,
         metrics: Metrics | None = None,
+        stall_timeout: float = STALL_TIMEOUT_S,
     ) -> None:
         if not stores:
             msg = "at least one store is required"
             raise ValueError(msg)
+        if not stall_timeout > 0:
+            msg = f"stall_timeout must be > 0 seconds, got {stall_timeout}"
+            raise ValueError(msg)
+        self.stall_timeout = stall_timeout
         self._stores = dict(stores)
         self._default = next(iter(self._stores))
         self._stream_ids = itertools.count(1)
         self.limits = limits if limits is not None else Limits()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.frames_queued.set_function(self.frames_queued)
-        # open streams by id (None while being planned), guarded by _idle's lock
-        self._open: dict[int, Prefetcher[Frame] | None] = {}
+        # open streams by id, guarded by _idle's lock, as is the thread watching them
+        self._open: dict[int, _OpenStream] = {}
         self._idle = threading.Condition()
+        self._watch: threading.Thread | None = None
         self._draining = threading.Event()  # refuse new streams
         self._stopping = threading.Event()  # end in-flight streams at their next frame
 
@@ -161,9 +218,12 @@ class AnnServeService:
     def stream_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread."""
+        """Handle ``StreamBatches``: yield serialized frames read ahead in a background thread.
+
+        A client that takes no frame for ``stall_timeout`` seconds gets ``DEADLINE_EXCEEDED``.
+        """
         started = time.monotonic()
-        stream_id = self._admit(context)
+        stream_id, entry = self._admit(context)
         frames: Prefetcher[Frame] | None = None
         cancelled = threading.Event()  # stops the read-ahead, also while it skips ahead
         status = "OK"
@@ -179,8 +239,7 @@ class AnnServeService:
                 FRAME_QUEUE,
                 name=f"annserve-stream-{stream_id}",
             )
-            with self._idle:
-                self._open[stream_id] = frames
+            entry.frames = frames
             context.add_callback(frames.close)
             # the client can name its request (x-request-id) and learn the server's stream id
             request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "-")
@@ -215,11 +274,13 @@ class AnnServeService:
                 # counted before the yield: grpc resumes this generator only to ask for
                 # the next frame, and on a cancel drops it, closing it at the yield
                 meter.sent(frame)
+                entry.waiting_since = time.monotonic()  # until grpc sent it and asks for more
                 yield frame.data
+                entry.waiting_since = None
             if not context.is_active():  # cancelled while waiting: frames.close ended the loop
                 status = "CANCELLED"
         except GeneratorExit:
-            status = "CANCELLED"
+            status = "DEADLINE_EXCEEDED" if entry.stalled else "CANCELLED"
             raise
         except AnnServeError as e:
             status = status_of(e).name
@@ -244,7 +305,8 @@ class AnnServeService:
             cancelled.set()
             if frames is not None:
                 frames.close()
-            self._release(stream_id, started)
+            frames = entry.frames = None  # its queued frames are freed before the trim
+            self._release(stream_id, started, context)
             if meter is not None:
                 logger.info(
                     "stream %d end: status=%s frames=%d rows=%d bytes=%d seconds=%.3f",
@@ -257,9 +319,10 @@ class AnnServeService:
                     extra={"stream_id": stream_id},
                 )
 
-    # --- admission and shutdown ----------------------------------------------------
-    def _admit(self, context: grpc.ServicerContext) -> int:
+    # --- admission, stalls and shutdown ----------------------------------------------
+    def _admit(self, context: grpc.ServicerContext) -> tuple[int, _OpenStream]:
         """Reserve a stream slot, aborting when draining or at ``max_streams``."""
+        entry = _OpenStream(context)
         try:
             with self._idle:
                 if self._draining.is_set():
@@ -267,19 +330,66 @@ class AnnServeService:
                     raise ServerUnavailableError(msg)
                 self.limits.check_streams(len(self._open))
                 stream_id = next(self._stream_ids)
-                self._open[stream_id] = None
+                self._open[stream_id] = entry
+                if self._watch is None:
+                    self._watch = threading.Thread(
+                        target=self._watch_stalls, name="annserve-stall-watch", daemon=True
+                    )
+                    self._watch.start()
         except AnnServeError as e:
             logger.warning("refused a stream from %s: %s", context.peer(), e)
             context.abort(status_of(e), str(e))
         self.metrics.active_streams.inc()
-        return stream_id
+        return stream_id, entry
 
-    def _release(self, stream_id: int, started: float) -> None:
+    def _release(self, stream_id: int, started: float, context: grpc.ServicerContext) -> None:
+        """Free a stream's slot, and the memory it freed once its call is over."""
         with self._idle:
             del self._open[stream_id]
             self._idle.notify_all()
         self.metrics.active_streams.dec()
         self.metrics.stream_seconds.observe(time.monotonic() - started)
+        # a trim takes ~50 ms per 500 MB and holds malloc's lock: not before the status is sent
+        if not context.add_callback(self._trim_freed_memory):
+            self._trim_freed_memory()  # the call was over already
+
+    def _trim_freed_memory(self) -> None:
+        """Give freed memory back to the OS when idle, or when it exceeds the trim threshold.
+
+        With streams open, freed memory is kept for their frames up to
+        :data:`~annserve.memory.TRIM_THRESHOLD` bytes.
+        """
+        trim_freed_memory(TRIM_THRESHOLD if self.open_streams() else 0)
+
+    def _watch_stalls(self) -> None:
+        """End the streams whose client took no frame for ``stall_timeout`` s, while any is open."""
+        interval = min(STALL_CHECK_S, self.stall_timeout / 4)
+        while True:
+            with self._idle:
+                if not self._open:
+                    self._watch = None
+                    return
+                deadline = time.monotonic() - self.stall_timeout
+                stalled = [
+                    (stream_id, entry)
+                    for stream_id, entry in self._open.items()
+                    if not entry.stalled
+                    and entry.waiting_since is not None
+                    and entry.waiting_since < deadline
+                ]
+            for stream_id, entry in stalled:
+                self._end_stalled(stream_id, entry)
+            time.sleep(interval)
+
+    def _end_stalled(self, stream_id: int, entry: _OpenStream) -> None:
+        entry.stalled = True
+        msg = (
+            f"stream {stream_id} stalled: its client took no frame for "
+            f"{self.stall_timeout:g} s (the server's stall timeout, --stall-timeout); "
+            "resume from the last complete batch"
+        )
+        logger.warning("%s; ending it", msg, extra={"stream_id": stream_id})
+        _end_call(entry.context, grpc.StatusCode.DEADLINE_EXCEEDED, msg)
 
     def open_streams(self) -> int:
         """Return the number of streams in flight."""
@@ -289,7 +399,7 @@ class AnnServeService:
     def frames_queued(self) -> int:
         """Return the frames encoded and waiting to be sent, all streams together."""
         with self._idle:
-            return sum(f.pending for f in self._open.values() if f is not None)
+            return sum(e.frames.pending for e in self._open.values() if e.frames is not None)
 
     def drain(self) -> None:
         """Refuse new streams (``UNAVAILABLE``); streams in flight go on."""
