@@ -14,7 +14,11 @@ from grpc_reflection.v1alpha import reflection
 from annserve.errors import InvalidRequestError
 from annserve.server.plan.limits import Limits
 from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
-from annserve.server.rpc.security import TokenAuthInterceptor
+from annserve.server.rpc.security import (
+    MAX_UNAUTHENTICATED_CALLS,
+    TokenAuthInterceptor,
+    UnauthenticatedCallLimit,
+)
 from annserve.server.rpc.service import (
     SERVICE_NAME,
     STALL_TIMEOUT_S,
@@ -112,6 +116,7 @@ def build_server(
     limits: Limits | None = None,
     tls: TLSConfig | None = None,
     tokens: frozenset[str] | None = None,
+    max_unauthenticated_calls: int = MAX_UNAUTHENTICATED_CALLS,
     metrics: Metrics | None = None,
     max_workers: int | None = None,
     stall_timeout: float = STALL_TIMEOUT_S,
@@ -136,6 +141,9 @@ def build_server(
         reachable only through the file system, stay plaintext.
     tokens
         Accepted bearer tokens; None accepts any caller.
+    max_unauthenticated_calls
+        Calls of each health method (exempt from the token) in flight at once; more
+        get ``RESOURCE_EXHAUSTED``. Health ``Watch`` holds no worker thread.
     metrics
         Where to count; default: fresh metrics.
     max_workers
@@ -169,7 +177,10 @@ def build_server(
             _parsed_stream(pb.StreamBatchesRequest, service.stream_batches),
         ),
     }
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(service.metrics)]
+    interceptors: list[grpc.ServerInterceptor] = [
+        MetricsInterceptor(service.metrics),
+        UnauthenticatedCallLimit(max_unauthenticated_calls),
+    ]
     if tokens is not None:
         interceptors.append(TokenAuthInterceptor(tokens))
     server = grpc.server(
