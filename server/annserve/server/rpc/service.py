@@ -49,8 +49,10 @@ FRAME_QUEUE = 16
 #: Seconds a stream may wait for its client to take a frame before it ends with
 #: ``DEADLINE_EXCEEDED`` (``--stall-timeout``).
 STALL_TIMEOUT_S = 60.0
-#: Most seconds between two checks for stalled streams.
+#: Most seconds between two checks for stalled streams (and for freed memory).
 STALL_CHECK_S = 1.0
+#: Seconds without streams after which all freed memory goes back to the OS.
+IDLE_TRIM_S = 0.25
 
 
 def status_of(error: AnnServeError) -> grpc.StatusCode:
@@ -305,8 +307,7 @@ class AnnServeService:
             cancelled.set()
             if frames is not None:
                 frames.close()
-            frames = entry.frames = None  # its queued frames are freed before the trim
-            self._release(stream_id, started, context)
+            self._release(stream_id, started)
             if meter is not None:
                 logger.info(
                     "stream %d end: status=%s frames=%d rows=%d bytes=%d seconds=%.3f",
@@ -333,7 +334,7 @@ class AnnServeService:
                 self._open[stream_id] = entry
                 if self._watch is None:
                     self._watch = threading.Thread(
-                        target=self._watch_stalls, name="annserve-stall-watch", daemon=True
+                        target=self._watch_streams, name="annserve-stream-watch", daemon=True
                     )
                     self._watch.start()
         except AnnServeError as e:
@@ -342,44 +343,44 @@ class AnnServeService:
         self.metrics.active_streams.inc()
         return stream_id, entry
 
-    def _release(self, stream_id: int, started: float, context: grpc.ServicerContext) -> None:
-        """Free a stream's slot, and the memory it freed once its call is over."""
+    def _release(self, stream_id: int, started: float) -> None:
         with self._idle:
             del self._open[stream_id]
             self._idle.notify_all()
         self.metrics.active_streams.dec()
         self.metrics.stream_seconds.observe(time.monotonic() - started)
-        # a trim takes ~50 ms per 500 MB and holds malloc's lock: not before the status is sent
-        if not context.add_callback(self._trim_freed_memory):
-            self._trim_freed_memory()  # the call was over already
 
-    def _trim_freed_memory(self) -> None:
-        """Give freed memory back to the OS when idle, or when it exceeds the trim threshold.
+    def _watch_streams(self) -> None:
+        """End stalled streams and bound freed memory while streams are open.
 
-        With streams open, freed memory is kept for their frames up to
-        :data:`~annserve.memory.TRIM_THRESHOLD` bytes.
+        A stream whose client took no frame for ``stall_timeout`` s is ended; freed
+        memory over :data:`~annserve.memory.TRIM_THRESHOLD` goes back to the OS. Once no
+        stream has been open for :data:`IDLE_TRIM_S` (a client's next epoch comes
+        sooner), all freed memory goes back and the watch ends.
         """
-        trim_freed_memory(TRIM_THRESHOLD if self.open_streams() else 0)
-
-    def _watch_stalls(self) -> None:
-        """End the streams whose client took no frame for ``stall_timeout`` s, while any is open."""
         interval = min(STALL_CHECK_S, self.stall_timeout / 4)
         while True:
             with self._idle:
-                if not self._open:
+                if not self._idle.wait_for(lambda: bool(self._open), IDLE_TRIM_S):
                     self._watch = None
-                    return
-                deadline = time.monotonic() - self.stall_timeout
-                stalled = [
-                    (stream_id, entry)
-                    for stream_id, entry in self._open.items()
-                    if not entry.stalled
-                    and entry.waiting_since is not None
-                    and entry.waiting_since < deadline
-                ]
+                    break
+                stalled = self._stalled(time.monotonic() - self.stall_timeout)
             for stream_id, entry in stalled:
                 self._end_stalled(stream_id, entry)
-            time.sleep(interval)
+            trim_freed_memory(TRIM_THRESHOLD)
+            with self._idle:
+                self._idle.wait(interval)  # or until a stream ends
+        trim_freed_memory()  # a trim takes ~50 ms per 500 MB and holds malloc's lock
+
+    def _stalled(self, deadline: float) -> list[tuple[int, _OpenStream]]:
+        """Return the streams waiting for their client since before ``deadline`` (monotonic s)."""
+        return [
+            (stream_id, entry)
+            for stream_id, entry in self._open.items()
+            if not entry.stalled
+            and entry.waiting_since is not None
+            and entry.waiting_since < deadline
+        ]
 
     def _end_stalled(self, stream_id: int, entry: _OpenStream) -> None:
         entry.stalled = True
