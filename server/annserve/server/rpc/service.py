@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from annserve.errors import (
+    QUOTE_CHARS,
     AnnServeError,
     ServerUnavailableError,
     StoreNotFoundError,
@@ -251,7 +252,7 @@ class AnnServeService:
                 "chunk_size=%d preload_nchunks=%d shard=%d/%d start_batch=%d",
                 stream_id,
                 context.peer(),
-                quoted(request_id),
+                request_id[:QUOTE_CHARS],
                 name,
                 plan.epoch,
                 plan.batch_size,
