@@ -335,7 +335,7 @@ class AnnServeService:
                 self._open[stream_id] = entry
                 if self._watch is None:
                     self._watch = threading.Thread(
-                        target=self._watch_streams, name="annserve-stream-watch", daemon=True
+                        target=self._watch_streams, name="annserve-watch", daemon=True
                     )
                     self._watch.start()
         except AnnServeError as e:
