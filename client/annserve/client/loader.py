@@ -126,7 +126,8 @@ class RemoteLoader(IterableDataset):
     ------
     ServerUnavailableError
         If no server answers at ``address`` within ``connection.timeout`` (a
-        ``ConnectionError``; also when the TLS handshake fails).
+        ``ConnectionError``); at once, naming the likely cause, if one answers but the
+        TLS handshake fails.
     AuthenticationError
         If the server requires a token and ``connection.token`` is missing or wrong.
     StoreNotFoundError
@@ -280,6 +281,10 @@ class RemoteLoader(IterableDataset):
         ------
         AnnServeError
             If the server rejects the request or fails mid-stream (mapped from its status).
+        ServerUnavailableError
+            If the server is lost mid-epoch and does not stream again within
+            ``connection.retries`` reconnections and ``connection.max_wait`` seconds
+            (per outage: each batch that arrives ends one).
         FrameDecodeError
             If a received frame is malformed; no batch built from it is yielded.
         """
@@ -288,28 +293,47 @@ class RemoteLoader(IterableDataset):
             # assembled; each holds two pooled arrays (indices and data, or dense X)
             self._pool = BufferPool(max_buffers=2 * (self.output.prefetch + 2))
         pool = self._pool
-        retries, backoff = self.connection.retries, self.connection.retry_backoff
-        for attempt in range(retries + 1):
+        attempt, deadline = 0, 0.0  # reconnections of the current outage; when it must end
+        while True:
+            yielded = self._batch
             try:
+                if attempt:
+                    self._connection().wait_until_ready(deadline - time.monotonic())
                 yield from self._stream_from_cursor(pool)
             except ServerUnavailableError:
-                if attempt == retries:
+                if attempt == 0 or self._batch > yielded:  # a batch arrived: a new outage
+                    attempt, deadline = 0, time.monotonic() + self.connection.max_wait
+                attempt += 1
+                delay = self._reconnection_delay(attempt, deadline)
+                if delay is None:
                     raise
-                delay = min(backoff * 2**attempt, _MAX_BACKOFF_S)
-                logger.warning(
-                    "annserve at %s unavailable; resuming at epoch %d batch %d in "
-                    "%.1f s (retry %d of %d)",
-                    self.address,
-                    self._epoch,
-                    self._batch,
-                    delay,
-                    attempt + 1,
-                    retries,
-                )
                 time.sleep(delay)
             else:
                 self._epoch, self._batch = self._epoch + 1, 0
                 return
+
+    def _reconnection_delay(self, attempt: int, deadline: float) -> float | None:
+        """Return the pause before an outage's reconnection ``attempt`` (1, 2, ...), seconds.
+
+        None if the outage has used its ``retries`` or would outlast ``deadline``
+        (``time.monotonic()`` seconds); else the reconnection is logged.
+        """
+        connection = self.connection
+        delay = min(connection.retry_backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S)
+        if attempt > connection.retries or time.monotonic() + delay >= deadline:
+            return None
+        logger.warning(
+            "annserve at %s unavailable; resuming at epoch %d batch %d once it answers, "
+            "in %.1f s at the earliest (retry %d of %d, at most %.0f s more)",
+            self.address,
+            self._epoch,
+            self._batch,
+            delay,
+            attempt,
+            connection.retries,
+            deadline - time.monotonic(),
+        )
+        return delay
 
     def _stream_from_cursor(self, pool: BufferPool) -> Iterator[dict[str, Any]]:
         """Stream the current epoch from the next batch not yet yielded."""

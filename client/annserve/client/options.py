@@ -189,11 +189,17 @@ class Connection:
         Deadline for connecting and for unary calls, seconds. A server that does not
         answer within it raises ``ServerUnavailableError``.
     retries
-        When the server becomes unavailable mid-epoch, reconnect up to this many times
-        and resume at the first batch not yet yielded: no batch is lost or repeated.
+        Reconnections per outage: when the server becomes unavailable mid-epoch, reopen
+        the stream up to this many times and resume at the first batch not yet yielded
+        (no batch is lost or repeated). An outage ends when a batch arrives; the next
+        one has all ``retries`` again.
     retry_backoff
-        Wait before the first reconnection, seconds; doubled after each failure (at
-        most 8 s).
+        Pause before an outage's first reconnection, seconds; doubled before each
+        further one (at most 8 s). Each reconnection then waits for the server to
+        answer again, so a server restarting within ``max_wait`` costs one.
+    max_wait
+        Longest the loader waits for the server in one outage, seconds, pauses
+        included; then it raises the ``ServerUnavailableError``.
     encoding
         Wire encoding: ``"compact"`` (lossless narrow types, default) or ``"raw"``
         (the store's dtypes).
@@ -223,13 +229,14 @@ class Connection:
     ------
     InvalidRequestError
         If ``encoding`` or ``compression`` is not a name listed above, only one of
-        ``certificate_chain`` and ``private_key`` is given, ``timeout`` is not positive
-        or ``retries`` or ``retry_backoff`` is negative.
+        ``certificate_chain`` and ``private_key`` is given, ``timeout`` or ``max_wait``
+        is not positive or ``retries`` or ``retry_backoff`` is negative.
     """
 
     timeout: float = 10.0
     retries: int = 5
     retry_backoff: float = 0.5
+    max_wait: float = 60.0
     encoding: str = "compact"
     compression: str | None = None
     compression_level: int = 0
@@ -249,9 +256,10 @@ class Connection:
         if (self.certificate_chain is None) != (self.private_key is None):
             msg = "certificate_chain and private_key go together (mutual TLS needs both)"
             raise InvalidRequestError(msg)
-        if not self.timeout > 0:
-            msg = f"timeout must be > 0 seconds, got {self.timeout}"
-            raise InvalidRequestError(msg)
+        for name in ("timeout", "max_wait"):
+            if not getattr(self, name) > 0:
+                msg = f"{name} must be > 0 seconds, got {getattr(self, name)}"
+                raise InvalidRequestError(msg)
         if self.retries < 0 or self.retry_backoff < 0:
             msg = (
                 f"retries and retry_backoff must be >= 0, got retries={self.retries} "
