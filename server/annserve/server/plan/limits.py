@@ -88,11 +88,26 @@ class Limits:
         need = rows * sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
         if need > self.stream_memory_mb * 1e6:
             msg = (
-                f"stream_memory_mb: a preload buffer of {rows} rows (chunk_size "
-                f"{plan.chunk_size} x preload_nchunks {plan.preload_nchunks}) needs about "
+                f"stream_memory_mb: a preload buffer of {rows:,} rows (chunk_size "
+                f"{plan.chunk_size:,} x preload_nchunks {plan.preload_nchunks:,}) needs about "
                 f"{need / 1e6:,.0f} MB, over this server's per-stream budget of "
                 f"{self.stream_memory_mb:g} MB (--stream-memory-mb); lower chunk_size or "
                 "preload_nchunks"
+            )
+            raise ResourceExhaustedError(msg)
+        index = sampler_bytes(plan, store)
+        if index > self.stream_memory_mb * 1e6:
+            weighted = plan.balance is not None and plan.balance.num_samples
+            cause = (
+                f"num_samples {plan.balance.num_samples:,} drawn chunk_size {plan.chunk_size:,} "
+                "at a time; lower num_samples or raise chunk_size"
+                if weighted and plan.balance is not None
+                else f"chunk_size {plan.chunk_size:,}; raise chunk_size"
+            )
+            msg = (
+                f"stream_memory_mb: the epoch's row order needs about {index / 1e6:,.0f} MB of "
+                f"indices, over this server's per-stream budget of {self.stream_memory_mb:g} MB "
+                f"(--stream-memory-mb): {cause}"
             )
             raise ResourceExhaustedError(msg)
 
@@ -107,5 +122,26 @@ class Limits:
 
 
 def preload_rows(plan: StreamPlan, store: Store) -> int:
-    """Return the rows of one preload buffer of ``plan`` (at most the store's rows)."""
-    return min(plan.chunk_size * plan.preload_nchunks, store.n_obs)
+    """Return the rows of one preload buffer of ``plan``.
+
+    ``chunk_size * preload_nchunks``, at most the store's rows, or, for weighted
+    sampling (rows drawn with replacement), at most the epoch's ``num_samples``.
+    """
+    rows = plan.chunk_size * plan.preload_nchunks
+    if plan.balance is None:
+        return min(rows, store.n_obs)
+    return min(rows, plan.balance.num_samples or store.n_obs)
+
+
+def sampler_bytes(plan: StreamPlan, store: Store) -> int:
+    """Return the bytes of the indices a stream's sampler holds for its epoch's row order.
+
+    The chunk order (8 bytes per chunk) and, for weighted sampling, the chunk draws
+    (8 bytes each, and as much again while drawing).
+    """
+    chunk = max(1, min(plan.chunk_size, store.n_obs))
+    n_chunks = -(-store.n_obs // chunk) + len(store.group_offsets)  # a short chunk per group
+    if plan.balance is None:
+        return 8 * n_chunks
+    draws = -(-(plan.balance.num_samples or store.n_obs) // plan.chunk_size)
+    return 8 * n_chunks + 16 * draws

@@ -25,15 +25,18 @@ class ChunkLayout:
     group_offsets
         First row of each group, then ``n_obs``; shape ``(n_groups + 1,)``, int64.
     chunk_size
-        Rows per chunk (> 0); the last chunk of each group may be shorter.
+        Rows per chunk (> 0); the last chunk of each group may be shorter. Any size is
+        accepted: a chunk larger than its group is the whole group.
     """
 
     def __init__(self, group_offsets: np.ndarray, chunk_size: int) -> None:
         offsets = np.asarray(group_offsets, dtype=np.int64)
         self.chunk_size = chunk_size
         self.n_obs = int(offsets[-1])
+        # the arithmetic uses a chunk of at most n_obs rows (no int64 overflow; same chunks)
+        self._rows = min(chunk_size, max(self.n_obs, 1))
         self._group_starts, self._group_ends = offsets[:-1], offsets[1:]
-        per_group = -(-(self._group_ends - self._group_starts) // chunk_size)
+        per_group = -(-(self._group_ends - self._group_starts) // self._rows)
         # first chunk id of each group, then the number of chunks
         self._first_chunk = np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64)
         self.n_chunks = int(self._first_chunk[-1])
@@ -42,8 +45,8 @@ class ChunkLayout:
         """Return first row and length of each chunk, two int64 arrays like ``chunk_ids``."""
         group = np.searchsorted(self._first_chunk, chunk_ids, side="right") - 1
         index_in_group = chunk_ids - self._first_chunk[group]
-        starts = self._group_starts[group] + index_in_group * self.chunk_size
-        return starts, np.minimum(starts + self.chunk_size, self._group_ends[group]) - starts
+        starts = self._group_starts[group] + index_in_group * self._rows
+        return starts, np.minimum(starts + self._rows, self._group_ends[group]) - starts
 
     def rows(self, chunk_ids: np.ndarray) -> np.ndarray:
         """Return the rows of the chunks, chunk after chunk, int64."""
@@ -217,11 +220,12 @@ class WeightedSampler(Sampler):
         n_draws = -(-self._num_samples // size)
         draws = rng.choice(self.layout.n_chunks, size=n_draws, p=self._chunk_p)
         for first in range(0, n_draws, self.preload_nchunks):
-            chunk_ids = draws[first : first + self.preload_nchunks]
-            last = first + len(chunk_ids) == n_draws
-            rows = [self._draw_rows(c, rng, size) for c in chunk_ids]
-            if last:  # the epoch ends after exactly num_samples rows
-                rows[-1] = rows[-1][: self._num_samples - (n_draws - 1) * size]
+            chunk_ids = draws[first : first + self.preload_nchunks].tolist()
+            # the epoch ends after exactly num_samples rows: the last draw takes what is left
+            left = self._num_samples - first * size
+            rows = [
+                self._draw_rows(c, rng, min(size, left - i * size)) for i, c in enumerate(chunk_ids)
+            ]
             yield rng.permutation(np.concatenate(rows))
 
     def _draw_rows(self, chunk_id: int, rng: np.random.Generator, size: int) -> np.ndarray:

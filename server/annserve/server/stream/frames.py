@@ -99,6 +99,7 @@ def epoch_frames(
     n_emit = span.stop - span.start
     todo = from_batch(span, plan.batch_size, plan.start_batch)
     emitted = todo.start - span.start
+    per_row = _row_extra_bytes(store, plan)
     buffers = Prefetcher(
         lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled),
         1,
@@ -106,7 +107,7 @@ def epoch_frames(
     )
     try:
         for rows, positions, wire, obsm in buffers:
-            step = _frame_rows(wire.nbytes, len(rows))
+            step = _frame_rows(wire.nbytes + per_row * len(rows), len(rows))
             start = 0
             while start < len(rows):
                 batch, row_start = divmod(emitted, plan.batch_size)
@@ -154,6 +155,27 @@ def _read_ahead(
             block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
         wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
         yield rows, np.searchsorted(unique_rows, rows), wire, obsm
+
+
+def _row_extra_bytes(store: Store, plan: StreamPlan) -> int:
+    """Bytes a frame carries per row besides X: obs values, masks and text, obs_names, obsm.
+
+    Frames are sized by all their bytes, so many or wide obs columns make frames of
+    fewer rows instead of frames far over the target size.
+    """
+    per_row = 8 * plan.return_index + _text_bytes(store.obs_names)
+    for col in plan.obs:
+        per_row += _text_bytes(col.values) if col.kind == "str" else col.values.itemsize
+        per_row += col.missing is not None
+    return per_row + int(sum(store.mean_row_bytes(k) for k in plan.obsm))
+
+
+def _text_bytes(values: np.ndarray, sample: int = 1000) -> int:
+    """Mean bytes of one text value on the wire (UTF-8 and protobuf's tag and length)."""
+    if len(values) == 0:
+        return 0
+    picked = values[:: max(1, len(values) // sample)]
+    return 2 + -(-sum(len(str(v).encode()) for v in picked) // len(picked))
 
 
 def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
