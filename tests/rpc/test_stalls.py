@@ -95,6 +95,11 @@ def test_stalled_streams_end_deadline_exceeded_and_free_their_slots(start, wide,
         assert "--stall-timeout" in details
     ends = [r.getMessage() for r in caplog.records if " end: status=" in r.getMessage()]
     assert sum("status=DEADLINE_EXCEEDED" in m for m in ends) == 2, ends
+    counted = server.metrics.registry.get_sample_value(
+        "annserve_rpc_errors_total",
+        {"method": "/annserve.v1.AnnServe/StreamBatches", "code": "DEADLINE_EXCEEDED"},
+    )
+    assert counted == 2  # as what they ended with (before: as CANCELLED)
 
 
 def test_a_client_pausing_longer_than_the_stall_timeout_resumes_with_every_row_once(

@@ -1,4 +1,8 @@
-"""Rebuild a gRPC method handler around a new behaviour (for server interceptors)."""
+"""gRPC handler plumbing: handlers rebuilt for interceptors, status set, calls ended.
+
+Rebuild a method handler around a new behaviour (for server interceptors), read the
+status a handler has set, end a call from another thread.
+"""
 
 from __future__ import annotations
 
@@ -82,3 +86,17 @@ def status_set(context: grpc.ServicerContext) -> tuple[grpc.StatusCode | None, s
     if isinstance(details, bytes):
         details = details.decode(errors="replace")
     return (code if isinstance(code, grpc.StatusCode) else None), details
+
+
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call with ``code`` and ``details`` from any thread.
+
+    ``context.abort`` works only in the handler's own thread and ``context.cancel``
+    always sends ``CANCELLED``; grpc's call object ends it with a status of ours
+    (the one private API of grpcio's sync server annserve uses, checked with grpcio
+    1.85; pyproject bounds grpcio's minor version for it). The handler's
+    generator is then closed at its ``yield``; ``context.code()`` tells why.
+    """
+    context.set_code(code)
+    context.set_details(details)
+    context._rpc_event.call.cancel(code.value[0], details)  # type: ignore[attr-defined]

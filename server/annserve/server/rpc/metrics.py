@@ -181,8 +181,8 @@ def _stream_wrapper(errors: Counter, method: str) -> Callable[[Callable], Callab
         def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
             try:
                 yield from behavior(request, context)
-            except GeneratorExit:
-                errors.labels(method, grpc.StatusCode.CANCELLED.name).inc()
+            except GeneratorExit:  # the client left, or the server ended the call (a stall)
+                errors.labels(method, _code_name(context, grpc.StatusCode.CANCELLED)).inc()
                 raise
             except Exception:
                 errors.labels(method, _code_name(context, grpc.StatusCode.UNKNOWN)).inc()

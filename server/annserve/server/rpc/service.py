@@ -26,7 +26,7 @@ from annserve.server.plan.limits import Limits
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
 from annserve.server.rpc.describe import store_info
-from annserve.server.rpc.handlers import status_set
+from annserve.server.rpc.handlers import end_call, status_set
 from annserve.server.rpc.metrics import Metrics
 from annserve.server.stream.frames import epoch_frames, epoch_span
 from annserve.v1 import annserve_pb2 as pb
@@ -82,19 +82,6 @@ def _public(message: str, path: Path, name: str) -> str:
     know the store only by name (server paths are not theirs to see).
     """
     return message.replace(str(path), f"store {name!r}")
-
-
-def _end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End a call with ``code`` and ``details`` from any thread.
-
-    ``context.abort`` works only in the handler's own thread and ``context.cancel``
-    always sends ``CANCELLED``; grpc's call object ends it with a status of ours
-    (private API of grpcio's sync server, checked with grpcio 1.85). The handler's
-    generator is then closed at its ``yield``; ``context.code()`` tells why.
-    """
-    context.set_code(code)
-    context.set_details(details)
-    context._rpc_event.call.cancel(code.value[0], details)  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False, slots=True)
@@ -391,7 +378,7 @@ class AnnServeService:
             "resume from the last complete batch"
         )
         logger.warning("%s; ending it", msg, extra={"stream_id": stream_id})
-        _end_call(entry.context, grpc.StatusCode.DEADLINE_EXCEEDED, msg)
+        end_call(entry.context, grpc.StatusCode.DEADLINE_EXCEEDED, msg)
 
     def open_streams(self) -> int:
         """Return the number of streams in flight."""
