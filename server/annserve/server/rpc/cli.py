@@ -29,7 +29,12 @@ from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import KEEPALIVE_S, build_server
 from annserve.server.rpc.logs import configure_logging
 from annserve.server.rpc.metrics import serve_metrics
-from annserve.server.rpc.security import TLSConfig, is_loopback, read_tokens
+from annserve.server.rpc.security import (
+    MAX_UNAUTHENTICATED_CALLS,
+    TLSConfig,
+    is_loopback,
+    read_tokens,
+)
 from annserve.server.rpc.service import STALL_TIMEOUT_S
 
 logger = logging.getLogger("annserve")
@@ -152,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--max-unauthenticated-calls",
+        type=int,
+        default=_env("--max-unauthenticated-calls", MAX_UNAUTHENTICATED_CALLS),
+        help="concurrent calls per token-exempt method (health Check, Watch); more get "
+        "RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    parser.add_argument(
         "--stall-timeout",
         type=float,
         default=_env("--stall-timeout", STALL_TIMEOUT_S),
@@ -234,6 +246,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.max_unauthenticated_calls < 1:
+        parser.error(
+            f"--max-unauthenticated-calls must be >= 1, got {args.max_unauthenticated_calls}"
+        )
     for flag, seconds in (("--stall-timeout", args.stall_timeout), ("--keepalive", args.keepalive)):
         if not seconds > 0:
             parser.error(f"{flag} must be > 0 seconds, got {seconds}")
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=tokens,
             stall_timeout=args.stall_timeout,
             keepalive=args.keepalive,
+            max_unauthenticated_calls=args.max_unauthenticated_calls,
         )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
