@@ -23,9 +23,13 @@ if TYPE_CHECKING:
 _SERVICE = "/annserve.v1.AnnServe/"
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # detect a dead server during a long stream instead of waiting forever
+    # detect a dead server during a long stream instead of waiting forever: a ping every
+    # 30 s (the server accepts one every 10 s), answered within 10 s also while data
+    # flows (grpc's ping timeout is otherwise 60 s), and kept up while no data arrives
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
     # try a lost server again at least every second (grpc's default backoff grows to 120 s),
     # so that a restarted one is found within a second of listening again
     ("grpc.initial_reconnect_backoff_ms", 100),
