@@ -20,6 +20,11 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_LZ4: _ClassVar[Compression]
     COMPRESSION_BLOSC: _ClassVar[Compression]
 
+class MissingGenes(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MISSING_GENES_ERROR: _ClassVar[MissingGenes]
+    MISSING_GENES_ZEROS: _ClassVar[MissingGenes]
+
 class SamplerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SAMPLER_CHUNK: _ClassVar[SamplerKind]
@@ -31,6 +36,8 @@ COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 COMPRESSION_LZ4: Compression
 COMPRESSION_BLOSC: Compression
+MISSING_GENES_ERROR: MissingGenes
+MISSING_GENES_ZEROS: MissingGenes
 SAMPLER_CHUNK: SamplerKind
 SAMPLER_WEIGHTED: SamplerKind
 
@@ -117,7 +124,7 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes")
     class CategoryWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +161,7 @@ class StreamBatchesRequest(_message.Message):
     SPLIT_SEED_FIELD_NUMBER: _ClassVar[int]
     OBSM_KEYS_FIELD_NUMBER: _ClassVar[int]
     USE_RAW_FIELD_NUMBER: _ClassVar[int]
+    MISSING_GENES_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -183,7 +191,8 @@ class StreamBatchesRequest(_message.Message):
     split_seed: int
     obsm_keys: _containers.RepeatedScalarFieldContainer[str]
     use_raw: bool
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ...) -> None: ...
+    missing_genes: MissingGenes
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset")
