@@ -19,10 +19,13 @@ import zarr
 
 from annserve.errors import AnnServeError, DataLossError, StoreFormatError
 from annserve.server.io._zarr import ZARRS_PIPELINE, ZarrRanges, absent_chunks, chunk_name
+from annserve.server.io.cache import CachedRanges, active_cache
 from annserve.server.io.chunkfiles import ChunkFileRanges
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from annserve.server.io.cache import ChunkCache
 
 __all__ = ["ZARRS_PIPELINE", "RangeReader", "check_stored", "range_reader", "row_runs"]
 
@@ -155,13 +158,19 @@ def _default_name(array: h5py.Dataset | zarr.Array[Any]) -> str:
 
 
 def range_reader(
-    array: h5py.Dataset | zarr.Array[Any], name: str | None = None, complete: bool = False
+    array: h5py.Dataset | zarr.Array[Any],
+    name: str | None = None,
+    complete: bool = False,
+    cache: ChunkCache | None = None,
 ) -> RangeReader:
     """Return the range reader suited to an h5py dataset or a zarr array.
 
     Uncompressed 1-d arrays in local files are read straight from them
     (:class:`~annserve.server.io.chunkfiles.ChunkFileRanges`); others through h5py or
-    zarr's codec pipeline.
+    zarr's codec pipeline, and, given a ``cache``, 1-d ones that must be ``complete``
+    (CSR ``data``/``indices``) through it
+    (:class:`~annserve.server.io.cache.CachedRanges`: each chunk decoded once while
+    it stays cached).
 
     Parameters
     ----------
@@ -172,6 +181,10 @@ def range_reader(
     complete
         Every chunk a read touches must be stored (1-d CSR arrays): an absent one is
         lost data, not the fill value.
+    cache
+        Keeps decoded chunks of complete 1-d arrays read through h5py or zarr (default:
+        that of the enclosing :func:`~annserve.server.io.cache.caching` block, if any);
+        without one, or with a bound of 0 bytes, every read decodes.
 
     Raises
     ------
@@ -182,9 +195,17 @@ def range_reader(
     direct = ChunkFileRanges.open(array, name, complete)
     if direct is not None:
         return direct
+    reader: RangeReader
     if isinstance(array, h5py.Dataset):
-        return _Reported(_H5Ranges(array, name), array, name)
-    return _Reported(ZarrRanges(array, name, complete), array, name)
+        reader = _Reported(_H5Ranges(array, name), array, name)
+    else:
+        reader = _Reported(ZarrRanges(array, name, complete), array, name)
+    cache = active_cache() if cache is None else cache
+    if cache is None or cache.max_bytes == 0 or not complete or len(array.shape) != 1:
+        return reader
+    chunks = array.chunks
+    chunk = int(chunks[0]) if chunks else max(1, int(array.shape[0]))
+    return CachedRanges(reader, cache, chunk, int(array.shape[0]), np.dtype(array.dtype))
 
 
 def check_stored(array: h5py.Dataset | zarr.Array[Any], stop: int, name: str) -> None:

@@ -1,0 +1,236 @@
+"""The decoded-chunk cache (``--cache-gb``): bit-exact, bounded, keyed per array, errors kept.
+
+Stores are annbatch-layout Blosc-LZ4 collections of real data (pbmc3k's first 1,000
+cells and wu2020, three groups; see ``collection_stores``), read through the zarrs
+codec pipeline as the daemon reads them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+from annserve.errors import DataLossError
+from annserve.server import open_store
+from annserve.server.io.cache import (
+    ENTRY_OVERHEAD,
+    CachedRanges,
+    ChunkCache,
+    caching,
+    default_cache_bytes,
+    narrowed,
+)
+from annserve.server.io.ranges import ZARRS_PIPELINE, range_reader
+from collection_stores import annbatch_collection, write_annbatch_collection  # noqa: F401
+from conftest import real_path
+
+ROW_SETS = 25  # random row sets compared per test
+THREADS = 4
+READS_PER_THREAD = 15
+GB = 10**9
+
+
+@pytest.fixture(autouse=True)
+def zarrs_pipeline():
+    with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
+        yield
+
+
+def row_sets(n_obs: int, count: int = ROW_SETS, seed: int = 0) -> list[np.ndarray]:
+    """Sorted random row sets: single rows, scattered rows, runs of 32 (sampler chunks)."""
+    rng = np.random.default_rng(seed)
+    sets = [np.array([0]), np.array([n_obs - 1]), np.arange(n_obs)]
+    for _ in range(count):
+        if rng.random() < 0.5:
+            rows = rng.choice(n_obs, int(rng.integers(1, 400)), replace=False)
+        else:
+            starts = rng.choice(n_obs // 32, int(rng.integers(1, 12)), replace=False) * 32
+            rows = np.concatenate([np.arange(s, min(s + 32, n_obs)) for s in starts])
+        sets.append(np.sort(rows).astype(np.int64))
+    return sets
+
+
+def assert_same_rows(got, want) -> None:
+    for name in ("indptr", "indices", "data"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=name)
+
+
+def cached_store(path, cache: ChunkCache):
+    with caching(cache):
+        return open_store(path)
+
+
+def test_reads_through_the_cache_are_bit_exact(annbatch_collection):  # noqa: F811
+    path = annbatch_collection.path
+    plain, cache = open_store(path), ChunkCache(GB)
+    store = cached_store(path, cache)
+    for rows in row_sets(plain.n_obs):
+        assert_same_rows(store.read_rows(rows), plain.read_rows(rows))
+    # pbmc3k counts narrow to uint16 in the cache; reads still return the store's dtypes
+    x = store.read_rows(np.arange(store.n_obs))
+    assert x.data.dtype == np.float32
+    assert cache.stats().entries > 0
+
+
+def test_second_reads_hit_the_cache(annbatch_collection):  # noqa: F811
+    cache = ChunkCache(GB)
+    store = cached_store(annbatch_collection.path, cache)
+    rows = np.arange(100, 900, dtype=np.int64)
+    first = store.read_rows(rows)
+    after_first = cache.stats()
+    assert after_first.misses > 0
+    again = store.read_rows(rows)
+    after_second = cache.stats()
+    assert after_second.misses == after_first.misses  # nothing decoded again
+    assert after_second.hits > after_first.hits
+    assert after_second.entries == after_first.entries
+    assert_same_rows(again, first)
+
+
+def test_the_byte_bound_holds_and_evicts(annbatch_collection):  # noqa: F811
+    path = annbatch_collection.path
+    plain = open_store(path)
+    whole = cached_store(path, ChunkCache(GB))
+    whole.read_rows(np.arange(plain.n_obs))
+    held = whole._groups[0].matrices["X"]._data._cache.stats().nbytes  # every chunk, narrowed
+    bound = held // 4
+    cache = ChunkCache(bound)
+    store = cached_store(path, cache)
+    for rows in row_sets(plain.n_obs, seed=1):
+        assert_same_rows(store.read_rows(rows), plain.read_rows(rows))
+        stats = cache.stats()
+        assert 0 < stats.nbytes <= bound
+    assert cache.stats().evictions > 0
+
+
+def test_a_zero_bound_disables_the_cache(annbatch_collection):  # noqa: F811
+    array = zarr.open_group(annbatch_collection.path, mode="r")["dataset_0/X/data"]
+    off = range_reader(array, "data", complete=True, cache=ChunkCache(0))
+    on = range_reader(array, "data", complete=True, cache=ChunkCache(GB))
+    assert not isinstance(off, CachedRanges)
+    assert isinstance(on, CachedRanges)
+    assert not isinstance(range_reader(array, "data", complete=True), CachedRanges)
+    with caching(ChunkCache(0)):
+        store = open_store(annbatch_collection.path)
+    assert not isinstance(store._groups[0].matrices["X"]._data, CachedRanges)
+
+
+def test_two_stores_never_share_entries(tmp_path, annbatch_collection, real_adata):  # noqa: F811
+    """Same layout, same group names, same array paths: different data."""
+    other = write_annbatch_collection(
+        tmp_path / "other.zarr",
+        [real_adata("pbmc3k")[1000:2200].copy()],
+        [str(real_path("pbmc3k"))],
+        dataset_size=500,
+        seed=1,
+    )
+    cache = ChunkCache(GB)
+    stores = [cached_store(p, cache) for p in (annbatch_collection.path, other.path)]
+    stores.append(cached_store(annbatch_collection.path, cache))  # the same path again
+    plains = [open_store(p) for p in (annbatch_collection.path, other.path)]
+    plains.append(plains[0])
+    n = min(s.n_obs for s in stores)
+    for rows in row_sets(n, count=10):
+        for store, plain in zip(stores, plains, strict=True):
+            assert_same_rows(store.read_rows(rows), plain.read_rows(rows))
+    a, b = (s.read_rows(np.arange(n)) for s in stores[:2])
+    assert not np.array_equal(a.data, b.data)  # the comparison above could tell them apart
+
+
+def test_concurrent_readers_get_their_rows(annbatch_collection):  # noqa: F811
+    path = annbatch_collection.path
+    plain = open_store(path)
+    sets = row_sets(plain.n_obs, count=READS_PER_THREAD * THREADS, seed=2)
+    expected = [plain.read_rows(r) for r in sets]
+    cache = ChunkCache(GB // 1000)  # ~1 MB: readers evict each other's chunks
+    store = cached_store(path, cache)
+    errors: list[BaseException] = []
+
+    def read(k: int) -> None:
+        try:
+            for i in range(k, len(sets), THREADS):
+                assert_same_rows(store.read_rows(sets[i]), expected[i])
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
+    assert cache.stats().nbytes <= cache.max_bytes
+    assert cache.stats().evictions > 0
+
+
+def test_a_corrupt_chunk_still_raises_data_loss(tmp_path, annbatch_collection):  # noqa: F811
+    path = tmp_path / "broken.zarr"
+    shutil.copytree(annbatch_collection.path, path)
+    cache = ChunkCache(GB)
+    store = cached_store(path, cache)
+    group = 1  # dataset_1: rows 500-999
+    start = int(store.group_offsets[group])
+    shard = path / f"dataset_{group}" / "X" / "data" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[:16] = b"\xab" * 16  # the header of the shard's first inner chunk
+    shard.write_bytes(bytes(raw))
+    rows = np.arange(start, start + 8, dtype=np.int64)
+    for _ in range(2):  # a chunk that failed is not cached: the second read fails too
+        with pytest.raises(DataLossError, match=r"dataset_1: X/data: chunk c/0 \(inner chunk 0"):
+            store.read_rows(rows)
+    # rows of other chunks still read
+    fine = np.arange(0, 100, dtype=np.int64)
+    assert_same_rows(store.read_rows(fine), open_store(annbatch_collection.path).read_rows(fine))
+
+
+@pytest.mark.parametrize(
+    ("values", "narrows"),
+    [
+        (np.array([0, 1, 7, 65535], np.float32), True),
+        (np.array([0, 1, 65535], np.int32), True),
+        (np.array([0, 1, 65535], np.int64), True),
+        (np.array([0, 1, 65536], np.int32), False),
+        (np.array([0, 1, 65536], np.float32), False),
+        (np.array([0, 1.5], np.float32), False),
+        (np.array([0, -1], np.float32), False),
+        (np.array([0, -1], np.int32), False),
+        (np.array([0, np.nan], np.float32), False),
+        (np.array([1.0, -0.0], np.float64), False),  # -0.0 would widen to +0.0
+        (np.array([3, 4], np.uint16), False),  # already narrow: kept as it is
+    ],
+)
+def test_narrowing_keeps_every_bit(values, narrows):
+    # values past the first block too: the check goes block by block
+    values = np.concatenate([np.zeros(70_000, values.dtype), values])
+    out = narrowed(values)
+    assert out.dtype == (np.uint16 if narrows else values.dtype)
+    assert not np.shares_memory(out, values)
+    np.testing.assert_array_equal(out.astype(values.dtype).view(np.uint8), values.view(np.uint8))
+
+
+def test_entries_count_their_overhead():
+    cache = ChunkCache(2 * (800 + ENTRY_OVERHEAD))
+    for k in range(3):
+        cache.put_many(0, [(k, np.zeros(100, np.float64))])
+    stats = cache.stats()
+    assert (stats.entries, stats.evictions, stats.nbytes) == (2, 1, 2 * (800 + ENTRY_OVERHEAD))
+    assert set(cache.get_many(0, range(3))) == {1, 2}  # least recently used went first
+    cache.put_many(0, [(9, np.zeros(10_000))])  # larger than the bound: not cached
+    assert 9 not in cache.get_many(0, [9])
+    with pytest.raises(ValueError, match="max_bytes"):
+        ChunkCache(-1)
+
+
+def test_default_bound_is_a_share_of_available_memory(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  8000000 kB\nMemAvailable:  4000000 kB\n")
+    assert default_cache_bytes(str(meminfo)) == 4000000 * 1024 // 4
+    meminfo.write_text("MemAvailable:  1000000000 kB\n")  # 1 TB available: capped
+    assert default_cache_bytes(str(meminfo)) == 32 * GB
