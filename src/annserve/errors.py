@@ -20,6 +20,7 @@ class                          gRPC status (also mapped back from)              
 ``ResourceExhaustedError``     ``RESOURCE_EXHAUSTED``
 ``AuthenticationError``        ``UNAUTHENTICATED`` (``PERMISSION_DENIED``)
 ``ServerUnavailableError``     ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``)
+``StreamStalledError``         ``DEADLINE_EXCEEDED`` (a ``ServerUnavailableError``)
 ``FrameDecodeError``           none: raised by the client only
 any other ``AnnServeError``    ``INTERNAL``                                     1
 =============================  ===============================================  =========
@@ -153,6 +154,12 @@ class ServerUnavailableError(AnnServeError, ConnectionError):
 
     grpc_status = "UNAVAILABLE"
     also_from = ("DEADLINE_EXCEEDED",)
+
+
+class StreamStalledError(ServerUnavailableError):
+    """The client took no frame (or freed no shared-memory slot) within the stall timeout."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
 
 
 class ResourceExhaustedError(AnnServeError, RuntimeError):

@@ -136,6 +136,21 @@ def encode_frame(
     -------
     The serialized ``BatchFrame``.
     """
+    return b"".join(frame_parts(header, arrays, compression, level))
+
+
+def frame_parts(
+    header: pb.BatchHeader,
+    arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+    compression: pb.Compression = pb.COMPRESSION_NONE,
+    level: int = 0,
+) -> list[bytes | memoryview]:
+    """Return a serialized frame as the buffers that, concatenated, make it.
+
+    What :func:`encode_frame` joins; a writer that gathers buffers itself (e.g.
+    ``os.pwritev`` into shared memory) copies the arrays' bytes only once.
+    Parameters and effect on ``header`` as for :func:`encode_frame`.
+    """
     parts: list[bytes | memoryview] = []
     offset = 0
     for name, array in arrays:
@@ -159,7 +174,7 @@ def encode_frame(
         parts = [codec.encode(b"".join(parts))]
         offset = len(parts[0])
     head = pb.BatchFrame(header=header).SerializeToString()
-    return b"".join([head, _PAYLOAD_KEY, _varint(offset), *parts])
+    return [head, _PAYLOAD_KEY, _varint(offset), *parts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,17 +185,19 @@ class Frame:
     arrays: dict[str, np.ndarray]
 
 
-def decode_frame(buf: bytes) -> Frame:
+def decode_frame(buf: bytes | bytearray | memoryview) -> Frame:
     """Parse a serialized ``BatchFrame`` without copying its payload.
 
     Parameters
     ----------
     buf
-        The frame as received.
+        The frame as received, or a view of the shared memory it was written to;
+        the arrays are writable views when ``buf`` is writable.
 
     Returns
     -------
-    The header and, per array, a read-only numpy view into ``buf``.
+    The header and, per array, a numpy view into ``buf`` (a copy when the payload
+    is compressed).
 
     Raises
     ------
