@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import threading
 
+import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -46,9 +48,11 @@ def row_sets(n_obs: int, count: int = ROW_SETS, seed: int = 0) -> list[np.ndarra
     sets = [np.array([0]), np.array([n_obs - 1]), np.arange(n_obs)]
     for _ in range(count):
         if rng.random() < 0.5:
-            rows = rng.choice(n_obs, int(rng.integers(1, 400)), replace=False)
+            rows = rng.choice(n_obs, int(rng.integers(1, min(400, n_obs))), replace=False)
         else:
-            starts = rng.choice(n_obs // 32, int(rng.integers(1, 12)), replace=False) * 32
+            blocks = n_obs // 32
+            count = int(rng.integers(1, min(12, blocks + 1)))
+            starts = rng.choice(blocks, count, replace=False) * 32
             rows = np.concatenate([np.arange(s, min(s + 32, n_obs)) for s in starts])
         sets.append(np.sort(rows).astype(np.int64))
     return sets
@@ -76,6 +80,44 @@ def test_reads_through_the_cache_are_bit_exact(annbatch_collection):  # noqa: F8
     x = store.read_rows(np.arange(store.n_obs))
     assert x.data.dtype == np.float32
     assert cache.stats().entries > 0
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, real_adata):
+    """wu2020 written compressed by anndata in other layouts, with small chunks."""
+    src = real_adata("wu2020")
+    adata = ad.AnnData(X=src.X, obs=src.obs, var=src.var)
+    root = tmp_path_factory.mktemp("compressed")
+    paths = {"h5ad-gzip": root / "wu.h5ad"}
+    bare = ad.AnnData(obs=adata.obs, var=adata.var)
+    with h5py.File(paths["h5ad-gzip"], "w") as f:
+        ad.io.write_elem(f, "/", bare)
+        ad.io.write_elem(f, "X", adata.X, dataset_kwargs={"compression": "gzip", "chunks": (5000,)})
+    for zarr_format in (2, 3):  # zarr's defaults: Blosc LZ4 (v2), zstd (v3)
+        path = paths[f"zarr-v{zarr_format}"] = root / f"wu.v{zarr_format}.zarr"
+        with ad.settings.override(zarr_write_format=zarr_format):
+            group = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+            ad.io.write_elem(group, "/", bare)
+            ad.io.write_elem(group, "X", adata.X, dataset_kwargs={"chunks": (5000,)})
+    return paths
+
+
+@pytest.mark.parametrize("layout", ["h5ad-gzip", "zarr-v2", "zarr-v3"])
+def test_other_compressed_layouts_are_cached_bit_exactly(compressed, layout):
+    plain, cache = open_store(compressed[layout]), ChunkCache(GB)
+    store = cached_store(compressed[layout], cache)
+    assert isinstance(store._groups[0].matrices["X"]._data, CachedRanges)
+    for rows in row_sets(plain.n_obs, count=10):
+        assert_same_rows(store.read_rows(rows), plain.read_rows(rows))
+    assert cache.stats().hits > 0
+
+
+def test_uncompressed_arrays_are_not_cached(tmp_path, real_adata):
+    path = tmp_path / "wu.h5ad"
+    real_adata("wu2020").write_h5ad(path)  # contiguous, read straight from the file
+    with caching(ChunkCache(GB)):
+        store = open_store(path)
+    assert not isinstance(store._groups[0].matrices["X"]._data, CachedRanges)
 
 
 def test_second_reads_hit_the_cache(annbatch_collection):  # noqa: F811

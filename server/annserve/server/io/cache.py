@@ -167,6 +167,11 @@ class ChunkCache:
     max_bytes
         Most bytes held at once (arrays plus :data:`ENTRY_OVERHEAD` per entry); 0 holds
         nothing. A chunk larger than the bound is not cached.
+
+    Raises
+    ------
+    ValueError
+        If ``max_bytes`` is negative.
     """
 
     def __init__(self, max_bytes: int) -> None:
