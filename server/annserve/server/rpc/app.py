@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from annserve.server.io.store import Store
     from annserve.server.rpc.security import TLSConfig
+    from annserve.server.rpc.service import StreamSlots
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ class AnnServer:
                 grace,
             )
             self.service.stop_streams()
-        # streams still blocked on a slow client after the slack are cancelled by grpc
-        self.server.stop(STOP_SLACK_S if not finished else 0).wait()
+        # streams still blocked on a slow client after the slack are cancelled by grpc; a
+        # finished handler's last frames may still be on their way (stop returns once
+        # every call is done: 0 would cancel them)
+        self.server.stop(STOP_SLACK_S).wait()
         return finished
 
 
@@ -121,6 +124,8 @@ def build_server(
     max_workers: int | None = None,
     stall_timeout: float = STALL_TIMEOUT_S,
     keepalive: float = KEEPALIVE_S,
+    reuse_port: bool = False,
+    slots: StreamSlots | None = None,
 ) -> AnnServer:
     """Create and start a server for ``stores``, with health checking and reflection.
 
@@ -154,6 +159,13 @@ def build_server(
     keepalive
         Seconds between HTTP/2 pings on a connection; one unanswered for
         :data:`KEEPALIVE_TIMEOUT_S` is closed (its streams end ``CANCELLED``).
+    reuse_port
+        Bind TCP ports with ``SO_REUSEPORT``, so that other processes of the same user
+        serve the same port (``annserve --workers N``; the kernel spreads connections
+        over them). Off by default: a second daemon on a busy port must fail to bind.
+    slots
+        Count ``max_streams`` with the other processes serving the address; default:
+        this server's streams only.
 
     Raises
     ------
@@ -163,7 +175,7 @@ def build_server(
         If ``stall_timeout`` is not positive.
     """
     limits = limits if limits is not None else Limits()
-    service = AnnServeService(stores, limits, metrics, stall_timeout)
+    service = AnnServeService(stores, limits, metrics, stall_timeout, slots)
     handlers = {
         "DescribeStore": grpc.unary_unary_rpc_method_handler(
             _parsed(pb.DescribeStoreRequest, service.describe_store),
@@ -193,8 +205,9 @@ def build_server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently
-            ("grpc.so_reuseport", 0),
+            # grpc's default SO_REUSEPORT lets a second daemon bind a busy port silently;
+            # the workers of one daemon share it (the supervisor checked it was free)
+            ("grpc.so_reuseport", int(reuse_port)),
             *_keepalive_options(keepalive),
         ],
     )

@@ -1,8 +1,9 @@
 """The ``annserve`` command: run the daemon in the foreground.
 
-Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 2 for bad arguments,
-3 when a store cannot be opened, 4 when an address cannot be bound, 5 when a
-TLS or token file cannot be read. Every flag ``--some-flag`` also reads its
+Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a worker of
+``--workers N`` had to be killed at shutdown, 2 for bad arguments, 3 when a store
+cannot be opened, 4 when an address cannot be bound, 5 when a TLS or token file
+cannot be read. Every flag ``--some-flag`` also reads its
 default from the environment variable ``ANNSERVE_SOME_FLAG``.
 ``annserve convert ...`` runs :func:`annserve.server.convert.convert_main` instead.
 """
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zarr
 
@@ -36,6 +38,10 @@ from annserve.server.rpc.security import (
     read_tokens,
 )
 from annserve.server.rpc.service import STALL_TIMEOUT_S
+from annserve.server.rpc.workers import supervise
+
+if TYPE_CHECKING:
+    from annserve.server.rpc.workers import Worker
 
 logger = logging.getLogger("annserve")
 
@@ -88,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("--unix"),
         help="also listen on this unix domain socket (same-host trainers connect "
         "with address unix:PATH; faster than TCP loopback; no TLS)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=_env("--workers", 1),
+        metavar="N",
+        help="processes serving the TCP port together (SO_REUSEPORT), each with all "
+        "cores' worth of threads; 0: one per CPU; limits, metrics and drain stay "
+        "daemon-wide; only the first listens on --unix (default %(default)s)",
     )
     parser.add_argument(
         "--grace",
@@ -246,6 +261,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (0: one per CPU), got {args.workers}")
     if args.max_unauthenticated_calls < 1:
         parser.error(
             f"--max-unauthenticated-calls must be >= 1, got {args.max_unauthenticated_calls}"
@@ -272,6 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(argv[1:])
     args, limits = _parse(argv)
     configure_logging(args.log_level, args.log_format)
+    if args.workers != 1:
+        return supervise(args, limits)
+    return serve(args, limits)
+
+
+def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None) -> int:
+    """Serve until SIGTERM or SIGINT in this process; return the exit code.
+
+    Parameters
+    ----------
+    args, limits
+        The parsed command line.
+    worker
+        This process is one of the workers of ``--workers N``: it binds the port the
+        supervisor resolved with ``SO_REUSEPORT``, counts streams and metrics with the
+        other workers and reports to the supervisor, which logs the address and serves
+        ``/metrics``. Only worker 0 listens on ``--unix`` and logs the address warnings.
+    """
     retain_freed_memory()  # frames and preload buffers reuse freed memory: no page faults
     if args.zarr_pipeline == "zarrs":
         zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
@@ -292,13 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         # any store that cannot be served as configured (duplicate names too) is the
         # "store missing or unreadable" exit code, whatever the error's own code
         return StoreNotFoundError.exit_code
-    if not is_loopback(args.host) and tls is None and tokens is None:
+    first = worker is None or worker.index == 0
+    if first and not is_loopback(args.host) and tls is None and tokens is None:
         logger.warning(
             "binding %s without TLS or a token: anyone who can reach this address "
             "can read the stores (set --tls-cert/--tls-key and/or --token-file)",
             args.host,
         )
-    addresses = [f"{args.host}:{args.port}"] + ([f"unix:{args.unix}"] if args.unix else [])
+    port = args.port if worker is None else worker.port
+    unix = args.unix if first else None
+    addresses = [f"{args.host}:{port}"] + ([f"unix:{unix}"] if unix else [])
     try:
         server = build_server(
             stores,
@@ -309,12 +347,15 @@ def main(argv: list[str] | None = None) -> int:
             stall_timeout=args.stall_timeout,
             keepalive=args.keepalive,
             max_unauthenticated_calls=args.max_unauthenticated_calls,
+            metrics=worker.metrics() if worker is not None else None,
+            reuse_port=worker is not None,
+            slots=worker.slots if worker is not None else None,
         )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_BIND
     metrics_http = None
-    if args.metrics_port is not None:
+    if args.metrics_port is not None and worker is None:
         metrics_host = args.metrics_host or args.host
         try:
             metrics_http = serve_metrics(server.metrics, metrics_host, args.metrics_port)
@@ -329,19 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    logger.info(
-        "listening on %s:%d%s%s",
-        args.host,
-        server.ports[0],
-        " (TLS, client certificates required)"
-        if tls and tls.client_ca
-        else " (TLS)"
-        if tls
-        else "",
-        ", bearer token required" if tokens else "",
-    )
-    if args.unix:
-        logger.info("listening on unix:%s", args.unix)
+    if worker is None:
+        log_listening(args, server.ports[0])
+    else:
+        worker.serving(server, stop)
     # what startup loaded (stores' obs/var, zarr, anndata, gRPC) lives as long as the daemon:
     # keep it out of the cyclic GC, whose full passes over it cost ~50 ms per epoch streamed
     gc.freeze()
@@ -361,6 +393,23 @@ def main(argv: list[str] | None = None) -> int:
         else "streams still running after the grace ended with UNAVAILABLE",
     )
     return 0
+
+
+def log_listening(args: argparse.Namespace, port: int) -> None:
+    """Log the daemon's addresses: ``listening on HOST:PORT`` (what scripts wait for)."""
+    logger.info(
+        "listening on %s:%d%s%s",
+        args.host,
+        port,
+        " (TLS, client certificates required)"
+        if args.tls_client_ca is not None
+        else " (TLS)"
+        if args.tls_cert is not None
+        else "",
+        ", bearer token required" if args.token_file is not None else "",
+    )
+    if args.unix:
+        logger.info("listening on unix:%s", args.unix)
 
 
 if __name__ == "__main__":

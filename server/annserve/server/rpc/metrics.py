@@ -5,6 +5,12 @@ The stream code calls :class:`StreamMeter` once per frame (never per row).
 Each :class:`Metrics` has its own registry, so several servers may live in one
 process (tests) without sharing counters. Nothing is registered at import.
 
+With ``annserve --workers N`` every worker process counts into prometheus_client's
+multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before it starts
+them) and the supervisor serves their sum (:func:`multiprocess_registry`): counters and
+histograms add up over all workers, past ones too; the two gauges add up over the live
+ones; ``annserve_worker_streams`` has one sample per worker ``pid``.
+
 No label takes a client's text as it comes, so no client can grow ``/metrics``:
 ``method`` is a method the server serves (any other path is :data:`UNKNOWN_METHOD`),
 ``code`` a status code name, ``store`` a configured store's name (a stream is
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from annserve.server.rpc.handlers import is_non_blocking, rebuild_handler, status_set
 
@@ -37,24 +44,45 @@ UNKNOWN_METHOD = "unknown"
 class Metrics:
     """The server's Prometheus metrics, in their own registry.
 
+    Parameters
+    ----------
+    per_process
+        Also count the streams each process admits, ``annserve_worker_streams`` (one
+        sample per ``pid`` in multiprocess mode): for the workers of ``--workers N``.
+
     Attributes
     ----------
     registry
         Holds every metric below; serve it with :func:`serve_metrics`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_process: bool = False) -> None:
         r = self.registry = CollectorRegistry()
         self.streams = Counter(
             "annserve_streams", "StreamBatches calls admitted", ["store"], registry=r
         )
+        # multiprocess_mode: how the workers of --workers N add up (unused in one process)
         self.active_streams = Gauge(
-            "annserve_active_streams", "StreamBatches calls in flight", registry=r
+            "annserve_active_streams",
+            "StreamBatches calls in flight",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.frames_queued = Gauge(
             "annserve_frames_queued",
             "Frames encoded and waiting to be sent, all streams (preload buffer occupancy)",
+            multiprocess_mode="livesum",
             registry=r,
+        )
+        self.worker_streams = (
+            Gauge(
+                "annserve_worker_streams",
+                "StreamBatches calls admitted by each worker process (label pid)",
+                multiprocess_mode="all",
+                registry=r,
+            )
+            if per_process
+            else None
         )
         self.frames = Counter("annserve_frames", "Frames sent", ["store"], registry=r)
         self.batches = Counter(
@@ -67,6 +95,13 @@ class Metrics:
             "Time to read one preload buffer from a store",
             ["store"],
             buckets=READ_BUCKETS,
+            registry=r,
+        )
+        self.preload_buffers = Counter(
+            "annserve_preload_buffers",
+            "Preload buffer pieces streams got: read from the store (source 'read') or "
+            "from another stream's read of the same piece (source 'shared')",
+            ["store", "source"],
             registry=r,
         )
         self.stream_seconds = Histogram(
@@ -82,9 +117,16 @@ class Metrics:
             registry=r,
         )
 
+    def preload_buffers_of(self, store: str) -> Callable[[str], None]:
+        """Return the counter of a stream's preload buffer pieces by source, for ``store``."""
+        counters = {s: self.preload_buffers.labels(store, s) for s in ("read", "shared")}
+        return lambda source: counters[source].inc()
+
     def stream(self, store: str) -> StreamMeter:
         """Return the per-frame counters of one stream over ``store``."""
         self.streams.labels(store).inc()
+        if self.worker_streams is not None:
+            self.worker_streams.inc()
         return StreamMeter(self, store)
 
 
@@ -265,5 +307,27 @@ def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
     OSError
         If the address cannot be bound.
     """
-    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    return serve_registry(metrics.registry, host, port)
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Raises
+    ------
+    OSError
+        If the address cannot be bound.
+    """
+    server, _ = start_http_server(port, addr=host, registry=registry)
     return MetricsEndpoint(server)
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """Return a registry that reads the metrics every worker process wrote under ``path``.
+
+    ``path`` is the ``PROMETHEUS_MULTIPROC_DIR`` of the workers; each scrape reads
+    their files afresh.
+    """
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return registry

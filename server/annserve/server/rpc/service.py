@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -84,6 +84,16 @@ def _public(message: str, path: Path, name: str) -> str:
     return message.replace(str(path), f"store {name!r}")
 
 
+class StreamSlots(Protocol):
+    """``--max-streams`` slots shared with other processes (``annserve --workers N``)."""
+
+    def acquire(self, limit: int) -> int:
+        """Take a slot when fewer than ``limit`` are taken; return how many were taken before."""
+
+    def release(self) -> None:
+        """Give back a slot this process took."""
+
+
 @dataclass(eq=False, slots=True)
 class _OpenStream:
     """A stream in flight, as the stall watch sees it.
@@ -121,6 +131,9 @@ class AnnServeService:
     stall_timeout
         Seconds a stream may wait for its client to take the next frame; then it ends
         with ``DEADLINE_EXCEEDED``, freeing its slot, buffers and threads.
+    slots
+        Where ``max_streams`` is counted when other processes serve the same address
+        (``--workers``); default: this service's open streams only.
 
     Raises
     ------
@@ -134,6 +147,7 @@ class AnnServeService:
         limits: Limits | None = None,
         metrics: Metrics | None = None,
         stall_timeout: float = STALL_TIMEOUT_S,
+        slots: StreamSlots | None = None,
     ) -> None:
         if not stores:
             msg = "at least one store is required"
@@ -142,6 +156,7 @@ class AnnServeService:
             msg = f"stall_timeout must be > 0 seconds, got {stall_timeout}"
             raise ValueError(msg)
         self.stall_timeout = stall_timeout
+        self._slots = slots
         self._stores = dict(stores)
         self._default = next(iter(self._stores))
         self._stream_ids = itertools.count(1)
@@ -317,7 +332,10 @@ class AnnServeService:
                 if self._draining.is_set():
                     msg = "annserve is shutting down and accepts no new streams; retry elsewhere"
                     raise ServerUnavailableError(msg)
-                self.limits.check_streams(len(self._open))
+                if self._slots is None:
+                    self.limits.check_streams(len(self._open))
+                else:  # all processes of the daemon together; a refused stream takes none
+                    self.limits.check_streams(self._slots.acquire(self.limits.max_streams))
                 stream_id = next(self._stream_ids)
                 self._open[stream_id] = entry
                 if self._watch is None:
@@ -334,6 +352,8 @@ class AnnServeService:
     def _release(self, stream_id: int, started: float) -> None:
         with self._idle:
             del self._open[stream_id]
+            if self._slots is not None:
+                self._slots.release()
             self._idle.notify_all()
         self.metrics.active_streams.dec()
         self.metrics.stream_seconds.observe(time.monotonic() - started)
