@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from annserve.client import Connection, RemoteLoader
-from annserve.errors import InvalidRequestError, StoreFormatError
+from annserve.errors import InvalidRequestError
 from annserve.server import create_server, open_store
 from annserve.server.rpc.cli import main as cli_main
 from collection_stores import annbatch_collection  # noqa: F401 (a fixture)
@@ -78,13 +78,15 @@ def test_collection_is_one_virtual_dataset(serve, wu_collection, real_adata):
     np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(adata.n_obs))
 
 
-def test_collection_groups_must_share_genes(tmp_path, real_adata):
+def test_collection_groups_of_other_genes_need_missing_genes_zeros(tmp_path, real_adata, serve):
+    # served in the union of the groups' genes only when asked (tests/integrations/test_gene_vocab)
     adata = real_adata("wu2020")
-    root = zarr.open_group(tmp_path / "bad.zarr", mode="w", zarr_format=3)
+    root = zarr.open_group(tmp_path / "mixed.zarr", mode="w", zarr_format=3)
     ad.io.write_elem(root, "dataset_0", adata[:10].copy())
     ad.io.write_elem(root, "dataset_1", adata[10:20, :100].copy())
-    with pytest.raises(StoreFormatError, match="var_names differ"):
-        open_store(tmp_path / "bad.zarr")
+    assert open_store(tmp_path / "mixed.zarr").mixed_genes
+    with pytest.raises(InvalidRequestError, match="different genes"):
+        RemoteLoader(serve(tmp_path / "mixed.zarr"))
 
 
 def test_layer_instead_of_x(serve, layered):

@@ -26,7 +26,7 @@ from annserve.sampling import Shard
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import grpc
 
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 8.0
 #: Longest wait for a closed stream's decoding thread to end, seconds.
 _CLOSE_TIMEOUT_S = 1.0
+_MISSING_GENES = {"error": pb.MISSING_GENES_ERROR, "zeros": pb.MISSING_GENES_ZEROS}
 
 
 class RemoteLoader(IterableDataset):
@@ -79,7 +80,14 @@ class RemoteLoader(IterableDataset):
         scanpy's ``use_raw``; not together with ``layer``.
     var_names
         Serve only these genes (of the served matrix), in this order; ``n_vars`` and
-        ``var_names`` then describe the subset.
+        ``var_names`` then describe the subset. A model's fixed gene vocabulary may
+        name genes the store lacks: see ``missing_genes``.
+    missing_genes
+        What a gene of ``var_names`` absent from the store gets: ``"error"`` (default:
+        the loader is refused, naming the genes) or ``"zeros"``: an all-zero column
+        (CSR stays sparse), counted by :attr:`missing_genes`. A collection whose groups
+        have different genes is served in their union (zeros where a group lacks a
+        gene), and needs ``"zeros"``.
     batch_size
         Rows (cells) per minibatch; same meaning as annbatch ``Loader.batch_size``.
     chunk_size
@@ -121,6 +129,12 @@ class RemoteLoader(IterableDataset):
         Tensor types, layout, device and prefetch depth (:class:`Output`).
     connection
         Timeout, retries, wire format, TLS and token (:class:`Connection`).
+    transform
+        Called on each batch (the dict described in :meth:`__iter__`, after the move
+        to ``output.device``) in the process iterating the loader; its result is
+        yielded instead, as the ``transform`` of anndata's ``AnnDataset`` and of torch
+        datasets. With ``DataLoader`` workers it must pickle: a module-level function
+        or a callable object, not a lambda.
 
     Raises
     ------
@@ -134,14 +148,25 @@ class RemoteLoader(IterableDataset):
         If the server has no store named ``store``.
     InvalidRequestError
         If the server rejects the configuration (a size is not positive, an obs key,
-        layer or gene is unknown, ...; a ``ValueError`` naming the field), or ``seed``
-        is negative.
+        layer or gene is unknown, ...; a ``ValueError`` naming the field), ``seed``
+        is negative or ``missing_genes`` is not ``"error"`` or ``"zeros"``.
 
     Examples
     --------
     >>> loader = RemoteLoader("127.0.0.1:50051", batch_size=4096, obs_keys=["cell_type"])
     >>> for batch in loader:
     ...     x, obs = batch["X"], batch["obs"]  # (4096, n_vars) sparse CSR float32, DataFrame
+
+    A transform normalising each cell to 10,000 counts and taking ``log1p`` (scanpy's
+    ``normalize_total`` + ``log1p``), on dense X:
+
+    >>> def normalize_log1p(batch):
+    ...     x = batch["X"]
+    ...     batch["X"] = torch.log1p(x / x.sum(1, keepdim=True).clamp(min=1) * 1e4)
+    ...     return batch
+    >>> loader = RemoteLoader(
+    ...     "127.0.0.1:50051", output=Output(to_dense=True), transform=normalize_log1p
+    ... )
     """
 
     def __init__(
@@ -152,6 +177,7 @@ class RemoteLoader(IterableDataset):
         layer: str | None = None,
         use_raw: bool = False,
         var_names: Sequence[str] | None = None,
+        missing_genes: str = "error",
         batch_size: int = 4096,
         chunk_size: int = 32,
         preload_nchunks: int = 256,
@@ -167,11 +193,17 @@ class RemoteLoader(IterableDataset):
         sharding: Sharding = Sharding(),  # noqa: B008 (frozen: one shared default is safe)
         output: Output = Output(),  # noqa: B008 (frozen)
         connection: Connection = Connection(),  # noqa: B008 (frozen)
+        transform: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         super().__init__()
         self.address, self.store = address, store
         self.layer, self.use_raw = layer, use_raw
         self._var_subset = tuple(var_names) if var_names is not None else None
+        if missing_genes not in _MISSING_GENES:
+            msg = f"missing_genes must be one of {list(_MISSING_GENES)}, got {missing_genes!r}"
+            raise InvalidRequestError(msg)
+        self._missing_genes_mode = missing_genes
+        self.transform = transform
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self.preload_nchunks = preload_nchunks
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -208,6 +240,14 @@ class RemoteLoader(IterableDataset):
         if self._var_subset is not None:
             return list(self._var_subset)
         return list(self._info.raw_var_names if self.use_raw else self._info.var_names)
+
+    @property
+    def missing_genes(self) -> int:
+        """Genes of ``var_names`` the store lacks, served as all-zero columns (0 without)."""
+        if self._var_subset is None:
+            return 0
+        served = set(self._info.raw_var_names if self.use_raw else self._info.var_names)
+        return sum(v not in served for v in self._var_subset)
 
     @property
     def epoch(self) -> int:
@@ -299,7 +339,7 @@ class RemoteLoader(IterableDataset):
             try:
                 if attempt:
                     self._connection().wait_until_ready(deadline - time.monotonic())
-                yield from self._stream_from_cursor(pool)
+                yield from self._transformed(self._stream_from_cursor(pool))
             except ServerUnavailableError:
                 if attempt == 0 or self._batch > yielded:  # a batch arrived: a new outage
                     attempt, deadline = 0, time.monotonic() + self.connection.max_wait
@@ -311,6 +351,12 @@ class RemoteLoader(IterableDataset):
             else:
                 self._epoch, self._batch = self._epoch + 1, 0
                 return
+
+    def _transformed(self, batches: Iterator[dict[str, Any]]) -> Iterator[Any]:
+        """Apply :attr:`transform` to each batch; closing this closes ``batches``."""
+        if self.transform is None:
+            return batches
+        return _mapped(self.transform, batches)
 
     def _reconnection_delay(self, attempt: int, deadline: float) -> float | None:
         """Return the pause before an outage's reconnection ``attempt`` (1, 2, ...), seconds.
@@ -404,6 +450,7 @@ class RemoteLoader(IterableDataset):
             layer=self.layer or "",
             use_raw=self.use_raw,
             var_names=self._var_subset or (),
+            missing_genes=_MISSING_GENES[self._missing_genes_mode],
             shard_index=shard.index,
             shard_count=shard.count,
             uneven_shards=not self.sharding.even_batches,
@@ -428,6 +475,19 @@ class RemoteLoader(IterableDataset):
     # buffers are not worth pickling
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_conn": None, "_pool": None}
+
+
+def _mapped(
+    function: Callable[[dict[str, Any]], Any], batches: Iterator[dict[str, Any]]
+) -> Iterator[Any]:
+    """``map(function, batches)`` that closes the stream when it is closed itself."""
+    try:
+        for batch in batches:
+            yield function(batch)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _close_stream(call: grpc.Call, batches: Prefetcher[dict[str, Any]]) -> None:

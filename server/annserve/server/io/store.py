@@ -1,8 +1,10 @@
 """Open AnnData stores read-only: one AnnData (``.h5ad`` or zarr) or a collection of them.
 
-A :class:`Store` is what the server serves: one or more AnnData groups with the
-same genes, seen as one dataset of ``sum(n_obs)`` rows (global row = group offset
-+ local row). Collections are zarr groups whose children are AnnData groups: the
+A :class:`Store` is what the server serves: one or more AnnData groups, seen as one
+dataset of ``sum(n_obs)`` rows (global row = group offset + local row). Groups with
+different genes are served in the union of their gene spaces (first-seen order, as
+``annserve convert --var-join outer`` writes it): a gene a group lacks is zero in its
+rows. Collections are zarr groups whose children are AnnData groups: the
 output of ``annserve convert`` (its manifest gives the group order) or of
 annbatch's ``DatasetCollection`` (groups in natural name order).
 """
@@ -136,7 +138,7 @@ class MatrixSpec:
 
 
 class Store:
-    """What the server serves: AnnData groups with one gene space, as one dataset.
+    """What the server serves: AnnData groups as one dataset, in one gene space.
 
     Attributes
     ----------
@@ -145,7 +147,12 @@ class Store:
     n_obs, n_vars
         Rows in all groups together, genes.
     var_names
-        Gene names, length ``n_vars``.
+        Gene names, length ``n_vars``: the groups' own when they agree, else the union
+        of theirs in first-seen order (X and layers are then read into it, zeros for a
+        gene a group lacks).
+    mixed_genes
+        Whether the groups' gene spaces differ (requests must then accept missing genes
+        as zeros, ``MISSING_GENES_ZEROS``).
     raw_var_names
         Gene names of raw X; empty when some group has no ``.raw`` (or the groups' raw
         genes differ).
@@ -170,11 +177,18 @@ class Store:
         self.path = path
         self._groups = list(groups)
         first = self._groups[0]
-        for g in self._groups[1:]:
-            if g.var_names != first.var_names:
-                msg = f"{g.where}: var_names differ from those of {first.where}"
-                raise StoreFormatError(msg)
-        self.var_names = first.var_names
+        self.mixed_genes = any(g.var_names != first.var_names for g in self._groups[1:])
+        #: per group, the union position of each of its genes (None: one gene space)
+        self._gene_maps: list[np.ndarray] | None = None
+        if self.mixed_genes:
+            union = dict.fromkeys(v for g in self._groups for v in g.var_names)
+            position = {v: i for i, v in enumerate(union)}
+            self._gene_maps = [
+                np.array([position[v] for v in g.var_names], dtype=np.int64) for g in self._groups
+            ]
+            self.var_names = tuple(union)
+        else:
+            self.var_names = first.var_names
         self.n_vars = len(self.var_names)
         same_raw = all(g.raw_var_names == first.raw_var_names for g in self._groups)
         self.raw_var_names = first.raw_var_names if same_raw else ()
@@ -196,7 +210,8 @@ class Store:
         for key in sorted(self._groups[0].matrices, key=lambda k: (k != "X", k)):
             parts = [g.matrices.get(key) for g in self._groups]
             present = [m for m in parts if m is not None]
-            shapes = {(m.sparse, m.shape[1]) for m in present}
+            in_union = self.mixed_genes and _in_gene_space(key)  # widths: each group's genes
+            shapes = {(m.sparse, self.n_vars if in_union else m.shape[1]) for m in present}
             if (
                 len(present) < len(parts)
                 or len(shapes) > 1
@@ -233,6 +248,8 @@ class Store:
         The rows in the given order, CSR or dense as stored.
         """
         bounds = np.searchsorted(rows, self.group_offsets)
+        if self._gene_maps is not None and _in_gene_space(key):
+            return self._read_union(rows, key, bounds, pool.empty if pool else np.empty)
         pieces = [
             (g.matrices[key], rows[a:b] - offset)
             for g, a, b, offset in zip(
@@ -243,6 +260,51 @@ class Store:
         if not pieces:
             pieces = [(self._groups[0].matrices[key], rows)]
         return _read_pieces(pieces, pool.empty if pool is not None else np.empty)
+
+    def _read_union(
+        self, rows: np.ndarray, key: str, bounds: np.ndarray, empty: Callable[..., np.ndarray]
+    ) -> CSRRows | DenseRows:
+        """Read rows of X or a layer of groups with different genes into the union's columns."""
+        assert self._gene_maps is not None
+        spec = self.matrices[key]
+        parts = [
+            (g.matrices[key], rows[a:b] - offset, genes, a, b)
+            for g, genes, a, b, offset in zip(
+                self._groups,
+                self._gene_maps,
+                bounds[:-1],
+                bounds[1:],
+                self.group_offsets,
+                strict=False,
+            )
+            if b > a
+        ]
+        if not spec.sparse:
+            values = np.zeros((len(rows), self.n_vars), spec.dtype)
+            for m, r, genes, a, b in parts:
+                assert isinstance(m, DenseMatrix)
+                values[a:b][:, genes] = m.read_rows(r).values
+            return DenseRows(values)
+        if not parts:
+            return CSRRows(np.zeros(1, np.int64), np.empty(0, np.int64), np.empty(0, spec.dtype))
+        block = _read_pieces([(m, r) for m, r, *_ in parts], empty)
+        assert isinstance(block, CSRRows)
+        indptr, indices = block.indptr, np.empty(len(block.indices), np.int64)
+        for _, _, genes, a, b in parts:
+            start, stop = indptr[a - parts[0][3]], indptr[b - parts[0][3]]
+            indices[start:stop] = genes[block.indices[start:stop]]
+        data = block.data
+        if not all(np.all(np.diff(genes) > 0) for _, _, genes, *_ in parts):
+            # a group's genes in another order than the union's: sort each row's columns
+            row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+            order = np.lexsort((indices, row))
+            indices, data = indices[order], data[order]
+        return CSRRows(indptr, indices, data)
+
+
+def _in_gene_space(key: str) -> bool:
+    """Whether a matrix's columns are the store's genes (X and layers; not raw X, obsm)."""
+    return key == "X" or key.startswith("layers/")
 
 
 Piece = tuple[CSRMatrix | DenseMatrix, np.ndarray]
@@ -387,7 +449,7 @@ def open_store(path: str | Path) -> Store:
         If ``path`` does not exist.
     StoreFormatError
         If ``path`` is not a readable AnnData store of CSR or dense matrices, or the
-        groups of a collection disagree (genes) or are missing.
+        groups of a collection are missing.
     """
     p = Path(path)
     if not p.exists():

@@ -7,19 +7,20 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from annserve.errors import InvalidRequestError, listed, quoted
 from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, Shard
 from annserve.server.plan.selection import (
     Balance,
     Split,
+    gene_columns,
     value_names,
 )
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import numpy as np
 
     from annserve.server.io.obs import ObsColumnData
     from annserve.server.io.store import Store
@@ -72,7 +73,8 @@ class StreamPlan:
     columns
         Positions of the requested genes in the matrix's gene space (the store's
         var_names, or raw_var_names for raw X), in request order, shape ``(n_vars,)``,
-        int64; None for all genes.
+        int64, -1 for a gene the store lacks (served as zeros, ``missing_genes``); None
+        for all genes.
     n_vars
         Genes per served row.
     shard
@@ -124,7 +126,7 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
     matrix = _matrix(request, store)
     obsm = tuple(_obsm_key(key, store) for key in request.obsm_keys)
     names = store.raw_var_names if matrix == "raw/X" else store.var_names
-    columns = _columns(request.var_names, names)
+    columns = _columns(request, store, matrix, names)
     return StreamPlan(
         batch_size=request.batch_size,
         chunk_size=request.chunk_size,
@@ -277,17 +279,22 @@ def _obsm_key(name: str, store: Store) -> str:
     return f"obsm/{name}"
 
 
-def _columns(var_names: Sequence[str], names: Sequence[str]) -> np.ndarray | None:
+def _columns(
+    request: pb.StreamBatchesRequest, store: Store, matrix: str, names: Sequence[str]
+) -> np.ndarray | None:
     """Positions of the requested genes among ``names`` (the served matrix's genes)."""
-    if not var_names:
-        return None
-    index = {name: i for i, name in enumerate(names)}
-    unknown = [v for v in var_names if v not in index]
-    if unknown:
+    if request.missing_genes not in pb.MissingGenes.values():
         msg = (
-            f"var_names: {len(unknown)} unknown gene(s), e.g. {listed(unknown[:5])}; "
-            f"the served matrix has {len(names)} genes, e.g. {listed(names[:5])}"
+            f"missing_genes: unknown value {request.missing_genes}; "
+            f"allowed {list(pb.MissingGenes.keys())}"
         )
         raise InvalidRequestError(msg)
-    _check_unique(var_names, "var_names")
-    return np.array([index[v] for v in var_names], dtype=np.int64)
+    zeros = request.missing_genes == pb.MISSING_GENES_ZEROS
+    if store.mixed_genes and matrix != "raw/X" and not zeros:
+        msg = (
+            "missing_genes: the groups of this collection have different genes; it is served "
+            f"in their union ({len(store.var_names)} genes, zeros where a group lacks one) "
+            "only with missing_genes=MISSING_GENES_ZEROS"
+        )
+        raise InvalidRequestError(msg)
+    return gene_columns(request.var_names, names, zeros=zeros)

@@ -1,18 +1,19 @@
-"""Which rows an epoch draws from (splits) and with what weight (balanced sampling)."""
+"""What an epoch serves: which rows (splits), with what weight (balanced sampling), which genes."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from annserve.errors import InvalidRequestError
+from annserve.errors import InvalidRequestError, listed
 from annserve.sampling import SPLIT_BLOCK_ROWS
 from annserve.server.plan.sampler import ChunkLayout, ChunkSampler, Sampler, WeightedSampler
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from annserve.server.io.obs import ObsColumnData
     from annserve.server.io.store import Store
@@ -108,6 +109,51 @@ def _value_codes(column: ObsColumnData) -> tuple[np.ndarray, int]:
     codes = np.full(len(column.values), len(values), dtype=np.int64)
     codes[present] = inverse
     return codes, len(values) + 1
+
+
+def gene_columns(
+    var_names: Sequence[str], names: Sequence[str], *, zeros: bool
+) -> np.ndarray | None:
+    """Positions of the requested genes among the served matrix's genes.
+
+    Parameters
+    ----------
+    var_names
+        Requested genes, in output order, each once (a model's gene vocabulary); empty
+        for all genes.
+    names
+        Gene names of the served matrix (the store's var_names, or raw_var_names).
+    zeros
+        Serve genes absent from ``names`` as all-zero columns (position -1) instead of
+        refusing the request (``MISSING_GENES_ZEROS``).
+
+    Returns
+    -------
+    Shape ``(len(var_names),)``, int64, -1 for an absent gene; None for all genes.
+
+    Raises
+    ------
+    InvalidRequestError
+        If a gene is listed twice, or is absent and ``zeros`` is False (naming the
+        first few and the remedy).
+    """
+    if not var_names:
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    columns = np.array([index.get(v, -1) for v in var_names], dtype=np.int64)
+    if not zeros and (columns < 0).any():
+        unknown = [v for v, c in zip(var_names, columns.tolist(), strict=True) if c < 0]
+        msg = (
+            f"var_names: {len(unknown)} unknown gene(s), e.g. {listed(unknown[:5])}; "
+            f"the served matrix has {len(names)} genes, e.g. {listed(names[:5])}; "
+            "missing_genes=MISSING_GENES_ZEROS serves absent genes as zeros"
+        )
+        raise InvalidRequestError(msg)
+    if len(set(var_names)) < len(var_names):
+        repeated = sorted(v for v, n in Counter(var_names).items() if n > 1)
+        msg = f"var_names: each name may be listed once, repeated {listed(repeated)}"
+        raise InvalidRequestError(msg)
+    return columns
 
 
 class SamplerSpec(Protocol):

@@ -65,7 +65,8 @@ def select_columns(
     block
         Rows read from the store.
     columns
-        Store positions of the genes to keep, in output order, shape ``(k,)``, int64, unique.
+        Store positions of the genes to keep, in output order, shape ``(k,)``, int64,
+        unique; -1 for a gene the store lacks: an all-zero column (no non-zeros in CSR).
     n_vars
         Genes in the store.
 
@@ -73,10 +74,15 @@ def select_columns(
     -------
     The block with ``k`` columns; CSR column indices (int64) sorted within each row.
     """
+    present = np.flatnonzero(columns >= 0)
     if isinstance(block, DenseRows):
-        return DenseRows(block.values[:, columns])
+        if len(present) == len(columns):
+            return DenseRows(block.values[:, columns])
+        values = np.zeros((block.values.shape[0], len(columns)), block.values.dtype)
+        values[:, present] = block.values[:, columns[present]]
+        return DenseRows(values)
     new_of = np.full(n_vars, -1, dtype=np.int64)
-    new_of[columns] = np.arange(len(columns))
+    new_of[columns[present]] = present
     new = new_of[block.indices]
     keep = new >= 0
     n_rows = len(block.indptr) - 1
