@@ -7,15 +7,20 @@ codec pipeline as the daemon reads them.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 import threading
+import urllib.request
 
 import anndata as ad
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import zarr
 
+from annserve.client import Connection, Output, RemoteLoader
 from annserve.errors import DataLossError
 from annserve.server import open_store
 from annserve.server.io.cache import (
@@ -28,7 +33,8 @@ from annserve.server.io.cache import (
 )
 from annserve.server.io.ranges import ZARRS_PIPELINE, range_reader
 from collection_stores import annbatch_collection, write_annbatch_collection  # noqa: F401
-from conftest import real_path
+from conftest import as_scipy, real_path
+from ops_support import RPC_TIMEOUT, Daemon, annserve_command
 
 ROW_SETS = 25  # random row sets compared per test
 THREADS = 4
@@ -276,3 +282,77 @@ def test_default_bound_is_a_share_of_available_memory(tmp_path):
     assert default_cache_bytes(str(meminfo)) == 4000000 * 1024 // 4
     meminfo.write_text("MemAvailable:  1000000000 kB\n")  # 1 TB available: capped
     assert default_cache_bytes(str(meminfo)) == 32 * GB
+
+
+# --- the daemon's --cache-gb ----------------------------------------------------------
+def scrape(daemon: Daemon) -> dict[str, float]:
+    url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=RPC_TIMEOUT) as reply:
+        text = reply.read().decode()
+    found = re.findall(r"^(annserve_chunk_cache_\w+) (\S+)$", text, re.MULTILINE)
+    return {name: float(value) for name, value in found}
+
+
+def stream_epochs(address: str, n_obs: int, epochs: int):
+    loader = RemoteLoader(
+        address,
+        batch_size=128,
+        chunk_size=32,
+        preload_nchunks=4,
+        seed=3,
+        return_index=True,
+        output=Output(to_torch=False),
+        connection=Connection(timeout=RPC_TIMEOUT),
+    )
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        index = np.concatenate([b["index"] for b in batches])
+        assert np.array_equal(np.sort(index), np.arange(n_obs))
+        yield index, batches
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_daemon_serves_later_epochs_from_the_cache(annbatch_collection, how):  # noqa: F811
+    coll = annbatch_collection
+    args, env = ["--store", str(coll.path), "--metrics-port", "0"], {}
+    if how == "flag":
+        args += ["--cache-gb", "0.5"]
+    else:
+        env["ANNSERVE_CACHE_GB"] = "0.5"
+    x = coll.adata.X.tocsr()
+    with Daemon(args, env) as daemon:
+        assert "decoded-chunk cache of compressed CSR arrays: up to 0.50 GB" in daemon.text()
+        seen = []
+        for index, batches in stream_epochs(daemon.address, coll.adata.n_obs, 2):
+            got = sp.vstack([as_scipy(b["X"]) for b in batches], format="csr")
+            assert (got != x[index]).nnz == 0
+            seen.append(scrape(daemon))
+        first, second = seen
+        assert first["annserve_chunk_cache_max_bytes"] == 0.5e9
+        assert 0 < first["annserve_chunk_cache_bytes"] <= 0.5e9
+        # the second epoch decoded nothing: every chunk was cached in the first
+        misses, hits = "annserve_chunk_cache_misses_total", "annserve_chunk_cache_hits_total"
+        assert second[misses] == first[misses]
+        assert second[hits] > first[hits]
+
+
+def test_cache_gb_0_turns_the_cache_off(annbatch_collection):  # noqa: F811
+    args = ["--store", str(annbatch_collection.path), "--metrics-port", "0", "--cache-gb", "0"]
+    with Daemon(args) as daemon:
+        assert "decoded-chunk cache off" in daemon.text()
+        for _ in stream_epochs(daemon.address, annbatch_collection.adata.n_obs, 1):
+            pass
+        assert scrape(daemon) == {}
+
+
+def test_a_negative_cache_gb_is_a_bad_argument(annbatch_collection):  # noqa: F811
+    done = subprocess.run(
+        [*annserve_command(), "--store", str(annbatch_collection.path), "--cache-gb", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--cache-gb must be >= 0" in done.stderr

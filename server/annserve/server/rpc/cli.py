@@ -25,6 +25,7 @@ import zarr
 from annserve.errors import AnnServeError, InvalidRequestError, StoreNotFoundError
 from annserve.memory import retain_freed_memory
 from annserve.server.convert import convert_main
+from annserve.server.io.cache import DEFAULT_MAX_GB, ChunkCache, caching, default_cache_bytes
 from annserve.server.io.ranges import ZARRS_PIPELINE
 from annserve.server.io.store import Store, open_store
 from annserve.server.plan.limits import Limits
@@ -118,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("--zarr-pipeline", "zarrs"),
         help="codec pipeline decoding zarr chunks (default %(default)s: the Rust "
         "zarrs pipeline, several times faster)",
+    )
+    parser.add_argument(
+        "--cache-gb",
+        type=float,
+        default=_env("--cache-gb"),
+        metavar="GB",
+        help="bound of the decoded-chunk cache of compressed CSR stores, GB (10^9 "
+        "bytes), all stores together; 0 disables it (default: a quarter of the "
+        f"memory available at start, at most {DEFAULT_MAX_GB:g} GB, shared by the workers)",
     )
     parser.add_argument(
         "--log-level",
@@ -237,6 +247,24 @@ def store_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def chunk_cache(args: argparse.Namespace) -> ChunkCache | None:
+    """Return the decoded-chunk cache ``--cache-gb`` asks for, None when it is 0.
+
+    Without ``--cache-gb``, :func:`~annserve.server.io.cache.default_cache_bytes`
+    shared by the processes of ``--workers`` (each holds its own cache).
+    """
+    if args.cache_gb is not None:
+        max_bytes = int(args.cache_gb * 1e9)
+    else:
+        processes = getattr(args, "workers", 1) or os.cpu_count() or 1
+        max_bytes = default_cache_bytes() // processes
+    if max_bytes <= 0:
+        logger.info("decoded-chunk cache off (--cache-gb 0)")
+        return None
+    logger.info("decoded-chunk cache of compressed CSR arrays: up to %.2f GB", max_bytes / 1e9)
+    return ChunkCache(max_bytes)
+
+
 def _open_stores(specs: list[tuple[str, Path]]) -> dict[str, Store]:
     names = [name for name, _ in specs]
     if len(set(names)) != len(names):
@@ -263,6 +291,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0 (0: one per CPU), got {args.workers}")
+    if args.cache_gb is not None and not args.cache_gb >= 0:
+        parser.error(f"--cache-gb must be >= 0, got {args.cache_gb}")
     if args.max_unauthenticated_calls < 1:
         parser.error(
             f"--max-unauthenticated-calls must be >= 1, got {args.max_unauthenticated_calls}"
@@ -321,7 +351,9 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_SECURITY
     try:
-        stores = _open_stores(args.store)
+        cache = chunk_cache(args)
+        with caching(cache):
+            stores = _open_stores(args.store)
     except AnnServeError as e:
         print(f"annserve: {e}", file=sys.stderr)
         # any store that cannot be served as configured (duplicate names too) is the
@@ -354,6 +386,8 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
         return EXIT_BIND
+    if cache is not None:
+        server.metrics.registry.register(cache)
     metrics_http = None
     if args.metrics_port is not None and worker is None:
         metrics_host = args.metrics_host or args.host
