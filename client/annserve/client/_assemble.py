@@ -89,12 +89,16 @@ class BatchAssembler:
         )
         self._pool = pool if pool is not None else BufferPool()
 
-    def batches(self, frames: Iterator[bytes]) -> Iterator[dict[str, object]]:
+    def batches(
+        self, frames: Iterator[bytes | bytearray | memoryview]
+    ) -> Iterator[dict[str, object]]:
         """Yield ``{"X", "obs", "obsm"?, "index"?}`` batches as numpy/pandas objects.
 
         ``obs`` is indexed by the rows' obs_names; ``obsm`` (when obsm arrays were
         requested) maps each name to its rows, dense ``(n_rows, n_cols)`` or
-        :class:`CSRArrays`.
+        :class:`CSRArrays`. A batch carried by one writable frame already in the
+        batch's dtypes (a shared-memory frame, ``ENCODING_NATIVE``) views X in place;
+        other frames are copied into pooled arrays and dropped.
 
         Raises
         ------
@@ -108,7 +112,8 @@ class BatchAssembler:
                 h = frame.header
                 batch = _Batch(h.batch, h.batch_rows, self._spec, self._pool)
             batch.add(frame)
-            del raw, frame  # the frame's bytes are copied: free them before the next arrives
+            # the frame is copied, or viewed by the batch: drop it before the next arrives
+            del raw, frame
             if batch.complete:
                 yield batch.result()
                 batch = None
@@ -138,6 +143,7 @@ class _Batch:
         self._sparse: bool | None = None
         self._dense: np.ndarray | None = None
         self._csr: _CSRBuilder | None = None
+        self._whole: CSRArrays | None = None  # X of a one-frame batch, viewed in place
         self._obsm_csr = {
             info.name: _CSRBuilder(pool, dtype, n_rows, info.n_cols, f"obsm/{info.name}/")
             for info, dtype in spec.obsm
@@ -170,7 +176,12 @@ class _Batch:
             )
             raise _fail(msg)
         self._sparse = h.sparse
-        if h.sparse:
+        whole = _in_place(frame, self._spec) if h.n_rows == self._n_rows else None
+        if isinstance(whole, CSRArrays):
+            self._whole = whole
+        elif whole is not None:
+            self._dense = whole
+        elif h.sparse:
             if self._csr is None:
                 self._csr = _CSRBuilder(
                     self._pool, self._spec.dtype, self._n_rows, self._spec.n_vars
@@ -234,6 +245,8 @@ class _Batch:
 
     def _x(self) -> CSRArrays | np.ndarray:
         # a batch exists once a frame arrived, so one of the two layouts was started
+        if self._whole is not None:
+            return self._whole
         if self._csr is not None:
             return self._csr.result()
         if self._dense is None:
@@ -366,6 +379,49 @@ class _Growing:
 
     def result(self) -> np.ndarray:
         return self._out[: self._n]
+
+
+def _in_place(frame: Frame, spec: _Spec) -> CSRArrays | np.ndarray | None:
+    """Return a whole-batch frame's X as it lies in the frame, if it needs no conversion.
+
+    That is when the frame (e.g. in shared memory, ``ENCODING_NATIVE``) is writable and
+    already holds X in the batch's dtypes: dense ``X``, or CSR with ``indptr`` in the
+    indices' dtype (int32 or int64), checked like copied frames (bounds, row offsets).
+    """
+    h, arrays = frame.header, frame.arrays
+    if not h.sparse:
+        x = arrays.get("X")
+        ok = x is not None and x.dtype == spec.dtype and x.shape == (h.n_rows, spec.n_vars)
+        return x if ok and x is not None and x.flags.writeable else None
+    indptr, indices, data = (arrays.get(k) for k in ("indptr", "indices", "data"))
+    if (
+        indptr is None
+        or indices is None
+        or data is None
+        or data.dtype != spec.dtype
+        or indices.dtype not in _INDEX_DTYPES
+        or indptr.dtype != indices.dtype
+        or not (indptr.flags.writeable and indices.flags.writeable and data.flags.writeable)
+    ):
+        return None
+    nnz = len(indices)
+    if (
+        indptr.shape != (h.n_rows + 1,)
+        or len(data) != nnz
+        or indptr[0] != 0
+        or indptr[-1] != nnz
+        or (h.n_rows and np.diff(indptr).min() < 0)
+    ):
+        msg = f"CSR arrays of batch {h.batch} disagree: indptr does not describe {nnz} non-zeros"
+        raise _fail(msg)
+    if nnz and int(indices.max()) >= spec.n_vars:
+        msg = f"column index {int(indices.max())} out of range for {spec.n_vars} columns"
+        raise _fail(msg)
+    return CSRArrays(data, indices, indptr, (h.n_rows, spec.n_vars))
+
+
+#: Index dtypes scipy and torch CSR take as they are.
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def _array(frame: Frame, name: str) -> np.ndarray:

@@ -17,12 +17,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
 from annserve.client._rpc import Channel, frames_of
+from annserve.client._shm import SharedMemorySession
 from annserve.client._torch import to_device, to_torch
 from annserve.client.options import Connection, Output, Sharding
-from annserve.errors import InvalidRequestError, ServerUnavailableError
+from annserve.errors import InvalidRequestError, ServerUnavailableError, quoted
 from annserve.memory import retain_freed_memory
 from annserve.prefetch import Prefetcher
 from annserve.sampling import Shard
+from annserve.shm import MAX_SLOTS, side_socket
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 8.0
 #: Longest wait for a closed stream's decoding thread to end, seconds.
 _CLOSE_TIMEOUT_S = 1.0
+#: Shared-memory slots beyond ``Output.prefetch``: the batch the loop holds, the one
+#: being assembled, the one the daemon writes.
+_SLOTS_BEYOND_PREFETCH = 3
 _MISSING_GENES = {"error": pb.MISSING_GENES_ERROR, "zeros": pb.MISSING_GENES_ZEROS}
 
 
@@ -213,12 +218,18 @@ class RemoteLoader(IterableDataset):
         self.return_index = return_index
         self.split, self.balance = split, balance
         self.sharding, self.output, self.connection = sharding, output, connection
+        if connection.transport == "shm" and side_socket(address) is None:
+            msg = f"transport='shm' needs a unix:PATH address, got {quoted(address)}"
+            raise InvalidRequestError(msg)
         self.rank, self.world_size = _resolve_rank(sharding)
         self.device = torch.device(output.device) if output.device is not None else None
         self._pool: BufferPool | None = None
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
         self._conn: Channel | None = None
+        self._shm: SharedMemorySession | None = None  # reused by the epochs of this process
+        self._shm_pid = os.getpid()
+        self._no_shm = False  # the daemon offered no session: stream over gRPC
         self._conn_pid = os.getpid()
         self._info = self._connection().describe(store)
         len(self)  # the server checks the whole configuration now, not at the first epoch
@@ -384,13 +395,16 @@ class RemoteLoader(IterableDataset):
     def _stream_from_cursor(self, pool: BufferPool) -> Iterator[dict[str, Any]]:
         """Stream the current epoch from the next batch not yet yielded."""
         conn = self._connection()
-        call = conn.stream(self._request(self._epoch, self._shard(), self._batch))
         assembler = self._assembler(pool)
-
+        session = self._take_session()
+        request = self._request(self._epoch, self._shard(), self._batch, session)
+        call = conn.stream(request)
         output = self.output
 
         def produce() -> Iterator[dict[str, Any]]:
-            for batch in assembler.batches(frames_of(call, conn.address)):
+            messages = frames_of(call, conn.address)
+            frames = messages if session is None else session.frames(messages)
+            for batch in assembler.batches(frames):
                 if output.to_torch:
                     batch = to_torch(batch, to_dense=output.to_dense, pool=pool)
                 yield batch
@@ -407,12 +421,54 @@ class RemoteLoader(IterableDataset):
                 yield to_device(batch, self.device) if self.device is not None else batch
         finally:
             close()
+            self._give_back(session)
+
+    def _take_session(self) -> SharedMemorySession | None:
+        """Return a shared-memory session for the next stream; None for the gRPC stream.
+
+        The process's session is reused from epoch to epoch (its slots stay mapped);
+        a second stream at once gets its own.
+
+        Raises
+        ------
+        ServerUnavailableError
+            With ``transport="shm"``, if the daemon offers no session.
+        """
+        path = side_socket(self.address)
+        if self.connection.transport == "grpc" or path is None or self._no_shm:
+            return None
+        if self._shm is not None and self._shm_pid != os.getpid():
+            self._shm = None  # inherited through fork(): the daemon talks to the parent
+        cached = self._shm
+        if cached is not None and not cached.busy and cached.alive():
+            cached.busy = True
+            return cached
+        n_slots = min(self.output.prefetch + _SLOTS_BEYOND_PREFETCH, MAX_SLOTS)
+        try:
+            session = SharedMemorySession(path, n_slots, self.connection.timeout)
+        except ServerUnavailableError as e:
+            if self.connection.transport == "shm":
+                raise
+            logger.info("%s; streaming over gRPC", e)
+            self._no_shm = True
+            return None
+        session.busy = True
+        if cached is None or not cached.alive():
+            if cached is not None:
+                cached.close()
+            self._shm, self._shm_pid = session, os.getpid()
+        return session
+
+    def _give_back(self, session: SharedMemorySession | None) -> None:
+        if session is None:
+            return
+        session.busy = False
+        if session is not self._shm:
+            session.close()
 
     def _assembler(self, pool: BufferPool) -> BatchAssembler:
         """Return the assembler of this loader's batches, with the dtypes they take."""
         info = self._info
-        matrix = "raw/X" if self.use_raw else f"layers/{self.layer}" if self.layer else "X"
-        stored = {m.name: np.dtype(m.dtype) for m in info.matrices}
         obsm = {o.name: o for o in info.obsm}
         dtype = self.dtype
         return BatchAssembler(
@@ -420,7 +476,7 @@ class RemoteLoader(IterableDataset):
             self.obs_keys,
             self.n_vars,
             pool,
-            dtype=stored[matrix] if dtype is None else dtype,
+            dtype=self._value_dtype(),
             obsm=[
                 (obsm[k], np.dtype(obsm[k].dtype) if dtype is None else dtype)
                 for k in self.obsm_keys
@@ -428,13 +484,26 @@ class RemoteLoader(IterableDataset):
             index_name=info.obs_index_name or None,
         )
 
+    def _value_dtype(self) -> np.dtype:
+        """Return the dtype of X's values in the batches: ``dtype``, or the stored one."""
+        if self.dtype is not None:
+            return self.dtype
+        matrix = "raw/X" if self.use_raw else f"layers/{self.layer}" if self.layer else "X"
+        return next(np.dtype(m.dtype) for m in self._info.matrices if m.name == matrix)
+
     def _shard(self) -> Shard:
         """Return the shard of this consumer: rank x DataLoader worker."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return Shard(self.rank * workers + worker, self.world_size * workers)
 
-    def _request(self, epoch: int, shard: Shard, start_batch: int) -> pb.StreamBatchesRequest:
+    def _request(
+        self,
+        epoch: int,
+        shard: Shard,
+        start_batch: int,
+        session: SharedMemorySession | None = None,
+    ) -> pb.StreamBatchesRequest:
         request = pb.StreamBatchesRequest(
             store=self.store,
             batch_size=self.batch_size,
@@ -456,7 +525,11 @@ class RemoteLoader(IterableDataset):
             uneven_shards=not self.sharding.even_batches,
             start_batch=start_batch,
         )
-        self.connection.apply(request)
+        self.connection.apply(request, shared_memory=session is not None)
+        if session is not None:
+            request.shm_session = session.token
+            if request.encoding == pb.ENCODING_NATIVE:
+                request.value_dtype = self._value_dtype().str
         for option in (self.split, self.balance):
             if option is not None:
                 option.apply(request)
@@ -474,7 +547,7 @@ class RemoteLoader(IterableDataset):
     # channels do not pickle: DataLoader workers started by spawn reconnect lazily;
     # buffers are not worth pickling
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_conn": None, "_pool": None}
+        return {**self.__dict__, "_conn": None, "_pool": None, "_shm": None}
 
 
 def _mapped(

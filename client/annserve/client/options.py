@@ -21,7 +21,12 @@ from annserve.v1 import annserve_pb2 as pb
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-_ENCODINGS = {"compact": pb.ENCODING_COMPACT, "raw": pb.ENCODING_RAW}
+_ENCODINGS = {
+    "compact": pb.ENCODING_COMPACT,
+    "raw": pb.ENCODING_RAW,
+    "native": pb.ENCODING_NATIVE,
+}
+_TRANSPORTS = ("auto", "shm", "grpc")
 _COMPRESSIONS = {
     None: pb.COMPRESSION_NONE,
     "zstd": pb.COMPRESSION_ZSTD,
@@ -200,9 +205,18 @@ class Connection:
     max_wait
         Longest the loader waits for the server in one outage, seconds, pauses
         included; then it raises the ``ServerUnavailableError``.
+    transport
+        ``"auto"`` (default): batches travel through shared memory when ``address`` is
+        a ``unix:`` socket path of a daemon offering it (``annserve --unix``), else in
+        the gRPC stream; ``"shm"``: shared memory or an error; ``"grpc"``: always the
+        gRPC stream. Over shared memory the daemon writes each batch into a memfd slot
+        mapped by this process, and X is viewed there without a copy; the slot is
+        reused once the batch is dropped (see :mod:`annserve.shm`).
     encoding
-        Wire encoding: ``"compact"`` (lossless narrow types, default) or ``"raw"``
-        (the store's dtypes).
+        Wire encoding: ``"compact"`` (lossless narrow types), ``"raw"`` (the store's
+        dtypes), ``"native"`` (int32 indices, values in the loader's ``dtype``: no
+        conversion here), or None (default): compact over gRPC, native over shared
+        memory.
     compression
         Compress each frame's payload with this numcodecs codec: ``"zstd"``, ``"lz4"``,
         ``"blosc"``, or None (default). Pays only on links slower than ~0.6 GB/s.
@@ -228,7 +242,8 @@ class Connection:
     Raises
     ------
     InvalidRequestError
-        If ``encoding`` or ``compression`` is not a name listed above, only one of
+        If ``transport``, ``encoding`` or ``compression`` is not a name listed above, only
+        one of
         ``certificate_chain`` and ``private_key`` is given, ``timeout`` or ``max_wait``
         is not positive or ``retries`` or ``retry_backoff`` is negative.
     """
@@ -237,7 +252,8 @@ class Connection:
     retries: int = 5
     retry_backoff: float = 0.5
     max_wait: float = 60.0
-    encoding: str = "compact"
+    transport: str = "auto"
+    encoding: str | None = None
     compression: str | None = None
     compression_level: int = 0
     retain_memory: bool = True
@@ -247,8 +263,11 @@ class Connection:
     private_key: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.encoding not in _ENCODINGS:
-            msg = f"encoding must be one of {sorted(_ENCODINGS)}, got {self.encoding!r}"
+        if self.transport not in _TRANSPORTS:
+            msg = f"transport must be one of {list(_TRANSPORTS)}, got {self.transport!r}"
+            raise InvalidRequestError(msg)
+        if self.encoding is not None and self.encoding not in _ENCODINGS:
+            msg = f"encoding must be one of {sorted(_ENCODINGS)} or None, got {self.encoding!r}"
             raise InvalidRequestError(msg)
         if self.compression not in _COMPRESSIONS:
             msg = f"compression must be one of {list(_COMPRESSIONS)}, got {self.compression!r}"
@@ -275,8 +294,13 @@ class Connection:
             for v in (self.root_certificates, self.certificate_chain, self.private_key)
         )
 
-    def apply(self, request: pb.StreamBatchesRequest) -> None:
-        """Write the wire format (encoding, compression) into a request."""
-        request.encoding = _ENCODINGS[self.encoding]
+    def apply(self, request: pb.StreamBatchesRequest, *, shared_memory: bool = False) -> None:
+        """Write the wire format (encoding, compression) into a request.
+
+        ``shared_memory``: whether the stream goes through shared memory (the default
+        encoding is then native).
+        """
+        default = "native" if shared_memory else "compact"
+        request.encoding = _ENCODINGS[self.encoding or default]
         request.compression = _COMPRESSIONS[self.compression]
         request.compression_level = self.compression_level

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from annserve.errors import InvalidRequestError, listed, quoted
 from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, Shard
 from annserve.server.plan.selection import (
@@ -19,8 +21,6 @@ from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    import numpy as np
 
     from annserve.server.io.obs import ObsColumnData
     from annserve.server.io.store import Store
@@ -60,7 +60,9 @@ class StreamPlan:
     return_index
         Send the global row index of every row.
     encoding
-        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+        ``pb.ENCODING_RAW``, ``pb.ENCODING_COMPACT`` or ``pb.ENCODING_NATIVE``.
+    value_dtype
+        dtype of X's values with ``pb.ENCODING_NATIVE``; None for the stored dtype.
     compression
         ``pb.Compression`` value applied to each frame's payload.
     compression_level
@@ -97,6 +99,7 @@ class StreamPlan:
     obs: tuple[ObsColumnData, ...]
     return_index: bool
     encoding: int
+    value_dtype: np.dtype | None
     compression: pb.Compression
     compression_level: int
     matrix: str
@@ -138,6 +141,7 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
         obs=tuple(store.obs[k] for k in request.obs_keys),
         return_index=request.return_index,
         encoding=request.encoding or pb.ENCODING_COMPACT,
+        value_dtype=_value_dtype(request),
         compression=request.compression,
         compression_level=request.compression_level,
         matrix=matrix,
@@ -179,6 +183,26 @@ def _check_wire(request: pb.StreamBatchesRequest) -> None:
             f"got {request.compression_level}"
         )
         raise InvalidRequestError(msg)
+    if request.shm_session and request.compression != pb.COMPRESSION_NONE:
+        msg = "compression must be COMPRESSION_NONE on a shared-memory stream (shm_session)"
+        raise InvalidRequestError(msg)
+
+
+def _value_dtype(request: pb.StreamBatchesRequest) -> np.dtype | None:
+    """Parse ``value_dtype``: a little-endian numeric numpy dtype of at most 8 bytes."""
+    if not request.value_dtype:
+        return None
+    try:
+        dtype = np.dtype(request.value_dtype)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf" or dtype.byteorder == ">" or dtype.itemsize > 8:
+        msg = (
+            f"value_dtype: {quoted(request.value_dtype)} is not a little-endian numeric "
+            "numpy dtype of at most 8 bytes (e.g. '<f4')"
+        )
+        raise InvalidRequestError(msg)
+    return dtype
 
 
 def _check_unique(names: Sequence[str], field: str) -> None:

@@ -25,6 +25,9 @@ from annserve.server.rpc.service import (
     AnnServeService,
     status_of,
 )
+from annserve.server.rpc.shm import SharedMemoryListener
+from annserve.server.stream.shared import REGISTRY
+from annserve.shm import side_socket
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import MAX_MESSAGE_BYTES
 
@@ -109,6 +112,8 @@ class AnnServer:
         # finished handler's last frames may still be on their way (stop returns once
         # every call is done: 0 would cancel them)
         self.server.stop(STOP_SLACK_S).wait()
+        if self.service.shared_memory is not None:
+            self.service.shared_memory.close()
         return finished
 
 
@@ -126,6 +131,8 @@ def build_server(
     keepalive: float = KEEPALIVE_S,
     reuse_port: bool = False,
     slots: StreamSlots | None = None,
+    shared_memory: bool = True,
+    shared_reads: bool = True,
 ) -> AnnServer:
     """Create and start a server for ``stores``, with health checking and reflection.
 
@@ -166,6 +173,14 @@ def build_server(
     slots
         Count ``max_streams`` with the other processes serving the address; default:
         this server's streams only.
+    shared_memory
+        Offer the same-host shared-memory transport on the first unix socket of
+        ``addresses``: a side socket at its path + ``".shm"``
+        (:class:`~annserve.server.rpc.shm.SharedMemoryListener`).
+    shared_reads
+        Streams that read the same preload buffers (same store, genes, sampling and
+        epoch) read each once, through the process's
+        :data:`~annserve.server.stream.shared.REGISTRY`; False reads per stream.
 
     Raises
     ------
@@ -175,7 +190,14 @@ def build_server(
         If ``stall_timeout`` is not positive.
     """
     limits = limits if limits is not None else Limits()
-    service = AnnServeService(stores, limits, metrics, stall_timeout, slots)
+    service = AnnServeService(
+        stores,
+        limits,
+        metrics,
+        stall_timeout,
+        slots,
+        shared_reads=REGISTRY if shared_reads else None,
+    )
     handlers = {
         "DescribeStore": grpc.unary_unary_rpc_method_handler(
             _parsed(pb.DescribeStoreRequest, service.describe_store),
@@ -226,6 +248,9 @@ def build_server(
         except RuntimeError as e:
             msg = f"cannot bind {address}: {e}"
             raise OSError(msg) from e
+    unix = [a for a in addresses if side_socket(a) is not None]
+    if shared_memory and unix:
+        service.shared_memory = SharedMemoryListener(str(side_socket(unix[0])))
     server.start()
     # the stores are open (the service holds them): ready
     for name in ("", SERVICE_NAME):

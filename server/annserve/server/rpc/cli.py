@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
         "with address unix:PATH; faster than TCP loopback; no TLS)",
     )
     parser.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        default=_env("--no-shared-memory", "0") not in ("0", "false", "no", ""),
+        help="serve plain gRPC streams only: without it, a daemon listening on --unix PATH "
+        "also streams batches to same-host trainers through shared memory (a side socket "
+        "at PATH.shm hands out memfd slots; gRPC carries only headers)",
+    )
+    parser.add_argument(
+        "--shared-reads",
+        action=argparse.BooleanOptionalAction,
+        default=_env("--shared-reads", "1") not in ("0", "false", "no"),
+        help="streams that read the same preload buffers (same store, genes, sampling "
+        "and epoch: a sweep's trainers) read each buffer once; --no-shared-reads reads "
+        "per stream (default on)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=_env("--workers", 1),
@@ -382,6 +398,8 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
             metrics=worker.metrics() if worker is not None else None,
             reuse_port=worker is not None,
             slots=worker.slots if worker is not None else None,
+            shared_memory=not args.no_shared_memory,
+            shared_reads=args.shared_reads,
         )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import grpc
 from annserve.errors import (
     QUOTE_CHARS,
     AnnServeError,
+    InvalidRequestError,
     ServerUnavailableError,
     StoreNotFoundError,
     listed,
@@ -29,17 +30,22 @@ from annserve.server.rpc.describe import store_info
 from annserve.server.rpc.handlers import end_call, status_set
 from annserve.server.rpc.metrics import Metrics
 from annserve.server.stream.frames import epoch_frames, epoch_span
+from annserve.server.stream.shared import REGISTRY, SharedReads, Subscription
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from pathlib import Path
 
+    import numpy as np
+
     from annserve.server.io.store import Store
     from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
-    from annserve.server.stream.frames import Frame
+    from annserve.server.rpc.shm import Session, SharedMemoryListener
+    from annserve.server.stream.frames import Frame, Pack
+    from annserve.wire import Pieces
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +140,13 @@ class AnnServeService:
     slots
         Where ``max_streams`` is counted when other processes serve the same address
         (``--workers``); default: this service's open streams only.
+    shared_memory
+        Side socket of the same-host shared-memory transport; None: requests naming
+        an ``shm_session`` are refused.
+    shared_reads
+        Where streams that read the same preload buffers share one read
+        (:mod:`annserve.server.stream.shared`); default the daemon's registry, None
+        reads every buffer per stream (``--no-shared-reads``).
 
     Raises
     ------
@@ -148,6 +161,8 @@ class AnnServeService:
         metrics: Metrics | None = None,
         stall_timeout: float = STALL_TIMEOUT_S,
         slots: StreamSlots | None = None,
+        shared_memory: SharedMemoryListener | None = None,
+        shared_reads: SharedReads | None = REGISTRY,
     ) -> None:
         if not stores:
             msg = "at least one store is required"
@@ -157,6 +172,8 @@ class AnnServeService:
             raise ValueError(msg)
         self.stall_timeout = stall_timeout
         self._slots = slots
+        self.shared_memory = shared_memory
+        self.shared_reads = shared_reads
         self._stores = dict(stores)
         self._default = next(iter(self._stores))
         self._stream_ids = itertools.count(1)
@@ -230,6 +247,8 @@ class AnnServeService:
         started = time.monotonic()
         stream_id, entry = self._admit(context)
         frames: Prefetcher[Frame] | None = None
+        session: Session | None = None
+        reads: Subscription | None = None
         cancelled = threading.Event()  # stops the read-ahead, also while it skips ahead
         status = "OK"
         meter = None
@@ -239,8 +258,14 @@ class AnnServeService:
             meter = self.metrics.stream(name)
             on_read = self.metrics.store_read_seconds.labels(name).observe
             context.add_callback(cancelled.set)
+            session = self._session(request.shm_session)
+            pack = None if session is None else self._packer(session, cancelled)
+            if self.shared_reads is not None:
+                reads = self.shared_reads.subscribe(
+                    store, plan, cancelled, self.metrics.preload_buffers_of(name)
+                )
             frames = Prefetcher(
-                lambda: epoch_frames(store, sampler, plan, on_read, cancelled),
+                lambda: epoch_frames(store, sampler, plan, on_read, cancelled, pack, shared=reads),
                 FRAME_QUEUE,
                 name=f"annserve-stream-{stream_id}",
             )
@@ -310,6 +335,10 @@ class AnnServeService:
             cancelled.set()
             if frames is not None:
                 frames.close()
+            if reads is not None:
+                reads.close()
+            if session is not None:
+                session.end()
             self._release(stream_id, started)
             if meter is not None:
                 logger.info(
@@ -322,6 +351,35 @@ class AnnServeService:
                     time.monotonic() - started,
                     extra={"stream_id": stream_id},
                 )
+
+    def _session(self, token: bytes) -> Session | None:
+        """Reserve the shared-memory session a request names; None for a plain stream.
+
+        Raises
+        ------
+        InvalidRequestError
+            If the token names no open session, or one in use, or this daemon has no
+            side socket.
+        """
+        if not token:
+            return None
+        if self.shared_memory is None:
+            msg = (
+                "shm_session: this daemon serves no shared-memory sessions (it listens on "
+                "no unix socket, or was started with --no-shared-memory)"
+            )
+            raise InvalidRequestError(msg)
+        session = self.shared_memory.session(token)
+        session.begin()
+        return session
+
+    def _packer(self, session: Session, cancelled: threading.Event) -> Pack:
+        """Return the frame writer of a shared-memory stream (waits up to the stall timeout)."""
+
+        def pack(header: pb.BatchHeader, arrays: list[tuple[str, np.ndarray | Pieces]]) -> bytes:
+            return session.pack(header, arrays, self.stall_timeout, cancelled)
+
+        return pack
 
     # --- admission, stalls and shutdown ----------------------------------------------
     def _admit(self, context: grpc.ServicerContext) -> tuple[int, _OpenStream]:

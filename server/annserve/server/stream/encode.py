@@ -137,7 +137,11 @@ WireRows = WireCSR | WireDense
 
 
 def prepare(
-    block: CSRRows | DenseRows, encoding: int, n_vars: int, empty: Empty = np.empty
+    block: CSRRows | DenseRows,
+    encoding: int,
+    n_vars: int,
+    empty: Empty = np.empty,
+    value_dtype: np.dtype | None = None,
 ) -> WireRows:
     """Convert a preload buffer to the wire dtypes of ``encoding``.
 
@@ -146,12 +150,17 @@ def prepare(
     block
         Rows read from the store.
     encoding
-        ``pb.ENCODING_RAW`` or ``pb.ENCODING_COMPACT``.
+        ``pb.ENCODING_RAW``, ``pb.ENCODING_COMPACT`` or ``pb.ENCODING_NATIVE``.
     n_vars
         Columns of X; picks uint16 (<= 65,536) or uint32 column indices when compact.
     empty
         Allocates converted arrays, see :func:`compact_values`.
+    value_dtype
+        dtype of the values with ``pb.ENCODING_NATIVE`` (cast once, for the whole
+        buffer, as numpy's ``astype``); None keeps the stored dtype.
     """
+    if encoding == pb.ENCODING_NATIVE:
+        return _native(block, value_dtype, empty)
     if encoding != pb.ENCODING_COMPACT:
         return raw_rows(block)
     if isinstance(block, DenseRows):
@@ -161,6 +170,20 @@ def prepare(
     if indices.dtype != index_dtype:
         indices = _cast(indices, index_dtype, empty)
     return WireCSR(block.indptr, indices, compact_values(block.data, empty))
+
+
+def _native(block: CSRRows | DenseRows, value_dtype: np.dtype | None, empty: Empty) -> WireRows:
+    """Cast a buffer to what the consumer computes with: int32 indices, ``value_dtype`` values."""
+
+    def cast(values: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+        same = dtype is None or values.dtype == dtype
+        return values if same else _cast(values, np.dtype(dtype), empty)
+
+    if isinstance(block, DenseRows):
+        return WireDense(cast(block.values, value_dtype))
+    wide = len(block.indices) > np.iinfo(np.int32).max
+    indices = cast(block.indices, np.dtype(np.int64 if wide else np.int32))
+    return WireCSR(block.indptr, indices, cast(block.data, value_dtype))
 
 
 def raw_rows(block: CSRRows | DenseRows) -> WireRows:
@@ -182,8 +205,9 @@ def frame_arrays(
     positions
         Positions of the frame's rows in the buffer, shape ``(n,)``, int64, in yield order.
     encoding
-        ``pb.ENCODING_RAW`` (``indptr`` int64, ``n + 1`` entries) or
-        ``pb.ENCODING_COMPACT`` (``row_nnz`` uint16/uint32, ``n`` entries).
+        ``pb.ENCODING_RAW`` (``indptr`` int64, ``n + 1`` entries),
+        ``pb.ENCODING_COMPACT`` (``row_nnz`` uint16/uint32, ``n`` entries) or
+        ``pb.ENCODING_NATIVE`` (``indptr`` in the indices' dtype, ``n + 1`` entries).
 
     Returns
     -------
@@ -199,7 +223,10 @@ def frame_arrays(
         max_len = int(lengths.max()) if len(lengths) else 0
         row_part = ("row_nnz", lengths.astype(smallest_uint(max_len) or np.uint64))
     else:
-        row_part = ("indptr", np.r_[np.int64(0), np.cumsum(lengths)])
+        indptr = np.r_[np.int64(0), np.cumsum(lengths)]
+        if encoding == pb.ENCODING_NATIVE:
+            indptr = indptr.astype(rows.indices.dtype)
+        row_part = ("indptr", indptr)
     # each row is a contiguous run: copying slices (once, into the frame) is several
     # times faster than a fancy-index gather through a per-non-zero index array
     stops = starts + lengths

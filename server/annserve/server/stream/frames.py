@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +12,13 @@ import numpy as np
 
 from annserve.buffers import BufferPool
 from annserve.prefetch import Prefetcher
-from annserve.server.plan.epoch import Span, from_batch, rows_in_span, shard_span
+from annserve.server.plan.epoch import (
+    Span,
+    from_batch,
+    pieces_in_span,
+    rows_in_span,
+    shard_span,
+)
 from annserve.server.stream.encode import (
     frame_arrays,
     obs_arrays,
@@ -29,6 +36,11 @@ if TYPE_CHECKING:
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
     from annserve.server.stream.encode import WireRows
+    from annserve.server.stream.shared import Subscription
+    from annserve.wire import Pieces
+
+    #: Serializes one frame, ``pack(header, arrays)``, as :func:`annserve.wire.encode_frame`.
+    Pack = Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], bytes]
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
 MAX_FRAME_ROWS = 1024
@@ -63,6 +75,8 @@ def epoch_frames(
     plan: StreamPlan,
     on_read: Callable[[float], None] | None = None,
     cancelled: threading.Event | None = None,
+    pack: Pack | None = None,
+    shared: Subscription | None = None,
 ) -> Iterator[Frame]:
     """Yield the serialized frames of one shard's epoch, from batch ``plan.start_batch`` on.
 
@@ -87,6 +101,15 @@ def epoch_frames(
     cancelled
         Set when the stream is over (the client left): the read-ahead thread stops at
         its next preload buffer, also while it skips to ``start_batch``.
+    pack
+        Serializes each frame instead of :func:`annserve.wire.encode_frame` (with the
+        plan's compression), e.g. into a shared-memory slot; frames then hold whole
+        batches, within one preload buffer, rather than about
+        :data:`TARGET_FRAME_BYTES`.
+    shared
+        The stream's membership of the streams reading the same buffers
+        (:mod:`annserve.server.stream.shared`): each piece of a buffer is read once for
+        all of them; None reads every buffer for this stream alone.
 
     Yields
     ------
@@ -101,13 +124,17 @@ def epoch_frames(
     emitted = todo.start - span.start
     per_row = _row_extra_bytes(store, plan)
     buffers = Prefetcher(
-        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled),
+        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled, shared),
         1,
         name=f"{threading.current_thread().name}-read",
     )
     try:
         for rows, positions, wire, obsm in buffers:
-            step = _frame_rows(wire.nbytes + per_row * len(rows), len(rows))
+            step = (
+                plan.batch_size
+                if pack is not None
+                else _frame_rows(wire.nbytes + per_row * len(rows), len(rows))
+            )
             start = 0
             while start < len(rows):
                 batch, row_start = divmod(emitted, plan.batch_size)
@@ -122,7 +149,12 @@ def epoch_frames(
                     sparse=wire.sparse,
                 )
                 at = slice(start, start + n)
-                yield _frame(header, wire, obsm, positions[at], rows[at], plan, store)
+                arrays = _frame_arrays(header, wire, obsm, positions[at], rows[at], plan, store)
+                if pack is None:
+                    data = encode_frame(header, arrays, plan.compression, plan.compression_level)
+                else:
+                    data = pack(header, arrays)
+                yield Frame(header, data)
                 start += n
                 emitted += n
     finally:
@@ -137,24 +169,46 @@ def _read_ahead(
     pool: BufferPool,
     on_read: Callable[[float], None] | None,
     cancelled: threading.Event | None,
+    shared: Subscription | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]]:
     """Yield each preload buffer of ``span`` read and prepared for the wire.
 
     Yields ``(rows, positions, wire, obsm)``: the buffer's rows in yield order, each
     row's position in ``wire``, the prepared buffer (rows sorted, each once) and the
-    requested obsm arrays at the same rows (as stored, by key).
+    requested obsm arrays at the same rows (as stored, by key). With ``shared`` a piece
+    another stream of the group has read (or is reading) is taken from it, not read.
     """
-    for rows in rows_in_span(sampler, plan.epoch, span, cancelled):
-        unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
-        started = time.perf_counter()
-        block = store.read_rows(unique_rows, plan.matrix, pool)
-        obsm = {k: raw_rows(store.read_rows(unique_rows, k)) for k in plan.obsm}
-        if on_read is not None:
-            on_read(time.perf_counter() - started)
-        if plan.columns is not None:
-            block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
-        wire = prepare(block, plan.encoding, plan.n_vars, pool.empty)
-        yield rows, np.searchsorted(unique_rows, rows), wire, obsm
+    if shared is None:
+        for rows in rows_in_span(sampler, plan.epoch, span, cancelled):
+            yield _read_rows(store, plan, rows, pool, on_read)
+        return
+    for piece in pieces_in_span(sampler, plan.epoch, span, cancelled):
+        item = shared.get(
+            piece, functools.partial(_read_rows, store, plan, piece.rows, on_read=on_read), pool
+        )
+        if item is None:  # cancelled while another stream read the piece
+            return
+        yield item
+
+
+def _read_rows(
+    store: Store,
+    plan: StreamPlan,
+    rows: np.ndarray,
+    pool: BufferPool,
+    on_read: Callable[[float], None] | None,
+) -> tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]:
+    """Read and prepare one piece of a preload buffer; see :func:`_read_ahead`."""
+    unique_rows = np.unique(rows)  # sorted; samplers drawing with replacement repeat rows
+    started = time.perf_counter()
+    block = store.read_rows(unique_rows, plan.matrix, pool)
+    obsm = {k: raw_rows(store.read_rows(unique_rows, k)) for k in plan.obsm}
+    if on_read is not None:
+        on_read(time.perf_counter() - started)
+    if plan.columns is not None:
+        block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
+    wire = prepare(block, plan.encoding, plan.n_vars, pool.empty, plan.value_dtype)
+    return rows, np.searchsorted(unique_rows, rows), wire, obsm
 
 
 def _row_extra_bytes(store: Store, plan: StreamPlan) -> int:
@@ -183,7 +237,7 @@ def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
     return int(np.clip(TARGET_FRAME_BYTES // per_row, 1, MAX_FRAME_ROWS))
 
 
-def _frame(
+def _frame_arrays(
     header: pb.BatchHeader,
     wire: WireRows,
     obsm: dict[str, WireRows],
@@ -191,7 +245,8 @@ def _frame(
     global_rows: np.ndarray,
     plan: StreamPlan,
     store: Store,
-) -> Frame:
+) -> list[tuple[str, np.ndarray | Pieces]]:
+    """Gather one frame's arrays; fills the header's text obs and obs_names."""
     arrays = frame_arrays(wire, positions, plan.encoding)
     for key, rows in obsm.items():
         parts = frame_arrays(rows, positions, pb.ENCODING_RAW)
@@ -202,4 +257,4 @@ def _frame(
     header.obs_names.extend(store.obs_names[global_rows].tolist())
     if plan.return_index:
         arrays.append(("index", global_rows))
-    return Frame(header, encode_frame(header, arrays, plan.compression, plan.compression_level))
+    return arrays

@@ -1,0 +1,168 @@
+"""The client's side of the same-host shared-memory transport (see :mod:`annserve.shm`).
+
+A :class:`SharedMemorySession` holds the memfd slots the daemon handed over, mapped
+once and reused from batch to batch (and epoch to epoch). Each frame that arrives
+in a slot is handed on as a writable memoryview whose exporter releases the slot
+when the last array viewing it is gone, i.e. when the training loop drops the batch
+built from it. So that a loop keeping batches (``list(loader)``) cannot starve the
+daemon, a frame arriving while all other slots are held is copied out and its slot
+released at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import mmap
+import os
+import socket
+import threading
+import weakref
+from functools import cache
+from typing import TYPE_CHECKING
+
+from annserve import shm
+from annserve.errors import FrameDecodeError, ServerUnavailableError
+from annserve.v1 import annserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _exporter(nbytes: int) -> type[ctypes.Array[ctypes.c_char]]:
+    """Return a ctypes array type of ``nbytes``: instances export a mapping, take weakrefs."""
+    return type(f"Slot{nbytes}", (ctypes.c_char * nbytes,), {})
+
+
+class SharedMemorySession:
+    """A session on a daemon's side socket: slots to receive frames in.
+
+    Parameters
+    ----------
+    path
+        The side socket's path (:func:`annserve.shm.side_socket`).
+    n_slots
+        Slots to ask for, 1 to :data:`annserve.shm.MAX_SLOTS`.
+    timeout
+        Seconds to wait for the daemon's answer.
+
+    Raises
+    ------
+    ServerUnavailableError
+        If nothing listens at ``path``, or the daemon refuses the session.
+    """
+
+    def __init__(self, path: str, n_slots: int, timeout: float) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.send(shm.hello(n_slots))
+            message, fds, _, _ = socket.recv_fds(sock, shm.MAX_MESSAGE, n_slots)
+        except OSError as e:
+            sock.close()
+            msg = f"no shared-memory session at {path}: {e}"
+            raise ServerUnavailableError(msg) from e
+        if not message.startswith(shm.MAGIC) or len(fds) != n_slots:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            reason = message.removeprefix(shm.REFUSED).decode(errors="replace")[:200]
+            msg = f"the daemon at {path} refused a shared-memory session: {reason}"
+            raise ServerUnavailableError(msg)
+        sock.settimeout(None)
+        self.path = path
+        self.token = message[len(shm.MAGIC) :]
+        self._sock = sock
+        self._fds = fds
+        self._maps: list[mmap.mmap | None] = [None] * n_slots
+        self._held = 0  # slots handed on as views and not yet released
+        self._lock = threading.Lock()
+        self.busy = False  # a stream uses it
+        # closed with the session, or when it is garbage collected (its loader dropped)
+        self._closer = weakref.finalize(self, _close, sock, list(fds))
+
+    @property
+    def n_slots(self) -> int:
+        """Slots of the session."""
+        return len(self._fds)
+
+    def alive(self) -> bool:
+        """Return whether the daemon still holds the session (its socket is open)."""
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def frames(self, messages: Iterator[bytes]) -> Iterator[bytes | bytearray | memoryview]:
+        """Turn a shared-memory stream's messages into the frames they point to.
+
+        Raises
+        ------
+        FrameDecodeError
+            If a message does not parse or names a slot or size the session lacks.
+        """
+        for message in messages:
+            try:
+                header = pb.BatchFrame.FromString(message).header
+            except Exception as e:  # protobuf's DecodeError
+                msg = f"shared-memory frame pointer does not parse: {e}"
+                raise FrameDecodeError(msg) from e
+            yield self._frame(header.shm_slot, header.shm_nbytes) if header.shm_nbytes else message
+
+    def _frame(self, slot: int, nbytes: int) -> bytearray | memoryview:
+        """Return bytes ``[0, nbytes)`` of a slot: a view that releases it, or a copy."""
+        mapping = self._mapping(slot, nbytes)
+        view = _exporter(len(mapping)).from_buffer(mapping)
+        with self._lock:
+            copy = self._held >= self.n_slots - 1
+            if not copy:
+                self._held += 1
+        if copy:  # the daemon must keep a slot to write into
+            out = bytearray(memoryview(view).cast("B")[:nbytes])
+            del view
+            self._send_release(slot)
+            return out
+        weakref.finalize(view, self._release, slot)
+        return memoryview(view).cast("B")[:nbytes]
+
+    def _mapping(self, slot: int, nbytes: int) -> mmap.mmap:
+        if not 0 <= slot < self.n_slots or nbytes < 0:
+            msg = f"shared-memory frame names slot {slot} ({nbytes} bytes) of {self.n_slots}"
+            raise FrameDecodeError(msg)
+        mapping = self._maps[slot]
+        if mapping is None or len(mapping) < nbytes:  # the daemon grew the slot
+            size = os.fstat(self._fds[slot]).st_size
+            if size < nbytes:
+                msg = f"shared-memory slot {slot} holds {size} bytes, the frame {nbytes}"
+                raise FrameDecodeError(msg)
+            mapping = mmap.mmap(self._fds[slot], size)  # views of an older mapping keep it
+            self._maps[slot] = mapping
+        return mapping
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._held -= 1
+        self._send_release(slot)
+
+    def _send_release(self, slot: int) -> None:
+        with contextlib.suppress(OSError):  # the daemon is gone: nothing to give back
+            self._sock.send(shm.release(slot))
+
+    def close(self) -> None:
+        """Close the session; memory still viewed by batches stays valid until they go."""
+        self._closer()
+        self._fds = []
+        self._maps = []
+
+
+def _close(sock: socket.socket, fds: list[int]) -> None:
+    sock.close()
+    for fd in fds:
+        os.close(fd)

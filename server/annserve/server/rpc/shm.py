@@ -1,0 +1,262 @@
+"""The daemon's side of the same-host shared-memory transport (see :mod:`annserve.shm`).
+
+:class:`SharedMemoryListener` accepts side-socket connections; each one is a
+:class:`Session`: a ring of memfd slots, handed to the client once. A stream naming
+the session writes each frame into a free slot with ``os.pwritev`` (the frame's
+arrays are gathered from the preload buffer by that one copy; the daemon never maps
+the slots) and sends only the header over gRPC. The client's releases come back on
+the side socket and free slots; a stream waits for one (back-pressure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from annserve import shm
+from annserve.errors import InvalidRequestError, ServerUnavailableError, StreamStalledError
+from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import frame_parts
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import numpy as np
+
+    from annserve.wire import Pieces
+
+logger = logging.getLogger(__name__)
+
+#: Buffers one ``pwritev`` takes at most (Linux's ``UIO_MAXIOV``).
+_IOV_MAX = 1024
+#: A slot grows to this much more than the frame that did not fit.
+_GROWTH = 1.25
+#: Seconds between checks of a stream's cancellation while it waits for a slot.
+_POLL_S = 0.1
+
+
+class Session:
+    """One client's shared-memory slots and the side socket its releases arrive on.
+
+    Parameters
+    ----------
+    conn
+        The accepted side-socket connection.
+    n_slots
+        Slots (memfds) of the ring.
+    """
+
+    def __init__(self, conn: socket.socket, n_slots: int) -> None:
+        self.token = secrets.token_bytes(shm.TOKEN_BYTES)
+        self._conn = conn
+        self._fds = [os.memfd_create(f"annserve-slot-{i}", os.MFD_CLOEXEC) for i in range(n_slots)]
+        self._sizes = [0] * n_slots
+        self._free: deque[int] = deque(range(n_slots))
+        self._cond = threading.Condition()
+        self._closed = False  # the client left (or broke the protocol)
+        self._busy = False  # a stream writes into the slots
+
+    @property
+    def n_slots(self) -> int:
+        """Slots of the ring."""
+        return len(self._fds)
+
+    def run(self) -> None:
+        """Hand the slots over, then take releases until the client closes the socket.
+
+        Runs on the session's own thread; the slots' descriptors are closed at the
+        end, or when the stream using them ends after that.
+        """
+        try:
+            socket.send_fds(self._conn, [shm.MAGIC + self.token], self._fds)
+            while message := self._conn.recv(shm.MAX_MESSAGE):
+                self._released(shm.parse_releases(message))
+        except (OSError, ValueError) as e:
+            logger.warning("shared-memory session ended by a bad message or error: %s", e)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+                if not self._busy:
+                    self._close_fds()
+            self._conn.close()
+
+    def _released(self, slots: list[int]) -> None:
+        with self._cond:
+            for slot in slots:
+                if not 0 <= slot < len(self._fds) or slot in self._free:
+                    msg = f"release of slot {slot}, which the client does not hold"
+                    raise ValueError(msg)
+                self._free.append(slot)
+            self._cond.notify_all()
+
+    def begin(self) -> None:
+        """Reserve the session for one stream.
+
+        Raises
+        ------
+        InvalidRequestError
+            If another stream uses it, or its client has left.
+        """
+        with self._cond:
+            if self._busy or self._closed:
+                state = "in use by another stream" if self._busy else "closed by its client"
+                msg = f"shm_session: the shared-memory session is {state}"
+                raise InvalidRequestError(msg)
+            self._busy = True
+
+    def end(self) -> None:
+        """End the stream's use of the session; slots it wrote stay the client's to release."""
+        with self._cond:
+            self._busy = False
+            if self._closed:
+                self._close_fds()
+
+    def pack(
+        self,
+        header: pb.BatchHeader,
+        arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+        timeout: float,
+        cancelled: threading.Event,
+    ) -> bytes:
+        """Write a frame into a free slot; return the gRPC message that points to it.
+
+        Parameters
+        ----------
+        header, arrays
+            The frame, as for :func:`annserve.wire.encode_frame` (``header`` is filled).
+        timeout
+            Seconds to wait for the client to free a slot.
+        cancelled
+            Set when the stream is over; the wait then ends.
+
+        Raises
+        ------
+        StreamStalledError
+            If no slot is freed within ``timeout``.
+        ServerUnavailableError
+            If the client closed the session, or the stream was cancelled, meanwhile.
+        """
+        parts = frame_parts(header, arrays)
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        slot = self._take(timeout, cancelled)
+        fd = self._fds[slot]
+        if nbytes > self._sizes[slot]:
+            self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
+            os.ftruncate(fd, self._sizes[slot])
+        offset = 0
+        for i in range(0, len(parts), _IOV_MAX):
+            offset += os.pwritev(fd, parts[i : i + _IOV_MAX], offset)
+        pointer = pb.BatchHeader(
+            batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes
+        )
+        return pb.BatchFrame(header=pointer).SerializeToString()
+
+    def _take(self, timeout: float, cancelled: threading.Event) -> int:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._free:
+                if self._closed or cancelled.is_set():
+                    msg = "the client closed its shared-memory session"
+                    raise ServerUnavailableError(msg)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = (
+                        f"stream stalled: its client freed no shared-memory slot for "
+                        f"{timeout:g} s (the server's stall timeout, --stall-timeout); "
+                        "resume from the last complete batch"
+                    )
+                    raise StreamStalledError(msg)
+                self._cond.wait(min(left, _POLL_S))
+            return self._free.popleft()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class SharedMemoryListener:
+    """Accepts shared-memory sessions on the side socket of a unix gRPC address.
+
+    Parameters
+    ----------
+    path
+        The side socket's path (:func:`annserve.shm.side_socket`); a stale socket
+        file there is replaced.
+
+    Raises
+    ------
+    OSError
+        If the socket cannot be bound.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sessions: dict[bytes, Session] = {}
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if os.path.exists(path):
+            os.unlink(path)
+        self._sock.bind(path)
+        self._sock.listen(64)
+        self._thread = threading.Thread(target=self._accept, name="annserve-shm", daemon=True)
+        self._thread.start()
+
+    def session(self, token: bytes) -> Session:
+        """Return the session of a token.
+
+        Raises
+        ------
+        InvalidRequestError
+            If no open session has that token.
+        """
+        with self._lock:
+            found = self._sessions.get(token)
+        if found is None:
+            msg = "shm_session: no open shared-memory session has this token"
+            raise InvalidRequestError(msg)
+        return found
+
+    def close(self) -> None:
+        """Stop accepting sessions and remove the socket file (open sessions go on)."""
+        self._sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(
+                target=self._serve, args=(conn,), name="annserve-shm-session", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5.0)  # for the hello only
+        try:
+            n_slots = shm.parse_hello(conn.recv(shm.MAX_MESSAGE))
+        except (OSError, ValueError) as e:
+            logger.warning("refused a shared-memory session: %s", e)
+            with contextlib.suppress(OSError):
+                conn.send(shm.REFUSED + str(e).encode()[: shm.MAX_MESSAGE - 4])
+            conn.close()
+            return
+        conn.settimeout(None)
+        session = Session(conn, n_slots)
+        with self._lock:
+            self._sessions[session.token] = session
+        try:
+            session.run()
+        finally:
+            with self._lock:
+                del self._sessions[session.token]
