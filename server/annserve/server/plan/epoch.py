@@ -125,17 +125,50 @@ def rows_in_span(
     Global row indices, int64, in yield order; they add up to ``span.stop - span.start``
     (fewer once ``cancelled`` is set).
     """
+    for piece in pieces_in_span(sampler, epoch, span, cancelled):
+        yield piece.rows
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """The part of one preload buffer a span covers, and where that buffer is.
+
+    Attributes
+    ----------
+    buffer
+        ``(lap, k)``: the epoch's ``k``-th preload buffer in lap ``lap`` of the row
+        sequence (laps past 0 only when a span wraps, padding); increasing along a span.
+    start, stop
+        The piece is rows ``[start, stop)`` of that buffer, in yield order.
+    rows
+        Global row indices of the piece, shape ``(stop - start,)``, int64.
+    """
+
+    buffer: tuple[int, int]
+    start: int
+    stop: int
+    rows: np.ndarray
+
+
+def pieces_in_span(
+    sampler: Sampler, epoch: int, span: Span, cancelled: threading.Event | None = None
+) -> Iterator[Piece]:
+    """Yield what :func:`rows_in_span` yields, with the buffer each piece comes from.
+
+    Streams with the same sampler and epoch that meet the same piece read the same rows
+    (:mod:`annserve.server.stream.shared`). Parameters as :func:`rows_in_span`.
+    """
     lap = sampler.n_rows
     if lap == 0:
         return
     position = span.start - span.start % lap
     while position < span.stop:  # a second lap only when the span wraps (padding)
-        for rows in sampler.preloads(epoch):
+        for k, rows in enumerate(sampler.preloads(epoch)):
             if cancelled is not None and cancelled.is_set():
                 return
             a, b = max(span.start - position, 0), min(span.stop - position, len(rows))
             if a < b:
-                yield rows[a:b]
+                yield Piece((position // lap, k), a, b, rows[a:b])
             position += len(rows)
             if position >= span.stop:
                 return

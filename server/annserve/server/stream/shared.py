@@ -1,0 +1,372 @@
+"""Shared reads: streams that would read the same preload buffer read it once.
+
+Several streams with the same store, matrix, genes, encoding, sampler and epoch (a
+hyperparameter sweep, or DDP ranks whose shards meet in a buffer) visit the same
+preload buffers. They join one *group* of a :class:`SharedReads` registry, keyed by
+everything that decides what a buffer read holds (:func:`read_key`); the first stream
+to need a piece of a buffer reads and prepares it, the others that need the same piece
+wait for that read and get the very same arrays. Each stream still frames its own
+batches from them, so what it sends is bit for bit what it would send alone.
+
+Memory stays bounded: a group keeps a buffer while an attached stream may still ask for
+it (its next piece is not past it) and at most :data:`BUFFERS_PER_STREAM` buffers per
+attached stream, about what each would hold reading its own (``--stream-memory-mb``
+budgets a stream at about two buffers). A new buffer that would exceed that detaches
+the streams furthest behind: they read their own buffers from then on (and rejoin if
+they catch up with a buffer the group holds) instead of pinning memory without bound.
+Shared buffers come from the group's own :class:`~annserve.buffers.BufferPool`, which
+reuses a buffer only once no array of any stream views it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import numpy as np
+
+from annserve.buffers import BufferPool
+from annserve.server.io.obs import ObsColumnData
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+
+    from annserve.server.io.store import Store
+    from annserve.server.plan.epoch import Piece
+    from annserve.server.plan.request import StreamPlan
+
+T = TypeVar("T")
+
+#: Buffers a group keeps per attached stream (a stream holds about two of its own).
+BUFFERS_PER_STREAM = 2
+#: ``StreamPlan`` fields that only decide how buffers are cut into frames, never what
+#: a buffer read holds; every other field (also ones added later) is part of the key.
+FRAMING_FIELDS = frozenset(
+    {
+        "batch_size",
+        "drop_last",
+        "obs",
+        "return_index",
+        "compression",
+        "compression_level",
+        "shard",
+        "start_batch",
+    }
+)
+_POLL_S = 0.1  # seconds between checks of a waiting stream's cancelled event
+_POOL_BUFFERS = 64  # a group pool keeps at most its peak of live buffers anyway
+_PART_REFS = 3
+
+
+def read_key(store: Store, plan: StreamPlan) -> Hashable:
+    """Return what decides the preload buffers a stream reads, as a hashable key.
+
+    Streams with equal keys read equal buffers: the same store object, the matrix,
+    obsm arrays, gene columns and encoding (what ``prepare`` makes of a read), and the
+    sampler's configuration and epoch (which rows each buffer holds). Fields that only
+    frame the buffers (:data:`FRAMING_FIELDS`) are left out.
+
+    Parameters
+    ----------
+    store
+        The stream's store; compared by identity.
+    plan
+        The validated request.
+    """
+    fields = tuple(
+        (f.name, _hashable(getattr(plan, f.name)))
+        for f in dataclasses.fields(plan)
+        if f.name not in FRAMING_FIELDS
+    )
+    return (id(store), fields)
+
+
+def _hashable(value: object) -> Hashable:
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, ObsColumnData):  # the store's own column: its identity
+        return ("column", value.name, id(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__name__,
+            *(_hashable(getattr(value, f.name)) for f in dataclasses.fields(value)),
+        )
+    if isinstance(value, Mapping):
+        return ("mapping", *sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    hash(value)  # anything else must be hashable as it is
+    return value
+
+
+class _Entry(Generic[T]):
+    """One piece of a preload buffer: being read by one stream, then ready for all."""
+
+    __slots__ = ("done", "failed", "start", "stop", "value")
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.value: T | None = None
+        self.done = False
+        self.failed = False
+
+
+class _Group:
+    """The streams of one key, the buffers they share and the pool those come from."""
+
+    def __init__(self, key: Hashable, store: Store, per_stream: int) -> None:
+        self.key = key
+        self.per_stream = per_stream
+        self.store = store  # keeps id(store) in the key unique while the group lives
+        self.cond = threading.Condition()
+        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.positions: dict[Subscription, tuple[int, int]] = {}  # attached streams
+        self.members = 0
+        self.pool = BufferPool(max_buffers=_POOL_BUFFERS)
+
+    def prune(self, *, in_use: bool = True) -> None:
+        """Drop the buffers no attached stream will ask for again (called locked).
+
+        With ``in_use``, one a stream still frames is kept (its memory is held anyway),
+        for a stream that joins a moment later.
+        """
+        if not self.positions:
+            self.entries.clear()
+            return
+        low = min(self.positions.values())
+        for buffer in [b for b in self.entries if b < low]:
+            if not (in_use and _referenced(self.entries[buffer].value)):
+                del self.entries[buffer]
+
+    def make_room(self, sub: Subscription) -> bool:
+        """Detach the streams furthest behind until a new buffer fits (called locked).
+
+        A group holds at most ``per_stream`` buffers per attached stream. Return False
+        when ``sub`` itself is furthest behind: it is detached instead.
+        """
+        self.prune(in_use=False)
+        while len(self.entries) >= self.per_stream * len(self.positions):
+            mine = self.positions[sub]
+            others = [p for s, p in self.positions.items() if s is not sub]
+            if not others:  # what others left, bounded by their share; sub uses it up
+                return True
+            if min(others) >= mine:
+                sub.detach()
+                return False
+            low = min(others)
+            for s in [s for s, p in self.positions.items() if p == low and s is not sub]:
+                s.detach()
+            self.prune(in_use=False)
+        return True
+
+
+def _referenced(value: object) -> bool:
+    """Whether something besides the group refers to a part of a piece (a tuple)."""
+    if not isinstance(value, tuple):
+        return False
+    # references to each part: the tuple, the loop variable, getrefcount's argument
+    return any(sys.getrefcount(part) > _PART_REFS for part in value)
+
+
+class Subscription:
+    """One stream's membership of a group; :meth:`get` each piece in span order.
+
+    Created by :meth:`SharedReads.subscribe`; :meth:`close` (or the ``with`` block's
+    end) unsubscribes. Not thread-safe itself: one stream's read-ahead thread calls
+    :meth:`get`, any thread may call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        registry: SharedReads,
+        group: _Group,
+        cancelled: threading.Event | None,
+        counted: Callable[[str], None] | None,
+    ) -> None:
+        self._registry = registry
+        self._group = group
+        self._cancelled = cancelled
+        self._counted = counted
+        self.attached = True
+        self.closed = False
+        self.reads = self.shared = 0  # pieces this stream read / took from another's read
+        with group.cond:  # until its first piece it may need any buffer of the epoch
+            group.positions[self] = (0, 0)
+
+    def detach(self) -> None:
+        """Leave the group's positions: read own buffers, pin none (called locked)."""
+        self.attached = False
+        self._group.positions.pop(self, None)
+        self._group.prune()
+
+    def get(self, piece: Piece, read: Callable[[BufferPool], T], own_pool: BufferPool) -> T | None:
+        """Return ``read``'s result for ``piece``, reading it only if no stream has.
+
+        Parameters
+        ----------
+        piece
+            The next piece of the stream's span (buffers in increasing order).
+        read
+            Reads and prepares the piece's rows with arrays from the given pool;
+            called at most once per piece and group, on the calling thread.
+        own_pool
+            The stream's pool, for a piece read for this stream alone (detached, or
+            another stream holds a different piece of that buffer).
+
+        Returns
+        -------
+        The prepared piece (shared with other streams: never written to), or None if
+        the stream's ``cancelled`` event was set while it waited for another's read.
+        """
+        g = self._group
+        with g.cond:
+            entry = g.entries.get(piece.buffer)
+            same = entry is not None and (entry.start, entry.stop) == (piece.start, piece.stop)
+            if not self.closed and (self.attached or same):
+                self.attached = True
+                g.positions[self] = piece.buffer
+                g.prune()
+            mine = False
+            if not self.attached or (entry is not None and not same):
+                entry = None
+            elif entry is None and g.make_room(self):
+                entry = g.entries[piece.buffer] = _Entry(piece.start, piece.stop)
+                mine = True
+            elif not same:
+                entry = None
+        if entry is None:
+            return self._read(read, own_pool)
+        if mine:
+            return self._publish(g, entry, read)
+        with g.cond:
+            while not entry.done:
+                if self._cancelled is not None and self._cancelled.is_set():
+                    return None
+                g.cond.wait(_POLL_S)
+            value = entry.value
+        if entry.failed:  # the reader's error is its own; this stream reads, and raises
+            return self._read(read, own_pool)
+        self.shared += 1
+        if self._counted is not None:
+            self._counted("shared")
+        return value
+
+    def _read(self, read: Callable[[BufferPool], T], pool: BufferPool) -> T:
+        value = read(pool)
+        self.reads += 1
+        if self._counted is not None:
+            self._counted("read")
+        return value
+
+    def _publish(self, g: _Group, entry: _Entry, read: Callable[[BufferPool], T]) -> T:
+        try:
+            value = self._read(read, g.pool)
+        except BaseException:
+            with g.cond:
+                entry.failed = entry.done = True
+                for buffer in [b for b, e in g.entries.items() if e is entry]:
+                    del g.entries[buffer]
+                g.cond.notify_all()
+            raise
+        with g.cond:
+            entry.value, entry.done = value, True
+            g.cond.notify_all()
+        return value
+
+    def close(self) -> None:
+        """Unsubscribe: release the buffers this stream pinned; idempotent."""
+        with self._group.cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.detach()
+        self._registry._left(self._group)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SharedReads:
+    """Registry of the groups of streams that read the same preload buffers.
+
+    One per daemon (process-wide: :data:`REGISTRY`); tests may make their own.
+
+    Parameters
+    ----------
+    buffers_per_stream
+        Buffers a group holds per attached stream, at most (> 0); more detach the
+        streams furthest behind.
+    """
+
+    def __init__(self, buffers_per_stream: int = BUFFERS_PER_STREAM) -> None:
+        if buffers_per_stream < 1:
+            msg = f"buffers_per_stream must be >= 1, got {buffers_per_stream}"
+            raise ValueError(msg)
+        self.buffers_per_stream = buffers_per_stream
+        self._lock = threading.Lock()
+        self._groups: dict[Hashable, _Group] = {}
+
+    def subscribe(
+        self,
+        store: Store,
+        plan: StreamPlan,
+        cancelled: threading.Event | None = None,
+        counted: Callable[[str], None] | None = None,
+    ) -> Subscription:
+        """Join the group of streams reading what ``plan`` reads from ``store``.
+
+        Parameters
+        ----------
+        store
+            The stream's store.
+        plan
+            The validated request (:func:`read_key` picks the group).
+        cancelled
+            The stream's event: set, a wait for another stream's read ends.
+        counted
+            Called with ``"read"`` (this stream read a piece from the store) or
+            ``"shared"`` (another stream's read served it) per piece, e.g. a
+            Prometheus counter's ``inc`` by label.
+
+        Returns
+        -------
+        The stream's subscription; close it when the stream ends.
+        """
+        key = read_key(store, plan)
+        with self._lock:
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(key, store, self.buffers_per_stream)
+            group.members += 1
+        return Subscription(self, group, cancelled, counted)
+
+    def _left(self, group: _Group) -> None:
+        with self._lock:
+            group.members -= 1
+            if group.members == 0 and self._groups.get(group.key) is group:
+                del self._groups[group.key]
+
+    def groups(self) -> int:
+        """Return the number of groups with a subscribed stream."""
+        with self._lock:
+            return len(self._groups)
+
+    def buffers(self) -> int:
+        """Return the buffers held for sharing, all groups together."""
+        with self._lock:
+            groups = list(self._groups.values())
+        total = 0
+        for g in groups:
+            with g.cond:
+                total += len(g.entries)
+        return total
+
+
+#: The daemon's registry.
+REGISTRY = SharedReads()
