@@ -3,8 +3,8 @@
 A daemon listening on a unix socket also listens on a ``SOCK_SEQPACKET`` socket at
 the same path + ``".shm"``. A client connects it and sends :func:`hello`; the daemon
 answers with a session token and one memfd per slot (``SCM_RIGHTS``). Frames of a
-stream naming the token are written into the slots; the client sends each slot's
-number back (:func:`release`) when it no longer reads it. The memory belongs to no
+stream naming the token are written into the slots, each write numbered; the client
+sends the write's number back (:func:`release`) when it no longer reads it. The memory belongs to no
 file: the kernel frees it once both processes have closed the descriptors, so a
 process that dies leaves nothing behind. See the wire contract in ``annserve.proto``.
 """
@@ -25,7 +25,7 @@ MAX_SLOTS = 16
 SUFFIX = ".shm"
 
 _HELLO = struct.Struct("<4sI")
-_SLOT = struct.Struct("<I")
+_SEQ = struct.Struct("<Q")
 #: Size of the largest message either side reads.
 MAX_MESSAGE = 4096
 
@@ -73,20 +73,20 @@ def parse_hello(message: bytes) -> int:
     return n_slots
 
 
-def release(slot: int) -> bytes:
-    """Return the message handing ``slot`` back to the daemon."""
-    return _SLOT.pack(slot)
+def release(seq: int) -> bytes:
+    """Return the message handing the slot of write ``seq`` back to the daemon."""
+    return _SEQ.pack(seq)
 
 
 def parse_releases(message: bytes) -> list[int]:
-    """Return the slots a client's message hands back (one or more packed slot numbers).
+    """Return the writes a client's message hands back (one or more packed numbers).
 
     Raises
     ------
     ValueError
-        If the message length is not a multiple of 4 bytes.
+        If the message length is not a multiple of 8 bytes.
     """
-    if not message or len(message) % _SLOT.size:
+    if not message or len(message) % _SEQ.size:
         msg = f"not a slot release: {len(message)} bytes"
         raise ValueError(msg)
-    return [s for (s,) in _SLOT.iter_unpack(message)]
+    return [s for (s,) in _SEQ.iter_unpack(message)]

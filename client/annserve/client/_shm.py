@@ -80,7 +80,7 @@ class SharedMemorySession:
         self._sock = sock
         self._fds = fds
         self._maps: list[mmap.mmap | None] = [None] * n_slots
-        self._held = 0  # slots handed on as views and not yet released
+        self._held: set[int] = set()  # writes (shm_seq) handed on as views, not released
         self._lock = threading.Lock()
         self.busy = False  # a stream uses it
         # closed with the session, or when it is garbage collected (its loader dropped)
@@ -114,22 +114,30 @@ class SharedMemorySession:
             except Exception as e:  # protobuf's DecodeError
                 msg = f"shared-memory frame pointer does not parse: {e}"
                 raise FrameDecodeError(msg) from e
-            yield self._frame(header.shm_slot, header.shm_nbytes) if header.shm_nbytes else message
+            if not header.shm_nbytes:
+                yield message
+                continue
+            yield self._frame(header.shm_slot, header.shm_nbytes, header.shm_seq)
 
-    def _frame(self, slot: int, nbytes: int) -> bytearray | memoryview:
+    def held(self) -> list[int]:
+        """Return the writes (``shm_seq``) whose slots batches still view."""
+        with self._lock:
+            return sorted(self._held)
+
+    def _frame(self, slot: int, nbytes: int, seq: int) -> bytearray | memoryview:
         """Return bytes ``[0, nbytes)`` of a slot: a view that releases it, or a copy."""
         mapping = self._mapping(slot, nbytes)
         view = _exporter(len(mapping)).from_buffer(mapping)
         with self._lock:
-            copy = self._held >= self.n_slots - 1
+            copy = len(self._held) >= self.n_slots - 1
             if not copy:
-                self._held += 1
+                self._held.add(seq)
         if copy:  # the daemon must keep a slot to write into
             out = bytearray(memoryview(view).cast("B")[:nbytes])
             del view
-            self._send_release(slot)
+            self._send_release(seq)
             return out
-        weakref.finalize(view, self._release, slot)
+        weakref.finalize(view, self._release, seq)
         return memoryview(view).cast("B")[:nbytes]
 
     def _mapping(self, slot: int, nbytes: int) -> mmap.mmap:
@@ -146,14 +154,15 @@ class SharedMemorySession:
             self._maps[slot] = mapping
         return mapping
 
-    def _release(self, slot: int) -> None:
+    def _release(self, seq: int) -> None:
+        # under the lock: a request's held() lists a write, or its release was sent before
         with self._lock:
-            self._held -= 1
-        self._send_release(slot)
+            self._held.discard(seq)
+            self._send_release(seq)
 
-    def _send_release(self, slot: int) -> None:
+    def _send_release(self, seq: int) -> None:
         with contextlib.suppress(OSError):  # the daemon is gone: nothing to give back
-            self._sock.send(shm.release(slot))
+            self._sock.send(shm.release(seq))
 
     def close(self) -> None:
         """Close the session; memory still viewed by batches stays valid until they go."""

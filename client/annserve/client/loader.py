@@ -528,6 +528,7 @@ class RemoteLoader(IterableDataset):
         self.connection.apply(request, shared_memory=session is not None)
         if session is not None:
             request.shm_session = session.token
+            request.shm_held[:] = session.held()
             if request.encoding == pb.ENCODING_NATIVE:
                 request.value_dtype = self._value_dtype().str
         for option in (self.split, self.balance):

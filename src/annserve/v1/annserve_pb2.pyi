@@ -126,7 +126,7 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session", "shm_held")
     class CategoryWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class StreamBatchesRequest(_message.Message):
     MISSING_GENES_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHM_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_HELD_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -198,7 +199,8 @@ class StreamBatchesRequest(_message.Message):
     missing_genes: MissingGenes
     value_dtype: str
     shm_session: bytes
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ...) -> None: ...
+    shm_held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ..., shm_held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset")
@@ -221,7 +223,7 @@ class StringColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes")
+    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes", "shm_seq")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +237,7 @@ class BatchHeader(_message.Message):
     OBS_NAMES_FIELD_NUMBER: _ClassVar[int]
     SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     SHM_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEQ_FIELD_NUMBER: _ClassVar[int]
     batch: int
     batch_rows: int
     row_start: int
@@ -248,7 +251,8 @@ class BatchHeader(_message.Message):
     obs_names: _containers.RepeatedScalarFieldContainer[str]
     shm_slot: int
     shm_nbytes: int
-    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ...) -> None: ...
+    shm_seq: int
+    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
     __slots__ = ("header", "payload")

@@ -34,7 +34,7 @@ from annserve.server.stream.shared import REGISTRY, SharedReads, Subscription
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
     from pathlib import Path
 
     import numpy as np
@@ -58,6 +58,8 @@ FRAME_QUEUE = 16
 STALL_TIMEOUT_S = 60.0
 #: Most seconds between two checks for stalled streams (and for freed memory).
 STALL_CHECK_S = 1.0
+#: Seconds a stream waits for the previous stream of its shared-memory session to end.
+SESSION_WAIT_S = 5.0
 #: Seconds without streams after which all freed memory goes back to the OS.
 IDLE_TRIM_S = 0.25
 
@@ -258,7 +260,7 @@ class AnnServeService:
             meter = self.metrics.stream(name)
             on_read = self.metrics.store_read_seconds.labels(name).observe
             context.add_callback(cancelled.set)
-            session = self._session(request.shm_session)
+            session = self._session(request.shm_session, request.shm_held)
             pack = None if session is None else self._packer(session, cancelled)
             if self.shared_reads is not None:
                 reads = self.shared_reads.subscribe(
@@ -352,7 +354,7 @@ class AnnServeService:
                     extra={"stream_id": stream_id},
                 )
 
-    def _session(self, token: bytes) -> Session | None:
+    def _session(self, token: bytes, held: Sequence[int]) -> Session | None:
         """Reserve the shared-memory session a request names; None for a plain stream.
 
         Raises
@@ -370,7 +372,7 @@ class AnnServeService:
             )
             raise InvalidRequestError(msg)
         session = self.shared_memory.session(token)
-        session.begin()
+        session.begin(held, SESSION_WAIT_S)
         return session
 
     def _packer(self, session: Session, cancelled: threading.Event) -> Pack:

@@ -59,6 +59,8 @@ class Session:
         self._fds = [os.memfd_create(f"annserve-slot-{i}", os.MFD_CLOEXEC) for i in range(n_slots)]
         self._sizes = [0] * n_slots
         self._free: deque[int] = deque(range(n_slots))
+        self._written: dict[int, int] = {}  # slot of each write the client holds, by seq
+        self._seq = 0  # writes so far
         self._cond = threading.Condition()
         self._closed = False  # the client left (or broke the protocol)
         self._busy = False  # a stream writes into the slots
@@ -88,34 +90,47 @@ class Session:
                     self._close_fds()
             self._conn.close()
 
-    def _released(self, slots: list[int]) -> None:
+    def _released(self, seqs: list[int]) -> None:
         with self._cond:
-            for slot in slots:
-                if not 0 <= slot < len(self._fds) or slot in self._free:
-                    msg = f"release of slot {slot}, which the client does not hold"
-                    raise ValueError(msg)
-                self._free.append(slot)
+            for seq in seqs:
+                slot = self._written.pop(seq, None)
+                if slot is not None:  # else taken back already (see begin)
+                    self._free.append(slot)
             self._cond.notify_all()
 
-    def begin(self) -> None:
-        """Reserve the session for one stream.
+    def begin(self, held: Sequence[int], wait: float) -> None:
+        """Reserve the session for one stream; take back the slots the client does not hold.
+
+        Parameters
+        ----------
+        held
+            Writes (``shm_seq``) the client still reads; every other written slot is
+            free again (frames of an earlier stream that the client never received).
+        wait
+            Seconds to wait for an earlier stream of the session to end (a client
+            that abandoned an epoch starts the next one at once).
 
         Raises
         ------
         InvalidRequestError
-            If another stream uses it, or its client has left.
+            If another stream still uses it after ``wait``, or its client has left.
         """
+        keep = set(held)
         with self._cond:
+            self._cond.wait_for(lambda: not self._busy or self._closed, wait)
             if self._busy or self._closed:
-                state = "in use by another stream" if self._busy else "closed by its client"
+                state = "in use by another stream" if not self._closed else "closed by its client"
                 msg = f"shm_session: the shared-memory session is {state}"
                 raise InvalidRequestError(msg)
+            for seq in [s for s in self._written if s not in keep]:
+                self._free.append(self._written.pop(seq))
             self._busy = True
 
     def end(self) -> None:
         """End the stream's use of the session; slots it wrote stay the client's to release."""
         with self._cond:
             self._busy = False
+            self._cond.notify_all()
             if self._closed:
                 self._close_fds()
 
@@ -146,7 +161,7 @@ class Session:
         """
         parts = frame_parts(header, arrays)
         nbytes = sum(memoryview(p).nbytes for p in parts)
-        slot = self._take(timeout, cancelled)
+        slot, seq = self._take(timeout, cancelled)
         fd = self._fds[slot]
         if nbytes > self._sizes[slot]:
             self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
@@ -155,11 +170,12 @@ class Session:
         for i in range(0, len(parts), _IOV_MAX):
             offset += os.pwritev(fd, parts[i : i + _IOV_MAX], offset)
         pointer = pb.BatchHeader(
-            batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes
+            batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes, shm_seq=seq
         )
         return pb.BatchFrame(header=pointer).SerializeToString()
 
-    def _take(self, timeout: float, cancelled: threading.Event) -> int:
+    def _take(self, timeout: float, cancelled: threading.Event) -> tuple[int, int]:
+        """Return a free slot and the number of the write into it, waiting for one."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._free:
@@ -175,7 +191,10 @@ class Session:
                     )
                     raise StreamStalledError(msg)
                 self._cond.wait(min(left, _POLL_S))
-            return self._free.popleft()
+            slot = self._free.popleft()
+            self._seq += 1
+            self._written[self._seq] = slot
+            return slot, self._seq
 
     def _close_fds(self) -> None:
         for fd in self._fds:
