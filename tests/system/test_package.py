@@ -16,9 +16,9 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # what only the daemon needs: never a requirement of `pip install annserve`, never
 # imported by `import annserve.client`
 SERVER_ONLY = (
-    "anndata", "zarr", "zarrs", "h5py", "scipy", "google_crc32c", "tqdm", "grpc_health",
+    "anndata", "zarr", "zarrs", "h5py", "scipy", "google_crc32c", "grpc_health",
     "grpc_reflection", "prometheus_client",
-)  # fmt: skip
+)  # fmt: skip  (tqdm is both sides': annserve convert and annserve bench)
 
 
 def test_regenerating_stubs_changes_nothing(tmp_path):
@@ -153,7 +153,8 @@ def test_daemon_imports_are_declared_by_the_server_install():
 
 def test_client_imports_are_declared_by_the_client_install():
     roots = [ROOT / "src" / "annserve", ROOT / "client" / "annserve"]
-    assert undeclared(roots, requirements("client", "compression")) == {}
+    # annserve.client.lightning and .scvi: the lightning extra
+    assert undeclared(roots, requirements("client", "compression", "lightning")) == {}
 
 
 def test_generated_service_matches_registered_methods():
