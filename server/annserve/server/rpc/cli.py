@@ -105,12 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         "at PATH.shm hands out memfd slots; gRPC carries only headers)",
     )
     parser.add_argument(
-        "--shared-reads",
-        action=argparse.BooleanOptionalAction,
-        default=_env("--shared-reads", "1") not in ("0", "false", "no"),
-        help="streams that read the same preload buffers (same store, genes, sampling "
-        "and epoch: a sweep's trainers) read each buffer once; --no-shared-reads reads "
-        "per stream (default on)",
+        "--no-shared-reads",
+        action="store_true",
+        default=_env("--no-shared-reads", "0") not in ("0", "false", "no", ""),
+        help="read every preload buffer per stream: without it, streams that read the same "
+        "buffers (same store, genes, sampling and epoch: a sweep's trainers) read each once",
     )
     parser.add_argument(
         "--workers",
@@ -399,7 +398,7 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
             reuse_port=worker is not None,
             slots=worker.slots if worker is not None else None,
             shared_memory=not args.no_shared_memory,
-            shared_reads=args.shared_reads,
+            shared_reads=not args.no_shared_reads,
         )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)
