@@ -1,0 +1,354 @@
+"""The same-host shared-memory transport against real daemons on unix sockets.
+
+Bit-exact against the gRPC stream, every row once; back-pressure (a loop keeping
+every batch, a client that frees nothing); bad requests and side-socket messages;
+nothing left behind when either process is SIGKILLed (no memfd in the survivor's
+fds or mappings, nothing in /dev/shm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from annserve import shm
+from annserve.client import Connection, RemoteLoader
+from annserve.client._shm import SharedMemorySession
+from annserve.errors import InvalidRequestError, ServerUnavailableError
+from annserve.server import create_server, open_store
+from annserve.server.rpc.app import build_server
+from annserve.v1 import annserve_pb2 as pb
+from conftest import real_path
+from ops_support import Daemon
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
+
+#: Seconds any wait in these tests may take.
+BOUND_S = 30.0
+
+
+def memfds(pid: int | str = "self") -> int:
+    """Descriptors and mappings of a process that are annserve's shared-memory slots."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    fds = 0
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            fds += "memfd:annserve-slot" in os.readlink(fd)
+    maps = Path(f"/proc/{pid}/maps").read_text().count("memfd:annserve-slot")
+    return fds + maps
+
+
+def wait_until(condition, what: str, timeout: float = BOUND_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def unix_server(tmp_path):
+    """A server on a unix socket (and TCP) serving pbmc3k; yields its unix address."""
+    sock = tmp_path / "annserve.sock"
+    stores = {name: open_store(real_path(name)) for name in ("pbmc3k", "pbmc68k")}
+    server, _ = create_server(stores, ["127.0.0.1:0", f"unix:{sock}"])
+    try:
+        yield f"unix:{sock}"
+    finally:
+        server.stop(grace=None).wait(timeout=10)
+
+
+def epoch(loader: RemoteLoader) -> list[dict]:
+    return [dict(b) for b in loader]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["index"], y["index"])
+        same_tensor(x["X"], y["X"])
+        assert x["obs"].equals(y["obs"])
+        assert x.keys() == y.keys()
+        for key in x.get("obsm", {}):
+            same_tensor(x["obsm"][key], y["obsm"][key])
+
+
+def same_tensor(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Equal values, dtype and layout; CSR index dtypes may differ (int32 or int64)."""
+    assert x.layout == y.layout
+    assert x.dtype == y.dtype
+    if x.layout != torch.sparse_csr:
+        assert torch.equal(x, y)
+        return
+    assert torch.equal(x.crow_indices().long(), y.crow_indices().long())
+    assert torch.equal(x.col_indices().long(), y.col_indices().long())
+    assert torch.equal(x.values(), y.values())
+
+
+STORES = {
+    "pbmc3k": {},  # sparse counts
+    "pbmc68k": {"obs_keys": ["bulk_labels", "n_genes"], "obsm_keys": ["X_pca"]},  # dense X
+}
+
+
+@pytest.mark.parametrize("encoding", [None, "compact", "raw"])
+@pytest.mark.parametrize("store", STORES)
+def test_bit_exact_against_grpc_every_row_once(unix_server, store, encoding):
+    kw = dict(store=store, batch_size=300, seed=3, return_index=True, **STORES[store])
+    grpc_loader = RemoteLoader(unix_server, **kw, connection=Connection(transport="grpc"))
+    shm_loader = RemoteLoader(
+        unix_server, **kw, connection=Connection(transport="shm", encoding=encoding)
+    )
+    for _ in range(2):  # the second epoch reuses the session and its mapped slots
+        expected, got = epoch(grpc_loader), epoch(shm_loader)
+        same_batches(expected, got)
+        rows = np.concatenate([b["index"].numpy() for b in got])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(shm_loader.n_obs))
+    assert shm_loader._shm is not None
+    assert shm_loader._shm.alive()
+
+
+def test_native_batches_view_shared_memory_and_free_it_when_dropped(unix_server):
+    loader = RemoteLoader(
+        unix_server, batch_size=700, seed=0, connection=Connection(transport="shm")
+    )
+    batches = iter(loader)
+    first = next(batches)
+    session = loader._shm
+    assert session is not None
+    values = first["X"].values()
+    with memoryview(values.numpy()) as view:  # X's values lie in a mapped slot
+        address = np.frombuffer(view, np.uint8).ctypes.data
+    held = session.held()
+    assert held
+    assert any(
+        int(a, 16) <= address < int(b, 16)
+        for a, b in (line.split()[0].split("-") for line in _slot_maps())
+    )
+    del first, values
+    second = next(batches)  # the loader lets go of a batch when asked for the next
+    gc.collect()
+    first_write = min(held)  # writes are numbered in order; later ones are read ahead
+    wait_until(lambda: first_write not in session.held(), "the dropped batch's slot is freed")
+    rest = list(batches)
+    assert sum(int(b["X"].shape[0]) for b in [second, *rest]) == loader.n_obs - 700
+
+
+def _slot_maps() -> list[str]:
+    return [
+        line for line in Path("/proc/self/maps").read_text().splitlines() if "annserve-slot" in line
+    ]
+
+
+def test_a_loop_keeping_every_batch_never_starves_the_daemon(unix_server):
+    """More batches than slots, all kept: the last slots' frames are copied out."""
+    loader = RemoteLoader(
+        unix_server,
+        batch_size=64,
+        seed=1,
+        return_index=True,
+        connection=Connection(transport="shm"),
+    )
+    kept = list(loader)  # 42 batches, 4 slots
+    assert len(kept) > 4 * (loader._shm.n_slots)
+    rows = np.concatenate([b["index"].numpy() for b in kept])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(loader.n_obs))
+    assert len(loader._shm.held()) <= loader._shm.n_slots - 1
+    reference = list(
+        RemoteLoader(
+            unix_server,
+            batch_size=64,
+            seed=1,
+            return_index=True,
+            connection=Connection(transport="grpc"),
+        )
+    )
+    same_batches(reference, kept)
+
+
+def test_abandoned_epochs_do_not_leak_slots(unix_server):
+    loader = RemoteLoader(
+        unix_server, batch_size=100, seed=2, connection=Connection(transport="shm")
+    )
+    for _ in range(6):  # each break leaves frames written that never arrived
+        for i, _batch in enumerate(loader):
+            if i == 3:
+                break
+    loader.load_state_dict({**loader.state_dict(), "batch": 0})
+    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+
+
+def test_a_client_that_frees_no_slot_gets_deadline_exceeded(tmp_path):
+    sock = tmp_path / "a.sock"
+    args = ["--store", str(real_path("pbmc3k")), "--unix", str(sock), "--stall-timeout", "1"]
+    with Daemon(args) as daemon:
+        wait_until(lambda: Path(f"{sock}.shm").exists(), "side socket")
+        session = SharedMemorySession(f"{sock}.shm", 2, BOUND_S)
+        try:
+            request = _request(session.token, batch_size=100)
+            with grpc.insecure_channel(f"unix:{sock}") as channel:
+                call = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches")(
+                    request.SerializeToString(), timeout=BOUND_S
+                )
+                with pytest.raises(grpc.RpcError) as info:
+                    for _ in call:  # pointers read, slots never released
+                        pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "freed no shared-memory slot" in info.value.details()
+            # the daemon serves others meanwhile and after
+            loader = RemoteLoader(daemon.address, batch_size=1000)
+            assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+        finally:
+            session.close()
+
+
+def _request(token: bytes, **fields) -> pb.StreamBatchesRequest:
+    return pb.StreamBatchesRequest(
+        chunk_size=32, preload_nchunks=8, shuffle=True, seed=0, shm_session=token, **fields
+    )
+
+
+def test_bad_requests_name_the_field_and_the_daemon_keeps_serving(unix_server):
+    path = shm.side_socket(unix_server)
+    session = SharedMemorySession(path, 2, BOUND_S)
+    try:
+        with grpc.insecure_channel(unix_server) as channel:
+            stream = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches")
+            cases = {
+                "shm_session": _request(b"x" * 16, batch_size=10),
+                "compression": _request(
+                    session.token, batch_size=10, compression=pb.COMPRESSION_LZ4
+                ),
+                "value_dtype": _request(
+                    session.token, batch_size=10, encoding=pb.ENCODING_NATIVE, value_dtype="<U4"
+                ),
+            }
+            for field, request in cases.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stream(request.SerializeToString(), timeout=BOUND_S))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+                assert field in info.value.details()
+    finally:
+        session.close()
+    loader = RemoteLoader(unix_server, batch_size=1000, connection=Connection(transport="shm"))
+    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [b"", b"hello", shm.hello(0), shm.hello(shm.MAX_SLOTS + 1)],
+    ids=["empty", "junk", "0", "17"],
+)
+def test_bad_hellos_are_refused(unix_server, hello):
+    path = shm.side_socket(unix_server)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(BOUND_S)
+        sock.connect(path)
+        sock.send(hello)
+        answer, fds, _, _ = socket.recv_fds(sock, shm.MAX_MESSAGE, shm.MAX_SLOTS)
+    assert fds == []
+    assert answer == b"" or answer.startswith(shm.REFUSED)
+    with pytest.raises(ServerUnavailableError, match="refused"):
+        SharedMemorySession(path, 0, BOUND_S)
+    loader = RemoteLoader(unix_server, batch_size=1000, connection=Connection(transport="shm"))
+    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+
+
+def test_transport_choices(unix_server, tmp_path):
+    with pytest.raises(InvalidRequestError, match="transport"):
+        Connection(transport="udp")
+    with pytest.raises(InvalidRequestError, match="unix:PATH"):
+        RemoteLoader("127.0.0.1:1", connection=Connection(transport="shm", timeout=0.1))
+    # a daemon without the side socket: auto streams over gRPC, shm is an error
+    sock = tmp_path / "plain.sock"
+    plain = build_server(
+        {"p": open_store(real_path("pbmc3k"))}, [f"unix:{sock}"], shared_memory=False
+    )
+    try:
+        auto = RemoteLoader(f"unix:{sock}", batch_size=1000)
+        assert sum(int(b["X"].shape[0]) for b in auto) == auto.n_obs
+        assert auto._shm is None
+        forced = RemoteLoader(
+            f"unix:{sock}", batch_size=1000, connection=Connection(transport="shm")
+        )
+        with pytest.raises(ServerUnavailableError, match="shared-memory"):
+            next(iter(forced))
+    finally:
+        plain.server.stop(grace=None).wait(timeout=10)
+
+
+_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    from annserve.client import Connection, RemoteLoader
+    loader = RemoteLoader(sys.argv[1], batch_size=200, connection=Connection(transport="shm"))
+    kept = []
+    for batch in loader:
+        kept.append(batch)
+        if len(kept) == 2:
+            print("holding", flush=True)
+            time.sleep(60)
+    """
+)
+
+
+def test_sigkill_of_the_client_frees_the_daemons_slots(tmp_path):
+    sock = tmp_path / "a.sock"
+    shm_before = set(os.listdir("/dev/shm"))
+    with Daemon(["--store", str(real_path("pbmc3k")), "--unix", str(sock)]) as daemon:
+        wait_until(lambda: Path(f"{sock}.shm").exists(), "side socket")
+        client = subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, f"unix:{sock}"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert client.stdout.readline().strip() == "holding"
+            assert memfds(daemon.proc.pid) > 0
+            client.send_signal(signal.SIGKILL)
+            client.wait(timeout=BOUND_S)
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.stdout.close()
+        wait_until(lambda: memfds(daemon.proc.pid) == 0, "the daemon closes the session's memfds")
+        loader = RemoteLoader(f"unix:{sock}", batch_size=1000)
+        assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+    assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_sigkill_of_the_daemon_leaves_the_client_nothing_once_batches_are_dropped(tmp_path):
+    sock = tmp_path / "a.sock"
+    shm_before = set(os.listdir("/dev/shm"))
+    daemon = Daemon(["--store", str(real_path("pbmc3k")), "--unix", str(sock)])
+    try:
+        wait_until(lambda: Path(f"{sock}.shm").exists(), "side socket")
+        loader = RemoteLoader(
+            f"unix:{sock}",
+            batch_size=200,
+            connection=Connection(transport="shm", retries=0, max_wait=1.0),
+        )
+        batches = iter(loader)
+        kept = [next(batches), next(batches)]
+        assert memfds() > 0
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(timeout=BOUND_S)
+        with pytest.raises(ServerUnavailableError):
+            kept.extend(batches)
+        assert int(kept[0]["X"].values().sum()) >= 0  # still readable after the daemon died
+        del kept, batches, loader
+        gc.collect()
+        wait_until(lambda: memfds() == 0, "the client unmaps and closes every slot")
+    finally:
+        daemon.close()
+    assert set(os.listdir("/dev/shm")) <= shm_before
