@@ -355,6 +355,8 @@ class Supervisor:
                     )
                     code = status if status and status > 0 else 1
                     self.stop.set()
+                elif self.stop.is_set():  # a signal to the process group reached it too
+                    logger.info("worker %d (pid %d) exited (%s)", h.index, h.process.pid, status)
                 else:
                     logger.error(
                         "worker %d (pid %d) died (exit code %s); restarting it",
