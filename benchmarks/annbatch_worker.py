@@ -6,7 +6,9 @@ annbatch 0.3.1 needs Python >= 3.12 while annserve's environment is 3.11, so
 
 ``prepare``
     Build annbatch's own preshuffled collection from the benchmark store with
-    ``DatasetCollection.add_adatas`` (its documented preprocessing step).
+    ``DatasetCollection.add_adatas`` (its documented preprocessing step): with its
+    defaults (Blosc LZ4, ``--compressor lz4``) or uncompressed (``--compressor none``:
+    ``zarr_compressor=()``).
 ``run``
     One repetition: annbatch ``Loader`` over that collection, shuffled (annbatch's
     ``RandomSampler`` chunk sampler: contiguous chunks in random order, rows
@@ -68,8 +70,12 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     use_zarrs()
     t0 = time.perf_counter()
+    options: dict[str, Any] = {} if args.compressor == "lz4" else {"zarr_compressor": ()}
     DatasetCollection(args.collection, mode="w").add_adatas(
-        [args.store], dataset_size=args.dataset_size, rng=np.random.default_rng(args.seed)
+        [args.store],
+        dataset_size=args.dataset_size,
+        rng=np.random.default_rng(args.seed),
+        **options,
     )
     return {
         "seconds": time.perf_counter() - t0,
@@ -115,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="uncompressed size of each shuffled dataset (default %(default)s)",
     )
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument(
+        "--compressor",
+        choices=["lz4", "none"],
+        default="lz4",
+        help="lz4: add_adatas' default zarr_compressor (Blosc LZ4); none: zarr_compressor=()",
+    )
     r = sub.add_parser("run", help="time one repetition")
     r.add_argument("--collection", required=True, type=Path)
     r.add_argument("--batch-size", type=int, default=4096)

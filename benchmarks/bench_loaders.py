@@ -1,29 +1,36 @@
-"""Compare annserve's RemoteLoader with in-process loaders on one AnnData store.
+"""Compare annserve's RemoteLoader with annbatch and in-process bounds, store by store.
 
-Rows of the table (see README.md):
+Three stores of one atlas (see README.md), each named in every row:
 
-(a) ``RemoteLoader`` against an ``annserve`` daemon subprocess, over loopback TCP
-    and over a unix socket, with the ``compact`` and ``raw`` wire encodings;
-(b) the daemon's pipeline in-process without gRPC (``open_store`` + ``ChunkSampler``
-    + ``read_rows``, batches built as torch sparse CSR tensors);
-(c) annbatch's ``Loader`` in-process over its own preshuffled collection of the
-    same data (separate Python 3.12 environment);
-(d) the whole X in memory as scipy CSR, fancy-indexed batches (upper bound).
+``lz4``
+    annbatch's own collection, ``DatasetCollection.add_adatas`` defaults (Blosc LZ4);
+``none``
+    annbatch's collection written uncompressed (``add_adatas(..., zarr_compressor=())``);
+``annserve``
+    annserve's converted store (``annserve convert --compression none``: uint16
+    counts and gene indices, uncompressed).
 
-Every repetition runs in a fresh client process; repetitions are interleaved
-(round-robin, order rotated each round) so that machine noise hits all rows
-alike, and the table reports medians.
+Rows: annbatch's ``Loader`` in-process on ``lz4`` and ``none``; ``RemoteLoader``
+same-host (unix socket, shared memory, default encoding) and over TCP (compact) on
+each of the three stores; on ``lz4`` also each loader's second epoch (the daemon's
+decoded-chunk cache warm); the daemon's pipeline in-process (no gRPC) and the whole X
+in memory (the bound) on ``annserve``. Ratios compare a row only with annbatch on the
+same store and epoch (on ``annserve``'s store, with the in-memory bound).
+
+Every repetition runs in a fresh trainer process; rows are interleaved within each
+round (order rotated each round) so that machine noise hits all rows alike, and the
+table reports medians. The run prints the table, writes it as markdown and a PNG chart
+(cells/s per store; trainer and daemon CPU per cell) and prints their paths.
 
 Example
 -------
-    python benchmarks/make_atlas.py --out /tmp/atlas.zarr
-    python benchmarks/bench_loaders.py --store /tmp/atlas.zarr
+    python benchmarks/make_atlas.py --out /tmp/b14/atlas.zarr --n-obs 50000
+    python benchmarks/bench_loaders.py --atlas /tmp/b14/atlas.zarr
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -49,6 +56,12 @@ ZARR_PIPELINES = {
     "zarrs": "zarrs.ZarrsCodecPipeline",
     "zarr-python": "zarr.core.codec_pipeline.BatchedCodecPipeline",
 }
+#: Store keys, in table order, with the text naming them in the table and the chart.
+STORES = {
+    "lz4": "annbatch collection, lz4 (add_adatas defaults)",
+    "none": "annbatch collection, uncompressed (zarr_compressor=())",
+    "annserve": "annserve convert --compression none (uint16)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,30 +73,47 @@ class Row:
     key
         Short name used by ``--only`` and in the JSON output.
     label
-        Text of the table's first column.
+        The loader, as the table's first column names it.
     kind
         ``remote``, ``sampler``, ``annbatch`` or ``scipy``.
+    store
+        Key of :data:`STORES` the row reads.
     transport
-        ``tcp`` or ``unix`` for remote rows, else empty.
-    encoding
-        Wire encoding of remote rows, else empty.
+        ``shm`` (unix socket, shared memory) or ``tcp`` for remote rows, else empty.
+    epoch
+        The measured epoch of the trainer process (2: one epoch consumed unmeasured
+        first, against the same daemon).
     """
 
     key: str
     label: str
     kind: str
+    store: str
     transport: str = ""
-    encoding: str = ""
+    epoch: int = 1
+
+    @property
+    def fresh_daemon(self) -> bool:
+        """Whether each repetition gets a new daemon: its chunk cache must start empty."""
+        return self.kind == "remote" and self.store == "lz4"
 
 
+SHM = "RemoteLoader same-host (unix, shared memory)"
+TCP = "RemoteLoader TCP (compact)"
 ROWS = (
-    Row("tcp-compact", "(a) annserve TCP compact", "remote", "tcp", "compact"),
-    Row("tcp-raw", "(a) annserve TCP raw", "remote", "tcp", "raw"),
-    Row("unix-compact", "(a) annserve unix compact", "remote", "unix", "compact"),
-    Row("unix-raw", "(a) annserve unix raw", "remote", "unix", "raw"),
-    Row("sampler", "(b) sampler in-process", "sampler"),
-    Row("annbatch", "(c) annbatch Loader", "annbatch"),
-    Row("scipy", "(d) scipy in-memory", "scipy"),
+    Row("annbatch-lz4", "annbatch Loader (in-process)", "annbatch", "lz4"),
+    Row("shm-lz4", SHM, "remote", "lz4", "shm"),
+    Row("tcp-lz4", TCP, "remote", "lz4", "tcp"),
+    Row("annbatch-lz4-e2", "annbatch Loader (in-process)", "annbatch", "lz4", epoch=2),
+    Row("shm-lz4-e2", SHM, "remote", "lz4", "shm", epoch=2),
+    Row("tcp-lz4-e2", TCP, "remote", "lz4", "tcp", epoch=2),
+    Row("annbatch-none", "annbatch Loader (in-process)", "annbatch", "none"),
+    Row("shm-none", SHM, "remote", "none", "shm"),
+    Row("tcp-none", TCP, "remote", "none", "tcp"),
+    Row("shm-annserve", SHM, "remote", "annserve", "shm"),
+    Row("tcp-annserve", TCP, "remote", "annserve", "tcp"),
+    Row("sampler", "daemon pipeline in-process (no gRPC)", "sampler", "annserve"),
+    Row("bound", "whole X in memory, scipy (the bound)", "scipy", "annserve"),
 )
 
 
@@ -97,7 +127,7 @@ class RowResult:
         The configuration.
     reps
         One worker result per successful repetition (see ``_measure.measure``), plus
-        ``server_*`` fields for remote rows.
+        ``server_peak_mb`` for remote rows.
     unavailable
         Reason the row has no result; empty when it ran.
     """
@@ -111,6 +141,21 @@ class RowResult:
         values = [r[key] for r in self.reps if key in r]
         return statistics.median(values) if values else float("nan")
 
+    def per_cell_us(self, key: str) -> float:
+        """Median over repetitions of a CPU field per cell, µs (NaN when absent)."""
+        values = [r[key] / r["cells"] * 1e6 for r in self.reps if key in r and r["cells"]]
+        return statistics.median(values) if values else float("nan")
+
+    def rate(self) -> float:
+        """Median cells/s (NaN without repetitions)."""
+        values = [r["cells"] / r["seconds"] for r in self.reps]
+        return statistics.median(values) if values else float("nan")
+
+    def peak(self, key: str) -> float:
+        """Highest value of a field over the repetitions (NaN when absent)."""
+        values = [r[key] for r in self.reps if key in r]
+        return max(values) if values else float("nan")
+
 
 class Daemon:
     """An ``annserve`` daemon subprocess serving one store.
@@ -120,11 +165,12 @@ class Daemon:
     store
         Store to serve.
     unix_path
-        Also listen on this unix socket; None for TCP only.
+        Also listen on this unix socket (shared memory offered there); None for TCP
+        only.
     pipeline
         zarr codec pipeline, a key of :data:`ZARR_PIPELINES`.
     env
-        Environment of the daemon.
+        Environment of the daemon (``ANNSERVE_*`` variables are dropped: flags only).
     timeout
         Seconds to wait for it to listen.
 
@@ -152,15 +198,14 @@ class Daemon:
             "127.0.0.1",
             "--port",
             "0",
+            "--zarr-pipeline",
+            pipeline,
             "--log-level",
             "INFO",
         ]
         if unix_path is not None:
             cmd += ["--unix", str(unix_path)]
-        if "--zarr-pipeline" in daemon_help():
-            cmd += ["--zarr-pipeline", pipeline]
-        else:  # older daemon: zarr reads its config from the environment
-            env = {**env, "ZARR_CODEC_PIPELINE__PATH": ZARR_PIPELINES[pipeline]}
+        env = {k: v for k, v in env.items() if not k.startswith("ANNSERVE_")}
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -182,8 +227,8 @@ class Daemon:
             if m := _LISTEN_TCP.search(line):
                 self.addresses["tcp"] = f"127.0.0.1:{m.group(1)}"
             elif m := _LISTEN_UNIX.search(line):
-                self.addresses["unix"] = f"unix:{m.group(1)}"
-            if "tcp" in self.addresses and ("unix" in self.addresses or not self._want_unix):
+                self.addresses["shm"] = f"unix:{m.group(1)}"
+            if "tcp" in self.addresses and ("shm" in self.addresses or not self._want_unix):
                 self._ready.set()
         self._ready.set()  # exited: wake the waiter
 
@@ -195,12 +240,6 @@ class Daemon:
                     return int(line.split()[1]) / 1024
         return float("nan")
 
-    def cpu_s(self) -> float:
-        """CPU time the daemon has used, user + system, seconds."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
     def stop(self) -> None:
         """SIGTERM the daemon and wait for it (SIGKILL after 10 s)."""
         if self.proc.poll() is None:
@@ -210,19 +249,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@functools.cache
-def daemon_help() -> str:
-    """``annserve --help`` of this checkout, to tell which flags it has."""
-    out = subprocess.run(
-        [sys.executable, "-m", "annserve.server.rpc.cli", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return out.stdout
 
 
 def git_state() -> str:
@@ -260,7 +286,12 @@ def run_json(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, A
     return json.loads(lines[-1])
 
 
-def loader_args(args: argparse.Namespace, seed: int) -> list[str]:
+def store_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Path of each store key."""
+    return {"lz4": args.annbatch_lz4, "none": args.annbatch_none, "annserve": args.store}
+
+
+def loader_args(row: Row, args: argparse.Namespace, seed: int) -> list[str]:
     """Command-line options every worker shares."""
     out = [
         "--batch-size",
@@ -276,149 +307,181 @@ def loader_args(args: argparse.Namespace, seed: int) -> list[str]:
         out.append("--no-shuffle")
     if args.max_cells is not None:
         out += ["--max-cells", str(args.max_cells)]
-    if args.warmup_epochs:
-        out += ["--warmup-epochs", str(args.warmup_epochs)]
+    if row.epoch > 1:
+        out += ["--warmup-epochs", str(row.epoch - 1)]
     if args.cold:
         out.append("--cold")
     return out
 
 
-def worker_cmd(
-    row: Row, args: argparse.Namespace, seed: int, daemons: dict[str, Daemon]
-) -> list[str]:
+def worker_cmd(row: Row, args: argparse.Namespace, seed: int, daemon: Daemon | None) -> list[str]:
     """Command line of one repetition of ``row``."""
+    store = store_paths(args)[row.store]
     if row.kind == "annbatch":
         return [
             str(args.annbatch_python),
             str(HERE / "annbatch_worker.py"),
             "run",
             "--collection",
-            str(args.collection),
-            *loader_args(args, seed),
+            str(store),
+            *loader_args(row, args, seed),
         ]
-    cmd = [sys.executable, str(HERE / "loader_worker.py"), row.kind, *loader_args(args, seed)]
+    cmd = [
+        sys.executable,
+        str(HERE / "loader_worker.py"),
+        row.kind,
+        *loader_args(row, args, seed),
+    ]
     if row.kind == "remote":
-        daemon = daemons[row.key]
+        assert daemon is not None
+        shm = row.transport == "shm"
         return cmd + [
             "--address",
             daemon.addresses[row.transport],
+            "--transport",
+            "shm" if shm else "grpc",
             "--encoding",
-            row.encoding,
+            "default" if shm else "compact",
             "--server-pid",
             str(daemon.proc.pid),
         ]
-    return cmd + ["--store", str(args.store), "--zarr-pipeline", args.zarr_pipeline]
+    return cmd + ["--store", str(store), "--zarr-pipeline", args.zarr_pipeline]
+
+
+class Daemons:
+    """The daemons of the remote rows: one per row, so each peak RSS is its row's own.
+
+    Rows on the ``lz4`` collection get a new daemon for every repetition (its
+    decoded-chunk cache starts empty, as a first epoch's does); the others keep one
+    for all their repetitions (uncompressed stores are never cached).
+    """
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+        self.args, self.env = args, env
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="annserve-bench-"))
+        self.kept: dict[str, Daemon] = {}
+
+    def start(self, row: Row) -> Daemon:
+        """Start a daemon for ``row``. Raises RuntimeError if it does not start."""
+        unix = self.sock_dir / f"{row.key}.sock" if row.transport == "shm" else None
+        if unix is not None:
+            unix.unlink(missing_ok=True)
+        store = store_paths(self.args)[row.store]
+        return Daemon(store, unix, self.args.zarr_pipeline, self.env)
+
+    def for_rep(self, row: Row) -> Daemon:
+        """The daemon a repetition of ``row`` streams from."""
+        if row.fresh_daemon:
+            return self.start(row)
+        if row.key not in self.kept:
+            self.kept[row.key] = self.start(row)
+        return self.kept[row.key]
+
+    def done_with(self, row: Row, daemon: Daemon) -> None:
+        """End of a repetition: stop a per-repetition daemon."""
+        if row.fresh_daemon:
+            daemon.stop()
+
+    def stop_all(self) -> None:
+        """Stop every daemon still running and remove the socket directory."""
+        for d in self.kept.values():
+            d.stop()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 def run_rep(
-    result: RowResult,
-    args: argparse.Namespace,
-    seed: int,
-    daemons: dict[str, Daemon],
-    env: dict[str, str],
+    result: RowResult, args: argparse.Namespace, seed: int, daemons: Daemons, env: dict[str, str]
 ) -> None:
     """Run one repetition of a row and record it (or the reason it failed)."""
-    daemon = daemons.get(result.row.key)
-    cpu0 = daemon.cpu_s() if daemon else 0.0
+    row = result.row
+    daemon = None
     try:
-        rep = run_json(worker_cmd(result.row, args, seed, daemons), env, args.worker_timeout)
+        if row.kind == "remote":
+            daemon = daemons.for_rep(row)
+        rep = run_json(worker_cmd(row, args, seed, daemon), env, args.worker_timeout)
+        if daemon is not None:
+            rep["server_peak_mb"] = daemon.memory_mb("VmHWM")
+            rep["server_rss_mb"] = daemon.memory_mb("VmRSS")
     except RuntimeError as e:
-        print(f"  {result.row.key}: failed: {e}", flush=True)
+        print(f"  {row.key}: failed: {e}", flush=True)
         result.unavailable = result.unavailable or f"failed: {e}"
         return
-    if daemon is not None:
-        rep.setdefault("server_cpu_s", daemon.cpu_s() - cpu0)  # the worker's is exact
-        rep["server_rss_mb"] = daemon.memory_mb("VmRSS")
-        rep["server_peak_mb"] = daemon.memory_mb("VmHWM")
+    finally:
+        if daemon is not None:
+            daemons.done_with(row, daemon)
     result.reps.append(rep)
     print(
-        f"  {result.row.key:<13} {rep['cells'] / rep['seconds']:>10,.0f} cells/s  "
-        f"first batch {rep['first_batch_s']:.2f} s",
+        f"  {row.key:<16} {rep['cells'] / rep['seconds']:>10,.0f} cells/s  "
+        f"trainer {rep['cpu_s'] / rep['cells'] * 1e6:5.1f} µs/cell  "
+        + (
+            f"daemon {rep['server_cpu_s'] / rep['cells'] * 1e6:5.1f} µs/cell  "
+            if "server_cpu_s" in rep
+            else ""
+        )
+        + f"first batch {rep['first_batch_s']:.2f} s",
         flush=True,
     )
 
 
-def start_daemons(
-    rows: list[RowResult], args: argparse.Namespace, env: dict[str, str], sock_dir: Path
-) -> dict[str, Daemon]:
-    """Start one daemon per remote row, so each daemon's peak RSS is its row's own."""
-    unix_ok = "--unix" in daemon_help()
-    daemons = {}
-    for r in rows:
-        if r.row.kind != "remote":
-            continue
-        if r.row.transport == "unix" and not unix_ok:
-            r.unavailable = "unavailable: this annserve has no --unix flag"
-            continue
-        unix_path = sock_dir / f"{r.row.key}.sock" if r.row.transport == "unix" else None
-        try:
-            daemons[r.row.key] = Daemon(args.store, unix_path, args.zarr_pipeline, env)
-        except RuntimeError as e:
-            r.unavailable = f"unavailable: {e}"
-    return daemons
+def annbatch_python_ok(args: argparse.Namespace) -> str:
+    """Empty when annbatch's environment exists, else why its rows cannot run."""
+    if args.annbatch_python.exists():
+        return ""
+    return f"unavailable: no annbatch environment at {args.annbatch_python} (see README.md)"
 
 
-def prepare_annbatch(
-    result: RowResult, args: argparse.Namespace, n_obs: int, env: dict[str, str]
-) -> dict[str, Any]:
-    """Make sure annbatch's collection of the store exists; return prepare facts.
+def prepare_stores(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Build the stores that are missing from the atlas; return facts about the builds.
 
-    Marks the row unavailable (with the reason) when the annbatch environment is
-    missing or the collection cannot be built.
+    annserve's store comes from ``annserve convert --compression none``; annbatch's two
+    collections from ``annbatch_worker.py prepare`` (``add_adatas``), when its
+    environment exists.
+
+    Raises
+    ------
+    RuntimeError
+        If a build fails.
     """
-    py = args.annbatch_python
-    if not py.exists():
-        result.unavailable = (
-            f"unavailable: no annbatch environment at {py} (see benchmarks/README.md)"
-        )
-        return {}
-    try:
-        info = run_json(
-            [
-                str(py),
-                str(HERE / "annbatch_worker.py"),
-                "info",
-                "--collection",
-                str(args.collection),
-            ],
-            env,
-            300,
-        )
-        if info.get("n_obs") == n_obs and not args.rebuild_collection:
-            return {"versions": info, "reused": True}
-        print(f"building annbatch collection {args.collection} ...", flush=True)
-        prep = run_json(
-            [
-                str(py),
-                str(HERE / "annbatch_worker.py"),
-                "prepare",
-                "--store",
-                str(args.annbatch_source or args.store),
-                "--collection",
-                str(args.collection),
-                "--seed",
-                str(args.seed),
-            ],
+    facts: dict[str, Any] = {}
+    if not args.store.exists():
+        print(f"converting {args.atlas} -> {args.store} ...", flush=True)
+        cmd = [sys.executable, "-m", "annserve.server.rpc.cli", "convert", str(args.atlas)]
+        cmd += ["-o", str(args.store), "--compression", "none"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            msg = f"annserve convert failed: {done.stderr.strip()[-500:]}"
+            raise RuntimeError(msg)
+    if annbatch_python_ok(args):
+        return facts
+    worker = [str(args.annbatch_python), str(HERE / "annbatch_worker.py")]
+    facts["versions"] = run_json([*worker, "info"], env, 300)
+    for key, path in (("lz4", args.annbatch_lz4), ("none", args.annbatch_none)):
+        if path.exists():
+            continue
+        print(f"building annbatch collection {path} ({key}) ...", flush=True)
+        facts[key] = run_json(
+            [*worker, "prepare", "--store", str(args.atlas), "--collection", str(path)]
+            + ["--compressor", key, "--seed", str(args.seed)],
             env,
             1800,
         )
-    except RuntimeError as e:
-        result.unavailable = f"unavailable: {e}"
-        return {}
-    return {"versions": info, "reused": False, **prep}
+    return facts
 
 
 def store_facts(store: Path) -> dict[str, Any]:
-    """Shape and non-zeros of the store's X (h5ad, zarr or a collection), from metadata."""
+    """Shape and non-zeros of a store's X (h5ad, zarr or a collection), from metadata."""
     import h5py
     import zarr
 
-    root = h5py.File(store, "r") if store.is_file() else zarr.open_group(store, mode="r")
-    xs = [root["X"]] if "X" in root else [g["X"] for _, g in root.groups()]
+    root: Any = h5py.File(store, "r") if store.is_file() else zarr.open_group(store, mode="r")
+    xs: list[Any] = [root["X"]] if "X" in root else [g["X"] for _, g in root.groups()]
     return {
         "n_obs": sum(int(x.attrs["shape"][0]) for x in xs),
         "n_vars": int(xs[0].attrs["shape"][1]),
         "nnz": sum(int(x["data"].shape[0]) for x in xs),
+        "bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+        if store.is_dir()
+        else store.stat().st_size,
     }
 
 
@@ -435,10 +498,7 @@ def warm_page_cache(paths: list[Path]) -> float:
 
 
 def run_all(
-    results: list[RowResult],
-    args: argparse.Namespace,
-    daemons: dict[str, Daemon],
-    env: dict[str, str],
+    results: list[RowResult], args: argparse.Namespace, daemons: Daemons, env: dict[str, str]
 ) -> None:
     """Run ``args.reps`` rounds; each round runs every available row once, rotated."""
     for rep in range(args.reps):
@@ -451,147 +511,229 @@ def run_all(
 
 def fmt(value: float, spec: str) -> str:
     """Format a number, or a dash when it is NaN."""
-    return "-" if math.isnan(value) else format(value, spec)
+    return "–" if math.isnan(value) else format(value, spec)
 
 
-def rate(r: RowResult) -> float:
-    """Median cells/s of a row (NaN when it has no repetitions)."""
-    if not r.reps:
-        return float("nan")
-    return statistics.median(rep["cells"] / rep["seconds"] for rep in r.reps)
+def reference(r: RowResult, results: list[RowResult]) -> tuple[RowResult | None, str]:
+    """The row ``r`` is compared with, and its name in the ratio column.
+
+    annbatch on the same store and epoch; on annserve's store (which annbatch cannot
+    read as a collection), the in-memory bound. None for the references themselves.
+    """
+    if r.row.kind in ("annbatch", "scipy"):
+        return None, ""
+    for other in results:
+        if r.row.store == "annserve" and other.row.kind == "scipy":
+            return other, "in-memory"
+        if (
+            other.row.kind == "annbatch"
+            and other.row.store == r.row.store
+            and other.row.epoch == r.row.epoch
+        ):
+            return other, "annbatch"
+    return None, ""
 
 
 HEADER = (
     "loader",
+    "store",
+    "epoch",
     "cells/s",
-    "MB/s",
-    "1st batch s",
-    "setup s",
-    "client RSS MiB",
-    "above imports",
-    "server RSS MiB",
-    "client CPU s",
-    "server CPU s",
-    "cells/CPU-s",
-    "x annbatch",
-    "x in-memory",
+    "trainer CPU µs/cell",
+    "daemon CPU µs/cell",
+    "first batch s",
+    "trainer peak RSS MiB",
+    "daemon peak RSS MiB",
+    "same-store ratio",
 )
 
 
 def table_rows(results: list[RowResult]) -> list[tuple[str, ...]]:
     """Cells of the table, one tuple per row, medians over repetitions."""
-    by_key = {r.row.key: r for r in results}
-    ref_c, ref_d = (rate(by_key[k]) if k in by_key else float("nan") for k in ("annbatch", "scipy"))
     out = []
     for r in results:
+        head = (r.row.label, r.row.store, str(r.row.epoch))
         if not r.reps:
-            out.append((r.row.label, r.unavailable or "no result", *[""] * (len(HEADER) - 2)))
+            out.append((*head, r.unavailable or "no result", *[""] * (len(HEADER) - 4)))
             continue
-        cells_s = rate(r)
-        mb_s = statistics.median(8 * rep["nnz"] / rep["seconds"] / 1e6 for rep in r.reps)
-        above = statistics.median(rep["rss_peak_mb"] - rep["rss_base_mb"] for rep in r.reps)
-        per_cpu = statistics.median(
-            rep["cells"] / (rep["cpu_s"] + rep.get("server_cpu_s", 0.0)) for rep in r.reps
-        )
-        server_peak = max(
-            (rep.get("server_peak_mb", float("nan")) for rep in r.reps), default=float("nan")
+        ref, ref_name = reference(r, results)
+        ratio = (
+            f"{r.rate() / ref.rate():.2f}× {ref_name}"
+            if ref is not None and ref.reps
+            else ("reference" if r.row.kind in ("annbatch", "scipy") else "–")
         )
         out.append(
             (
-                r.row.label,
-                fmt(cells_s, ",.0f"),
-                fmt(mb_s, ",.0f"),
+                *head,
+                fmt(r.rate(), ",.0f"),
+                fmt(r.per_cell_us("cpu_s"), ".1f"),
+                fmt(r.per_cell_us("server_cpu_s"), ".1f"),
                 fmt(r.median("first_batch_s"), ".2f"),
-                fmt(r.median("setup_s"), ".2f"),
-                fmt(r.median("rss_peak_mb"), ",.0f"),
-                fmt(above, "+,.0f"),
-                fmt(server_peak, ",.0f"),
-                fmt(r.median("cpu_s"), ".1f"),
-                fmt(r.median("server_cpu_s"), ".1f"),
-                fmt(per_cpu, ",.0f"),
-                fmt(cells_s / ref_c, ".2f"),
-                fmt(cells_s / ref_d, ".2f"),
+                fmt(r.peak("rss_peak_mb"), ",.0f"),
+                fmt(r.peak("server_peak_mb"), ",.0f"),
+                ratio,
             )
         )
     return out
 
 
-def print_table(results: list[RowResult]) -> None:
-    """Print the results as a markdown table."""
+def markdown_table(results: list[RowResult]) -> str:
+    """The results as a markdown table (text columns left, figures right)."""
     rows = [HEADER, *table_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    left = {0, 1}
 
     def line(cells: tuple[str, ...]) -> str:
         return (
             "| "
             + " | ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             )
             + " |"
         )
 
-    print(line(HEADER))
-    print(
+    rule = (
         "|"
-        + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|".join(
+            "-" * (w + 2) if i in left else "-" * (w + 1) + ":" for i, w in enumerate(widths)
+        )
         + "|"
     )
-    for row in rows[1:]:
-        print(line(row))
+    return "\n".join([line(HEADER), rule, *(line(row) for row in rows[1:])])
 
 
-def print_notes(
-    results: list[RowResult], args: argparse.Namespace, annbatch: dict[str, Any]
-) -> None:
-    """Print what the table does not show: checksums, server RSS per epoch, annbatch setup."""
-    sums = {r.row.key: [rep["checksum"] for rep in r.reps] for r in results if r.reps}
+def notes(results: list[RowResult], args: argparse.Namespace, built: dict[str, Any]) -> list[str]:
+    """What the table does not show: checksums, store paths, versions, unavailable rows."""
+    out = []
+    sums = [rep["checksum"] for r in results for rep in r.reps]
     if args.max_cells is None and sums:
-        flat = [s for v in sums.values() for s in v]
-        agree = max(flat) - min(flat) <= 1e-6 * max(abs(x) for x in flat)
-        verdict = "agree" if agree else f"DISAGREE: {sums}"
-        print(f"- checksums (sum of all X values in an epoch, every row and repetition) {verdict}")
+        agree = max(sums) - min(sums) <= 1e-6 * max(abs(x) for x in sums)
+        by_row = {r.row.key: [rep["checksum"] for rep in r.reps] for r in results if r.reps}
+        verdict = "agree" if agree else f"DISAGREE: {by_row}"
+        out.append(
+            f"checksums (sum of all X values in an epoch, every row and repetition) {verdict}"
+        )
+    for key, path in store_paths(args).items():
+        out.append(f"store {key}: {path} — {STORES[key]}")
+    if v := built.get("versions"):
+        out.append(
+            f"annbatch {v['annbatch']} (anndata {v['anndata']}, zarr {v['zarr']}, "
+            f"zarrs {v['zarrs']}, torch {v['torch']}), zarrs codec pipeline"
+        )
+    for key in ("lz4", "none"):
+        if b := built.get(key):
+            out.append(
+                f"annbatch collection {key} built by add_adatas in {b['seconds']:.1f} s, "
+                f"peak RSS {b['rss_peak_mb']:,.0f} MiB"
+            )
     for r in results:
-        if r.row.kind == "remote" and r.reps:
+        if r.row.kind == "remote" and r.reps and not r.row.fresh_daemon:
             rss = ", ".join(f"{rep['server_rss_mb']:,.0f}" for rep in r.reps)
-            print(f"- {r.row.key}: daemon RSS after each epoch (MiB): {rss}")
-    if annbatch.get("versions"):
-        v = annbatch["versions"]
-        print(
-            f"- annbatch {v['annbatch']} (anndata {v['anndata']}, zarr {v['zarr']}, "
-            f"zarrs {v['zarrs']}, torch {v['torch']}), collection {args.collection}"
-        )
-    if annbatch.get("seconds"):
-        print(
-            f"- annbatch preshuffle (DatasetCollection.add_adatas): {annbatch['seconds']:.1f} s, "
-            f"peak RSS {annbatch['rss_peak_mb']:,.0f} MiB"
-        )
-    for r in results:
-        if r.unavailable:
-            print(f"- {r.row.key}: {r.unavailable}")
+            out.append(f"{r.row.key}: daemon RSS after each repetition (MiB): {rss}")
+    out.extend(f"{r.row.key}: {r.unavailable}" for r in results if r.unavailable)
+    return out
 
 
-def print_header(facts: dict[str, Any], args: argparse.Namespace, warmed_mib: float) -> None:
-    """Print what was measured, on what."""
+def header(facts: dict[str, Any], args: argparse.Namespace, warmed_mib: float) -> str:
+    """What was measured, on what."""
     order = "shuffled" if args.shuffle else "in order"
     cells = f"{args.max_cells:,} cells" if args.max_cells else "one epoch"
-    if args.warmup_epochs:
-        cells += f" measured after {args.warmup_epochs} warm-up epoch(s) in the same process"
-    print(
-        f"\nstore {args.store}: {facts['n_obs']:,} cells x {facts['n_vars']:,} genes, "
-        f"{facts['nnz']:,} non-zeros ({facts['nnz'] / facts['n_obs']:,.0f} per cell)"
-    )
     cache = (
         "page cache dropped before each measured epoch"
         if args.cold
         else f"page cache warmed with {warmed_mib:,.0f} MiB"
     )
-    print(
+    return (
+        f"atlas {args.atlas}: {facts['n_obs']:,} cells x {facts['n_vars']:,} genes, "
+        f"{facts['nnz']:,} non-zeros ({facts['nnz'] / facts['n_obs']:,.0f} per cell)\n"
         f"{order}, batch_size {args.batch_size}, chunk_size {args.chunk_size}, "
-        f"preload_nchunks {args.preload_nchunks}; {cells} per repetition, median of "
-        f"{args.reps}; {os.cpu_count()} CPUs; {cache}; "
-        f"zarr pipeline of (a), (b), (d): {args.zarr_pipeline}; annserve {git_state()}\n"
+        f"preload_nchunks {args.preload_nchunks}, X as torch sparse CSR float32; {cells} "
+        f"per repetition, medians of {args.reps} interleaved repetitions; {os.cpu_count()} "
+        f"CPUs (trainer and daemon share them); {cache}; daemon zarr pipeline "
+        f"{args.zarr_pipeline}; annserve {git_state()}"
     )
+
+
+#: Chart colours per loader kind/transport.
+_COLOURS = {
+    "annbatch": "#7f7f7f",
+    "shm": "#1f77b4",
+    "tcp": "#ff7f0e",
+    "sampler": "#2ca02c",
+    "scipy": "#9467bd",
+}
+
+
+def write_chart(results: list[RowResult], path: Path, title: str) -> None:
+    """Grouped bars: cells/s per store (top), trainer + daemon CPU µs/cell (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    done = [r for r in results if r.reps]
+    groups: list[tuple[str, int]] = []
+    for r in done:
+        if (r.row.store, r.row.epoch) not in groups:
+            groups.append((r.row.store, r.row.epoch))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    ticks, names = [], []
+    x = 0.0
+    for store, epoch in groups:
+        members = [r for r in done if (r.row.store, r.row.epoch) == (store, epoch)]
+        start = x
+        for r in members:
+            colour = _COLOURS[r.row.transport or r.row.kind]
+            top.bar(x, r.rate() / 1e3, color=colour, width=0.8)
+            ref, ref_name = reference(r, results)
+            if ref is not None and ref.reps:
+                top.annotate(
+                    f"{r.rate() / ref.rate():.2f}×",
+                    (x, r.rate() / 1e3),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+            trainer = r.per_cell_us("cpu_s")
+            daemon = r.per_cell_us("server_cpu_s")
+            bottom.bar(x, trainer, color=colour, width=0.8)
+            if not math.isnan(daemon):
+                bottom.bar(
+                    x, daemon, bottom=trainer, color=colour, alpha=0.45, hatch="//", width=0.8
+                )
+            x += 1
+        ticks.append((start + x - 1) / 2)
+        names.append(store + ("" if epoch == 1 else f"\nepoch {epoch}"))
+        x += 0.8
+    top.set_ylabel("thousand cells/s")
+    top.set_title(
+        title + "\nabove bars: × annbatch on the same store and epoch "
+        "(annserve's store: × the in-memory bound)",
+        fontsize=9,
+    )
+    bottom.set_ylabel("CPU µs per cell")
+    bottom.set_xticks(ticks, names)
+    legend = [
+        Patch(color=_COLOURS["annbatch"], label="annbatch Loader (in-process)"),
+        Patch(color=_COLOURS["shm"], label="RemoteLoader same-host (shared memory)"),
+        Patch(color=_COLOURS["tcp"], label="RemoteLoader TCP (compact)"),
+        Patch(color=_COLOURS["sampler"], label="daemon pipeline in-process"),
+        Patch(color=_COLOURS["scipy"], label="whole X in memory (bound)"),
+    ]
+    top.legend(handles=legend, fontsize=8, loc="upper left")
+    bottom.legend(
+        handles=[
+            Patch(facecolor="#bbbbbb", label="trainer process"),
+            Patch(facecolor="#bbbbbb", alpha=0.45, hatch="//", label="daemon"),
+        ],
+        fontsize=8,
+        loc="upper right",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -599,7 +741,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--store", required=True, type=Path, help="AnnData store (from make_atlas.py)")
+    p.add_argument(
+        "--atlas",
+        required=True,
+        type=Path,
+        help="AnnData store the three stores are built from (make_atlas.py)",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="annserve's converted store (default: <atlas>_narrow.zarr beside the atlas; "
+        "built with annserve convert --compression none when missing)",
+    )
+    p.add_argument(
+        "--annbatch-lz4",
+        type=Path,
+        default=None,
+        help="annbatch collection with add_adatas defaults (default: "
+        "<atlas>.annbatch-lz4.zarr beside the atlas; built when missing)",
+    )
+    p.add_argument(
+        "--annbatch-none",
+        type=Path,
+        default=None,
+        help="uncompressed annbatch collection (default: <atlas>.annbatch-none.zarr; "
+        "built when missing)",
+    )
     p.add_argument("--batch-size", type=int, default=4096, help="rows per batch")
     p.add_argument("--chunk-size", type=int, default=32, help="contiguous rows per chunk")
     p.add_argument("--preload-nchunks", type=int, default=256, help="chunks per preload buffer")
@@ -608,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reps",
         type=int,
         default=None,
-        help="repetitions per row, median reported (default 3, 1 with --quick)",
+        help="repetitions per row, median reported (default 5, 1 with --quick)",
     )
     p.add_argument(
         "--max-cells", type=int, default=None, help="cells per repetition (default: one full epoch)"
@@ -616,13 +784,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of repetition 1 (then +1 each)")
     p.add_argument(
         "--only", default=None, help="comma-separated rows to run: " + ",".join(r.key for r in ROWS)
-    )
-    p.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=0,
-        help="epochs each repetition consumes, unmeasured, before the measured "
-        "one (steady state of a long run: buffers and caches warm)",
     )
     p.add_argument(
         "--cold",
@@ -633,41 +794,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 1 repetition of 20,000 cells unless given otherwise",
+        help="smoke run (~2 min): 1 repetition of 20,000 cells unless given otherwise",
     )
     p.add_argument(
         "--annbatch-python",
         type=Path,
         default=ANNBATCH_PYTHON,
-        help="python of the annbatch environment",
-    )
-    p.add_argument(
-        "--collection",
-        type=Path,
-        default=None,
-        help="annbatch collection (default: beside the store, <stem>.annbatch.zarr)",
-    )
-    p.add_argument(
-        "--annbatch-source",
-        type=Path,
-        default=None,
-        help="AnnData store the annbatch collection is built from (default: --store; "
-        "needed when --store is an annserve collection, which annbatch cannot "
-        "read as one AnnData)",
-    )
-    p.add_argument(
-        "--rebuild-collection",
-        action="store_true",
-        help="rebuild the annbatch collection even if one of the right size exists",
+        help="python of the annbatch environment (Python >= 3.12, annbatch 0.3.1)",
     )
     p.add_argument(
         "--zarr-pipeline",
         choices=sorted(ZARR_PIPELINES),
         default="zarrs",
-        help="zarr codec pipeline of the daemon and of rows (b) and (d)",
+        help="zarr codec pipeline of the daemon and of the in-process rows",
     )
     p.add_argument(
         "--worker-timeout", type=float, default=300.0, help="seconds one repetition may take"
+    )
+    p.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="PNG chart to write (default: bench_loaders.png beside the atlas); the "
+        "table goes beside it as .md",
     )
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     return p
@@ -677,59 +826,83 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line and fill in derived defaults."""
     args = build_parser().parse_args(argv)
     if args.reps is None:
-        args.reps = 1 if args.quick else 3
+        args.reps = 1 if args.quick else 5
     if args.quick and args.max_cells is None:
         args.max_cells = 20_000
-    if args.collection is None:
-        args.collection = args.store.with_name(args.store.stem + ".annbatch.zarr")
+    stem, parent = args.atlas.stem, args.atlas.parent
+    args.store = args.store or parent / f"{stem}_narrow.zarr"
+    args.annbatch_lz4 = args.annbatch_lz4 or parent / f"{stem}.annbatch-lz4.zarr"
+    args.annbatch_none = args.annbatch_none or parent / f"{stem}.annbatch-none.zarr"
+    args.chart = args.chart or parent / "bench_loaders.png"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table; return the exit code."""
+    """Run the benchmark, print the table, write it and the chart; return the exit code."""
     args = resolve_args(argv)
     if args.cold and os.geteuid() != 0:
         print("--cold drops the page cache, which needs root", file=sys.stderr)
         return 2
-    if not args.store.exists():
-        print(
-            f"no store at {args.store}: run benchmarks/make_atlas.py --out {args.store}",
-            file=sys.stderr,
-        )
+    if not args.atlas.exists():
+        print(f"no atlas at {args.atlas}: run benchmarks/make_atlas.py", file=sys.stderr)
         return 2
     keys = args.only.split(",") if args.only else [r.key for r in ROWS]
+    unknown = sorted(set(keys) - {r.key for r in ROWS})
+    if unknown:
+        print(f"unknown rows {unknown}; rows: {[r.key for r in ROWS]}", file=sys.stderr)
+        return 2
     results = [RowResult(r) for r in ROWS if r.key in keys]
-    facts = store_facts(args.store)
     # every process alike: torch's OpenMP threads sleep between batches instead of spinning
     # (spinning takes a core from whatever loads the data: a daemon, zarrs' threads)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    annbatch = {}
+    built = prepare_stores(args, env)
+    no_annbatch = annbatch_python_ok(args)
     for r in results:
-        if r.row.kind == "annbatch":
-            annbatch = prepare_annbatch(r, args, facts["n_obs"], env)
-    warm = [args.store] + ([args.collection] if args.collection.exists() else [])
-    warmed = 0.0 if args.cold else warm_page_cache(warm)
-    sock_dir = Path(tempfile.mkdtemp(prefix="annserve-bench-"))
-    daemons = start_daemons(results, args, env, sock_dir)
+        if r.row.kind == "annbatch" and no_annbatch:
+            r.unavailable = no_annbatch
+        elif not store_paths(args)[r.row.store].exists():
+            r.unavailable = f"unavailable: no store at {store_paths(args)[r.row.store]}"
+    facts = store_facts(args.store)
+    stores = sorted({store_paths(args)[r.row.store] for r in results if not r.unavailable})
+    warmed = 0.0 if args.cold else warm_page_cache(stores)
+    daemons = Daemons(args, env)
     try:
         run_all(results, args, daemons, env)
     finally:
-        for d in daemons.values():
-            d.stop()
-        shutil.rmtree(sock_dir, ignore_errors=True)
-    print_header(facts, args, warmed)
-    print_table(results)
-    print()
-    print_notes(results, args, annbatch)
+        daemons.stop_all()
+    title = header(facts, args, warmed)
+    table = markdown_table(results)
+    lines = notes(results, args, built)
+    print("\n" + title + "\n")
+    print(table + "\n")
+    print("\n".join(f"- {n}" for n in lines))
+    chart_title = (
+        f"{facts['n_obs']:,} cells × {facts['n_vars']:,} genes, "
+        f"{facts['nnz'] / facts['n_obs']:,.0f} non-zeros/cell; batch {args.batch_size}, "
+        f"chunk {args.chunk_size} × preload {args.preload_nchunks}, shuffled; "
+        f"medians of {args.reps}; {os.cpu_count()} CPUs shared by trainer and daemon"
+    )
+    write_chart(results, args.chart, chart_title)
+    md = args.chart.with_suffix(".md")
+    md.write_text(title + "\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in lines) + "\n")
+    print(f"\nchart: {args.chart}\ntable: {md}")
     if args.json is not None:
         args.json.write_text(
             json.dumps(
                 {
-                    "store": facts,
+                    "atlas": facts,
                     "args": {k: str(v) for k, v in vars(args).items()},
-                    "annbatch": annbatch,
+                    "stores": {k: str(v) for k, v in store_paths(args).items()},
+                    "built": built,
                     "rows": {
-                        r.row.key: {"reps": r.reps, "unavailable": r.unavailable} for r in results
+                        r.row.key: {
+                            "label": r.row.label,
+                            "store": r.row.store,
+                            "epoch": r.row.epoch,
+                            "reps": r.reps,
+                            "unavailable": r.unavailable,
+                        }
+                        for r in results
                     },
                 },
                 indent=1,

@@ -4,14 +4,20 @@ Run by ``bench_loaders.py`` (each repetition in its own process, so that peak
 RSS is the loader's own). Kinds:
 
 ``remote``
-    annserve ``RemoteLoader`` against a running daemon (``--address``).
+    annserve ``RemoteLoader`` against a running daemon (``--address``): over shared
+    memory (``--transport shm``, a ``unix:`` address) or the gRPC stream
+    (``--transport grpc``), in ``--encoding`` (``default``: the loader's choice).
 ``sampler``
     The daemon's pipeline in-process, no gRPC: ``open_store`` + ``ChunkSampler``
-    preload buffers + ``store.read_rows``, each batch built as a torch sparse CSR
-    tensor.
+    preload buffers + ``store.read_rows``, values widened to float32 and indices to
+    int32 once per preload buffer (as the client does), each batch built as a torch
+    sparse CSR tensor.
 ``scipy``
-    The whole X loaded into a scipy CSR matrix, a random permutation of the rows,
-    fancy-indexed batches converted to torch sparse CSR (the upper bound).
+    The whole X loaded into a scipy CSR matrix (float32 values, int32 indices), a
+    random permutation of the rows, fancy-indexed batches converted to torch sparse
+    CSR (the upper bound).
+
+Every kind yields float32 values, so the epoch checksums of all kinds and stores agree.
 
 Each kind imports only what it needs, so the RSS after imports is comparable.
 """
@@ -59,10 +65,18 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
             preload_nchunks=args.preload_nchunks,
             shuffle=args.shuffle,
             seed=args.seed,
-            connection=Connection(encoding=args.encoding),
+            connection=Connection(
+                transport=args.transport,
+                encoding=None if args.encoding == "default" else args.encoding,
+            ),
             output=Output(to_torch=True),
         )
-        return lambda _: loader  # each iteration streams the next epoch
+
+        def epoch(i: int) -> RemoteLoader:
+            loader.set_epoch(i)  # from its start, also after a --max-cells break
+            return loader
+
+        return epoch
 
     return measure(setup, args.max_cells, args.warmup_epochs, args.server_pid, cold=args.cold)
 
@@ -83,12 +97,17 @@ def sampler_batches(
     """
     import scipy.sparse as sp
 
+    from annserve.server.io.matrix import CSRRows
+
     pending: list[sp.csr_matrix] = []
     n_pending = 0
     for rows in sampler.preloads(epoch):
         sorted_rows = np.sort(rows)
         buf = store.read_rows(sorted_rows)
-        m = sp.csr_matrix((buf.data, buf.indices, buf.indptr), shape=(len(rows), store.n_vars))
+        assert isinstance(buf, CSRRows), "the benchmark stores hold CSR X"
+        data = buf.data.astype(np.float32, copy=False)  # uint16 counts of annserve's stores
+        indices = buf.indices.astype(np.int32, copy=False)
+        m = sp.csr_matrix((data, indices, buf.indptr), shape=(len(rows), store.n_vars))
         order = np.searchsorted(sorted_rows, rows)
         start = 0
         while start < len(order):
@@ -132,16 +151,9 @@ def daemon_sampler(store: Store, args: argparse.Namespace) -> Sampler:
         shuffle=args.shuffle,
         seed=args.seed,
     )
-    plan = plan_stream(request, store)
-    try:
-        from annserve.server.plan.selection import make_sampler
-    except ImportError:  # a checkout from before stream selection (splits, balance)
-        from annserve.server.plan.sampler import ChunkSampler
+    from annserve.server.plan.selection import make_sampler
 
-        return ChunkSampler(
-            store.n_obs, plan.chunk_size, plan.preload_nchunks, shuffle=plan.shuffle, seed=plan.seed
-        )
-    return make_sampler(store, plan)
+    return make_sampler(store, plan_stream(request, store))
 
 
 def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,8 +201,10 @@ def run_scipy(args: argparse.Namespace) -> dict[str, Any]:
         x = sp.vstack([ad.io.read_elem(g["X"]) for g in groups], format="csr")
         # anndata keeps the on-disk int64 indptr next to int32 indices; scipy then
         # converts the whole index arrays on every fancy-indexing call (~0.2 s per
-        # batch here). Re-wrapping makes both int32, as scipy builds them itself.
-        x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=x.shape)
+        # batch here). Re-wrapping makes both int32, as scipy builds them itself;
+        # annserve's stores hold uint16 counts, served as float32 by every other row.
+        data = x.data.astype(np.float32, copy=False)
+        x = sp.csr_matrix((data, x.indices.astype(np.int32), x.indptr), shape=x.shape)
         return lambda epoch: scipy_batches(x, args.batch_size, args.shuffle, args.seed + epoch)
 
     return measure(setup, args.max_cells, args.warmup_epochs, cold=args.cold)
@@ -210,7 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the daemon's pid: its CPU over the measured epoch is reported (remote)",
     )
-    p.add_argument("--encoding", default="compact", choices=["compact", "raw"])
+    p.add_argument(
+        "--transport",
+        default="grpc",
+        choices=["auto", "shm", "grpc"],
+        help="Connection(transport=...): shm needs a unix: address (remote)",
+    )
+    p.add_argument(
+        "--encoding",
+        default="default",
+        choices=["default", "compact", "native", "raw"],
+        help="Connection(encoding=...); default: compact over gRPC, native over shm (remote)",
+    )
     p.add_argument("--store", help="AnnData store (sampler, scipy)")
     p.add_argument(
         "--zarr-pipeline",
