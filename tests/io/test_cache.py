@@ -346,13 +346,14 @@ def test_cache_gb_0_turns_the_cache_off(annbatch_collection):  # noqa: F811
         assert scrape(daemon) == {}
 
 
-def test_a_negative_cache_gb_is_a_bad_argument(annbatch_collection):  # noqa: F811
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_a_cache_gb_out_of_range_is_a_bad_argument(annbatch_collection, value):  # noqa: F811
     done = subprocess.run(
-        [*annserve_command(), "--store", str(annbatch_collection.path), "--cache-gb", "-1"],
+        [*annserve_command(), "--store", str(annbatch_collection.path), "--cache-gb", value],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert "--cache-gb must be >= 0" in done.stderr
+    assert f"--cache-gb must be a number of GB >= 0, got {float(value)}" in done.stderr

@@ -306,8 +306,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0 (0: one per CPU), got {args.workers}")
-    if args.cache_gb is not None and not args.cache_gb >= 0:
-        parser.error(f"--cache-gb must be >= 0, got {args.cache_gb}")
+    if args.cache_gb is not None and not 0 <= args.cache_gb < float("inf"):
+        parser.error(f"--cache-gb must be a number of GB >= 0, got {args.cache_gb}")
     if args.max_unauthenticated_calls < 1:
         parser.error(
             f"--max-unauthenticated-calls must be >= 1, got {args.max_unauthenticated_calls}"
