@@ -5,7 +5,8 @@ Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a worker of
 cannot be opened, 4 when an address cannot be bound, 5 when a TLS or token file
 cannot be read. Every flag ``--some-flag`` also reads its
 default from the environment variable ``ANNSERVE_SOME_FLAG``.
-``annserve convert ...`` runs :func:`annserve.server.convert.convert_main` instead.
+``annserve convert ...`` runs :func:`annserve.server.convert.convert_main` instead,
+``annserve inspect STORE`` :func:`annserve.server.rpc.inspection.inspect_main`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from annserve.server.io.ranges import ZARRS_PIPELINE
 from annserve.server.io.store import Store, open_store
 from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import KEEPALIVE_S, build_server
+from annserve.server.rpc.inspection import inspect_main
 from annserve.server.rpc.logs import configure_logging
 from annserve.server.rpc.metrics import serve_metrics
 from annserve.server.rpc.security import (
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="annserve",
         description="Serve AnnData minibatches to remote trainers over gRPC.",
-        epilog="annserve convert --help: convert AnnData files into a shuffled collection.",
+        epilog="annserve convert --help: convert AnnData files into a shuffled collection. "
+        "annserve inspect STORE: what would be served and how it is read. "
+        "annserve bench ADDRESS: measure a running daemon from a trainer host.",
     )
     parser.add_argument(
         "--store",
@@ -328,10 +332,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, Limits]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the daemon until SIGTERM or SIGINT, or ``annserve convert ...``; return the exit code."""
+    """Run the daemon until SIGTERM/SIGINT, or ``annserve convert|inspect ...``; return the code."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
         return convert_main(argv[1:])
+    if argv[:1] == ["inspect"]:
+        return inspect_main(argv[1:])
     args, limits = _parse(argv)
     configure_logging(args.log_level, args.log_format)
     if args.workers != 1:
