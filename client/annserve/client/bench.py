@@ -62,9 +62,11 @@ def run(loader: RemoteLoader, batches: int, progress: bool = True) -> dict[str, 
 
     Returns
     -------
-    ``{"batches", "cells", "seconds", "first_batch_s", "cells_per_s", "mb_per_s",
-    "cpu_us_per_cell"}``: seconds of wall time from the first request, MB (10**6 bytes)
-    of X's values and column indices received.
+    dict
+        Keys ``batches``, ``cells``, ``seconds`` (wall time from the first request),
+        ``first_batch_s``, ``cells_per_s``, ``mb_per_s`` (MB = 10**6 bytes of X's values
+        and column indices received) and ``cpu_us_per_cell`` (this process's CPU time,
+        all threads, per cell, microseconds).
     """
     cells = nbytes = done = 0
     bar = tqdm(total=batches, unit="batch", disable=not progress, file=sys.stderr)

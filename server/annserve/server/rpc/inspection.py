@@ -45,12 +45,14 @@ def describe_store(path: str | Path) -> dict[str, Any]:
 
     Returns
     -------
-    ``{"path", "n_obs", "n_vars", "groups", "mixed_genes", "matrices", "obsm", "obs",
-    "arrays"}``: ``matrices`` by key (``"X"``, ``"layers/<name>"``, ``"raw/X"``) with
-    ``layout`` (``"csr"`` or ``"dense"``), ``dtype`` and ``n_cols``; ``obs`` the dtype of
-    each column; ``arrays`` each stored array of those matrices (``"X/data"``, ...) in
-    the first group (``dtype``, ``shape``, ``chunks``, ``shards``, ``codecs``) with
-    ``direct``, how many groups' copies the direct-read path reads, of ``groups``.
+    dict
+        Keys ``path``, ``n_obs``, ``n_vars``, ``groups``, ``mixed_genes``; ``matrices``
+        by key (``"X"``, ``"layers/<name>"``, ``"raw/X"``) and ``obsm`` by name, each
+        with ``layout`` (``"csr"`` or ``"dense"``), ``dtype`` and ``n_cols``; ``obs``,
+        the dtype of each column; ``arrays``, each stored array of those matrices
+        (``"X/data"``, ...) as in the first group (``dtype``, ``shape``, ``chunks``,
+        ``shards``, ``codecs``) with ``direct``, how many groups' copies the direct-read
+        path reads, of ``layout_groups`` (0 for a store held in memory).
 
     Raises
     ------
