@@ -29,6 +29,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -91,9 +92,13 @@ def run_client(args: argparse.Namespace) -> int:
 class Daemon:
     """``annserve`` on 127.0.0.1, a free port and a metrics port, serving one store."""
 
-    def __init__(self, store: Path, shared: bool, timeout: float = 180.0) -> None:
+    def __init__(
+        self, store: Path, shared: bool, unix: Path | None = None, timeout: float = 180.0
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ANNSERVE_")}
         flags = [] if shared else ["--no-shared-reads"]
+        if unix is not None:  # same-host trainers: the shared-memory transport
+            flags += ["--unix", str(unix)]
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "annserve.server.rpc.cli"),
@@ -114,7 +119,7 @@ class Daemon:
                 if m := METRICS.search(line):
                     self.metrics_url = m.group(1)
                 if (m := LISTENING.search(line)) and not self.address:
-                    self.address = f"127.0.0.1:{m.group(1)}"
+                    self.address = f"unix:{unix}" if unix else f"127.0.0.1:{m.group(1)}"
                 if self.address and self.metrics_url:
                     ready.set()
             ready.set()
@@ -214,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", type=Path, action="append", help="store to serve (repeat)")
     p.add_argument("--clients", default="1,2,4", help="comma-separated trainer counts")
+    p.add_argument(
+        "--transport",
+        choices=["tcp", "shm"],
+        default="tcp",
+        help="loopback TCP, or a unix socket with the shared-memory transport (same host)",
+    )
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     p.add_argument("--seed", type=int, default=0, help="every trainer's seed")
     p.add_argument("--batch-size", type=int, default=4096)
@@ -254,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
 
     n_obs = {s: open_store(s).n_obs for s in args.store}
     clients = [int(c) for c in args.clients.split(",")]
-    daemons = {(s, on): Daemon(s, on) for s in args.store for on in (True, False)}
+    tmp = tempfile.TemporaryDirectory()
+    unix = {
+        (s, on): Path(tmp.name) / f"{i}-{on}.sock" if args.transport == "shm" else None
+        for i, s in enumerate(args.store)
+        for on in (True, False)
+    }
+    daemons = {(s, on): Daemon(s, on, unix[s, on]) for s in args.store for on in (True, False)}
     configs = [(s, on, c) for s in args.store for c in clients for on in (True, False)]
     rounds: dict[tuple[Path, bool, int], list[dict[str, float]]] = {k: [] for k in configs}
     t_start = time.monotonic()
@@ -274,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for daemon in daemons.values():
             daemon.stop()
+        tmp.cleanup()
+    transport = "TCP loopback" if args.transport == "tcp" else "unix socket + shared memory"
     print(
-        f"identical trainers (seed {args.seed}), TCP loopback, batch {args.batch_size}, chunk "
+        f"identical trainers (seed {args.seed}), {transport}, batch {args.batch_size}, chunk "
         f"{args.chunk_size} x preload {args.preload_nchunks}, shuffled, torch CSR, "
         f"{args.max_cells:,} cells per trainer, medians of {args.reps} interleaved reps, "
         f"{os.cpu_count()} CPUs, {time.monotonic() - t_start:.0f} s"
