@@ -136,7 +136,7 @@ def encode_frame(
     -------
     The serialized ``BatchFrame``.
     """
-    return b"".join(frame_parts(header, arrays, compression, level))
+    return b"".join(frame_parts(header, arrays, compression, level)[0])
 
 
 def frame_parts(
@@ -144,12 +144,13 @@ def frame_parts(
     arrays: Sequence[tuple[str, np.ndarray | Pieces]],
     compression: pb.Compression = pb.COMPRESSION_NONE,
     level: int = 0,
-) -> list[bytes | memoryview]:
-    """Return a serialized frame as the buffers that, concatenated, make it.
+) -> tuple[list[bytes | memoryview], int]:
+    """Return a serialized frame as the buffers that, concatenated, make it, and its size.
 
     What :func:`encode_frame` joins; a writer that gathers buffers itself (e.g.
     ``os.pwritev`` into shared memory) copies the arrays' bytes only once.
-    Parameters and effect on ``header`` as for :func:`encode_frame`.
+    Parameters and effect on ``header`` as for :func:`encode_frame`; the size is in
+    bytes.
     """
     parts: list[bytes | memoryview] = []
     offset = 0
@@ -173,8 +174,8 @@ def frame_parts(
         header.compression = compression
         parts = [codec.encode(b"".join(parts))]
         offset = len(parts[0])
-    head = pb.BatchFrame(header=header).SerializeToString()
-    return [head, _PAYLOAD_KEY, _varint(offset), *parts]
+    head = pb.BatchFrame(header=header).SerializeToString() + _PAYLOAD_KEY + _varint(offset)
+    return [head, *parts], len(head) + offset
 
 
 @dataclass(frozen=True, slots=True)

@@ -484,12 +484,20 @@ class RemoteLoader(IterableDataset):
             index_name=info.obs_index_name or None,
         )
 
-    def _value_dtype(self) -> np.dtype:
-        """Return the dtype of X's values in the batches: ``dtype``, or the stored one."""
-        if self.dtype is not None:
-            return self.dtype
+    def _default_encoding(self, session: SharedMemorySession | None) -> str:
+        """Return the encoding used when ``connection.encoding`` is None (see there)."""
+        if session is None:
+            return "compact"
+        return "native" if self._stored_dtype() == self._value_dtype() else "compact"
+
+    def _stored_dtype(self) -> np.dtype:
+        """Return the dtype of the served matrix's values as stored."""
         matrix = "raw/X" if self.use_raw else f"layers/{self.layer}" if self.layer else "X"
         return next(np.dtype(m.dtype) for m in self._info.matrices if m.name == matrix)
+
+    def _value_dtype(self) -> np.dtype:
+        """Return the dtype of X's values in the batches: ``dtype``, or the stored one."""
+        return self.dtype if self.dtype is not None else self._stored_dtype()
 
     def _shard(self) -> Shard:
         """Return the shard of this consumer: rank x DataLoader worker."""
@@ -525,7 +533,7 @@ class RemoteLoader(IterableDataset):
             uneven_shards=not self.sharding.even_batches,
             start_batch=start_batch,
         )
-        self.connection.apply(request, shared_memory=session is not None)
+        self.connection.apply(request, self._default_encoding(session))
         if session is not None:
             request.shm_session = session.token
             request.shm_held[:] = session.held()

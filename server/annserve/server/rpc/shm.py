@@ -159,8 +159,7 @@ class Session:
         ServerUnavailableError
             If the client closed the session, or the stream was cancelled, meanwhile.
         """
-        parts = frame_parts(header, arrays)
-        nbytes = sum(memoryview(p).nbytes for p in parts)
+        parts, nbytes = frame_parts(header, arrays)
         slot, seq = self._take(timeout, cancelled)
         fd = self._fds[slot]
         if nbytes > self._sizes[slot]:
