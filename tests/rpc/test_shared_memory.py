@@ -27,7 +27,7 @@ import torch
 from annserve import shm
 from annserve.client import Connection, RemoteLoader
 from annserve.client._shm import SharedMemorySession
-from annserve.errors import InvalidRequestError, ServerUnavailableError
+from annserve.errors import InvalidRequestError, ResourceExhaustedError, ServerUnavailableError
 from annserve.server import create_server, open_store
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
@@ -352,3 +352,21 @@ def test_sigkill_of_the_daemon_leaves_the_client_nothing_once_batches_are_droppe
     finally:
         daemon.close()
     assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+def test_slots_count_against_the_stream_memory_budget(tmp_path):
+    from annserve.server.plan.limits import Limits
+
+    store = open_store(real_path("pbmc3k"))
+    per_batch_mb = 2700 * store.mean_row_bytes() / 1e6  # a preload buffer = the whole store
+    sock = tmp_path / "a.sock"
+    limits = Limits(stream_memory_mb=2 * per_batch_mb)  # a buffer fits, 4 slots of it do not
+    server = build_server({"p": store}, [f"unix:{sock}"], limits=limits)
+    try:
+        kw = dict(batch_size=2700, connection=Connection(transport="shm"))
+        with pytest.raises(ResourceExhaustedError, match="shared-memory slots"):
+            next(iter(RemoteLoader(f"unix:{sock}", **kw)))
+        small = RemoteLoader(f"unix:{sock}", **{**kw, "batch_size": 300})
+        assert sum(int(b["X"].shape[0]) for b in small) == small.n_obs
+    finally:
+        server.server.stop(grace=None).wait(timeout=10)

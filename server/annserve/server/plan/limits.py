@@ -70,6 +70,28 @@ class Limits:
             )
             raise ResourceExhaustedError(msg)
 
+    def check_shared_memory(self, plan: StreamPlan, store: Store, n_slots: int) -> None:
+        """Refuse a shared-memory stream whose slots would exceed the per-stream budget.
+
+        Each of the session's ``n_slots`` slots holds one frame: up to a batch of rows
+        (at most a preload buffer), in the wire's dtypes (counted at the stored size).
+
+        Raises
+        ------
+        ResourceExhaustedError
+            Naming ``stream_memory_mb``.
+        """
+        rows = min(plan.batch_size, preload_rows(plan, store))
+        need = n_slots * rows * sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
+        if need > self.stream_memory_mb * 1e6:
+            msg = (
+                f"stream_memory_mb: {n_slots} shared-memory slots of {rows:,} rows need about "
+                f"{need / 1e6:,.0f} MB, over this server's per-stream budget of "
+                f"{self.stream_memory_mb:g} MB (--stream-memory-mb); lower batch_size or "
+                "Output.prefetch"
+            )
+            raise ResourceExhaustedError(msg)
+
     def check_request(self, plan: StreamPlan, store: Store) -> None:
         """Refuse a request over ``max_batch_size`` or over the per-stream memory budget.
 

@@ -261,6 +261,8 @@ class AnnServeService:
             on_read = self.metrics.store_read_seconds.labels(name).observe
             context.add_callback(cancelled.set)
             session = self._session(request.shm_session, request.shm_held)
+            if session is not None:
+                self.limits.check_shared_memory(plan, store, session.n_slots)
             pack = None if session is None else self._packer(session, cancelled)
             if self.shared_reads is not None:
                 reads = self.shared_reads.subscribe(
