@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -73,6 +73,11 @@ ENTRY_OVERHEAD = 256
 NARROW = np.dtype(np.uint16)
 #: Values narrowed and compared at a time (temporaries stay in the CPU cache).
 BLOCK = 1 << 15
+#: Reads whose decoded chunks may wait for the fill thread at once; more are cached by
+#: the reading thread itself.
+MAX_PENDING_READS = 2
+#: Seconds the fill thread waits for work before it ends (the next fill starts it again).
+FILL_IDLE_S = 1.0
 
 _active: ContextVar[ChunkCache | None] = ContextVar("annserve_chunk_cache", default=None)
 
@@ -162,6 +167,12 @@ class ChunkCache:
     outside it (entries are never written once cached, so a reader may hold one while
     another thread evicts it).
 
+    Chunks handed to :meth:`fill` are narrowed and inserted by a fill thread, off the
+    reading thread's path (numpy releases the GIL for the copies), and are found by
+    lookups meanwhile; a reader whose fills would queue behind :data:`MAX_PENDING_READS`
+    others inserts its own. The decoded chunks waiting (at most that many reads' worth)
+    are not counted in the bound.
+
     Parameters
     ----------
     max_bytes
@@ -184,6 +195,11 @@ class ChunkCache:
         self._nbytes = 0
         self._hits = self._misses = self._evictions = 0
         self._spaces = itertools.count()
+        self._pending: dict[tuple[int, int], np.ndarray] = {}
+        self._fills: deque[tuple[int, list[tuple[int, np.ndarray]]]] = deque()
+        self._filling = threading.Condition(self._lock)
+        self._busy = 0  # fills queued or being inserted
+        self._filler: threading.Thread | None = None
 
     def key_space(self) -> int:
         """Return a number no other caller of this cache gets: one reader's key space."""
@@ -198,13 +214,64 @@ class ChunkCache:
         with self._lock:
             for k in chunks:
                 entry = self._entries.get((space, k))
-                if entry is None:
+                if entry is not None:
+                    self._entries.move_to_end((space, k))
+                    found[k] = entry
+                elif (entry := self._pending.get((space, k))) is not None:
+                    found[k] = entry
+                else:
                     self._misses += 1
-                    continue
-                self._entries.move_to_end((space, k))
-                found[k] = entry
             self._hits += len(found)
         return found
+
+    def fill(self, space: int, chunks: list[tuple[int, np.ndarray]]) -> None:
+        """Cache freshly decoded chunks ``(number, values)``, narrowed (:func:`narrowed`).
+
+        The values must not be written afterwards; they are found by lookups until
+        their narrowed copies are inserted, by the fill thread or, when
+        :data:`MAX_PENDING_READS` fills are waiting, by the caller.
+        """
+        with self._lock:
+            inline = self._busy >= MAX_PENDING_READS
+            if not inline:
+                self._pending.update(((space, k), v) for k, v in chunks)
+                self._fills.append((space, chunks))
+                self._busy += 1
+                if self._filler is None:
+                    self._filler = threading.Thread(
+                        target=self._fill_loop, name="annserve-cache-fill", daemon=True
+                    )
+                    self._filler.start()
+                self._filling.notify_all()
+        if inline:
+            self.put_many(space, [(k, narrowed(v)) for k, v in chunks])
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait up to ``timeout`` seconds until every :meth:`fill` so far is inserted.
+
+        Returns
+        -------
+        Whether they all were.
+        """
+        with self._filling:
+            return self._filling.wait_for(lambda: self._busy == 0, timeout)
+
+    def _fill_loop(self) -> None:
+        """Narrow and insert queued fills; end after :data:`FILL_IDLE_S` without any."""
+        while True:
+            with self._filling:
+                if not self._filling.wait_for(lambda: bool(self._fills), FILL_IDLE_S):
+                    self._filler = None
+                    return
+                space, chunks = self._fills.popleft()
+            try:
+                self.put_many(space, [(k, narrowed(v)) for k, v in chunks])
+            finally:
+                with self._filling:
+                    for k, _ in chunks:
+                        self._pending.pop((space, k), None)
+                    self._busy -= 1
+                    self._filling.notify_all()
 
     def put_many(self, space: int, chunks: Iterable[tuple[int, np.ndarray]]) -> None:
         """Cache decoded chunks ``(number, values)`` of key space ``space``.
@@ -382,6 +449,6 @@ class CachedRanges:
         for k in missing:
             n = min(self._length, (k + 1) * c) - k * c
             found[k] = scratch[offset : offset + n]  # this read copies from the scratch
-            decoded.append((k, narrowed(found[k])))
+            decoded.append((k, found[k]))
             offset += n
-        self._cache.put_many(self._space, decoded)
+        self._cache.fill(self._space, decoded)
