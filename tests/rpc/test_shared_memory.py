@@ -370,3 +370,18 @@ def test_slots_count_against_the_stream_memory_budget(tmp_path):
         assert sum(int(b["X"].shape[0]) for b in small) == small.n_obs
     finally:
         server.server.stop(grace=None).wait(timeout=10)
+
+
+def test_dataloader_workers_each_open_their_own_session(unix_server):
+    loader = RemoteLoader(
+        unix_server,
+        batch_size=256,
+        seed=5,
+        return_index=True,
+        connection=Connection(transport="shm"),
+    )
+    workers = torch.utils.data.DataLoader(
+        loader, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=BOUND_S
+    )
+    rows = np.concatenate([b["index"].numpy() for b in workers])  # pickled out of the slots
+    np.testing.assert_array_equal(np.sort(rows), np.arange(loader.n_obs))
