@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STUBS = ("annserve_pb2.py", "annserve_pb2.pyi", "annserve_pb2_grpc.py")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # what only the daemon needs: never a requirement of `pip install annserve`, never
-# imported by `import annserve.client`
+# imported by `import annserve.client` (tqdm is both sides': annserve convert, annserve bench)
 SERVER_ONLY = (
     "anndata", "zarr", "zarrs", "h5py", "scipy", "google_crc32c", "grpc_health",
     "grpc_reflection", "prometheus_client",
-)  # fmt: skip  (tqdm is both sides': annserve convert and annserve bench)
+)  # fmt: skip
 
 
 def test_regenerating_stubs_changes_nothing(tmp_path):
