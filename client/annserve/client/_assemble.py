@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,18 @@ class CSRArrays:
 _FLOAT32 = np.dtype(np.float32)
 
 
+class XStage(Protocol):
+    """Takes X's arrays of sparse frames instead of the CPU widening (device assembly)."""
+
+    def take(self, frame: Frame) -> bool:
+        """Keep this frame's X (False: the frame's X is assembled on the CPU)."""
+        ...
+
+    def result(self) -> object:
+        """Return what stands for X of the batch whose last frame was just taken."""
+        ...
+
+
 def _fail(message: str) -> FrameDecodeError:
     return FrameDecodeError(message)
 
@@ -70,6 +82,9 @@ class BatchAssembler:
         values take in the batches.
     index_name
         Name of the obs frames' index (``StoreInfo.obs_index_name``).
+    x_stage
+        Where sparse X goes instead of the CPU widening (``annserve.client._device``);
+        the batch's ``"X"`` is then what ``x_stage.result()`` returns.
     """
 
     def __init__(
@@ -82,10 +97,16 @@ class BatchAssembler:
         dtype: np.dtype = _FLOAT32,
         obsm: Sequence[tuple[pb.ObsmInfo, np.dtype]] = (),
         index_name: str | None = None,
+        x_stage: XStage | None = None,
     ) -> None:
         by_name = {c.name: c for c in obs_columns}
         self._spec = _Spec(
-            index_name, tuple(by_name[k] for k in obs_keys), n_vars, np.dtype(dtype), tuple(obsm)
+            index_name,
+            tuple(by_name[k] for k in obs_keys),
+            n_vars,
+            np.dtype(dtype),
+            tuple(obsm),
+            x_stage,
         )
         self._pool = pool if pool is not None else BufferPool()
 
@@ -131,6 +152,7 @@ class _Spec:
     n_vars: int
     dtype: np.dtype
     obsm: tuple[tuple[pb.ObsmInfo, np.dtype], ...]
+    x_stage: XStage | None = None
 
 
 class _Batch:
@@ -144,6 +166,7 @@ class _Batch:
         self._dense: np.ndarray | None = None
         self._csr: _CSRBuilder | None = None
         self._whole: CSRArrays | None = None  # X of a one-frame batch, viewed in place
+        self._staged = False  # X went to spec.x_stage
         self._obsm_csr = {
             info.name: _CSRBuilder(pool, dtype, n_rows, info.n_cols, f"obsm/{info.name}/")
             for info, dtype in spec.obsm
@@ -176,8 +199,12 @@ class _Batch:
             )
             raise _fail(msg)
         self._sparse = h.sparse
-        whole = _in_place(frame, self._spec) if h.n_rows == self._n_rows else None
-        if isinstance(whole, CSRArrays):
+        stage = self._spec.x_stage
+        staged = h.sparse and stage is not None and stage.take(frame)
+        whole = _in_place(frame, self._spec) if h.n_rows == self._n_rows and not staged else None
+        if staged:
+            self._staged = True
+        elif isinstance(whole, CSRArrays):
             self._whole = whole
         elif whole is not None:
             self._dense = whole
@@ -243,8 +270,10 @@ class _Batch:
             raise _fail(msg)
         return values
 
-    def _x(self) -> CSRArrays | np.ndarray:
+    def _x(self) -> object:
         # a batch exists once a frame arrived, so one of the two layouts was started
+        if self._staged and self._spec.x_stage is not None:
+            return self._spec.x_stage.result()
         if self._whole is not None:
             return self._whole
         if self._csr is not None:

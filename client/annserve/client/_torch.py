@@ -29,12 +29,14 @@ def to_torch(batch: dict[str, object], *, to_dense: bool, pool: BufferPool) -> d
     Returns
     -------
     The same keys; ``X`` and each obsm array a sparse CSR or dense tensor of the
-    values' dtype, ``index`` an int64 tensor.
+    values' dtype, ``index`` an int64 tensor. An X staged for device assembly
+    (:class:`annserve.client._device.StagedCSR`) is left as it is.
     """
     out = dict(batch)
     x = batch["X"]
-    assert isinstance(x, CSRArrays | np.ndarray)  # what BatchAssembler yields
-    out["X"] = _dense_from_csr(x, pool) if to_dense and isinstance(x, CSRArrays) else _tensor(x)
+    if isinstance(x, CSRArrays | np.ndarray):  # else staged for device assembly (_device)
+        dense = to_dense and isinstance(x, CSRArrays)
+        out["X"] = _dense_from_csr(x, pool) if isinstance(x, CSRArrays) and dense else _tensor(x)
     obsm = batch.get("obsm")
     if isinstance(obsm, dict):
         out["obsm"] = {k: _tensor(v) for k, v in obsm.items()}

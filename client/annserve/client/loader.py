@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
+from annserve.client._device import DeviceDelivery, DeviceStage, HostRing, new_ring
 from annserve.client._rpc import Channel, frames_of
 from annserve.client._shm import SharedMemorySession
 from annserve.client._torch import to_device, to_torch
@@ -224,6 +225,7 @@ class RemoteLoader(IterableDataset):
         self.rank, self.world_size = _resolve_rank(sharding)
         self.device = torch.device(output.device) if output.device is not None else None
         self._pool: BufferPool | None = None
+        self._ring: HostRing | None = None  # host buffers of device assembly, kept
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
         self._conn: Channel | None = None
@@ -395,7 +397,8 @@ class RemoteLoader(IterableDataset):
     def _stream_from_cursor(self, pool: BufferPool) -> Iterator[dict[str, Any]]:
         """Stream the current epoch from the next batch not yet yielded."""
         conn = self._connection()
-        assembler = self._assembler(pool)
+        stage, delivery = self._device_assembly()
+        assembler = self._assembler(pool, stage)
         session = self._take_session()
         request = self._request(self._epoch, self._shard(), self._batch, session)
         call = conn.stream(request)
@@ -416,12 +419,48 @@ class RemoteLoader(IterableDataset):
         # a grpc thread that finalization has already stopped
         close = weakref.finalize(batches, _close_stream, call, batches)
         try:
+            if delivery is not None:  # X built on the device, uploads issued a batch ahead
+                for batch in delivery.deliver(iter(batches)):
+                    self._batch += 1
+                    yield batch
+                return
             for batch in batches:
                 self._batch += 1
                 yield to_device(batch, self.device) if self.device is not None else batch
         finally:
+            if stage is not None:
+                stage.closed.set()
             close()
             self._give_back(session)
+            if stage is not None:
+                stage.ring.release_all()
+                stage.ring.busy = False
+
+    def _device_assembly(self) -> tuple[DeviceStage | None, DeviceDelivery | None]:
+        """Return the stage and delivery of device assembly (``Output.assemble_on_device``)."""
+        device = self.output.assembly_device
+        if device is None:
+            return None, None
+        if self._ring is None or self._ring.busy:  # a second stream at once gets its own
+            self._ring = new_ring(self.output.prefetch)
+        self._ring.busy = True
+        dtype = torch.from_numpy(np.empty(0, self._value_dtype())).dtype
+        delivery = DeviceDelivery(
+            self._ring, device, dtype, to_dense=self.output.to_dense, cupy=self.output.cupy
+        )
+        return DeviceStage(self._ring, self.n_vars), delivery
+
+    @property
+    def upload_stats(self) -> dict[str, int]:
+        """X bytes uploaded by device assembly and the rows they held, since the loader began.
+
+        ``{"bytes": int, "rows": int}`` (bytes of the narrow wire arrays copied to the
+        device, all epochs); zeros without ``Output.assemble_on_device``.
+        """
+        ring = self._ring
+        if ring is None:
+            return {"bytes": 0, "rows": 0}
+        return {"bytes": ring.uploaded_bytes, "rows": ring.uploaded_rows}
 
     def _take_session(self) -> SharedMemorySession | None:
         """Return a shared-memory session for the next stream; None for the gRPC stream.
@@ -466,7 +505,7 @@ class RemoteLoader(IterableDataset):
         if session is not self._shm:
             session.close()
 
-    def _assembler(self, pool: BufferPool) -> BatchAssembler:
+    def _assembler(self, pool: BufferPool, stage: DeviceStage | None = None) -> BatchAssembler:
         """Return the assembler of this loader's batches, with the dtypes they take."""
         info = self._info
         obsm = {o.name: o for o in info.obsm}
@@ -482,6 +521,7 @@ class RemoteLoader(IterableDataset):
                 for k in self.obsm_keys
             ],
             index_name=info.obs_index_name or None,
+            x_stage=stage,
         )
 
     def _default_encoding(self, session: SharedMemorySession | None) -> str:
@@ -556,7 +596,7 @@ class RemoteLoader(IterableDataset):
     # channels do not pickle: DataLoader workers started by spawn reconnect lazily;
     # buffers are not worth pickling
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_conn": None, "_pool": None, "_shm": None}
+        return {**self.__dict__, "_conn": None, "_pool": None, "_shm": None, "_ring": None}
 
 
 def _mapped(

@@ -9,6 +9,7 @@ connecting; the server checks everything it receives and names the field it reje
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -161,17 +162,36 @@ class Output:
         ``prefetch + 2`` batches at most (those waiting, the one being assembled, the
         one the loop has), reusing their memory from one batch to the next; 1 (default)
         measured as fast as 2 on a 2-core machine with ~35 MB less peak RSS.
+    assemble_on_device
+        Build sparse X on ``device`` from the narrow wire arrays (uint8/uint16 counts,
+        uint16/uint32 gene indices, per-row counts) instead of widening on the CPU and
+        moving float32 values and int32 indices: the bytes go through a small ring of
+        reused host buffers (page-locked with CUDA) and are uploaded on a side CUDA
+        stream one batch ahead; widening, ``crow_indices`` (a prefix sum of the row
+        counts) and ``to_dense`` run on the device. Batches are the same bit for bit.
+        None (default): on for CUDA devices, off otherwise; True also on the CPU
+        (``device=None`` then means ``"cpu"``). Dense stored X keeps the CPU path.
+    cupy
+        Yield X as ``cupyx.scipy.sparse.csr_matrix`` (float32 data, int32 indices; with
+        ``to_dense`` a ``cupy.ndarray``) and ``index`` as a ``cupy.ndarray``, viewing the
+        torch tensors' memory through DLPack (no copy). Needs a CUDA ``device`` and the
+        ``gpu`` extra (``cupy-cuda12x``). JAX takes the torch tensors the same way:
+        ``jax.dlpack.from_dlpack(batch["X"].values())`` and so on.
 
     Raises
     ------
     InvalidRequestError
-        If ``prefetch`` is below 1, or ``device`` is a CUDA device and torch finds none.
+        If ``prefetch`` is below 1, ``device`` is a CUDA device and torch finds none,
+        ``assemble_on_device`` or ``cupy`` is set with ``to_torch=False``, or ``cupy``
+        without a CUDA ``device`` or without cupy installed.
     """
 
     to_torch: bool = True
     to_dense: bool = False
     device: str | torch.device | None = None
     prefetch: int = 1
+    assemble_on_device: bool | None = None
+    cupy: bool = False
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -182,6 +202,26 @@ class Output:
             if device.type == "cuda" and not torch.cuda.is_available():
                 msg = f"device {str(device)!r} requested but torch finds no CUDA device"
                 raise InvalidRequestError(msg)
+        if (self.assemble_on_device or self.cupy) and not self.to_torch:
+            msg = "assemble_on_device and cupy build torch tensors: they need to_torch=True"
+            raise InvalidRequestError(msg)
+        if self.cupy:
+            if self.device is None or torch.device(self.device).type != "cuda":
+                msg = f"cupy=True needs a CUDA device (device='cuda'), got device={self.device!r}"
+                raise InvalidRequestError(msg)
+            if importlib.util.find_spec("cupy") is None:
+                msg = "cupy=True needs cupy: pip install 'annserve[gpu]' (cupy-cuda12x)"
+                raise InvalidRequestError(msg)
+
+    @property
+    def assembly_device(self) -> torch.device | None:
+        """The device sparse X is assembled on (None: on the CPU, by the CPU path)."""
+        if self.assemble_on_device is False or not self.to_torch:
+            return None
+        device = torch.device(self.device) if self.device is not None else None
+        if self.assemble_on_device:
+            return device if device is not None else torch.device("cpu")
+        return device if device is not None and device.type == "cuda" else None
 
 
 @dataclass(frozen=True, slots=True)
