@@ -20,7 +20,7 @@ class                          gRPC status (also mapped back from)              
 ``ResourceExhaustedError``     ``RESOURCE_EXHAUSTED``
 ``AuthenticationError``        ``UNAUTHENTICATED`` (``PERMISSION_DENIED``)
 ``ServerUnavailableError``     ``UNAVAILABLE`` (``DEADLINE_EXCEEDED``)
-``StreamStalledError``         ``DEADLINE_EXCEEDED`` (a ``ServerUnavailableError``)
+``StreamStalledError``         ``DEADLINE_EXCEEDED``
 ``FrameDecodeError``           none: raised by the client only
 any other ``AnnServeError``    ``INTERNAL``                                     1
 =============================  ===============================================  =========
