@@ -794,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run (~2 min): 1 repetition of 20,000 cells unless given otherwise",
+        help="smoke run (~2-3 min): 1 repetition of 20,000 cells unless given otherwise",
     )
     p.add_argument(
         "--annbatch-python",
