@@ -20,6 +20,8 @@ stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
 
 MAX_BATCHES = 100  # the epoch has 28; more is a failure, not a hang
+# longest wait for a worker batch, s: spawn workers import torch on a busy 2-core machine
+WORKER_TIMEOUT_S = 180
 STOP_AFTER = 9  # batches taken before the state is saved (odd: mid-round of the 2 workers)
 ARGS = dict(batch_size=100, chunk_size=16, preload_nchunks=8, seed=5, return_index=True)
 
@@ -46,7 +48,11 @@ def data_loader(address: str, state: dict | None = None):
         address, transform=NormalizeLog1p(), connection=Connection(timeout=30.0), **ARGS
     )
     dl = stateful_dataloader.StatefulDataLoader(
-        loader, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=60
+        loader,
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="spawn",
+        timeout=WORKER_TIMEOUT_S,
     )
     if state is not None:
         dl.load_state_dict(state)
