@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -111,21 +113,19 @@ def run_row(address: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start a daemon on ``args.store`` and time each row; print a JSON line per row."""
-    import os
-
     import torch
+    from bench_loaders import Daemon
 
     from annserve.client._device import cupy_available
-    from bench_loaders import Daemon
 
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state", UserWarning)
     rows = ["device-csr", "cpu-then-to"]
     if torch.device(args.device).type == "cuda" and cupy_available():
         rows.insert(1, "device-cupy")
-    import tempfile
-
     sock = Path(tempfile.mkdtemp(prefix="annserve-gpu-")) / "d.sock"
-    daemon = Daemon(args.store, sock if args.transport == "shm" else None, "zarrs", dict(os.environ))
+    daemon = Daemon(
+        args.store, sock if args.transport == "shm" else None, "zarrs", dict(os.environ)
+    )
     try:
         address = daemon.addresses["shm" if args.transport == "shm" else "tcp"]
         for row in rows:

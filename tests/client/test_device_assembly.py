@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from annserve.client import Output, RemoteLoader
+from annserve.client import Output, RemoteLoader, _device
 from annserve.client._device import (
     DeviceDelivery,
     DeviceStage,
@@ -163,6 +163,8 @@ def test_frames_of_one_batch_with_different_value_dtypes():
                             np.array([65_535, 65_536, 3], np.uint32),
                             np.array([3, 0], np.uint16)))  # fmt: skip
     staged = stage.result()
+    segments = staged.slot.segments  # same dtype: one segment; another dtype: a new one
+    assert [len(segments[k]) for k in ("data", "indices", "lengths")] == [2, 1, 2]
     assert isinstance(staged, StagedCSR)
     assert staged.shape == (3, 70_000)
     assert staged.nnz == 5
@@ -188,7 +190,10 @@ def test_frames_of_one_batch_with_different_value_dtypes():
         (np.float16, [0.5, 65_504.0]),
     ],
 )
-def test_widening_matches_numpy(dtype, values):
+@pytest.mark.parametrize("unsigned_copy", [True, False], ids=["torch-uint", "signed-mask"])
+def test_widening_matches_numpy(dtype, values, unsigned_copy, monkeypatch):
+    # torch's own uint16/uint32 copy where the device has it, else signed view + mask
+    monkeypatch.setitem(_device._UNSIGNED_OK, "cpu", unsigned_copy)
     src = np.array(values, dtype=dtype)
     wire = torch.from_numpy(np.concatenate([np.zeros(8, np.uint8), src.view(np.uint8)]))
     out = torch.empty(len(src), dtype=torch.float32)

@@ -99,8 +99,14 @@ class _Slot:
         return not self.busy and (self.copied is None or bool(self.copied.query()))
 
     def append(self, kind: str, part: np.ndarray, reserve: int) -> None:
-        """Copy ``part``'s bytes (narrow, as they arrived) after this array's segments."""
-        start = -(-self.used[kind] // _ALIGN) * _ALIGN
+        """Copy ``part``'s bytes (narrow, as they arrived) after this array's segments.
+
+        A part of the previous part's dtype extends its segment (one widening per
+        array and batch); another dtype starts a new, aligned one.
+        """
+        segments = self.segments[kind]
+        same = bool(segments) and segments[-1][1] == part.dtype
+        start = self.used[kind] if same else -(-self.used[kind] // _ALIGN) * _ALIGN
         end = start + part.nbytes
         buf = self.host.get(kind)
         if buf is None or len(buf) < end:
@@ -114,7 +120,11 @@ class _Slot:
             dst = buf[start:end].numpy()
             dst[:] = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
         self.used[kind] = end
-        self.segments[kind].append((start, part.dtype, len(part)))
+        if same:
+            first, dtype, n = segments[-1]
+            segments[-1] = (first, dtype, n + len(part))
+        else:
+            segments.append((start, part.dtype, len(part)))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -329,12 +339,18 @@ class DeviceDelivery:
     def deliver(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Yield the batches on the device; the next batch's upload is issued first."""
         pending: deque[_InFlight] = deque()
-        for batch in batches:
-            pending.append(self._issue(batch))
-            if len(pending) > AHEAD:
+        try:
+            for batch in batches:
+                pending.append(self._issue(batch))
+                if len(pending) > AHEAD:
+                    yield self._ready(pending.popleft())
+            while pending:
                 yield self._ready(pending.popleft())
-        while pending:
-            yield self._ready(pending.popleft())
+        finally:
+            if pending and self._side is not None:
+                # batches dropped before the loop waited on them: let the side stream's
+                # writes end before the allocator hands their blocks to the loop's stream
+                self._side.synchronize()
 
     def _issue(self, batch: dict[str, Any]) -> _InFlight:
         x = batch["X"]
@@ -380,12 +396,14 @@ class DeviceDelivery:
     ) -> Any:
         """Upload the narrow bytes, widen them into the outputs; return the copy event."""
         slot, cuda = x.slot, self._side is not None
-        # transient device bytes: allocated on this (side) stream, freed in its order
-        wire = {
-            k: torch.empty(slot.used[k], dtype=torch.uint8, device=self._device) for k in _KINDS
-        }
-        for k in _KINDS:
-            wire[k].copy_(slot.host[k][: slot.used[k]], non_blocking=cuda)
+        if self._device.type == "cpu":  # already there: widened from the host buffer
+            wire = {k: slot.host[k][: slot.used[k]] for k in _KINDS}
+        else:  # transient device bytes: allocated on this (side) stream, freed in its order
+            wire = {
+                k: torch.empty(slot.used[k], dtype=torch.uint8, device=self._device) for k in _KINDS
+            }
+            for k in _KINDS:
+                wire[k].copy_(slot.host[k][: slot.used[k]], non_blocking=cuda)
         copied = None
         if cuda:
             copied = torch.cuda.Event()
@@ -419,7 +437,10 @@ def _widen(wire: torch.Tensor, start: int, dtype: np.dtype, n: int, out: torch.T
     if n == 0:
         return
     raw = wire[start : start + n * dtype.itemsize]
-    if dtype in _UNSIGNED:  # torch has no uint16/uint32 arithmetic: signed view, then mask
+    direct = _UNSIGNED_COPY.get(dtype)
+    if direct is not None and _copies_unsigned(wire.device):
+        out.copy_(raw.view(direct))  # one pass (measured 0.2 vs 2.3 ns/value on a CPU)
+    elif dtype in _UNSIGNED:  # no unsigned copy here: signed view, widened, then masked
         signed, wider, mask = _UNSIGNED[dtype]
         values = raw.view(signed).to(wider)
         if mask is not None:
@@ -427,6 +448,35 @@ def _widen(wire: torch.Tensor, start: int, dtype: np.dtype, n: int, out: torch.T
         out.copy_(values)
     else:
         out.copy_(raw.view(_TORCH_DTYPES[dtype]))
+
+
+#: torch's unsigned dtypes (2.3+: copies and conversions, little arithmetic).
+_UNSIGNED_COPY = {
+    np.dtype(np.uint16): getattr(torch, "uint16", None),
+    np.dtype(np.uint32): getattr(torch, "uint32", None),
+}
+_UNSIGNED_COPY = {k: v for k, v in _UNSIGNED_COPY.items() if v is not None}
+#: Whether a device's copy_ converts uint16/uint32 exactly, by device type (probed once).
+_UNSIGNED_OK: dict[str, bool] = {}
+
+
+def _copies_unsigned(device: torch.device) -> bool:
+    """Whether ``copy_`` from torch's uint16/uint32 views widens exactly on ``device``."""
+    ok = _UNSIGNED_OK.get(device.type)
+    if ok is None:
+        probe = np.array([0, 1, 32_767, 32_768, 65_535], np.uint16)
+        probe32 = np.array([0, 2**31 - 1, 2**31, 2**32 - 1], np.uint32)
+        try:
+            ok = len(_UNSIGNED_COPY) == 2
+            for values in (probe, probe32):
+                src = torch.from_numpy(values.view(np.uint8).copy()).to(device)
+                out = torch.empty(len(values), dtype=torch.float64, device=device)
+                out.copy_(src.view(_UNSIGNED_COPY[values.dtype]))
+                ok = ok and out.cpu().tolist() == values.astype(np.float64).tolist()
+        except (RuntimeError, TypeError, KeyError):  # not implemented for this device
+            ok = False
+        _UNSIGNED_OK[device.type] = ok
+    return ok
 
 
 def cupy_available() -> bool:
