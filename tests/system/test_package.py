@@ -131,7 +131,9 @@ def runtime_imports(root: Path) -> set[str]:
 
 def undeclared(roots: list[Path], declared: set[str]) -> dict[str, list[str]]:
     """Imports of ``roots`` whose installed distribution is not in ``declared``."""
-    providers = importlib.metadata.packages_distributions()
+    # uninstalled here (no CUDA): the distribution the gpu extra installs them from
+    providers = {"cupy": ["cupy-cuda12x"], "cupyx": ["cupy-cuda12x"]}
+    providers |= importlib.metadata.packages_distributions()
     missing = {}
     for name in sorted(set().union(*(runtime_imports(r) for r in roots))):
         dists = {distribution(d) for d in providers.get(name, [name])}
@@ -153,8 +155,8 @@ def test_daemon_imports_are_declared_by_the_server_install():
 
 def test_client_imports_are_declared_by_the_client_install():
     roots = [ROOT / "src" / "annserve", ROOT / "client" / "annserve"]
-    # annserve.client.lightning and .scvi: the lightning extra
-    assert undeclared(roots, requirements("client", "compression", "lightning")) == {}
+    # annserve.client.lightning and .scvi: the lightning extra; CuPy output: the gpu extra
+    assert undeclared(roots, requirements("client", "compression", "lightning", "gpu")) == {}
 
 
 def test_generated_service_matches_registered_methods():
