@@ -301,3 +301,34 @@ def test_cupy_output_shares_the_tensors_memory(serve, real_adata):
         np.testing.assert_array_equal(x.get().toarray(), adata.X[idx].toarray())
         rows += len(idx)
     assert rows == adata.n_obs
+
+
+def test_gpu_check_helper_runs_in_dry_mode(serve, monkeypatch):
+    """benchmarks/gpu_check.py's rows and table, on the CPU (what gpu_check.sh DRY=1 runs)."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("gpu_check", bench / "gpu_check.py")
+    assert spec is not None
+    assert spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    args = argparse.Namespace(
+        device="cpu", to_dense=False, batch_size=512, seed=0, transport="tcp", max_cells=10**9
+    )
+    address = serve(real_path("pbmc3k"))
+    rows = {row: gpu_check.run_row(address, row, args) for row in ("device-csr", "cpu-then-to")}
+    assert {r["cells"] for r in rows.values()} == {2700}
+    assert (
+        0
+        < rows["device-csr"]["h2d_bytes_per_cell"]
+        <= rows["cpu-then-to"]["h2d_bytes_per_cell"] / 2
+    )
+    text = gpu_check.table([*rows.values(), {"row": "annbatch", "device": "unavailable: x"}])
+    assert text.count("\n") == 4  # header, rule, three rows
+    assert "| device-csr | cpu |" in text
