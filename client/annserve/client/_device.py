@@ -451,11 +451,11 @@ def _widen(wire: torch.Tensor, start: int, dtype: np.dtype, n: int, out: torch.T
 
 
 #: torch's unsigned dtypes (2.3+: copies and conversions, little arithmetic).
-_UNSIGNED_COPY = {
-    np.dtype(np.uint16): getattr(torch, "uint16", None),
-    np.dtype(np.uint32): getattr(torch, "uint32", None),
+_UNSIGNED_COPY: dict[np.dtype, torch.dtype] = {
+    np.dtype(numpy_type): getattr(torch, name)
+    for numpy_type, name in ((np.uint16, "uint16"), (np.uint32, "uint32"))
+    if hasattr(torch, name)
 }
-_UNSIGNED_COPY = {k: v for k, v in _UNSIGNED_COPY.items() if v is not None}
 #: Whether a device's copy_ converts uint16/uint32 exactly, by device type (probed once).
 _UNSIGNED_OK: dict[str, bool] = {}
 
