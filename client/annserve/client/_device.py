@@ -360,22 +360,26 @@ class DeviceDelivery:
         out = dict(batch)
         rest = {k: v for k, v in batch.items() if k != "X"}
         out.update(to_device(rest, self._device))
-        n_rows, _ = x.shape
-        index_dtype = torch.int32 if x.nnz < 2**31 else torch.int64
         dev = self._device
-        # outputs on the consuming stream: the allocator then reuses their blocks in order
-        data = torch.empty(x.nnz, dtype=self._dtype, device=dev)
-        indices = torch.empty(x.nnz, dtype=index_dtype, device=dev)
-        crow = torch.empty(n_rows + 1, dtype=index_dtype, device=dev)
-        dense = torch.empty(x.shape, dtype=self._dtype, device=dev) if self._to_dense else None
+        # what the loop gets is allocated on its (the current) stream: the allocator then
+        # reuses those blocks in that stream's order; transients (the CSR arrays behind a
+        # dense X, the narrow bytes) on the side stream, in its order
+        if self._to_dense:
+            dense: torch.Tensor | None = torch.empty(x.shape, dtype=self._dtype, device=dev)
+        else:
+            dense, (data, indices, crow) = None, self._csr_outputs(x)
         if self._side is not None:
             self._side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(self._side):
+                if dense is not None:
+                    data, indices, crow = self._csr_outputs(x)
                 copied = self._build(x, data, indices, crow, dense)
                 ready = torch.cuda.Event()
                 ready.record(self._side)
         else:
             copied = ready = None
+            if dense is not None:
+                data, indices, crow = self._csr_outputs(x)
             self._build(x, data, indices, crow, dense)
         self._ring.release(x.slot, copied)
         if dense is not None:
@@ -385,6 +389,16 @@ class DeviceDelivery:
                 crow, indices, data, size=x.shape, check_invariants=False
             )
         return _InFlight(out, ready)
+
+    def _csr_outputs(self, x: StagedCSR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return empty ``(values, col_indices, crow_indices)`` for ``x`` on the device."""
+        index_dtype = torch.int32 if x.nnz < 2**31 else torch.int64
+        dev = self._device
+        return (
+            torch.empty(x.nnz, dtype=self._dtype, device=dev),
+            torch.empty(x.nnz, dtype=index_dtype, device=dev),
+            torch.empty(x.shape[0] + 1, dtype=index_dtype, device=dev),
+        )
 
     def _build(
         self,
