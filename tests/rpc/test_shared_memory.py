@@ -103,7 +103,7 @@ STORES = {
 }
 
 
-@pytest.mark.parametrize("encoding", [None, "compact", "raw"])
+@pytest.mark.parametrize("encoding", ["native", "compact", "raw"])
 @pytest.mark.parametrize("store", STORES)
 def test_bit_exact_against_grpc_every_row_once(unix_server, store, encoding):
     kw = dict(store=store, batch_size=300, seed=3, return_index=True, **STORES[store])
@@ -122,7 +122,10 @@ def test_bit_exact_against_grpc_every_row_once(unix_server, store, encoding):
 
 def test_native_batches_view_shared_memory_and_free_it_when_dropped(unix_server):
     loader = RemoteLoader(
-        unix_server, batch_size=700, seed=0, connection=Connection(transport="shm")
+        unix_server,
+        batch_size=700,
+        seed=0,
+        connection=Connection(transport="shm", encoding="native"),
     )
     batches = iter(loader)
     first = next(batches)

@@ -525,12 +525,6 @@ class RemoteLoader(IterableDataset):
             x_stage=stage,
         )
 
-    def _default_encoding(self, session: SharedMemorySession | None) -> str:
-        """Return the encoding used when ``connection.encoding`` is None (see there)."""
-        if session is None:
-            return "compact"
-        return "native" if self._stored_dtype() == self._value_dtype() else "compact"
-
     def _stored_dtype(self) -> np.dtype:
         """Return the dtype of the served matrix's values as stored."""
         matrix = "raw/X" if self.use_raw else f"layers/{self.layer}" if self.layer else "X"
@@ -574,7 +568,7 @@ class RemoteLoader(IterableDataset):
             uneven_shards=not self.sharding.even_batches,
             start_batch=start_batch,
         )
-        self.connection.apply(request, self._default_encoding(session))
+        self.connection.apply(request)
         if session is not None:
             request.shm_session = session.token
             request.shm_held[:] = session.held()
