@@ -11,7 +11,7 @@ Three stores of one atlas (see README.md), each named in every row:
     counts and gene indices, uncompressed).
 
 Rows: annbatch's ``Loader`` in-process on ``lz4`` and ``none``; ``RemoteLoader``
-same-host (unix socket, shared memory, default encoding) and over TCP (compact) on
+same-host (unix socket, shared memory) and over TCP, both compact, on
 each of the three stores; on ``lz4`` also each loader's second epoch (the daemon's
 decoded-chunk cache warm); the daemon's pipeline in-process (no gRPC) and the whole X
 in memory (the bound) on ``annserve``. Ratios compare a row only with annbatch on the
@@ -341,7 +341,7 @@ def worker_cmd(row: Row, args: argparse.Namespace, seed: int, daemon: Daemon | N
             "--transport",
             "shm" if shm else "grpc",
             "--encoding",
-            "default" if shm else "compact",
+            "compact",
             "--server-pid",
             str(daemon.proc.pid),
         ]

@@ -6,7 +6,7 @@ RSS is the loader's own). Kinds:
 ``remote``
     annserve ``RemoteLoader`` against a running daemon (``--address``): over shared
     memory (``--transport shm``, a ``unix:`` address) or the gRPC stream
-    (``--transport grpc``), in ``--encoding`` (``default``: the loader's choice).
+    (``--transport grpc``), in ``--encoding`` (default compact).
 ``sampler``
     The daemon's pipeline in-process, no gRPC: ``open_store`` + ``ChunkSampler``
     preload buffers + ``store.read_rows``, values widened to float32 and indices to
@@ -67,7 +67,7 @@ def run_remote(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             connection=Connection(
                 transport=args.transport,
-                encoding=None if args.encoding == "default" else args.encoding,
+                encoding=args.encoding,
             ),
             output=Output(to_torch=True),
         )
@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--encoding",
-        default="default",
-        choices=["default", "compact", "native", "raw"],
-        help="Connection(encoding=...); default: compact over gRPC, native over shm (remote)",
+        default="compact",
+        choices=["compact", "native", "raw"],
+        help="Connection(encoding=...) (remote)",
     )
     p.add_argument("--store", help="AnnData store (sampler, scipy)")
     p.add_argument(
