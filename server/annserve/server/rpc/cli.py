@@ -277,11 +277,17 @@ def chunk_cache(args: argparse.Namespace) -> ChunkCache | None:
     else:
         processes = getattr(args, "workers", 1) or os.cpu_count() or 1
         max_bytes = default_cache_bytes() // processes
-    if max_bytes <= 0:
+    return ChunkCache(max_bytes) if max_bytes > 0 else None
+
+
+def _log_cache(cache: ChunkCache | None) -> None:
+    """Log the cache's bound (once the stores opened: a failure's stderr stays one line)."""
+    if cache is None:
         logger.info("decoded-chunk cache off (--cache-gb 0)")
-        return None
-    logger.info("decoded-chunk cache of compressed CSR arrays: up to %.2f GB", max_bytes / 1e9)
-    return ChunkCache(max_bytes)
+    else:
+        logger.info(
+            "decoded-chunk cache of compressed CSR arrays: up to %.2f GB", cache.max_bytes / 1e9
+        )
 
 
 def _open_stores(specs: list[tuple[str, Path]]) -> dict[str, Store]:
@@ -380,6 +386,7 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
         # any store that cannot be served as configured (duplicate names too) is the
         # "store missing or unreadable" exit code, whatever the error's own code
         return StoreNotFoundError.exit_code
+    _log_cache(cache)
     first = worker is None or worker.index == 0
     if first and not is_loopback(args.host) and tls is None and tokens is None:
         logger.warning(
