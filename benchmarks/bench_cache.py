@@ -24,140 +24,66 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from _daemon import (
+    Daemon,
+    add_loader_args,
+    batch_sums,
+    loader_flags,
+    passive_env,
+    remote_loader,
+    run_json,
+)
+from _measure import cpu_seconds, process_cpu_seconds
+
 HERE = Path(__file__).resolve().parent
 ANNBATCH_PYTHON = HERE / ".venv-annbatch" / "bin" / "python"
-_LISTEN_TCP = re.compile(r"listening on [\d.]+:(\d+)")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 EPOCHS = 3
-
-
-def daemon_cpu_s(pid: int) -> float:
-    """CPU time of a process, user + system, all threads, seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-class Daemon:
-    """``annserve --store COLLECTION --port 0 [--cache-gb GB]`` as a subprocess."""
-
-    def __init__(self, store: Path, cache_gb: str | None, timeout: float = 120.0) -> None:
-        cmd = [sys.executable, "-m", "annserve.server.rpc.cli", "--store", str(store)]
-        cmd += ["--host", "127.0.0.1", "--port", "0", "--zarr-pipeline", "zarrs"]
-        if cache_gb is not None:
-            cmd += ["--cache-gb", cache_gb]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANNSERVE_")}
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
-        self.log: list[str] = []
-        self.address = ""
-        ready = threading.Event()
-
-        def drain() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if m := _LISTEN_TCP.search(line):
-                    self.address = f"127.0.0.1:{m.group(1)}"
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not ready.wait(timeout) or not self.address:
-            self.stop()
-            msg = f"annserve did not start: {''.join(self.log[-5:])}"
-            raise RuntimeError(msg)
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
 
 
 def client(args: argparse.Namespace) -> dict[str, Any]:
     """Stream ``EPOCHS`` epochs through ``RemoteLoader``; per epoch: seconds, CPU, cells."""
     import warnings
 
-    from annserve.client import RemoteLoader
-
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state", UserWarning)
-    loader = RemoteLoader(
-        args.address,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        preload_nchunks=args.preload_nchunks,
-        shuffle=True,
-        seed=0,
-    )
+    loader = remote_loader(args, seed=0)
     epochs = []
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu0 = usage.ru_utime + usage.ru_stime
-        server0 = daemon_cpu_s(args.server_pid)
+        cpu0, server0 = cpu_seconds(), process_cpu_seconds(args.server_pid)
         t0 = time.perf_counter()
         cells, checksum = 0, 0.0
-        for batch in loader:
-            x = batch["X"]
-            checksum += float(x.values().sum())
-            cells += x.shape[0]
+        for rows, total in batch_sums(loader):
+            cells, checksum = cells + rows, checksum + total
         seconds = time.perf_counter() - t0
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         epochs.append(
             {
                 "cells": cells,
                 "seconds": seconds,
-                "cpu_s": usage.ru_utime + usage.ru_stime - cpu0,
-                "server_cpu_s": daemon_cpu_s(args.server_pid) - server0,
+                "cpu_s": cpu_seconds() - cpu0,
+                "server_cpu_s": process_cpu_seconds(args.server_pid) - server0,
                 "checksum": checksum,
             }
         )
     return {"epochs": epochs}
 
 
-def run_json(cmd: list[str], timeout: float = 600.0) -> dict[str, Any]:
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-    if done.returncode != 0:
-        msg = f"{' '.join(cmd[:3])} failed: {done.stderr[-2000:]}"
-        raise RuntimeError(msg)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def remote_rep(args: argparse.Namespace, cache_gb: str | None) -> list[dict[str, Any]]:
-    daemon = Daemon(args.collection, cache_gb)
+    """Epochs 1..3 of one trainer on a fresh daemon (``--cache-gb cache_gb`` unless None)."""
+    flags = ["--zarr-pipeline", "zarrs", *(["--cache-gb", cache_gb] if cache_gb else [])]
+    daemon = Daemon(args.collection, flags, env=passive_env(), timeout=120.0)
     try:
         cmd = [sys.executable, __file__, "client", "--address", daemon.address]
-        cmd += ["--server-pid", str(daemon.proc.pid)] + loader_args(args)
+        cmd += ["--server-pid", str(daemon.proc.pid), *loader_flags(args)]
         epochs = run_json(cmd)["epochs"]
         for e in epochs:
-            e["server_rss_mb"] = daemon.rss_mb()
+            e["server_rss_mb"] = daemon.memory_mb("VmRSS")
         return epochs
     finally:
         daemon.stop()
@@ -169,21 +95,9 @@ def annbatch_rep(args: argparse.Namespace) -> list[dict[str, Any]]:
     for warm in range(EPOCHS):
         cmd = [str(args.annbatch_python), str(HERE / "annbatch_worker.py"), "run"]
         cmd += ["--collection", str(args.collection), "--warmup-epochs", str(warm)]
-        cmd += loader_args(args)
-        r = run_json(cmd)
+        r = run_json([*cmd, *loader_flags(args)])
         out.append({k: r[k] for k in ("cells", "seconds", "cpu_s", "checksum")})
     return out
-
-
-def loader_args(args: argparse.Namespace) -> list[str]:
-    return [
-        "--batch-size",
-        str(args.batch_size),
-        "--chunk-size",
-        str(args.chunk_size),
-        "--preload-nchunks",
-        str(args.preload_nchunks),
-    ]
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -259,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--address", required=True)
     c.add_argument("--server-pid", type=int, required=True)
     for q in (p, c):
-        q.add_argument("--batch-size", type=int, default=4096)
-        q.add_argument("--chunk-size", type=int, default=32)
-        q.add_argument("--preload-nchunks", type=int, default=256)
+        add_loader_args(q)
     p.add_argument("--atlas", type=Path, default=Path("/tmp/atlas50k.zarr"))
     p.add_argument("--n-obs", type=int, default=50_000, help="cells of a new atlas")
     p.add_argument("--collection", type=Path, default=Path("/tmp/atlas50k.annbatch.zarr"))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_loaders import HERE, Daemon
+from _daemon import Daemon, add_loader_args, loader_flags
+
+HERE = Path(__file__).resolve().parent
 
 
 def run_round(address: str, n_clients: int, args: argparse.Namespace) -> list[dict]:
@@ -28,12 +29,7 @@ def run_round(address: str, n_clients: int, args: argparse.Namespace) -> list[di
         "remote",
         "--address",
         address,
-        "--batch-size",
-        str(args.batch_size),
-        "--chunk-size",
-        str(args.chunk_size),
-        "--preload-nchunks",
-        str(args.preload_nchunks),
+        *loader_flags(args),
     ]
     if args.max_cells:
         cmd += ["--max-cells", str(args.max_cells)]
@@ -59,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--clients", default="1,2,4", help="comma-separated client counts")
     p.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--preload-nchunks", type=int, default=256)
+    add_loader_args(p)
     p.add_argument("--max-cells", type=int, default=None, help="cells per client (default: epoch)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per round")
     return p
@@ -72,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "annserve.sock" if args.transport == "unix" else None
-        daemon = Daemon(args.store, sock, "zarrs", dict(os.environ))
+        flags = ["--zarr-pipeline", "zarrs", "--log-level", "INFO"]
+        daemon = Daemon(args.store, flags, sock, timeout=120.0)
         try:
             print(
                 f"{'clients':>7} {'total cells/s':>14} {'per client cells/s':>24} "
                 f"{'server peak RSS MiB':>20}"
             )
             for n in (int(c) for c in args.clients.split(",")):
-                results = run_round(daemon.addresses[args.transport], n, args)
+                results = run_round(daemon.address, n, args)
                 rates = [r["cells"] / r["seconds"] for r in results]
                 total = sum(r["cells"] for r in results) / max(r["seconds"] for r in results)
                 print(

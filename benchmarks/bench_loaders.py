@@ -34,23 +34,19 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _daemon import Daemon, add_loader_args, loader_flags, passive_env, run_json
+
 HERE = Path(__file__).resolve().parent
 ANNBATCH_PYTHON = HERE / ".venv-annbatch" / "bin" / "python"
-_LISTEN_TCP = re.compile(r"listening on [\d.]+:(\d+)")
-_LISTEN_UNIX = re.compile(r"listening on unix:(\S+)")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: zarr codec pipelines by the names annserve's ``--zarr-pipeline`` flag uses.
 ZARR_PIPELINES = {
     "zarrs": "zarrs.ZarrsCodecPipeline",
@@ -157,100 +153,6 @@ class RowResult:
         return max(values) if values else float("nan")
 
 
-class Daemon:
-    """An ``annserve`` daemon subprocess serving one store.
-
-    Parameters
-    ----------
-    store
-        Store to serve.
-    unix_path
-        Also listen on this unix socket (shared memory offered there); None for TCP
-        only.
-    pipeline
-        zarr codec pipeline, a key of :data:`ZARR_PIPELINES`.
-    env
-        Environment of the daemon (``ANNSERVE_*`` variables are dropped: flags only).
-    timeout
-        Seconds to wait for it to listen.
-
-    Raises
-    ------
-    RuntimeError
-        If the daemon exits or does not log its addresses within ``timeout``.
-    """
-
-    def __init__(
-        self,
-        store: Path,
-        unix_path: Path | None,
-        pipeline: str,
-        env: dict[str, str],
-        timeout: float = 120.0,
-    ) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "annserve.server.rpc.cli",
-            "--store",
-            str(store),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--zarr-pipeline",
-            pipeline,
-            "--log-level",
-            "INFO",
-        ]
-        if unix_path is not None:
-            cmd += ["--unix", str(unix_path)]
-        env = {k: v for k, v in env.items() if not k.startswith("ANNSERVE_")}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-        )
-        self.log: list[str] = []
-        self.addresses: dict[str, str] = {}
-        self._ready = threading.Event()
-        self._want_unix = unix_path is not None
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(timeout) or not self.addresses:
-            self.stop()
-            tail = "".join(self.log[-5:]).strip()
-            msg = f"annserve did not start: {tail or 'no output'}"
-            raise RuntimeError(msg)
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if m := _LISTEN_TCP.search(line):
-                self.addresses["tcp"] = f"127.0.0.1:{m.group(1)}"
-            elif m := _LISTEN_UNIX.search(line):
-                self.addresses["shm"] = f"unix:{m.group(1)}"
-            if "tcp" in self.addresses and ("shm" in self.addresses or not self._want_unix):
-                self._ready.set()
-        self._ready.set()  # exited: wake the waiter
-
-    def memory_mb(self, field_name: str) -> float:
-        """``VmHWM`` (peak) or ``VmRSS`` (now) of the daemon, MiB."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        """SIGTERM the daemon and wait for it (SIGKILL after 10 s)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def git_state() -> str:
     """Commit of the checkout being measured, with ``-dirty`` for uncommitted changes."""
     out = subprocess.run(
@@ -263,29 +165,6 @@ def git_state() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def run_json(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Run a worker and parse the JSON on the last line of its stdout.
-
-    Raises
-    ------
-    RuntimeError
-        If it fails, times out, or prints no JSON; the message ends with its stderr tail.
-    """
-    try:
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        msg = f"timed out after {timeout:g} s"
-        raise RuntimeError(msg) from None
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
-        msg = f"exit {out.returncode}: {tail[0]}"
-        raise RuntimeError(msg)
-    return json.loads(lines[-1])
-
-
 def store_paths(args: argparse.Namespace) -> dict[str, Path]:
     """Path of each store key."""
     return {"lz4": args.annbatch_lz4, "none": args.annbatch_none, "annserve": args.store}
@@ -293,16 +172,7 @@ def store_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def loader_args(row: Row, args: argparse.Namespace, seed: int) -> list[str]:
     """Command-line options every worker shares."""
-    out = [
-        "--batch-size",
-        str(args.batch_size),
-        "--chunk-size",
-        str(args.chunk_size),
-        "--preload-nchunks",
-        str(args.preload_nchunks),
-        "--seed",
-        str(seed),
-    ]
+    out = [*loader_flags(args), "--seed", str(seed)]
     if not args.shuffle:
         out.append("--no-shuffle")
     if args.max_cells is not None:
@@ -367,7 +237,8 @@ class Daemons:
         if unix is not None:
             unix.unlink(missing_ok=True)
         store = store_paths(self.args)[row.store]
-        return Daemon(store, unix, self.args.zarr_pipeline, self.env)
+        flags = ["--zarr-pipeline", self.args.zarr_pipeline, "--log-level", "INFO"]
+        return Daemon(store, flags, unix, env=self.env, timeout=120.0)
 
     def for_rep(self, row: Row) -> Daemon:
         """The daemon a repetition of ``row`` streams from."""
@@ -768,9 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="uncompressed annbatch collection (default: <atlas>.annbatch-none.zarr; "
         "built when missing)",
     )
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per batch")
-    p.add_argument("--chunk-size", type=int, default=32, help="contiguous rows per chunk")
-    p.add_argument("--preload-nchunks", type=int, default=256, help="chunks per preload buffer")
+    add_loader_args(p, helps=True)
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="read in order")
     p.add_argument(
         "--reps",
@@ -854,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [RowResult(r) for r in ROWS if r.key in keys]
     # every process alike: torch's OpenMP threads sleep between batches instead of spinning
     # (spinning takes a core from whatever loads the data: a daemon, zarrs' threads)
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = passive_env()
     built = prepare_stores(args, env)
     no_annbatch = annbatch_python_ok(args)
     for r in results:

@@ -20,22 +20,27 @@ import argparse
 import itertools
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from _measure import cpu_seconds, process_cpu_seconds
+from _daemon import (
+    Daemon,
+    add_round_args,
+    client_parser,
+    interleaved,
+    loader_flags,
+    run_synced,
+    synced_stream,
+    torch_batches,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 HERE = Path(__file__).resolve().parent
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
 def raw_frames(args: argparse.Namespace) -> Iterator[tuple[int, float]]:
@@ -55,6 +60,7 @@ def raw_frames(args: argparse.Namespace) -> Iterator[tuple[int, float]]:
     method = channel.unary_stream(
         "/annserve.v1.AnnServe/StreamBatches",
         request_serializer=pb.StreamBatchesRequest.SerializeToString,
+        response_deserializer=None,  # the frames' bytes, decoded by decode_frame
     )
     for epoch in itertools.count():
         request = pb.StreamBatchesRequest(
@@ -69,163 +75,19 @@ def raw_frames(args: argparse.Namespace) -> Iterator[tuple[int, float]]:
             yield decode_frame(frame).header.n_rows, 0.0
 
 
-def torch_batches(args: argparse.Namespace) -> Iterator[tuple[int, float]]:
-    """Yield ``(rows, sum of X's values)`` per batch of epoch after epoch (RemoteLoader)."""
-    from annserve.client import Output, RemoteLoader
-
-    loader = RemoteLoader(
-        args.address,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        preload_nchunks=args.preload_nchunks,
-        shuffle=True,
-        seed=args.seed,
-        output=Output(to_torch=True),
-    )
-
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        for batch in loader:
-            x = batch["X"]
-            yield x.shape[0], float(x.values().sum())
-
-
 def run_client(args: argparse.Namespace) -> int:
     """One trainer: connect, take a batch, say so, wait for a line on stdin, stream; print JSON."""
     batches = raw_frames(args) if args.kind == "raw" else torch_batches(args)
-    next(batches)  # connected, the daemon's first preload buffer read
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    sys.stdin.readline()
-    t0, cpu0 = time.time(), cpu_seconds()
-    cells = 0
-    checksum = 0.0
-    for rows, total in batches:
-        checksum += total
-        cells += rows
-        if cells >= args.max_cells:
-            break
-    result = {
-        "cells": cells,
-        "start": t0,
-        "end": time.time(),
-        "cpu_s": cpu_seconds() - cpu0,
-        "checksum": checksum,
-    }
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux ``/proc``)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except FileNotFoundError:
-                continue
-    return out
-
-
-class Daemon:
-    """``annserve --workers N`` on 127.0.0.1 and a free port, serving one store."""
-
-    def __init__(self, store: Path, workers: int, timeout: float = 180.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANNSERVE_")}
-        self.workers = workers
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "annserve.server.rpc.cli"),
-                *("--store", str(store), "--host", "127.0.0.1", "--port", "0"),
-                *("--workers", str(workers)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.address = ""
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                if (m := LISTENING.search(line)) and not self.address:
-                    self.address = f"127.0.0.1:{m.group(1)}"
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout) or not self.address:
-            self.stop()
-            msg = f"annserve --workers {workers} did not start"
-            raise RuntimeError(msg)
-
-    def cpu_seconds(self) -> float:
-        """CPU of every process of the daemon so far, seconds (exited ones not counted)."""
-        total = 0.0
-        for pid in process_tree(self.proc.pid):
-            try:
-                total += process_cpu_seconds(pid)
-            except FileNotFoundError:
-                continue
-        return total
-
-    def stop(self) -> None:
-        """SIGTERM, wait, kill if needed."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+    return synced_stream(batches, args.max_cells)
 
 
 def run_round(daemon: Daemon, n_clients: int, args: argparse.Namespace) -> dict[str, float]:
     """Run ``n_clients`` trainers at once; return the round's figures."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "client",
-        *("--kind", args.trainer),
-        *("--address", daemon.address),
-        *("--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)),
-        *("--preload-nchunks", str(args.preload_nchunks), "--max-cells", str(args.max_cells)),
-    ]
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--seed", str(i)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(n_clients)
-    ]
-    for p in procs:  # each has its first batch
-        assert p.stdout is not None
-        if p.stdout.readline().strip() != "ready":
-            msg = f"trainer failed: {p.communicate(timeout=args.timeout)[1].strip()[-500:]}"
-            raise RuntimeError(msg)
-    cpu0 = daemon.cpu_seconds()
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=args.timeout)
-        if p.returncode != 0:
-            msg = f"trainer failed: {err.strip().splitlines()[-3:]}"
-            raise RuntimeError(msg)
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    daemon_cpu = daemon.cpu_seconds() - cpu0
+    cmd = [sys.executable, str(Path(__file__).resolve()), "client", "--kind", args.trainer]
+    cmd += ["--address", daemon.address, *loader_flags(args), "--max-cells", str(args.max_cells)]
+    cmds = [[*cmd, "--seed", str(i)] for i in range(n_clients)]
+    results, used = run_synced(cmds, args.timeout, lambda: {"cpu": daemon.cpu_seconds(tree=True)})
+    daemon_cpu = used["cpu"]
     cells = sum(r["cells"] for r in results)
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {
@@ -243,16 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="1,2", help="comma-separated --workers values")
     p.add_argument("--clients", default="1,2,4", help="comma-separated trainer counts")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--preload-nchunks", type=int, default=256)
-    p.add_argument(
-        "--max-cells",
-        type=int,
-        default=150_000,
-        help="cells per trainer per round, epochs one after another (default %(default)s)",
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per round")
+    add_round_args(p, max_cells=150_000)
     p.add_argument(
         "--trainer",
         choices=["torch", "raw"],
@@ -264,43 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def client_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench_workers.py client")
-    p.add_argument("--address", required=True)
-    p.add_argument("--kind", choices=["torch", "raw"], default="torch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--preload-nchunks", type=int, default=256)
-    p.add_argument("--max-cells", type=int, default=150_000)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the interleaved rounds; print one table row per configuration."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
-        return run_client(client_parser().parse_args(argv[1:]))
+        p = client_parser("bench_workers.py client", max_cells=150_000)
+        p.add_argument("--kind", choices=["torch", "raw"], default="torch")
+        return run_client(p.parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.store is None:
         build_parser().error("--store is required")
     workers = [int(w) for w in args.workers.split(",")]
     clients = [int(c) for c in args.clients.split(",")]
-    daemons = {w: Daemon(args.store, w) for w in workers}
+    daemons = {w: Daemon(args.store, ["--workers", str(w)]) for w in workers}
     configs = [(w, c) for c in clients for w in workers]
-    rounds: dict[tuple[int, int], list[dict[str, float]]] = {k: [] for k in configs}
     t_start = time.monotonic()
     try:
-        for rep in range(args.reps):
-            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
-            for w, c in order:
-                result = run_round(daemons[w], c, args)
-                rounds[w, c].append(result)
-                print(
-                    f"  rep {rep} workers {w} trainers {c}: {result['cells_per_s']:,.0f} cells/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        rounds = interleaved(
+            configs,
+            args.reps,
+            lambda k: run_round(daemons[k[0]], k[1], args),
+            lambda k, r: f"workers {k[0]} trainers {k[1]}: {r['cells_per_s']:,.0f} cells/s",
+        )
     finally:
         for daemon in daemons.values():
             daemon.stop()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -114,7 +113,7 @@ def run_row(address: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     """Start a daemon on ``args.store`` and time each row; print a JSON line per row."""
     import torch
-    from bench_loaders import Daemon
+    from _daemon import Daemon
 
     from annserve.client._device import cupy_available
 
@@ -123,11 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda" and cupy_available():
         rows.insert(1, "device-cupy")
     sock = Path(tempfile.mkdtemp(prefix="annserve-gpu-")) / "d.sock"
-    daemon = Daemon(
-        args.store, sock if args.transport == "shm" else None, "zarrs", dict(os.environ)
-    )
+    flags = ["--zarr-pipeline", "zarrs", "--log-level", "INFO"]
+    daemon = Daemon(args.store, flags, sock if args.transport == "shm" else None, timeout=120.0)
     try:
-        address = daemon.addresses["shm" if args.transport == "shm" else "tcp"]
+        address = daemon.address
         for row in rows:
             for rep in range(args.reps):
                 out = run_row(address, row, args)

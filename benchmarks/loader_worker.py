@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from _daemon import add_loader_args
 from _measure import emit, measure
 
 if TYPE_CHECKING:
@@ -243,9 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["zarrs", "zarr-python"],
         help="zarr codec pipeline (sampler, scipy)",
     )
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=32)
-    p.add_argument("--preload-nchunks", type=int, default=256)
+    add_loader_args(p)
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cells", type=int, default=None)
