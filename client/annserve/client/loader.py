@@ -39,8 +39,11 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait between reconnection attempts, seconds.
 _MAX_BACKOFF_S = 8.0
-#: Longest wait for a closed stream's decoding thread to end, seconds.
-_CLOSE_TIMEOUT_S = 1.0
+#: Longest wait for a closed stream's decoding thread to end, seconds. Generous: a process
+#: that exits (a DataLoader worker told to stop mid-epoch) while that daemon thread is
+#: still inside grpc or torch C++ code can abort ("terminate called without an active
+#: exception", seen once at load ~12 with 1 s); the cancel wakes the thread within ms.
+_CLOSE_TIMEOUT_S = 3.0
 #: Shared-memory slots beyond ``Output.prefetch``: the batch the loop holds, the one
 #: being assembled, and three the daemon writes ahead (with one ahead, the daemon waited
 #: on the loop: ~60-80k against ~120-130k cells/s on the 50k x 20k benchmark atlas).
