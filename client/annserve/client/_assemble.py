@@ -353,16 +353,7 @@ class _CSRBuilder:
         lengths = _row_lengths(frame, self._prefix)
         indices = _array(frame, f"{self._prefix}indices")
         data = _array(frame, f"{self._prefix}data")
-        nnz = int(lengths.sum())
-        if len(indices) != nnz or len(data) != nnz:
-            msg = (
-                f"CSR arrays {self._prefix or 'X'!r} disagree: {nnz} non-zeros by row, "
-                f"{len(indices)} indices, {len(data)} values"
-            )
-            raise _fail(msg)
-        if nnz and int(indices.max()) >= self._n_cols:
-            msg = f"column index {int(indices.max())} out of range for {self._n_cols} columns"
-            raise _fail(msg)
+        nnz = check_csr(lengths, indices, data, self._n_cols, self._prefix or "X")
         if self._indices is None or self._data is None:  # room for the batch at this density
             estimate = int(nnz * self._n_rows / frame.header.n_rows * _ESTIMATE_MARGIN) + 1
             self._indices = _Growing(self._pool, np.dtype(np.int32), estimate)
@@ -408,6 +399,44 @@ class _Growing:
 
     def result(self) -> np.ndarray:
         return self._out[: self._n]
+
+
+def check_csr(
+    lengths: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int, name: str = "X"
+) -> int:
+    """Check one frame's CSR arrays against each other and the column count.
+
+    Parameters
+    ----------
+    lengths
+        Non-zeros of each row, shape ``(n_rows,)``, integer.
+    indices, data
+        Column and value of each non-zero, shape ``(nnz,)`` each.
+    n_cols
+        Columns of the matrix; every index must be below it.
+    name
+        Names the matrix in messages (``"X"``, ``"obsm/<key>/"``).
+
+    Returns
+    -------
+    The frame's non-zeros.
+
+    Raises
+    ------
+    FrameDecodeError
+        If the row lengths, indices and values disagree, or an index is out of range.
+    """
+    nnz = int(lengths.sum(dtype=np.int64))
+    if len(indices) != nnz or len(data) != nnz:
+        msg = (
+            f"CSR arrays {name!r} disagree: {nnz} non-zeros by row, "
+            f"{len(indices)} indices, {len(data)} values"
+        )
+        raise _fail(msg)
+    if nnz and int(indices.max()) >= n_cols:
+        msg = f"column index {int(indices.max())} out of range for {n_cols} columns"
+        raise _fail(msg)
+    return nnz
 
 
 def _in_place(frame: Frame, spec: _Spec) -> CSRArrays | np.ndarray | None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from annserve.client._assemble import check_csr
 from annserve.client._torch import to_device
 from annserve.errors import FrameDecodeError
 
@@ -238,16 +239,7 @@ class DeviceStage:
         if indices is None or data is None or indices.ndim != 1 or data.ndim != 1:
             msg = f"sparse frame of batch {h.batch} lacks 1-d 'indices' or 'data'"
             raise _fail(msg)
-        nnz = int(lengths.sum(dtype=np.int64))
-        if len(indices) != nnz or len(data) != nnz:
-            msg = (
-                f"CSR arrays 'X' disagree: {nnz} non-zeros by row, "
-                f"{len(indices)} indices, {len(data)} values"
-            )
-            raise _fail(msg)
-        if nnz and int(indices.max()) >= self._n_vars:
-            msg = f"column index {int(indices.max())} out of range for {self._n_vars} columns"
-            raise _fail(msg)
+        nnz = check_csr(lengths, indices, data, self._n_vars)
         if data.dtype not in _TORCH_DTYPES and data.dtype not in _UNSIGNED:
             data = data.astype(np.float64)  # not a torch dtype: widened here, losslessly
         if self._slot is None:
