@@ -10,6 +10,7 @@ of times: the chance that ``n`` connections all reach one of two workers is 2**(
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -80,7 +81,8 @@ def children(pid: int) -> set[int]:
     """Child processes of ``pid``."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found.update(int(c) for c in (task / "children").read_text().split())
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found.update(int(c) for c in (task / "children").read_text().split())
     return found
 
 
@@ -97,9 +99,9 @@ def workers_of(daemon: Daemon) -> set[int]:
     """The worker processes of a daemon (spawned ``multiprocessing`` children)."""
     pids = set()
     for child in children(daemon.proc.pid):
-        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline:
-            pids.add(child)
+        with contextlib.suppress(FileNotFoundError):  # a child that ended meanwhile
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.add(child)
     return pids
 
 
