@@ -70,6 +70,11 @@ def unix_server(tmp_path):
         server.stop(grace=None).wait(timeout=10)
 
 
+def epoch_rows(batches) -> int:
+    """Rows of X in an iterable of batches."""
+    return sum(int(b["X"].shape[0]) for b in batches)
+
+
 def epoch(loader: RemoteLoader) -> list[dict]:
     return [dict(b) for b in loader]
 
@@ -146,7 +151,7 @@ def test_native_batches_view_shared_memory_and_free_it_when_dropped(unix_server)
     first_write = min(held)  # writes are numbered in order; later ones are read ahead
     wait_until(lambda: first_write not in session.held(), "the dropped batch's slot is freed")
     rest = list(batches)
-    assert sum(int(b["X"].shape[0]) for b in [second, *rest]) == loader.n_obs - 700
+    assert epoch_rows([second, *rest]) == loader.n_obs - 700
 
 
 def _slot_maps() -> list[str]:
@@ -164,7 +169,7 @@ def test_a_loop_keeping_every_batch_never_starves_the_daemon(unix_server):
         return_index=True,
         connection=Connection(transport="shm"),
     )
-    kept = list(loader)  # 42 batches, 4 slots
+    kept = list(loader)  # 43 batches, prefetch + 5 = 6 slots
     assert len(kept) > 4 * (loader._shm.n_slots)
     rows = np.concatenate([b["index"].numpy() for b in kept])
     np.testing.assert_array_equal(np.sort(rows), np.arange(loader.n_obs))
@@ -190,7 +195,7 @@ def test_abandoned_epochs_do_not_leak_slots(unix_server):
             if i == 3:
                 break
     loader.load_state_dict({**loader.state_dict(), "batch": 0})
-    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+    assert epoch_rows(loader) == loader.n_obs
 
 
 def test_a_client_that_frees_no_slot_gets_deadline_exceeded(tmp_path):
@@ -212,7 +217,7 @@ def test_a_client_that_frees_no_slot_gets_deadline_exceeded(tmp_path):
             assert "freed no shared-memory slot" in info.value.details()
             # the daemon serves others meanwhile and after
             loader = RemoteLoader(daemon.address, batch_size=1000)
-            assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+            assert epoch_rows(loader) == loader.n_obs
         finally:
             session.close()
 
@@ -246,7 +251,7 @@ def test_bad_requests_name_the_field_and_the_daemon_keeps_serving(unix_server):
     finally:
         session.close()
     loader = RemoteLoader(unix_server, batch_size=1000, connection=Connection(transport="shm"))
-    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+    assert epoch_rows(loader) == loader.n_obs
 
 
 @pytest.mark.parametrize(
@@ -266,7 +271,7 @@ def test_bad_hellos_are_refused(unix_server, hello):
     with pytest.raises(ServerUnavailableError, match="refused"):
         SharedMemorySession(path, 0, BOUND_S)
     loader = RemoteLoader(unix_server, batch_size=1000, connection=Connection(transport="shm"))
-    assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+    assert epoch_rows(loader) == loader.n_obs
 
 
 def test_transport_choices(unix_server, tmp_path):
@@ -281,7 +286,7 @@ def test_transport_choices(unix_server, tmp_path):
     )
     try:
         auto = RemoteLoader(f"unix:{sock}", batch_size=1000)
-        assert sum(int(b["X"].shape[0]) for b in auto) == auto.n_obs
+        assert epoch_rows(auto) == auto.n_obs
         assert auto._shm is None
         forced = RemoteLoader(
             f"unix:{sock}", batch_size=1000, connection=Connection(transport="shm")
@@ -326,7 +331,7 @@ def test_sigkill_of_the_client_frees_the_daemons_slots(tmp_path):
             client.stdout.close()
         wait_until(lambda: memfds(daemon.proc.pid) == 0, "the daemon closes the session's memfds")
         loader = RemoteLoader(f"unix:{sock}", batch_size=1000)
-        assert sum(int(b["X"].shape[0]) for b in loader) == loader.n_obs
+        assert epoch_rows(loader) == loader.n_obs
     assert set(os.listdir("/dev/shm")) <= shm_before
 
 
@@ -370,7 +375,7 @@ def test_slots_count_against_the_stream_memory_budget(tmp_path):
         with pytest.raises(ResourceExhaustedError, match="shared-memory slots"):
             next(iter(RemoteLoader(f"unix:{sock}", **kw)))
         small = RemoteLoader(f"unix:{sock}", **{**kw, "batch_size": 300})
-        assert sum(int(b["X"].shape[0]) for b in small) == small.n_obs
+        assert epoch_rows(small) == small.n_obs
     finally:
         server.server.stop(grace=None).wait(timeout=10)
 

@@ -82,7 +82,7 @@ class Limits:
             Naming ``stream_memory_mb``.
         """
         rows = min(plan.batch_size, preload_rows(plan, store))
-        need = n_slots * rows * sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
+        need = n_slots * rows * row_bytes(plan, store)
         if need > self.stream_memory_mb * 1e6:
             msg = (
                 f"stream_memory_mb: {n_slots} shared-memory slots of {rows:,} rows need about "
@@ -107,7 +107,7 @@ class Limits:
             )
             raise ResourceExhaustedError(msg)
         rows = preload_rows(plan, store)
-        need = rows * sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
+        need = rows * row_bytes(plan, store)
         if need > self.stream_memory_mb * 1e6:
             msg = (
                 f"stream_memory_mb: a preload buffer of {rows:,} rows (chunk_size "
@@ -141,6 +141,11 @@ class Limits:
             "or fewer var_names, obs_keys"
         )
         return ResourceExhaustedError(msg)
+
+
+def row_bytes(plan: StreamPlan, store: Store) -> float:
+    """Return the mean bytes of one row a stream reads: its matrix and obsm arrays, as stored."""
+    return sum(store.mean_row_bytes(k) for k in (plan.matrix, *plan.obsm))
 
 
 def preload_rows(plan: StreamPlan, store: Store) -> int:
