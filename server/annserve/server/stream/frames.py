@@ -123,6 +123,11 @@ def epoch_frames(
     todo = from_batch(span, plan.batch_size, plan.start_batch)
     emitted = todo.start - span.start
     per_row = _row_extra_bytes(store, plan)
+    whole_batches = pack is not None
+    if pack is None:
+        pack = functools.partial(
+            encode_frame, compression=plan.compression, level=plan.compression_level
+        )
     buffers = Prefetcher(
         lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled, shared),
         1,
@@ -132,7 +137,7 @@ def epoch_frames(
         for rows, positions, wire, obsm in buffers:
             step = (
                 plan.batch_size
-                if pack is not None
+                if whole_batches
                 else _frame_rows(wire.nbytes + per_row * len(rows), len(rows))
             )
             start = 0
@@ -150,11 +155,7 @@ def epoch_frames(
                 )
                 at = slice(start, start + n)
                 arrays = _frame_arrays(header, wire, obsm, positions[at], rows[at], plan, store)
-                if pack is None:
-                    data = encode_frame(header, arrays, plan.compression, plan.compression_level)
-                else:
-                    data = pack(header, arrays)
-                yield Frame(header, data)
+                yield Frame(header, pack(header, arrays))
                 start += n
                 emitted += n
     finally:
