@@ -17,7 +17,7 @@ import pytest
 import scipy.sparse as sp
 
 from annserve.server import open_store
-from annserve.server.plan.epoch import Span, rows_in_span
+from annserve.server.plan.epoch import Span, rows_in_spans
 from annserve.server.plan.limits import Limits
 from annserve.server.plan.sampler import ChunkLayout, ChunkSampler
 from annserve.server.stream.frames import TARGET_FRAME_BYTES
@@ -72,7 +72,7 @@ class _Counting(ChunkSampler):
 def test_a_padded_span_far_ahead_skips_whole_laps():
     sampler = _Counting(ChunkLayout(np.array([0, 1000]), 10), 2, shuffle=True, seed=0)
     start = 10**12 * sampler.n_rows + 5  # a shard far past the epoch's rows (padding)
-    rows = np.concatenate(list(rows_in_span(sampler, 0, Span(start, start + 50))))
+    rows = np.concatenate(list(rows_in_spans(sampler, 0, (Span(start, start + 50),))))
     assert len(rows) == 50
     assert sampler.generated <= 2 * (100 // 2)  # at most two laps of 50 buffers
 
@@ -80,7 +80,7 @@ def test_a_padded_span_far_ahead_skips_whole_laps():
 def test_skipping_ahead_stops_once_the_stream_is_cancelled():
     sampler = _Counting(ChunkLayout(np.array([0, 10_000]), 1), 1, shuffle=True, seed=0)
     cancelled = threading.Event()
-    pieces = rows_in_span(sampler, 0, Span(9_990, 10_000), cancelled)
+    pieces = rows_in_spans(sampler, 0, (Span(9_990, 10_000),), cancelled)
     cancelled.set()  # the client left before the first piece
     assert list(pieces) == []
     assert sampler.generated <= 1  # before: all 9,990 buffers before the span

@@ -16,7 +16,7 @@ import pytest
 
 from annserve.buffers import BufferPool
 from annserve.server.io.store import open_store
-from annserve.server.plan.epoch import pieces_in_span
+from annserve.server.plan.epoch import pieces_in_spans
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
 from annserve.server.rpc.app import build_server
@@ -63,9 +63,14 @@ def _plan(store, **fields):
     return plan, make_sampler(store, plan)
 
 
-def _pieces(store, **fields) -> int:
+def _pieces(sampler, plan):
+    left, span = epoch_span(sampler, plan)
+    return pieces_in_spans(sampler, plan.epoch, left.positions(span))
+
+
+def _n_pieces(store, **fields) -> int:
     plan, sampler = _plan(store, **fields)
-    return sum(1 for _ in pieces_in_span(sampler, plan.epoch, epoch_span(sampler, plan)))
+    return sum(1 for _ in _pieces(sampler, plan))
 
 
 class _Stream:
@@ -120,7 +125,7 @@ def _round_robin(streams: list[_Stream], limit: int = 100_000) -> None:
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_identical_streams_read_each_buffer_once(store, n):
     want = _alone(store)
-    pieces = _pieces(store)
+    pieces = _n_pieces(store)
     assert pieces > 30  # many buffers: sharing is exercised along the whole epoch
     registry = SharedReads(buffers_per_stream=8)  # lock step: the bound is not what is tested
     streams = [_Stream(store, registry) for _ in range(n)]
@@ -149,7 +154,7 @@ def test_streams_differing_only_in_framing_share(store):
     _round_robin(streams)
     assert [s.got for s in streams] == wants
     assert set(store.reads.values()) == {1}
-    assert len(store.reads) == _pieces(store)
+    assert len(store.reads) == _n_pieces(store)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +170,7 @@ def test_different_sampling_does_not_share(store, other):
     assert streams[0].got == _alone(store)
     assert streams[1].got == _alone(store, **other)
     assert [s.sub.shared for s in streams] == [0, 0]
-    assert [s.sub.reads for s in streams] == [_pieces(store), _pieces(store, **other)]
+    assert [s.sub.reads for s in streams] == [_n_pieces(store), _n_pieces(store, **other)]
 
 
 def test_different_genes_do_not_share(store):
@@ -207,7 +212,7 @@ def test_cancelled_stream_does_not_stall_the_others(store):
 def test_waiting_stream_leaves_when_cancelled(store):
     """A stream waiting for another's read returns at once when cancelled; the reader goes on."""
     plan, sampler = _plan(store)
-    piece = next(pieces_in_span(sampler, plan.epoch, epoch_span(sampler, plan)))
+    piece = next(_pieces(sampler, plan))
     registry = SharedReads()
     reader_cancel, waiter_cancel = threading.Event(), threading.Event()
     reader = registry.subscribe(store, plan, reader_cancel)
@@ -243,7 +248,7 @@ def test_waiting_stream_leaves_when_cancelled(store):
 def test_failed_read_is_each_streams_own(store):
     """A reader's error reaches its stream; a stream waiting for that read reads itself."""
     plan, sampler = _plan(store)
-    piece = next(pieces_in_span(sampler, plan.epoch, epoch_span(sampler, plan)))
+    piece = next(_pieces(sampler, plan))
     registry = SharedReads()
     a, b = registry.subscribe(store, plan), registry.subscribe(store, plan)
     reading, release = threading.Event(), threading.Event()
@@ -294,7 +299,7 @@ def test_slow_stream_does_not_pin_memory(store):
     while slow.step():
         pass
     assert slow.got == want  # its own reads, still bit-exact
-    assert slow.sub.reads > _pieces(store) // 2
+    assert slow.sub.reads > _n_pieces(store) // 2
     assert registry.groups() == 0
 
 
@@ -334,7 +339,7 @@ def test_daemon_streams_share_reads(store, monkeypatch):
         shared = metric("annserve_preload_buffers_total", {**labels, "source": "shared"})
     finally:
         server.shutdown(grace=1)
-    pieces = _pieces(store, **fields)
+    pieces = _n_pieces(store, **fields)
     assert lone_reads == pieces
     assert [got.get(i) == want for i in range(3)] == [True, True, True]
     assert reads - lone_reads + shared == 3 * pieces

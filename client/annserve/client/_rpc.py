@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -9,19 +11,33 @@ import grpc
 
 from annserve.errors import (
     AnnServeError,
+    InvalidRequestError,
     ServerUnavailableError,
     error_for_status,
+    quoted,
 )
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from annserve.client.options import Connection
 
-_SERVICE = "/annserve.v1.AnnServe/"
+SERVICE_NAME = "annserve.v1.AnnServe"
+_SERVICE = f"/{SERVICE_NAME}/"
+#: Every call goes to the next replica whose health service says SERVING for annserve's
+#: service (gRPC client-side health checking): a draining or dead replica gets no new
+#: stream. With one server this is what pick_first does, but a draining server is
+#: skipped at once instead of answering UNAVAILABLE.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+    }
+)
 _OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # detect a dead server during a long stream instead of waiting forever: a ping every
     # 30 s (the server accepts one every 10 s), answered within 10 s also while data
@@ -60,6 +76,51 @@ _CLOSED_CAUSES = {
     "a client certificate signed by its CA (mutual TLS: give certificate_chain and "
     "private_key) and got none, or one from another CA",
 }
+
+
+def grpc_target(address: str | Sequence[str]) -> str:
+    """Return the gRPC target naming the server or replicas of ``address``.
+
+    Parameters
+    ----------
+    address
+        One target as grpc reads it: ``host:port``, ``unix:/path``,
+        ``dns:///name:port`` (every address the name resolves to is a replica, e.g. a
+        Kubernetes headless Service), ``ipv4:a:p,b:q`` or ``ipv6:[a]:p,...``; or a list
+        of ``host:port`` whose hosts are IP addresses (``localhost`` counts as
+        127.0.0.1), joined into one ``ipv4:``/``ipv6:`` target.
+
+    Raises
+    ------
+    InvalidRequestError
+        If a list is empty, mixes IPv4 and IPv6, or names a host that is not an IP
+        address (give one ``dns:///`` name that resolves to every replica instead).
+    """
+    if isinstance(address, str):
+        return address
+    hosts = [_ip_address(a) for a in address]
+    versions = {version for version, _ in hosts}
+    if len(versions) != 1:
+        msg = f"address: a list of one or more host:port of one IP version, got {quoted(address)}"
+        raise InvalidRequestError(msg)
+    return f"ipv{versions.pop()}:" + ",".join(a for _, a in hosts)
+
+
+def _ip_address(address: str) -> tuple[int, str]:
+    """Return the IP version and ``ip:port`` of one ``host:port`` of a list of replicas."""
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        ip = None
+    if ip is None or not port.isdigit():
+        msg = (
+            f"address: each replica of a list is IP:PORT (grpc's ipv4:/ipv6: targets), got "
+            f"{quoted(address)}; for host names give one dns:///NAME:PORT resolving to all"
+        )
+        raise InvalidRequestError(msg)
+    return ip.version, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def translate(error: grpc.RpcError, address: str) -> AnnServeError:

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
 from annserve.client._device import DeviceDelivery, DeviceStage, HostRing, new_ring
-from annserve.client._rpc import Channel, frames_of
+from annserve.client._rpc import Channel, frames_of, grpc_target
 from annserve.client._shm import SharedMemorySession
 from annserve.client._torch import to_device, to_torch
 from annserve.client.options import Connection, Output, Sharding
@@ -71,6 +71,26 @@ class RemoteLoader(IterableDataset):
     exactly the batches an uninterrupted run would have, from the next one on, from
     any server serving the same store. The state is that of the process iterating
     the loader (with ``DataLoader`` workers, use ``torchdata``'s ``StatefulDataLoader``).
+    It does not depend on the rank: DDP ranks consume batches in lockstep, so rank 0's
+    checkpoint says how far every rank got, and every rank may load it.
+
+    Elastic resume: loaded into a world of another size (torchrun elastic, a preempted
+    node), the state re-partitions the rest of the epoch: the rows no rank of the old
+    world consumed (each old shard's rows after its first ``batch`` batches, and the rows
+    ``drop_last`` left out) are split among the new world's shards as an epoch is, and
+    the new world streams them from their first batch. Across the old and the new
+    world every row of the epoch is then seen once (and padding rows, without
+    ``drop_last``, repeat as usual); restarts may chain (2 -> 3 -> 2 ranks). The rule
+    assumes lockstep: with ``Sharding(even_batches=False)`` a rank with fewer batches
+    than rank 0's count is taken to have consumed all of its rows.
+
+    Replicas: ``address`` may name several servers of one store (a list, ``ipv4:a,b``
+    or a ``dns:///`` name resolving to each); each stream goes to the next replica
+    that reports SERVING (gRPC ``round_robin`` with client-side health checking), and a
+    replica lost or draining mid-epoch is left for another at the next batch not yet
+    yielded. Every call carries the fingerprint of the store the first replica
+    described (``StoreInfo.fingerprint``); a replica serving other content refuses
+    it, naming both.
 
     The top-level arguments are those of annbatch's ``Loader`` and what picks the data;
     the rest come in groups (:mod:`annserve.client.options`). The server checks the
@@ -80,7 +100,9 @@ class RemoteLoader(IterableDataset):
     Parameters
     ----------
     address
-        Server address, ``host:port`` or ``unix:/path``.
+        Server address, ``host:port`` or ``unix:/path``; or several replicas: a list of
+        ``IP:port``, a ``dns:///name:port`` resolving to each of them, or
+        ``ipv4:a:p,b:q`` (see :func:`annserve.client._rpc.grpc_target`).
     store
         Name of a store configured on the server; empty for its default store.
     layer
@@ -156,6 +178,9 @@ class RemoteLoader(IterableDataset):
         If the server requires a token and ``connection.token`` is missing or wrong.
     StoreNotFoundError
         If the server has no store named ``store``.
+    StoreFormatError
+        From a replica (``FAILED_PRECONDITION``) whose store's fingerprint differs from
+        the one the first replica described; the message names both.
     InvalidRequestError
         If the server rejects the configuration (a size is not positive, an obs key,
         layer or gene is unknown, ...; a ``ValueError`` naming the field), ``seed``
@@ -181,7 +206,7 @@ class RemoteLoader(IterableDataset):
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         store: str = "",
         layer: str | None = None,
@@ -206,7 +231,7 @@ class RemoteLoader(IterableDataset):
         transform: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         super().__init__()
-        self.address, self.store = address, store
+        self.address, self.store = grpc_target(address), store
         self.layer, self.use_raw = layer, use_raw
         self._var_subset = tuple(var_names) if var_names is not None else None
         if missing_genes not in _MISSING_GENES:
@@ -223,7 +248,7 @@ class RemoteLoader(IterableDataset):
         self.return_index = return_index
         self.split, self.balance = split, balance
         self.sharding, self.output, self.connection = sharding, output, connection
-        if connection.transport == "shm" and side_socket(address) is None:
+        if connection.transport == "shm" and side_socket(self.address) is None:
             msg = f"transport='shm' needs a unix:PATH address, got {quoted(address)}"
             raise InvalidRequestError(msg)
         self.rank, self.world_size = _resolve_rank(sharding)
@@ -232,6 +257,8 @@ class RemoteLoader(IterableDataset):
         self._ring: HostRing | None = None  # host buffers of device assembly, kept
         self._epoch = 0
         self._batch = 0  # batches of the current epoch already yielded
+        # (shard count, batches) of each earlier world of this epoch (elastic resume)
+        self._earlier: tuple[tuple[int, int], ...] = ()
         self._conn: Channel | None = None
         self._shm: SharedMemorySession | None = None  # reused by the epochs of this process
         self._shm_pid = os.getpid()
@@ -245,6 +272,15 @@ class RemoteLoader(IterableDataset):
     def n_obs(self) -> int:
         """Rows (cells) in the store."""
         return self._info.n_obs
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex digest identifying the store's content (``StoreInfo.fingerprint``).
+
+        Replicas serving the same store report the same one; every call of this
+        loader carries it, and a replica serving other content refuses the call.
+        """
+        return self._info.fingerprint
 
     @property
     def n_vars(self) -> int:
@@ -272,14 +308,17 @@ class RemoteLoader(IterableDataset):
         return self._epoch
 
     def __len__(self) -> int:
-        """Batches per epoch of this rank (asks the server; no data is read).
+        """Batches per epoch of this shard (asks the server; no data is read).
+
+        The rank's batches, or in a ``DataLoader`` worker the worker's; after an elastic
+        resume, those of this world's part of the epoch.
 
         Raises
         ------
         AnnServeError
             If the server rejects the request.
         """
-        request = self._request(self._epoch, Shard(self.rank, self.world_size), 0)
+        request = self._request(self._epoch, self._shard(), 0)
         return self._connection().count_batches(request).n_batches
 
     def set_epoch(self, epoch: int) -> None:
@@ -297,37 +336,59 @@ class RemoteLoader(IterableDataset):
         if epoch < 0:
             msg = f"epoch must be >= 0, got {epoch}"
             raise InvalidRequestError(msg)
-        self._epoch, self._batch = epoch, 0
+        self._epoch, self._batch, self._earlier = epoch, 0, ()
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the position of the stream: ``{"seed", "epoch", "batch", "config"}``.
+        """Return the position of the stream.
 
-        ``batch`` counts the batches of ``epoch`` already yielded; ``config`` the
-        arguments that shape the epoch, checked by :meth:`load_state_dict`.
+        ``{"seed", "epoch", "batch", "shards", "earlier_worlds", "config"}``: ``batch``
+        counts the batches of ``epoch`` this shard already yielded; ``shards`` is the
+        shard count (world size x ``DataLoader`` workers) they were yielded in;
+        ``earlier_worlds`` the ``[shards, batch]`` of the worlds that consumed part of
+        the epoch before (elastic resume, see the class docstring); ``config`` the
+        arguments that shape the epoch, checked by :meth:`load_state_dict`. The same on
+        every rank.
         """
         return {
             "seed": self.seed,
             "epoch": self._epoch,
             "batch": self._batch,
+            "shards": self._shard().count,
+            "earlier_worlds": [list(w) for w in self._earlier],
             "config": self._config(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration continues after its batch.
 
+        A state saved with another shard count (world size x ``DataLoader`` workers)
+        resumes elastically: the rows its world had not consumed are re-partitioned
+        among this world's shards (see the class docstring).
+
         Raises
         ------
         InvalidRequestError
             If the state was saved by a loader configured differently (it would
-            resume a different sequence).
+            resume a different sequence), or lacks a key.
         """
-        if state["config"] != self._config():
-            msg = f"state_dict was saved with {state['config']}, this loader has {self._config()}"
+        try:
+            config, shards = state["config"], state["shards"]
+            earlier = tuple((int(n), int(b)) for n, b in state["earlier_worlds"])
+            seed, epoch, batch = state["seed"], state["epoch"], state["batch"]
+        except (KeyError, TypeError, ValueError) as e:
+            msg = f"state_dict: not a RemoteLoader state ({e!r})"
+            raise InvalidRequestError(msg) from None
+        if config != self._config():
+            msg = f"state_dict was saved with {config}, this loader has {self._config()}"
             raise InvalidRequestError(msg)
-        self.seed, self._epoch, self._batch = state["seed"], state["epoch"], state["batch"]
+        if shards != self._shard().count:  # the world changed size: re-partition the rest
+            earlier, batch = (*earlier, (shards, batch)), 0
+        self.seed, self._epoch, self._batch, self._earlier = seed, epoch, batch, earlier
 
     def _config(self) -> dict[str, Any]:
-        request = self._request(0, Shard(self.rank, self.world_size), 0)
+        """Return what shapes the epoch's row sequence: the request but its position."""
+        request = self._request(0, Shard(), 0)
+        del request.earlier_worlds[:]
         return {"request": request.SerializeToString(deterministic=True).hex()}
 
     # --- iteration ---------------------------------------------------------------
@@ -366,7 +427,7 @@ class RemoteLoader(IterableDataset):
                     raise
                 time.sleep(delay)
             else:
-                self._epoch, self._batch = self._epoch + 1, 0
+                self._epoch, self._batch, self._earlier = self._epoch + 1, 0, ()
                 return
 
     def _transformed(self, batches: Iterator[dict[str, Any]]) -> Iterator[Any]:
@@ -570,6 +631,8 @@ class RemoteLoader(IterableDataset):
             shard_count=shard.count,
             uneven_shards=not self.sharding.even_batches,
             start_batch=start_batch,
+            store_fingerprint=self._info.fingerprint,
+            earlier_worlds=[pb.EarlierWorld(shard_count=n, batches=b) for n, b in self._earlier],
         )
         self.connection.apply(request)
         if session is not None:

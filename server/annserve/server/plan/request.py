@@ -11,6 +11,7 @@ import numpy as np
 
 from annserve.errors import InvalidRequestError, listed, quoted
 from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, Shard
+from annserve.server.plan.epoch import EarlierWorld
 from annserve.server.plan.selection import (
     Balance,
     Split,
@@ -83,6 +84,9 @@ class StreamPlan:
         The part of the epoch this stream serves.
     start_batch
         First batch of the shard's epoch to send (resume point).
+    earlier_worlds
+        The worlds that consumed part of the epoch before this one (elastic resume,
+        :func:`annserve.server.plan.epoch.unconsumed`), oldest first; empty for none.
     split
         The split the epoch draws from; None for all rows.
     balance
@@ -108,6 +112,7 @@ class StreamPlan:
     n_vars: int
     shard: Shard
     start_batch: int
+    earlier_worlds: tuple[EarlierWorld, ...]
     split: Split | None
     balance: Balance | None
 
@@ -150,6 +155,7 @@ def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:
         n_vars=len(names) if columns is None else len(columns),
         shard=_shard(request),
         start_batch=request.start_batch,
+        earlier_worlds=_earlier_worlds(request),
         split=_split(request, store),
         balance=_balance(request, store),
     )
@@ -228,6 +234,25 @@ def _shard(request: pb.StreamBatchesRequest) -> Shard:
         )
         raise InvalidRequestError(msg)
     return Shard(request.shard_index, count, even=not request.uneven_shards)
+
+
+#: Earlier worlds a request may list: a job restarted this many times within one epoch.
+MAX_EARLIER_WORLDS = 64
+
+
+def _earlier_worlds(request: pb.StreamBatchesRequest) -> tuple[EarlierWorld, ...]:
+    worlds = request.earlier_worlds
+    if len(worlds) > MAX_EARLIER_WORLDS:
+        msg = f"earlier_worlds: at most {MAX_EARLIER_WORLDS} worlds, got {len(worlds):,}"
+        raise InvalidRequestError(msg)
+    for i, world in enumerate(worlds):
+        if world.shard_count < 1 or world.batches < 0:
+            msg = (
+                f"earlier_worlds[{i}]: shard_count must be >= 1 and batches >= 0, got "
+                f"shard_count={world.shard_count} batches={world.batches}"
+            )
+            raise InvalidRequestError(msg)
+    return tuple(EarlierWorld(w.shard_count, w.batches) for w in worlds)
 
 
 def _split(request: pb.StreamBatchesRequest, store: Store) -> Split | None:

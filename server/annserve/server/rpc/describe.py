@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from annserve.server.io.store import Store
 
 
-def store_info(store: Store, name: str) -> pb.StoreInfo:
+def store_info(store: Store, name: str, fingerprint: str) -> pb.StoreInfo:
     """Describe a store: shape, genes, obs columns, servable matrices and obsm arrays.
 
     Parameters
@@ -20,6 +20,8 @@ def store_info(store: Store, name: str) -> pb.StoreInfo:
         The opened store.
     name
         Its configured name.
+    fingerprint
+        Its :func:`~annserve.server.io.fingerprint.fingerprint`.
     """
     matrices = {k: m for k, m in store.matrices.items() if not k.startswith("obsm/")}
     return pb.StoreInfo(
@@ -41,6 +43,7 @@ def store_info(store: Store, name: str) -> pb.StoreInfo:
             pb.ObsmInfo(name=k, dtype=m.dtype.name, n_cols=m.n_cols, sparse=m.sparse)
             for k, m in ((k, store.matrices[f"obsm/{k}"]) for k in store.obsm)
         ],
+        fingerprint=fingerprint,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from annserve.errors import (
     AnnServeError,
     InvalidRequestError,
     ServerUnavailableError,
+    StoreFormatError,
     StoreNotFoundError,
     listed,
     quoted,
 )
 from annserve.memory import TRIM_THRESHOLD, trim_freed_memory
 from annserve.prefetch import Prefetcher
+from annserve.server.io.fingerprint import fingerprint
 from annserve.server.plan.epoch import from_batch
 from annserve.server.plan.limits import Limits
 from annserve.server.plan.request import plan_stream
@@ -80,7 +83,8 @@ def _sent_span(sampler: Sampler, plan: StreamPlan) -> Span:
     OutOfRangeError
         If ``plan.start_batch`` is past the shard's number of batches.
     """
-    return from_batch(epoch_span(sampler, plan), plan.batch_size, plan.start_batch)
+    _, span = epoch_span(sampler, plan)
+    return from_batch(span, plan.batch_size, plan.start_batch)
 
 
 def _public(message: str, path: Path, name: str) -> str:
@@ -177,6 +181,7 @@ class AnnServeService:
         self.shared_memory = shared_memory
         self.shared_reads = shared_reads
         self._stores = dict(stores)
+        self._fingerprints = {name: fingerprint(store) for name, store in self._stores.items()}
         self._default = next(iter(self._stores))
         self._stream_ids = itertools.count(1)
         self.limits = limits if limits is not None else Limits()
@@ -204,7 +209,8 @@ class AnnServeService:
             store = self._store(request.store)
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
-        return store_info(store, request.store or self._default)
+        name = request.store or self._default
+        return store_info(store, name, self._fingerprints[name])
 
     def _plan(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
@@ -215,6 +221,7 @@ class AnnServeService:
         """
         try:
             store = self._store(request.store)
+            self._check_fingerprint(request)
             plan = plan_stream(request, store)
             self.limits.check_request(plan, store)
             sampler = make_sampler(store, plan)
@@ -226,6 +233,25 @@ class AnnServeService:
             logger.exception("cannot plan a stream for %s", quoted(str(request)))
             context.abort(grpc.StatusCode.INTERNAL, "cannot plan this stream; see server log")
         raise AssertionError  # context.abort raises
+
+    def _check_fingerprint(self, request: pb.StreamBatchesRequest) -> None:
+        """Refuse a request expecting another store's content (a replica of another store).
+
+        Raises
+        ------
+        StoreFormatError
+            If ``request.store_fingerprint`` is given and differs from the store's.
+        """
+        name = request.store or self._default
+        ours, theirs = self._fingerprints[name], request.store_fingerprint
+        if theirs and theirs != ours:
+            msg = (
+                f"store_fingerprint: this server ({socket.gethostname()}) serves store "
+                f"{name!r} with fingerprint {ours}, the client expects {quoted(theirs)} (the "
+                "fingerprint of the replica it described first): replicas behind one "
+                "address must serve the same store content"
+            )
+            raise StoreFormatError(msg)
 
     def count_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext

@@ -14,10 +14,12 @@ from annserve.buffers import BufferPool
 from annserve.prefetch import Prefetcher
 from annserve.server.plan.epoch import (
     Span,
+    Unconsumed,
     from_batch,
-    pieces_in_span,
-    rows_in_span,
+    pieces_in_spans,
+    rows_in_spans,
     shard_span,
+    unconsumed,
 )
 from annserve.server.stream.encode import (
     frame_arrays,
@@ -64,9 +66,20 @@ class Frame:
     data: bytes
 
 
-def epoch_span(sampler: Sampler, plan: StreamPlan) -> Span:
-    """Return the positions of the epoch's row sequence the stream's shard covers."""
-    return shard_span(sampler.n_rows, plan.shard, plan.batch_size, drop_last=plan.drop_last)
+def epoch_span(sampler: Sampler, plan: StreamPlan) -> tuple[Unconsumed, Span]:
+    """Return the epoch's rows no earlier world consumed, and the shard's span of them.
+
+    Without ``plan.earlier_worlds`` the first is the whole epoch's row sequence and the
+    span its positions (:mod:`annserve.server.plan.epoch`).
+    """
+    left = unconsumed(
+        sampler.n_rows,
+        plan.earlier_worlds,
+        plan.batch_size,
+        even=plan.shard.even,
+        drop_last=plan.drop_last,
+    )
+    return left, shard_span(left.length, plan.shard, plan.batch_size, drop_last=plan.drop_last)
 
 
 def epoch_frames(
@@ -115,7 +128,7 @@ def epoch_frames(
     ------
     The frames, in order.
     """
-    span = epoch_span(sampler, plan)
+    left, span = epoch_span(sampler, plan)
     # three preload buffers alive (the one framed, the one read ahead, the one being read),
     # each up to four pooled arrays (X as read and as converted), plus room to spare
     pool = BufferPool(max_buffers=20)
@@ -129,7 +142,9 @@ def epoch_frames(
             encode_frame, compression=plan.compression, level=plan.compression_level
         )
     buffers = Prefetcher(
-        lambda: _read_ahead(store, sampler, plan, todo, pool, on_read, cancelled, shared),
+        lambda: _read_ahead(
+            store, sampler, plan, left.positions(todo), pool, on_read, cancelled, shared
+        ),
         1,
         name=f"{threading.current_thread().name}-read",
     )
@@ -166,13 +181,13 @@ def _read_ahead(
     store: Store,
     sampler: Sampler,
     plan: StreamPlan,
-    span: Span,
+    spans: tuple[Span, ...],
     pool: BufferPool,
     on_read: Callable[[float], None] | None,
     cancelled: threading.Event | None,
     shared: Subscription | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]]:
-    """Yield each preload buffer of ``span`` read and prepared for the wire.
+    """Yield each preload buffer's piece of ``spans`` (epoch positions), read and prepared.
 
     Yields ``(rows, positions, wire, obsm)``: the buffer's rows in yield order, each
     row's position in ``wire``, the prepared buffer (rows sorted, each once) and the
@@ -180,10 +195,10 @@ def _read_ahead(
     another stream of the group has read (or is reading) is taken from it, not read.
     """
     if shared is None:
-        for rows in rows_in_span(sampler, plan.epoch, span, cancelled):
+        for rows in rows_in_spans(sampler, plan.epoch, spans, cancelled):
             yield _read_rows(store, plan, rows, pool, on_read)
         return
-    for piece in pieces_in_span(sampler, plan.epoch, span, cancelled):
+    for piece in pieces_in_spans(sampler, plan.epoch, spans, cancelled):
         item = shared.get(
             piece, functools.partial(_read_rows, store, plan, piece.rows, on_read=on_read), pool
         )

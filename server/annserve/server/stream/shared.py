@@ -54,6 +54,7 @@ FRAMING_FIELDS = frozenset(
         "compression_level",
         "shard",
         "start_batch",
+        "earlier_worlds",
     }
 )
 _POLL_S = 0.1  # seconds between checks of a waiting stream's cancelled event
