@@ -14,7 +14,7 @@ from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
 from annserve.server.stream.frames import epoch_frames
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import decode_frame
+from annserve.wire import Pieces, decode_frame, encode_frame, frame_buffers, frame_parts
 
 ENCODINGS = {"raw": pb.ENCODING_RAW, "compact": pb.ENCODING_COMPACT}
 COMPRESSIONS = {
@@ -213,3 +213,26 @@ def test_batch_denser_than_its_first_frame(tmp_path):
     frames, _ = stream(write(tmp_path, sp.csr_matrix(x)), batch_size=12, shuffle=False)
     assert len(frames) > len(assemble(frames, 40))  # batches of several frames
     check_epoch(frames, sp.csr_matrix(x))
+
+
+def test_frame_buffers_are_the_frame_in_bounded_lists():
+    # a writer gathering the buffers itself (shared memory) writes exactly encode_frame's
+    # bytes, never holding more than `size` slices of a preload buffer at once
+    rng = np.random.default_rng(12)
+    values = rng.integers(0, 1000, 500).astype(np.uint16)
+    starts = rng.permutation(450)[:40]
+    stops = starts + rng.integers(0, 50, 40)
+    pieces = Pieces(values, starts, stops, int((stops - starts).sum()))
+    arrays = [("row_nnz", (stops - starts).astype(np.uint8)), ("data", pieces), ("index", starts)]
+
+    def header():
+        return pb.BatchHeader(batch=0, batch_rows=40, n_rows=40, n_vars=1000, sparse=True)
+
+    parts, nbytes = frame_parts(header(), arrays)
+    runs = list(frame_buffers(parts, size=7))
+    assert max(len(run) for run in runs) <= 7
+    joined = b"".join(buf for run in runs for buf in run)
+    assert len(joined) == nbytes
+    assert joined == encode_frame(header(), arrays)
+    expected = np.concatenate([values[a:b] for a, b in zip(starts, stops, strict=True)])
+    np.testing.assert_array_equal(decode_frame(joined).arrays["data"], expected)

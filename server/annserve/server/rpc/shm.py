@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from annserve import shm
 from annserve.errors import InvalidRequestError, ServerUnavailableError, StreamStalledError
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import frame_parts
+from annserve.wire import VIEWS_AT_ONCE, frame_buffers, frame_parts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -166,8 +166,8 @@ class Session:
             self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
             os.ftruncate(fd, self._sizes[slot])
         offset = 0
-        for i in range(0, len(parts), _IOV_MAX):
-            offset += os.pwritev(fd, parts[i : i + _IOV_MAX], offset)
+        for buffers in frame_buffers(parts, min(_IOV_MAX, VIEWS_AT_ONCE)):
+            offset += os.pwritev(fd, buffers, offset)
         pointer = pb.BatchHeader(
             batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes, shm_seq=seq
         )

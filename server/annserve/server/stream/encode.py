@@ -213,7 +213,8 @@ def frame_arrays(
     -------
     ``[("X", dense)]`` or ``[("indptr" | "row_nnz", ...), ("indices", ...), ("data", ...)]``;
     ``indices`` and ``data`` as :class:`~annserve.wire.Pieces`, one slice of the
-    buffer per row, gathered by :func:`annserve.wire.encode_frame`.
+    buffer per row, gathered when the frame is written (:func:`annserve.wire.encode_frame`,
+    or a writer of :func:`annserve.wire.frame_buffers`).
     """
     if isinstance(rows, WireDense):
         return [("X", rows.values[positions])]
@@ -229,6 +230,7 @@ def frame_arrays(
         row_part = ("indptr", indptr)
     # each row is a contiguous run: copying slices (once, into the frame) is several
     # times faster than a fancy-index gather through a per-non-zero index array
+    # (measured ~6x: np.repeat + np.take, 13-17 us/cell against 2.4 for slices + pwritev)
     stops = starts + lengths
     nnz = int(lengths.sum())
     return [
@@ -239,14 +241,9 @@ def frame_arrays(
 
 
 def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: int) -> Pieces:
-    """Cut ``values[a:b]`` for each ``(a, b)`` as byte memoryviews (cheaper than array views)."""
+    """Send ``values[a:b]`` for each ``(a, b)``, cut when the frame is written."""
     values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    raw = values.data.cast("B")
-    size = values.itemsize
-    parts = [
-        raw[a:b] for a, b in zip((starts * size).tolist(), (stops * size).tolist(), strict=True)
-    ]
-    return Pieces(parts, values.dtype, length)
+    return Pieces(values, starts, stops, length)
 
 
 def obs_arrays(
