@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from annserve.client import RemoteLoader
+from annserve.client import Output, RemoteLoader
 from annserve.errors import AnnServeError
 
 if TYPE_CHECKING:
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address",
         default="127.0.0.1:50051",
-        help="annserve daemon, host:port or unix:/path (default %(default)s)",
+        help="annserve daemon: host:port, unix:/path, or a gRPC target naming several "
+        "replicas of one store (ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT) "
+        "(default %(default)s)",
     )
     parser.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
     parser.add_argument(
@@ -151,14 +153,15 @@ class Task:
         -------
         Inputs, shape ``(n_cells, n_vars)``, float32; targets, shape ``(n_cells,)``, int64
         class codes (classifier) or the inputs themselves (autoencoder); mask, shape
-        ``(n_cells,)``, bool (False where the label is missing).
+        ``(n_cells,)``, bool (False where the label is missing); all on X's device.
         """
         x = self.preprocess(dense_x(batch))
         if self.label_key is None:
-            return x, x, torch.ones(len(x), dtype=torch.bool)
+            return x, x, torch.ones(len(x), dtype=torch.bool, device=x.device)
         obs = batch["obs"]
         assert isinstance(obs, pd.DataFrame)
         codes = torch.from_numpy(obs[self.label_key].cat.codes.to_numpy().astype("int64"))
+        codes = codes.to(x.device)  # obs stays on the CPU; X may be on the model's device
         return x, codes, codes >= 0
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -306,6 +309,62 @@ def run_epoch(
     )
 
 
+def build_loader(
+    args: argparse.Namespace,
+    output: Output | None = None,
+    transform: Callable[[dict[str, object]], object] | None = None,
+) -> RemoteLoader:
+    """Return the training loader of the parsed arguments (rows with their global index).
+
+    Parameters
+    ----------
+    args
+        Parsed :func:`build_parser` arguments.
+    output
+        Tensor placement (e.g. a CUDA ``device``); None: CPU tensors.
+    transform
+        Called on each batch, as ``RemoteLoader``'s ``transform``.
+
+    Raises
+    ------
+    AnnServeError
+        If no server answers or it rejects the configuration.
+    """
+    return RemoteLoader(
+        args.address,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        preload_nchunks=args.preload_nchunks,
+        seed=args.seed,
+        obs_keys=[args.label_key] if args.label_key else [],
+        return_index=True,
+        output=output or Output(),
+        transform=transform,
+    )
+
+
+def describe(args: argparse.Namespace, loader: RemoteLoader, task: Task) -> str:
+    """Return the line announcing what is trained on which store."""
+    what = (
+        f"a classifier of {args.label_key!r} ({len(task.categories)} classes)"
+        if task.name == "classifier"
+        else "an autoencoder"
+    )
+    return (
+        f"{args.address}: {loader.n_obs} cells x {loader.n_vars} genes, {len(loader)} "
+        f"batches of {args.batch_size}; training {what}"
+    )
+
+
+def epoch_line(task: Task, stats: EpochStats, epoch: int, epochs: int) -> str:
+    """Return the progress line of one epoch (``epoch`` counted from 0)."""
+    return (
+        f"epoch {epoch + 1}/{epochs}  train loss {stats.train_loss:.4f}  "
+        f"{task.metric} {stats.held_out:.4f}  {stats.cells_per_s:,.0f} cells/s "
+        f"({stats.cells} cells in {stats.seconds:.2f} s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train for ``--epochs`` epochs and print one line per epoch; return the exit code."""
     args = build_parser().parse_args(argv)
@@ -316,37 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     # RemoteLoader yields torch sparse CSR tensors, which torch flags as beta once per process
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
     try:
-        loader = RemoteLoader(
-            args.address,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            preload_nchunks=args.preload_nchunks,
-            seed=args.seed,
-            obs_keys=[args.label_key] if args.label_key else [],
-            return_index=True,
-        )
+        loader = build_loader(args)
         task = make_task(args.address, args.label_key, loader.n_vars)
-        what = (
-            f"a classifier of {args.label_key!r} ({len(task.categories)} classes)"
-            if task.name == "classifier"
-            else "an autoencoder"
-        )
-        print(
-            f"{args.address}: {loader.n_obs} cells x {loader.n_vars} genes, {len(loader)} "
-            f"batches of {args.batch_size}; training {what}",
-            flush=True,
-        )
+        print(describe(args, loader, task), flush=True)
         optimizer = torch.optim.Adam(task.model.parameters(), lr=args.lr)
         history = []
         for epoch in range(args.epochs):
             stats = run_epoch(loader, task, optimizer, epoch)
             history.append(stats)
-            print(
-                f"epoch {epoch + 1}/{args.epochs}  train loss {stats.train_loss:.4f}  "
-                f"{task.metric} {stats.held_out:.4f}  {stats.cells_per_s:,.0f} cells/s "
-                f"({stats.cells} cells in {stats.seconds:.2f} s)",
-                flush=True,
-            )
+            print(epoch_line(task, stats, epoch, args.epochs), flush=True)
     except AnnServeError as e:
         print(f"train: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,133 @@
+"""torchrun: two DDP ranks train examples/train_ddp.py against two annserve replicas.
+
+Two real daemons serve the same real store on 127.0.0.1 (ephemeral ports); torchrun
+(``python -m torch.distributed.run --standalone``) starts two gloo ranks that reach
+both through one gRPC target, ``ipv4:A,B``. The example is run once per module; the
+tests check what it wrote (row indices per rank and epoch, the checkpoint), what it
+printed, and what each daemon logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import real_path
+from ops_support import Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "train_ddp.py"
+RANKS = 2
+EPOCHS = 2
+BATCH_SIZE = 64
+SEED = 3
+#: seconds for the whole torchrun (two ranks importing torch on two busy cores)
+TRAIN_TIMEOUT = 180.0
+#: a training stream's start line in a daemon's log (the example's probe uses other sizes)
+TRAINING_STREAM = re.compile(
+    rf"stream \d+ start: .* epoch=(\d+) batch_size={BATCH_SIZE} .* shard=(\d+)/{RANKS} "
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One torchrun of the example: its exit code and output, and what it wrote."""
+
+    returncode: int
+    output: str
+    index_dir: Path
+    checkpoint: Path
+    daemons: tuple[Daemon, ...]
+
+
+def run_bounded(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``command`` in its own process group; kill the whole group after ``timeout`` s."""
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # torchrun and both ranks share one group
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{output}")
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    store = real_path("pbmc68k")  # 700 cells, 10 cell types in obs "bulk_labels"
+    out = tmp_path_factory.mktemp("torchrun")
+    args = ["--store", str(store)]
+    with Daemon(args) as first, Daemon(args) as second:
+        daemons = (first, second)
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+            f"--nproc_per_node={RANKS}",
+            str(EXAMPLE),
+            *("--address", "ipv4:" + ",".join(d.address for d in daemons)),
+            *("--label-key", "bulk_labels", "--epochs", str(EPOCHS), "--seed", str(SEED)),
+            *("--batch-size", str(BATCH_SIZE), "--chunk-size", "16", "--preload-nchunks", "8"),
+            *("--index-dir", str(out), "--checkpoint", str(out / "ddp.pt")),
+        ]
+        returncode, output = run_bounded(command, TRAIN_TIMEOUT)
+        yield Run(returncode, output, out, out / "ddp.pt", daemons)
+
+
+def test_torchrun_exits_0_and_each_rank_reports_its_rows(run):
+    assert run.returncode == 0, run.output
+    n_obs = 700
+    for rank in range(RANKS):
+        lines = re.findall(rf"^rank {rank}: (\d+) rows; epoch (\d+)/{EPOCHS}", run.output, re.M)
+        assert [int(epoch) for _, epoch in lines] == list(range(1, EPOCHS + 1)), run.output
+        assert {int(rows) for rows, _ in lines} == {n_obs // RANKS}  # even shards
+
+
+def test_ranks_together_see_every_row_once_per_epoch(run):
+    assert run.returncode == 0, run.output
+    orders = []
+    for epoch in range(EPOCHS):
+        parts = [np.load(run.index_dir / f"rank{r}-epoch{epoch}.npy") for r in range(RANKS)]
+        assert len({len(p) for p in parts}) == 1  # equal shards: no rank waits in DDP
+        rows = np.concatenate(parts)
+        np.testing.assert_array_equal(np.sort(rows), np.arange(700))  # each row exactly once
+        orders.append(rows)
+    assert not np.array_equal(orders[0], orders[1])  # set_epoch: each epoch its own shuffle
+
+
+def test_rank0_checkpoint_holds_model_optimizer_and_loader_state(run):
+    assert run.returncode == 0, run.output
+    state = torch.load(run.checkpoint, weights_only=True)
+    assert set(state) == {"model", "optimizer", "loader"}
+    assert not any(key.startswith("module.") for key in state["model"])  # unwrapped from DDP
+    assert state["loader"]["seed"] == SEED
+    # every epoch streamed to its end: the next iteration starts epoch EPOCHS at batch 0
+    assert (state["loader"]["epoch"], state["loader"]["batch"]) == (EPOCHS, 0)
+
+
+def test_both_replicas_served_training_streams(run):
+    assert run.returncode == 0, run.output
+    served = [
+        {(int(epoch), int(shard)) for epoch, shard in TRAINING_STREAM.findall(d.text())}
+        for d in run.daemons
+    ]
+    assert all(served), served  # each replica streamed some rank's epoch
+    assert set().union(*served) == {(e, r) for e in range(EPOCHS) for r in range(RANKS)}
