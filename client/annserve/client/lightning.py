@@ -21,7 +21,7 @@ from annserve.errors import InvalidRequestError
 from annserve.sampling import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 #: RemoteLoader arguments the data module sets itself.
 _OWN_ARGUMENTS = frozenset({"batch_size", "shuffle", "seed", "split", "sharding", "drop_last"})
@@ -33,7 +33,8 @@ class AnnServeDataModule(LightningDataModule):
     Parameters
     ----------
     address
-        Server address, ``host:port`` or ``unix:/path``.
+        Server address, ``host:port`` or ``unix:/path``, or several replicas, as
+        :class:`~annserve.client.RemoteLoader`'s ``address``.
     batch_size
         Rows (cells) per training batch.
     eval_batch_size
@@ -75,7 +76,7 @@ class AnnServeDataModule(LightningDataModule):
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         batch_size: int = 4096,
         eval_batch_size: int | None = None,

@@ -30,7 +30,7 @@ from annserve.client.options import Output
 from annserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     import pandas as pd
 
@@ -44,7 +44,8 @@ class AnnServeSCVIDataModule(AnnServeDataModule):
     Parameters
     ----------
     address
-        Server address, ``host:port`` or ``unix:/path``.
+        Server address, ``host:port`` or ``unix:/path``, or several replicas, as
+        :class:`~annserve.client.RemoteLoader`'s ``address``.
     batch_key
         Categorical obs column of the experimental batch (scvi's ``batch_key``); None:
         one batch (codes 0).
@@ -73,7 +74,7 @@ class AnnServeSCVIDataModule(AnnServeDataModule):
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         batch_key: str | None = None,
         labels_key: str | None = None,
