@@ -217,7 +217,7 @@ def test_batch_denser_than_its_first_frame(tmp_path):
 
 def test_frame_buffers_are_the_frame_in_bounded_lists():
     # a writer gathering the buffers itself (shared memory) writes exactly encode_frame's
-    # bytes, never holding more than `size` slices of a preload buffer at once
+    # bytes, in lists of at most `size` buffers (what one pwritev takes)
     rng = np.random.default_rng(12)
     values = rng.integers(0, 1000, 500).astype(np.uint16)
     starts = rng.permutation(450)[:40]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from annserve import shm
 from annserve.errors import InvalidRequestError, ServerUnavailableError, StreamStalledError
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import VIEWS_AT_ONCE, frame_buffers, frame_parts
+from annserve.wire import frame_buffers, frame_parts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Buffers one ``pwritev`` takes at most (Linux's ``UIO_MAXIOV``).
-_IOV_MAX = 1024
 #: A slot grows to this much more than the frame that did not fit.
 _GROWTH = 1.25
 #: Seconds between checks of a stream's cancellation while it waits for a slot.
@@ -166,8 +164,9 @@ class Session:
             self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
             os.ftruncate(fd, self._sizes[slot])
         offset = 0
-        for buffers in frame_buffers(parts, min(_IOV_MAX, VIEWS_AT_ONCE)):
-            offset += os.pwritev(fd, buffers, offset)
+        for buffers in frame_buffers(parts):
+            # numpy arrays are buffers; typeshed says so only from Python 3.12 on
+            offset += os.pwritev(fd, buffers, offset)  # type: ignore[arg-type]
         pointer = pb.BatchHeader(
             batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes, shm_seq=seq
         )
