@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from annserve.client import Output, RemoteLoader
+from annserve.client import Output, RemoteLoader, Sharding
 from annserve.errors import AnnServeError
 
 if TYPE_CHECKING:
@@ -313,6 +313,7 @@ def build_loader(
     args: argparse.Namespace,
     output: Output | None = None,
     transform: Callable[[dict[str, object]], object] | None = None,
+    sharding: Sharding | None = None,
 ) -> RemoteLoader:
     """Return the training loader of the parsed arguments (rows with their global index).
 
@@ -324,6 +325,9 @@ def build_loader(
         Tensor placement (e.g. a CUDA ``device``); None: CPU tensors.
     transform
         Called on each batch, as ``RemoteLoader``'s ``transform``.
+    sharding
+        This process's rank and the world size; None: from ``torch.distributed``
+        when it is initialised, else the whole epoch.
 
     Raises
     ------
@@ -340,6 +344,7 @@ def build_loader(
         return_index=True,
         output=output or Output(),
         transform=transform,
+        sharding=sharding or Sharding(),
     )
 
 

@@ -94,20 +94,28 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def save_checkpoint(
-    path: Path, task: train.Task, optimizer: torch.optim.Optimizer, loader: RemoteLoader
-) -> None:
-    """Write model, optimizer and loader state to ``path`` (via a temporary file)."""
+def checkpoint_state(
+    task: train.Task, optimizer: torch.optim.Optimizer, loader: RemoteLoader
+) -> dict[str, object]:
+    """Return model (unwrapped from DDP), optimizer and loader state, for ``torch.save``.
+
+    The loader's state is the same on every rank: a loader of any world size resumes it.
+    """
     model = task.model
-    assert isinstance(model, DistributedDataParallel)
-    state = {
-        "model": model.module.state_dict(),
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return {
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "loader": loader.state_dict(),
     }
+
+
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """Write ``state`` to ``path`` through a temporary file: a reader never sees half of it."""
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
-    partial.replace(path)  # a reader never sees half a checkpoint
+    partial.replace(path)
 
 
 def fit(args: argparse.Namespace, device: torch.device | None) -> None:
@@ -139,7 +147,7 @@ def fit(args: argparse.Namespace, device: torch.device | None) -> None:
         if args.index_dir is not None:
             np.save(args.index_dir / f"rank{rank}-epoch{epoch}.npy", rows)
         if rank == 0 and args.checkpoint is not None:
-            save_checkpoint(args.checkpoint, task, optimizer, loader)
+            save_checkpoint(args.checkpoint, checkpoint_state(task, optimizer, loader))
 
 
 def main(argv: list[str] | None = None) -> int:

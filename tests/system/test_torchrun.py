@@ -2,9 +2,10 @@
 
 Two real daemons serve the same real store on 127.0.0.1 (ephemeral ports); torchrun
 (``python -m torch.distributed.run --standalone``) starts two gloo ranks that reach
-both through one gRPC target, ``ipv4:A,B``. The example is run once per module; the
-tests check what it wrote (row indices per rank and epoch, the checkpoint), what it
-printed, and what each daemon logged.
+both through one gRPC target, ``ipv4:A,B``. The example is run once; the tests check
+what it wrote (row indices per rank and epoch, the checkpoint), what it printed, and
+what each daemon logged. :class:`DistributedExampleChecks` holds the checks every
+distributed example passes (tests/system/test_ray_train.py runs them on Ray Train).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "train_ddp.py"
+N_OBS = 700  # pbmc68k_reduced
 RANKS = 2
 EPOCHS = 2
 BATCH_SIZE = 64
@@ -44,7 +45,7 @@ TRAINING_STREAM = re.compile(
 
 @dataclass(frozen=True)
 class Run:
-    """One torchrun of the example: its exit code and output, and what it wrote."""
+    """One run of a distributed example: its exit code and output, and what it wrote."""
 
     returncode: int
     output: str
@@ -61,73 +62,86 @@ def run_bounded(command: list[str], timeout: float) -> tuple[int, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # torchrun and both ranks share one group
+        start_new_session=True,  # the launcher and every rank share one group
     )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{output}")
+        pytest.fail(f"{command[:3]} did not finish within {timeout} s:\n{output}")
     return proc.returncode, output
+
+
+def run_example(out: Path, launcher: list[str], timeout: float) -> Iterator[Run]:
+    """Start two replicas of one real store, run ``launcher`` + the example's flags, yield it.
+
+    ``launcher`` starts the example (e.g. torchrun and the script); the flags added
+    point it at both replicas and make it write row indices and a checkpoint to ``out``.
+    """
+    args = ["--store", str(real_path("pbmc68k"))]  # 700 cells, 10 types in "bulk_labels"
+    with Daemon(args) as first, Daemon(args) as second:
+        daemons = (first, second)
+        command = [
+            *launcher,
+            *("--address", "ipv4:" + ",".join(d.address for d in daemons)),
+            *("--label-key", "bulk_labels", "--epochs", str(EPOCHS), "--seed", str(SEED)),
+            *("--batch-size", str(BATCH_SIZE), "--chunk-size", "16", "--preload-nchunks", "8"),
+            *("--index-dir", str(out), "--checkpoint", str(out / "checkpoint.pt")),
+        ]
+        returncode, output = run_bounded(command, timeout)
+        yield Run(returncode, output, out, out / "checkpoint.pt", daemons)
+
+
+class DistributedExampleChecks:
+    """What a distributed example shows after a run; a subclass provides the ``run`` fixture."""
+
+    def test_exits_0(self, run):
+        assert run.returncode == 0, run.output
+
+    def test_ranks_together_see_every_row_once_per_epoch(self, run):
+        assert run.returncode == 0, run.output
+        orders = []
+        for epoch in range(EPOCHS):
+            parts = [np.load(run.index_dir / f"rank{r}-epoch{epoch}.npy") for r in range(RANKS)]
+            assert len({len(p) for p in parts}) == 1  # equal shards: no rank waits in DDP
+            rows = np.concatenate(parts)
+            np.testing.assert_array_equal(np.sort(rows), np.arange(N_OBS))  # each exactly once
+            orders.append(rows)
+        assert not np.array_equal(orders[0], orders[1])  # set_epoch: each epoch its own shuffle
+
+    def test_rank0_checkpoint_holds_model_optimizer_and_loader_state(self, run):
+        assert run.returncode == 0, run.output
+        state = torch.load(run.checkpoint, weights_only=True)
+        assert set(state) == {"model", "optimizer", "loader"}
+        assert not any(key.startswith("module.") for key in state["model"])  # unwrapped
+        assert state["loader"]["seed"] == SEED
+        # every epoch streamed to its end: the next iteration starts epoch EPOCHS at batch 0
+        assert (state["loader"]["epoch"], state["loader"]["batch"]) == (EPOCHS, 0)
+
+    def test_both_replicas_served_training_streams(self, run):
+        assert run.returncode == 0, run.output
+        served = [
+            {(int(epoch), int(shard)) for epoch, shard in TRAINING_STREAM.findall(d.text())}
+            for d in run.daemons
+        ]
+        assert all(served), served  # each replica streamed some rank's epoch
+        assert set().union(*served) == {(e, r) for e in range(EPOCHS) for r in range(RANKS)}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    store = real_path("pbmc68k")  # 700 cells, 10 cell types in obs "bulk_labels"
-    out = tmp_path_factory.mktemp("torchrun")
-    args = ["--store", str(store)]
-    with Daemon(args) as first, Daemon(args) as second:
-        daemons = (first, second)
-        command = [
-            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-            f"--nproc_per_node={RANKS}",
-            str(EXAMPLE),
-            *("--address", "ipv4:" + ",".join(d.address for d in daemons)),
-            *("--label-key", "bulk_labels", "--epochs", str(EPOCHS), "--seed", str(SEED)),
-            *("--batch-size", str(BATCH_SIZE), "--chunk-size", "16", "--preload-nchunks", "8"),
-            *("--index-dir", str(out), "--checkpoint", str(out / "ddp.pt")),
-        ]
-        returncode, output = run_bounded(command, TRAIN_TIMEOUT)
-        yield Run(returncode, output, out, out / "ddp.pt", daemons)
-
-
-def test_torchrun_exits_0_and_each_rank_reports_its_rows(run):
-    assert run.returncode == 0, run.output
-    n_obs = 700
-    for rank in range(RANKS):
-        lines = re.findall(rf"^rank {rank}: (\d+) rows; epoch (\d+)/{EPOCHS}", run.output, re.M)
-        assert [int(epoch) for _, epoch in lines] == list(range(1, EPOCHS + 1)), run.output
-        assert {int(rows) for rows, _ in lines} == {n_obs // RANKS}  # even shards
-
-
-def test_ranks_together_see_every_row_once_per_epoch(run):
-    assert run.returncode == 0, run.output
-    orders = []
-    for epoch in range(EPOCHS):
-        parts = [np.load(run.index_dir / f"rank{r}-epoch{epoch}.npy") for r in range(RANKS)]
-        assert len({len(p) for p in parts}) == 1  # equal shards: no rank waits in DDP
-        rows = np.concatenate(parts)
-        np.testing.assert_array_equal(np.sort(rows), np.arange(700))  # each row exactly once
-        orders.append(rows)
-    assert not np.array_equal(orders[0], orders[1])  # set_epoch: each epoch its own shuffle
-
-
-def test_rank0_checkpoint_holds_model_optimizer_and_loader_state(run):
-    assert run.returncode == 0, run.output
-    state = torch.load(run.checkpoint, weights_only=True)
-    assert set(state) == {"model", "optimizer", "loader"}
-    assert not any(key.startswith("module.") for key in state["model"])  # unwrapped from DDP
-    assert state["loader"]["seed"] == SEED
-    # every epoch streamed to its end: the next iteration starts epoch EPOCHS at batch 0
-    assert (state["loader"]["epoch"], state["loader"]["batch"]) == (EPOCHS, 0)
-
-
-def test_both_replicas_served_training_streams(run):
-    assert run.returncode == 0, run.output
-    served = [
-        {(int(epoch), int(shard)) for epoch, shard in TRAINING_STREAM.findall(d.text())}
-        for d in run.daemons
+    launcher = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *(f"--nproc_per_node={RANKS}", str(ROOT / "examples" / "train_ddp.py")),
     ]
-    assert all(served), served  # each replica streamed some rank's epoch
-    assert set().union(*served) == {(e, r) for e in range(EPOCHS) for r in range(RANKS)}
+    yield from run_example(tmp_path_factory.mktemp("torchrun"), launcher, TRAIN_TIMEOUT)
+
+
+class TestTorchrun(DistributedExampleChecks):
+    def test_each_rank_prints_its_rows_per_epoch(self, run):
+        assert run.returncode == 0, run.output
+        for rank in range(RANKS):
+            lines = re.findall(rf"^rank {rank}: (\d+) rows; epoch (\d+)/{EPOCHS}", run.output, re.M)
+            assert [int(epoch) for _, epoch in lines] == list(range(1, EPOCHS + 1)), run.output
+            assert {int(rows) for rows, _ in lines} == {N_OBS // RANKS}  # even shards
