@@ -138,3 +138,15 @@ def test_a_checkpoint_past_the_old_worlds_batches_is_out_of_range(serve):
     resumed.load_state_dict(state)
     with pytest.raises(OutOfRangeError, match=r"earlier_worlds\[0\]\.batches must be in 0\.\.22"):
         len(resumed)
+
+
+def test_a_world_restarted_after_the_last_batch_streams_nothing(serve):
+    address = serve(real_path("pbmc68k"))
+    old = world(address, 2)
+    consume(old, None)  # the iterators end: the loaders move to epoch 1
+    state = {**old[0].state_dict(), "epoch": 0, "batch": len(old[0])}  # saved just before
+    new = world(address, 3)
+    for loader in new:
+        loader.load_state_dict(state)
+    assert consume(new, None) == []
+    assert all(loader.epoch == 1 for loader in new)

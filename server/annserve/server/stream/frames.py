@@ -79,6 +79,8 @@ def epoch_span(sampler: Sampler, plan: StreamPlan) -> tuple[Unconsumed, Span]:
         even=plan.shard.even,
         drop_last=plan.drop_last,
     )
+    if plan.earlier_worlds and left.length == 0:  # the earlier worlds consumed every row
+        return left, Span(0, 0)
     return left, shard_span(left.length, plan.shard, plan.batch_size, drop_last=plan.drop_last)
 
 
