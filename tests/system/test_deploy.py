@@ -130,37 +130,58 @@ def test_compose_has_both_services(services):
     assert {"annserve", "trainer"} <= set(services)
 
 
-def test_annserve_volumes_are_read_only(services):
-    volumes = services["annserve"]["volumes"]
-    assert volumes
-    assert all(volume_mode_and_target(v)[0] for v in volumes), volumes
+def daemons(services: dict) -> dict[str, dict]:
+    """The services running the daemon's image: ``annserve`` and its replicas."""
+    image = services["annserve"]["image"]
+    return {name: s for name, s in services.items() if s.get("image") == image}
 
 
-def test_annserve_store_is_on_a_mounted_volume(services):
-    store = Path(flag(argv(services["annserve"]["command"]), "--store"))
-    targets = [Path(volume_mode_and_target(v)[1]) for v in services["annserve"]["volumes"]]
-    assert any(store.is_relative_to(target) for target in targets), (store, targets)
+def test_daemon_volumes_are_read_only(services):
+    for name, daemon in daemons(services).items():
+        volumes = daemon["volumes"]
+        assert volumes, name
+        assert all(volume_mode_and_target(v)[0] for v in volumes), (name, volumes)
+
+
+def test_daemon_store_is_on_a_mounted_volume(services):
+    for name, daemon in daemons(services).items():
+        store = Path(flag(argv(daemon["command"]), "--store"))
+        targets = [Path(volume_mode_and_target(v)[1]) for v in daemon["volumes"]]
+        assert any(store.is_relative_to(target) for target in targets), (name, store, targets)
 
 
 def trainers(services: dict) -> dict[str, dict]:
     return {name: s for name, s in services.items() if name.startswith("trainer")}
 
 
-def annserve_port(services: dict, dockerfile: list[Instruction]) -> str:
-    """The daemon's port in compose: its --port flag, else ANNSERVE_PORT, else the image's."""
-    args = argv(services["annserve"].get("command", []))
+def daemon_port(daemon: dict, dockerfile: list[Instruction]) -> str:
+    """A daemon's port in compose: its --port flag, else ANNSERVE_PORT, else the image's."""
+    args = argv(daemon.get("command", []))
     if "--port" in args:
         return flag(args, "--port")
     return str(
-        services["annserve"]
-        .get("environment", {})
-        .get("ANNSERVE_PORT", image_env(dockerfile)["ANNSERVE_PORT"])
+        daemon.get("environment", {}).get("ANNSERVE_PORT", image_env(dockerfile)["ANNSERVE_PORT"])
     )
 
 
-def test_trainers_wait_for_a_healthy_annserve(services, dockerfile):
+def annserve_port(services: dict, dockerfile: list[Instruction]) -> str:
+    """The ``annserve`` service's port in compose."""
+    return daemon_port(services["annserve"], dockerfile)
+
+
+def addressed_service(trainer: dict) -> tuple[str, str]:
+    """(service name, port) a trainer's ``--address`` names: ``NAME:PORT`` or ``dns:///NAME:PORT``."""
+    address = flag(argv(trainer["command"]), "--address").removeprefix("dns:///")
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
+def test_trainers_wait_for_the_healthy_daemon_they_address(services, dockerfile):
     for name, trainer in trainers(services).items():
-        assert trainer["depends_on"]["annserve"]["condition"] == "service_healthy", name
+        daemon, _ = addressed_service(trainer)
+        assert daemon in daemons(services), (name, daemon)
+        waits = trainer.get("depends_on", {}).get(daemon, {})
+        assert waits.get("condition") == "service_healthy", (name, trainer.get("depends_on"))
         # a healthcheck in a trainer would probe a daemon that is not there
         stage = stages(dockerfile)[trainer["build"]["target"]]
         assert trainer.get("healthcheck", {}).get("disable") is True or not any(
@@ -220,11 +241,12 @@ def test_trainer_image_has_cpu_torch_the_client_and_the_examples(services, docke
     assert users[-1].split(":")[0] not in {"root", "0"}
 
 
-def test_trainer_address_is_annserve_service(services, dockerfile):
+def test_trainer_address_is_a_daemon_service(services, dockerfile):
     for name, trainer in trainers(services).items():
-        host, _, port = flag(argv(trainer["command"]), "--address").rpartition(":")
-        assert host == "annserve", name
-        assert port == annserve_port(services, dockerfile), name
+        daemon, port = addressed_service(trainer)
+        assert daemon in daemons(services), name
+        assert port == daemon_port(services[daemon], dockerfile), name
+    assert addressed_service(services["trainer"])[0] == "annserve"
 
 
 def test_multi_profile_has_several_trainers_sharing_one_server(services):
@@ -236,22 +258,73 @@ def test_multi_profile_has_several_trainers_sharing_one_server(services):
     assert "profiles" not in services["trainer"]  # the default profile trains too
 
 
-def test_annserve_environment_names_real_flags(services):
+def replica_services(services: dict) -> dict[str, dict]:
+    return {n: s for n, s in daemons(services).items() if "replicas" in s.get("profiles", [])}
+
+
+def test_replicas_profile_runs_several_daemons_of_one_store(services):
+    replicas = replica_services(services)
+    assert len(replicas) == 1, replicas  # one service scaled, so one DNS name for all
+    (replica,) = replicas.values()
+    assert replica["deploy"]["replicas"] >= 2
+    # the same store, read-only, as the one daemon: every replica serves the same content
+    assert replica["volumes"] == services["annserve"]["volumes"]
+    assert flag(argv(replica["command"]), "--store") == flag(
+        argv(services["annserve"]["command"]), "--store"
+    )
+
+
+def test_replicas_have_the_image_healthcheck(services, dockerfile):
+    """Trainers wait for every replica's gRPC health check (the daemon image's HEALTHCHECK)."""
+    assert healthcheck_command(dockerfile)[0] == "annserve-health"
+    for name, replica in replica_services(services).items():
+        assert replica["build"] == services["annserve"]["build"], name
+        assert replica.get("healthcheck", {}).get("disable") is not True, name
+        assert "test" not in replica.get("healthcheck", {}), name  # the image's, not another
+
+
+def test_replicas_publish_no_fixed_host_port(services):
+    """Replicas of one service cannot share a host port or a container name."""
+    for name, replica in replica_services(services).items():
+        assert "container_name" not in replica, name
+        for port in replica.get("ports", []):
+            published = port.get("published") if isinstance(port, dict) else None
+            if isinstance(port, str | int):
+                parts = str(port).split(":")
+                published = parts[-2] if len(parts) > 1 else None
+            assert not published, (name, port)
+
+
+def test_replicas_profile_trains_with_ddp_through_the_dns_name(services, dockerfile):
+    (replica,) = replica_services(services)
+    ddp = [s for s in trainers(services).values() if "replicas" in s.get("profiles", [])]
+    assert ddp
+    port = daemon_port(services[replica], dockerfile)
+    for trainer in ddp:
+        # the name compose's DNS answers with every replica's address, named as a
+        # dns:/// target (deploy/README.md, "Several replicas")
+        assert flag(argv(trainer["command"]), "--address") == f"dns:///{replica}:{port}"
+        assert "torchrun" in argv(trainer["entrypoint"])[0]
+
+
+def test_daemon_environment_names_real_flags(services):
     known = {env_var(a.option_strings[0]) for a in build_parser()._actions if a.option_strings}
-    assert set(services["annserve"].get("environment", {})) <= known
+    for name, daemon in daemons(services).items():
+        assert set(daemon.get("environment", {})) <= known, name
 
 
 def test_stop_grace_period_outlasts_the_drain(services):
-    grace = float(services["annserve"]["environment"].get("ANNSERVE_GRACE", 5))
-    period = services["annserve"]["stop_grace_period"]
-    assert period.endswith("s")
-    assert float(period[:-1]) > grace + 1  # shutdown takes up to grace + 1 s
+    for name, daemon in daemons(services).items():
+        grace = float(daemon["environment"].get("ANNSERVE_GRACE", 5))
+        period = daemon["stop_grace_period"]
+        assert period.endswith("s"), name
+        assert float(period[:-1]) > grace + 1, name  # shutdown takes up to grace + 1 s
 
 
 @pytest.mark.skipif(
     shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed"
 )
-@pytest.mark.parametrize("profile", [None, "multi"])
+@pytest.mark.parametrize("profile", [None, "multi", "replicas"])
 def test_docker_compose_config_accepts_the_file(profile):
     args = ["docker-compose", "-f", str(DEPLOY / "compose.yaml")]
     args += ["--profile", profile] if profile else []
@@ -265,18 +338,21 @@ def test_docker_compose_config_accepts_the_file(profile):
     )
     assert done.returncode == 0, done.stderr
     assert {"annserve", "trainer", "trainer-2"} <= set(done.stdout.split())
+    if profile == "replicas":
+        assert {"annserve-replica", "trainer-ddp"} <= set(done.stdout.split())
 
 
-def test_trainer_command_parses(services, monkeypatch):
-    script = ROOT / argv(services["trainer"]["entrypoint"])[-1]
-    if not script.exists():
-        pytest.skip(f"{script} not written yet")
-    spec = importlib.util.spec_from_file_location("annserve_example_train", script)
+@pytest.mark.parametrize("name", ["trainer", "trainer-ddp"])
+def test_trainer_command_parses(services, monkeypatch, name):
+    trainer = services[name]
+    script = ROOT / next(arg for arg in argv(trainer["entrypoint"]) if arg.endswith(".py"))
+    monkeypatch.syspath_prepend(str(script.parent))  # train_ddp.py imports train.py
+    spec = importlib.util.spec_from_file_location(f"annserve_example_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
-    args = module.build_parser().parse_args(argv(services["trainer"]["command"]))
-    assert args.address == "annserve:50051"
+    args = module.build_parser().parse_args(argv(trainer["command"]))
+    assert args.address == flag(argv(trainer["command"]), "--address")
 
 
 def test_dockerfile_is_multi_stage(dockerfile):
