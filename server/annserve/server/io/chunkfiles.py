@@ -17,8 +17,7 @@ import logging
 import os
 import resource
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import h5py
 import numpy as np
@@ -147,15 +146,17 @@ class ChunkFileRanges:
             for piece in pieces:
                 if piece.path not in fds:
                     fds[piece.path] = self._open(piece)
+            runs = list(self._runs(pieces, fds))
             if self._from_disk:
-                self._advise(pieces, fds)
-            for piece in pieces:
-                at, n = piece.at, piece.stop - piece.start
-                if fds[piece.path] < 0 or piece.base is None:
-                    self._absent(piece)
-                    out[at : at + n] = self._fill
+                self._advise(runs, fds)
+            for run in runs:
+                first, last = run[0], run[-1]
+                at, stop = first.at * size, (last.at + last.stop - last.start) * size
+                if first.base is None:
+                    self._absent(first)
+                    out[first.at : stop // size] = self._fill
                 else:
-                    self._pread(fds[piece.path], raw[at * size : (at + n) * size], piece)
+                    self._pread(fds[first.path], raw[at:stop], run)
         finally:
             for fd in fds.values():
                 if fd >= 0:
@@ -163,7 +164,7 @@ class ChunkFileRanges:
         self._from_disk = _blocks_read() > blocks
         return out
 
-    def _advise(self, pieces: list[_Piece], fds: dict[str, int]) -> None:
+    def _advise(self, runs: list[list[_Piece]], fds: dict[str, int]) -> None:
         """Ask the kernel to fetch every piece now (``POSIX_FADV_WILLNEED``).
 
         Reads that miss the page cache then run many at a time instead of one
@@ -172,14 +173,12 @@ class ChunkFileRanges:
         is cached, so :meth:`read` gives them only while its reads reach the disk.
         """
         size = self._dtype.itemsize
-        for p in pieces:
-            if fds[p.path] >= 0 and p.base is not None:
-                os.posix_fadvise(
-                    fds[p.path],
-                    p.base + p.start * size,
-                    (p.stop - p.start) * size,
-                    os.POSIX_FADV_WILLNEED,
-                )
+        for run in runs:
+            first, last = run[0], run[-1]
+            if first.base is not None and last.base is not None:
+                start = first.base + first.start * size
+                stop = last.base + last.stop * size
+                os.posix_fadvise(fds[first.path], start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def _pieces(self, ranges: Sequence[tuple[int, int]]) -> Iterator[_Piece]:
         """Cut ranges at chunk boundaries, in output order."""
@@ -194,6 +193,27 @@ class ChunkFileRanges:
                 yield _Piece(k, path, base, pos - k * chunk, stop - k * chunk, at)
                 at += stop - pos
                 pos = stop
+
+    def _runs(self, pieces: list[_Piece], fds: dict[str, int]) -> Iterator[list[_Piece]]:
+        """Group consecutive pieces that lie back to back in one file (read by one ``preadv``).
+
+        Pieces of absent chunks (or of a file the store lacks, whose ``fds`` entry is -1)
+        come alone, with ``base`` None.
+        """
+        size = self._dtype.itemsize
+        run: list[_Piece] = []
+        end = -1  # byte after the run's last piece in its file; -1: nothing to extend
+        for piece in pieces:
+            if fds[piece.path] < 0:
+                piece = piece._replace(base=None)
+            start = -2 if piece.base is None else piece.base + piece.start * size
+            if run and (start != end or piece.path != run[-1].path):
+                yield run
+                run = []
+            run.append(piece)
+            end = -1 if piece.base is None else piece.base + piece.stop * size
+        if run:
+            yield run
 
     def _lost(self, piece: _Piece, what: str) -> DataLossError:
         """Return the error naming the array and the chunk of ``piece``, ``what`` saying why."""
@@ -215,20 +235,26 @@ class ChunkFileRanges:
         except OSError as e:
             raise self._lost(piece, f"cannot be opened ({e.strerror})") from e
 
-    def _pread(self, fd: int, into: memoryview, piece: _Piece) -> None:
-        """Read ``into`` from the chunk of ``piece``, all of it."""
-        assert piece.base is not None  # absent chunks are filled, not read
+    def _pread(self, fd: int, into: memoryview, run: list[_Piece]) -> None:
+        """Read ``into`` from the pieces of ``run`` (back to back in one file), all of it."""
+        first = run[0]
+        assert first.base is not None  # absent chunks are filled, not read
         try:
-            n = os.preadv(fd, [into], piece.base + piece.start * self._dtype.itemsize)
+            n = os.preadv(fd, [into], first.base + first.start * self._dtype.itemsize)
         except OSError as e:
-            raise self._lost(piece, f"cannot be read ({e.strerror})") from e
+            raise self._lost(first, f"cannot be read ({e.strerror})") from e
         if n != len(into):
-            raise self._lost(piece, "is cut short: its file is truncated")
+            size = self._dtype.itemsize
+            short = next(p for p in run if (p.at + p.stop - p.start - first.at) * size > n)
+            raise self._lost(short, "is cut short: its file is truncated")
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    """Elements ``[start, stop)`` of chunk ``k`` (counted from its first), going to ``at``."""
+class _Piece(NamedTuple):
+    """Elements ``[start, stop)`` of chunk ``k`` (counted from its first), going to ``at``.
+
+    A named tuple: one is made per chunk a range touches, and a frozen dataclass costs
+    several times more to make.
+    """
 
     k: int
     """The chunk."""
@@ -312,7 +338,9 @@ class _ZarrChunks:
         self._name = name
         self.chunk = layout.chunk
         self._per_file = layout.per_file // layout.chunk
-        self._indexes: dict[int, np.ndarray | None] = {}
+        # each chunk's byte offset in shard ``file`` (None: absent), as Python ints: looked
+        # up per chunk a read touches, several times faster than numpy scalars
+        self._offsets: dict[int, list[int | None] | None] = {}
         self._paths: dict[int, str] = {}
         self._lock = threading.Lock()
 
@@ -330,20 +358,18 @@ class _ZarrChunks:
         path = self._path(file)
         if self._layout.shard is None:
             return path, 0
-        index = self._indexes.get(file)
-        if index is None and file not in self._indexes:
+        offsets = self._offsets.get(file)
+        if offsets is None and file not in self._offsets:
             with self._lock:
-                index = self._indexes[file] = self._read_index(file, path)
-        if index is None or index[inner, 0] == MISSING:
-            return path, None
-        return path, int(index[inner, 0])
+                offsets = self._offsets[file] = self._read_index(file, path)
+        return path, None if offsets is None else offsets[inner]
 
     def describe(self, k: int) -> str:
         file, inner = divmod(k, self._per_file)
         return chunk_label(self._layout.chunk_key(file), inner, self._per_file)
 
-    def _read_index(self, file: int, path: str) -> np.ndarray | None:
-        """Read and check the ``(offset, nbytes)`` index of shard ``file``; None if no shard.
+    def _read_index(self, file: int, path: str) -> list[int | None] | None:
+        """Read and check the index of shard ``file``: each chunk's byte offset; None if no shard.
 
         Raises
         ------
@@ -370,4 +396,5 @@ class _ZarrChunks:
         if np.any(index[index[:, 0] != MISSING, 1] != expected):
             msg = f"{where}: holds chunks that are not {expected} plain bytes (corrupt shard?)"
             raise DataLossError(msg)
-        return index
+        present = (index[:, 0] != MISSING).tolist()
+        return [o if p else None for o, p in zip(index[:, 0].tolist(), present, strict=True)]
