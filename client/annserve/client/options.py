@@ -262,7 +262,12 @@ class Connection:
         with warm slots, 12.0 against 10.5 in a session's first epoch).
     compression
         Compress each frame's payload with this numcodecs codec: ``"zstd"``, ``"lz4"``,
-        ``"blosc"``, or None (default). Pays only on links slower than ~0.6 GB/s.
+        ``"blosc"``, or None (default). Pays only on slow links: measured through
+        tc-shaped loopback (``benchmarks/results/bench_links.md``, 50k x 20k atlas),
+        no compression was fastest at 10 Gbit/s and above, and within 15% of the best
+        at 2.5; at 1 Gbit/s ``"blosc"`` (1.5x) or ``"lz4"`` led, at about twice the
+        daemon's CPU per cell; ``"zstd"`` was never fastest. The default stays None:
+        trainers mostly sit on >= 10 Gbit/s links to their data service.
     compression_level
         Codec level, 0 for the codec's default (zstd 1-22, blosc 1-9).
     retain_memory
