@@ -264,8 +264,8 @@ class Connection:
         Compress each frame's payload with this numcodecs codec: ``"zstd"``, ``"lz4"``,
         ``"blosc"``, or None (default). Pays only on slow links: measured through
         tc-shaped loopback (``benchmarks/results/bench_links.md``, 50k x 20k atlas),
-        no compression was fastest at 10 Gbit/s and above, and within 15% of the best
-        at 2.5; at 1 Gbit/s ``"blosc"`` (1.5x) or ``"lz4"`` led, at about twice the
+        no compression was fastest at about 2 Gbit/s and above; below, ``"blosc"`` or
+        ``"lz4"`` led (1.14x at 1.5 Gbit/s, 1.4x at 1 Gbit/s), at about twice the
         daemon's CPU per cell; ``"zstd"`` was never fastest. The default stays None:
         trainers mostly sit on >= 10 Gbit/s links to their data service.
     compression_level
