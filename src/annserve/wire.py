@@ -180,8 +180,8 @@ def frame_parts(
     """Return a serialized frame as the parts that, concatenated, make it, and its size.
 
     What :func:`encode_frame` joins; a writer that gathers buffers itself (e.g.
-    ``os.pwritev`` into shared memory, through :func:`frame_buffers`) copies the
-    arrays' bytes only once. Parameters and effect on ``header`` as for
+    ``pwritev`` into shared memory, the daemon's ``annserve.server.rpc.gather``)
+    copies the arrays' bytes only once. Parameters and effect on ``header`` as for
     :func:`encode_frame`; the size is in bytes.
     """
     parts: list[Part] = []

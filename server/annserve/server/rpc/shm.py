@@ -2,10 +2,11 @@
 
 :class:`SharedMemoryListener` accepts side-socket connections; each one is a
 :class:`Session`: a ring of memfd slots, handed to the client once. A stream naming
-the session writes each frame into a free slot with ``os.pwritev`` (the frame's
-arrays are gathered from the preload buffer by that one copy; the daemon never maps
-the slots) and sends only the header over gRPC. The client's releases come back on
-the side socket and free slots; a stream waits for one (back-pressure).
+the session writes each frame into a free slot with ``pwritev`` (the frame's arrays
+are gathered from the preload buffer by that one copy, see
+:mod:`annserve.server.rpc.gather`; the daemon never maps the slots) and sends only
+the header over gRPC. The client's releases come back on the side socket and free
+slots; a stream waits for one (back-pressure).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from annserve import shm
 from annserve.errors import InvalidRequestError, ServerUnavailableError, StreamStalledError
+from annserve.server.rpc.gather import pwrite_parts
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import frame_buffers, frame_parts
+from annserve.wire import frame_parts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -163,10 +165,7 @@ class Session:
         if nbytes > self._sizes[slot]:
             self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
             os.ftruncate(fd, self._sizes[slot])
-        offset = 0
-        for buffers in frame_buffers(parts):
-            # numpy arrays are buffers; typeshed says so only from Python 3.12 on
-            offset += os.pwritev(fd, buffers, offset)  # type: ignore[arg-type]
+        pwrite_parts(fd, parts, 0)
         pointer = pb.BatchHeader(
             batch=header.batch, n_rows=header.n_rows, shm_slot=slot, shm_nbytes=nbytes, shm_seq=seq
         )

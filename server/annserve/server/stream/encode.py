@@ -214,7 +214,7 @@ def frame_arrays(
     ``[("X", dense)]`` or ``[("indptr" | "row_nnz", ...), ("indices", ...), ("data", ...)]``;
     ``indices`` and ``data`` as :class:`~annserve.wire.Pieces`, one slice of the
     buffer per row, gathered when the frame is written (:func:`annserve.wire.encode_frame`,
-    or a writer of :func:`annserve.wire.frame_buffers`).
+    or :func:`annserve.server.rpc.gather.pwrite_parts` into shared memory).
     """
     if isinstance(rows, WireDense):
         return [("X", rows.values[positions])]
