@@ -12,7 +12,7 @@ from annserve.errors import FrameDecodeError
 from annserve.server.io.store import open_store
 from annserve.server.plan.request import plan_stream
 from annserve.server.plan.selection import make_sampler
-from annserve.server.stream.frames import epoch_frames
+from annserve.server.stream.frames import _distinct, epoch_frames
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import Pieces, decode_frame, encode_frame, frame_buffers, frame_parts
 
@@ -236,3 +236,21 @@ def test_frame_buffers_are_the_frame_in_bounded_lists():
     assert joined == encode_frame(header(), arrays)
     expected = np.concatenate([values[a:b] for a, b in zip(starts, stops, strict=True)])
     np.testing.assert_array_equal(decode_frame(joined).arrays["data"], expected)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.array([], np.int64),
+        np.array([5], np.int64),
+        np.random.default_rng(0).permutation(8192),
+        np.random.default_rng(1).integers(0, 100, 1000),  # drawn with replacement
+    ],
+    ids=["empty", "one", "permutation", "repeats"],
+)
+def test_distinct_rows_match_unique_and_searchsorted(rows):
+    distinct, positions = _distinct(rows)
+    expected = np.unique(rows)
+    np.testing.assert_array_equal(distinct, expected)
+    np.testing.assert_array_equal(positions, np.searchsorted(expected, rows))
+    np.testing.assert_array_equal(distinct[positions], rows)

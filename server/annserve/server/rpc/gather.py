@@ -96,7 +96,7 @@ def pwrite_parts(fd: int, parts: Sequence[Part], offset: int) -> int:
             msg = f"pwritev wrote nothing at byte {offset + written} of fd {fd}"
             raise OSError(msg)
         written += n
-        i += _advance(block, n)
+        i += len(block) if n == int(block[:, 1].sum()) else _advance(block, n)
     del owners  # the memory iov points into is needed until here
     return written
 
