@@ -22,6 +22,9 @@ STREAMS = 16
 #: buffers and malloc's small-block free lists (measured: ~2 MB; before the freed heap
 #: was trimmed, 16 streams left ~280 MB and 32 streams ~550 MB).
 RETAINED_BOUND_MB = 64
+#: Seconds after the streams ended within which RSS must be back near idle: the
+#: daemon trims 0.25, 1.25 and 5.25 s after its last stream (IDLE_TRIMS_S).
+RETURN_BOUND_S = 8.0
 
 
 def one_epoch(address: str, seed: int) -> None:
@@ -39,7 +42,7 @@ def one_epoch(address: str, seed: int) -> None:
         time.sleep(0.002)  # a trainer's step: streams overlap
 
 
-def test_rss_returns_near_idle_one_second_after_concurrent_streams_end():
+def test_rss_returns_near_idle_soon_after_concurrent_streams_end():
     path = real_path("pbmc3k")
     with Daemon(["--store", str(path), "--max-streams", str(STREAMS)]) as daemon:
         one_epoch(daemon.address, 0)  # what a first stream loads (codecs, caches) stays
@@ -61,12 +64,16 @@ def test_rss_returns_near_idle_one_second_after_concurrent_streams_end():
             peak = max(peak, rss_mb(daemon.proc.pid))
             assert time.monotonic() - began < 120, "clients did not finish"
             time.sleep(0.05)
-        time.sleep(1)
-        after = rss_mb(daemon.proc.pid)
+        ended = time.monotonic()
+        while (after := rss_mb(daemon.proc.pid)) - idle >= RETAINED_BOUND_MB:
+            if time.monotonic() - ended > RETURN_BOUND_S:
+                break
+            time.sleep(0.05)
+        back_s = time.monotonic() - ended
         assert daemon.terminate() == 0
     print(
         f"\ndaemon RSS around {STREAMS} concurrent streams on pbmc3k: idle {idle:.0f} MB, "
-        f"peak {peak:.0f} MB, 1 s after they ended {after:.0f} MB"
+        f"peak {peak:.0f} MB, {after:.0f} MB {back_s:.2f} s after they ended"
     )
     assert not errors, errors[:3]
     assert after - idle < RETAINED_BOUND_MB

@@ -63,8 +63,10 @@ STALL_TIMEOUT_S = 60.0
 STALL_CHECK_S = 1.0
 #: Seconds a stream waits for the previous stream of its shared-memory session to end.
 SESSION_WAIT_S = 5.0
-#: Seconds without streams after which all freed memory goes back to the OS.
-IDLE_TRIM_S = 0.25
+#: Waits without streams (s) after each of which all freed memory goes back to the OS:
+#: the first soon after the last stream ends (a client's next epoch comes sooner), the
+#: later ones for memory that a busy machine's threads freed only after it.
+IDLE_TRIMS_S = (0.25, 1.0, 4.0)
 
 
 def status_of(error: AnnServeError) -> grpc.StatusCode:
@@ -450,23 +452,33 @@ class AnnServeService:
         """End stalled streams and bound freed memory while streams are open.
 
         A stream whose client took no frame for ``stall_timeout`` s is ended; freed
-        memory over :data:`~annserve.memory.TRIM_THRESHOLD` goes back to the OS. Once no
-        stream has been open for :data:`IDLE_TRIM_S` (a client's next epoch comes
-        sooner), all freed memory goes back and the watch ends.
+        memory over :data:`~annserve.memory.TRIM_THRESHOLD` goes back to the OS. Without
+        open streams, all freed memory goes back after each wait of
+        :data:`IDLE_TRIMS_S`, and the watch ends after the last.
         """
         interval = min(STALL_CHECK_S, self.stall_timeout / 4)
-        while True:
+        while self._wait_for_streams():
             with self._idle:
-                if not self._idle.wait_for(lambda: bool(self._open), IDLE_TRIM_S):
-                    self._watch = None
-                    break
                 stalled = self._stalled(time.monotonic() - self.stall_timeout)
             for stream_id, entry in stalled:
                 self._end_stalled(stream_id, entry)
             trim_freed_memory(TRIM_THRESHOLD)
             with self._idle:
                 self._idle.wait(interval)  # or until a stream ends
-        trim_freed_memory()  # a trim takes ~50 ms per 500 MB and holds malloc's lock
+
+    def _wait_for_streams(self) -> bool:
+        """Return True once a stream is open; False, ending the watch, after idle trims.
+
+        A trim takes ~50 ms per 500 MB and holds malloc's lock.
+        """
+        for n, wait in enumerate(IDLE_TRIMS_S, 1):
+            with self._idle:
+                if self._idle.wait_for(lambda: bool(self._open), wait):
+                    return True
+                if n == len(IDLE_TRIMS_S):
+                    self._watch = None  # a stream opened from now on starts a new watch
+            trim_freed_memory()
+        return False
 
     def _stalled(self, deadline: float) -> list[tuple[int, _OpenStream]]:
         """Return the streams waiting for their client since before ``deadline`` (monotonic s)."""
