@@ -100,6 +100,9 @@ def test_frame_without_header_raises():
         (np.array([2.0**33], np.float64), np.float64),
         (np.array([0.1, 3], np.float64), np.float64),  # float32 would round 0.1
         (np.array([-5, 3], np.int64), np.int64),
+        (np.array([-3, -1], np.int16), np.int16),
+        (np.array([np.inf, 1], np.float32), np.float32),
+        (np.array([65535, -65535], np.float32), np.float32),  # -65535 wraps to 1 in uint16
         (np.zeros(0, np.float32), np.uint8),
     ],
 )

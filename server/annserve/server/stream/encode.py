@@ -49,8 +49,8 @@ def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:
         return values.astype(np.uint8)
     if values.dtype in NARROW_UINTS[:2]:
         return values
-    lo, hi = values.min(), values.max()
-    dtype = smallest_uint(int(hi)) if lo >= 0 and np.isfinite(hi) else None
+    hi = values.max()  # a negative value fails the lossless cast below: no min needed
+    dtype = smallest_uint(int(hi)) if np.isfinite(hi) and hi >= 0 else None
     narrowed = lossless_cast(values, dtype, empty) if dtype is not None else None
     return narrowed if narrowed is not None else values
 
