@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from annserve.client._rpc import grpc_target
+from annserve.client._rpc import grpc_target, several_replicas
 from annserve.errors import InvalidRequestError
 
 
@@ -36,3 +36,18 @@ def test_targets(address, target):
 def test_lists_that_name_no_ip_replicas_are_refused(address, message):
     with pytest.raises(InvalidRequestError, match=message):
         grpc_target(address)
+
+
+@pytest.mark.parametrize(
+    ("target", "several"),
+    [
+        ("127.0.0.1:5000", False),
+        ("unix:/tmp/annserve.sock", False),
+        ("ipv4:127.0.0.1:5000", False),
+        ("ipv4:127.0.0.1:5000,127.0.0.2:5000", True),
+        ("ipv6:[::1]:5000,[::1]:5001", True),
+        ("dns:///annserve.ml.svc:50051", True),
+    ],
+)
+def test_several_replicas(target, several):
+    assert several_replicas(target) is several

@@ -106,6 +106,15 @@ def grpc_target(address: str | Sequence[str]) -> str:
     return f"ipv{versions.pop()}:" + ",".join(a for _, a in hosts)
 
 
+def several_replicas(target: str) -> bool:
+    """Whether a gRPC target may name several servers: ``dns:`` or a list in ``ipv4:``/``ipv6:``.
+
+    A ``dns:`` name counts whatever it resolves to now: a headless Service may grow.
+    """
+    scheme, _, rest = target.partition(":")
+    return scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)
+
+
 def _ip_address(address: str) -> tuple[int, str]:
     """Return the IP version and ``ip:port`` of one ``host:port`` of a list of replicas."""
     host, _, port = address.rpartition(":")

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
 from annserve.client._device import DeviceDelivery, DeviceStage, HostRing, new_ring
-from annserve.client._rpc import Channel, frames_of, grpc_target
+from annserve.client._rpc import Channel, frames_of, grpc_target, several_replicas
 from annserve.client._shm import SharedMemorySession
 from annserve.client._torch import to_device, to_torch
 from annserve.client.options import Connection, Output, Sharding
@@ -443,7 +443,9 @@ class RemoteLoader(IterableDataset):
         (``time.monotonic()`` seconds); else the reconnection is logged.
         """
         connection = self.connection
-        delay = min(connection.retry_backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S)
+        # with replicas the first reconnection goes at once: round_robin picks a healthy one
+        paused = attempt - 1 if several_replicas(self.address) else attempt
+        delay = min(connection.retry_backoff * 2 ** (paused - 1), _MAX_BACKOFF_S) if paused else 0.0
         if attempt > connection.retries or time.monotonic() + delay >= deadline:
             return None
         logger.warning(

@@ -241,7 +241,10 @@ class Connection:
     retry_backoff
         Pause before an outage's first reconnection, seconds; doubled before each
         further one (at most 8 s). Each reconnection then waits for the server to
-        answer again, so a server restarting within ``max_wait`` costs one.
+        answer again, so a server restarting within ``max_wait`` costs one. When
+        ``address`` names several replicas (a list, an ``ipv4:``/``ipv6:`` target of
+        several, or a ``dns:`` name), the first reconnection goes at once, to a replica
+        that gRPC's health checks still see serving, and the pauses start with the second.
     max_wait
         Longest the loader waits for the server in one outage, seconds, pauses
         included; then it raises the ``ServerUnavailableError``.
