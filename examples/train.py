@@ -262,20 +262,30 @@ class EpochStats:
 
 
 def run_epoch(
-    loader: RemoteLoader, task: Task, optimizer: torch.optim.Optimizer, epoch: int
+    loader: RemoteLoader,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    resume: bool = False,
+    max_batches: int | None = None,
 ) -> EpochStats:
     """Stream one epoch, stepping on training rows and scoring held-out rows.
+
+    With ``resume`` the loader continues where its ``load_state_dict`` put it (within
+    ``epoch``) instead of starting the epoch; ``max_batches`` stops after that many.
 
     Raises
     ------
     AnnServeError
         If the stream fails.
     """
-    loader.set_epoch(epoch)
+    if not resume:
+        loader.set_epoch(epoch)
     cells = train_cells = held_cells = 0
     loss_sum = score_sum = 0.0
     start = time.perf_counter()
-    for batch in loader:
+    for batches, batch in enumerate(loader, 1):
         index = batch["index"]
         assert isinstance(index, torch.Tensor)
         cells += len(index)
@@ -297,6 +307,8 @@ def run_epoch(
             n = int(train.sum())
             loss_sum += loss.item() * n
             train_cells += n
+        if batches == max_batches:
+            break
     seconds = time.perf_counter() - start
     nan = float("nan")
     return EpochStats(

@@ -18,6 +18,17 @@ Start two replicas, then two ranks::
 
 Each rank prints the rows it saw per epoch; rank 0 saves the model, optimizer and
 its loader's ``state_dict()`` to ``--checkpoint`` after each epoch.
+
+Elastic resume: ``--max-steps N`` stops every rank after N batches (a preempted job;
+rank 0 checkpoints there, mid-epoch), and ``--resume PATH`` restarts from such a
+checkpoint with any number of ranks. The loader state is the same on every rank (DDP
+ranks step in lockstep), so rank 0's says how far all got; a world of another size
+streams only the rows the old one had not reached, re-partitioned among its ranks::
+
+    torchrun --standalone --nproc_per_node=2 examples/train_ddp.py ... \
+        --checkpoint ddp.pt --max-steps 3
+    torchrun --standalone --nproc_per_node=3 examples/train_ddp.py ... \
+        --checkpoint ddp.pt --resume ddp.pt
 """
 
 from __future__ import annotations
@@ -58,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="rank 0 saves model, optimizer and loader state here after each epoch",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="start from this checkpoint (model, optimizer, loader), with any world size",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N batches in all (rank 0 checkpoints there), as if preempted",
     )
     parser.add_argument(
         "--index-dir",
@@ -119,7 +144,10 @@ def save_checkpoint(path: Path, state: dict[str, object]) -> None:
 
 
 def fit(args: argparse.Namespace, device: torch.device | None) -> None:
-    """Train ``args.epochs`` epochs on this rank's shard; print and save as it goes.
+    """Train until ``args.epochs`` (or ``args.max_steps``) on this rank's shard.
+
+    Prints and saves as it goes; with ``args.resume``, starts where that checkpoint
+    stopped.
 
     Raises
     ------
@@ -130,6 +158,10 @@ def fit(args: argparse.Namespace, device: torch.device | None) -> None:
     seen = SeenRows()
     loader = train.build_loader(args, Output(device=device), transform=seen)
     task = train.make_task(args.address, args.label_key, loader.n_vars)
+    state = torch.load(args.resume, weights_only=True) if args.resume is not None else None
+    if state is not None:
+        task.model.load_state_dict(state["model"])
+        loader.load_state_dict(state["loader"])  # another world size: the rest re-partitioned
     # DDP copies rank 0's initial weights to every rank and averages gradients
     task = dataclasses.replace(
         task,
@@ -140,14 +172,29 @@ def fit(args: argparse.Namespace, device: torch.device | None) -> None:
     if rank == 0:
         say(f"{world_size} ranks; {train.describe(args, loader, task)}")
     optimizer = torch.optim.Adam(task.model.parameters(), lr=args.lr)
-    for epoch in range(args.epochs):
-        stats = train.run_epoch(loader, task, optimizer, epoch)  # calls loader.set_epoch(epoch)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    first = loader.state_dict()["epoch"] if state is not None else 0
+    steps_left = args.max_steps
+    for epoch in range(first, args.epochs):
+        stats = train.run_epoch(
+            loader,
+            task,
+            optimizer,
+            epoch,
+            resume=state is not None and epoch == first,  # else set_epoch(epoch)
+            max_batches=steps_left,
+        )
         rows = seen.take()
         say(f"rank {rank}: {stats.cells} rows; {train.epoch_line(task, stats, epoch, args.epochs)}")
         if args.index_dir is not None:
             np.save(args.index_dir / f"rank{rank}-epoch{epoch}.npy", rows)
         if rank == 0 and args.checkpoint is not None:
             save_checkpoint(args.checkpoint, checkpoint_state(task, optimizer, loader))
+        if steps_left is not None:
+            steps_left -= -(-stats.cells // args.batch_size)
+            if steps_left <= 0:
+                break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,3 +145,39 @@ class TestTorchrun(DistributedExampleChecks):
             lines = re.findall(rf"^rank {rank}: (\d+) rows; epoch (\d+)/{EPOCHS}", run.output, re.M)
             assert [int(epoch) for _, epoch in lines] == list(range(1, EPOCHS + 1)), run.output
             assert {int(rows) for rows, _ in lines} == {N_OBS // RANKS}  # even shards
+
+
+def test_a_preempted_two_rank_job_resumes_on_three_ranks(tmp_path):
+    """Elastic resume: 2 ranks stop mid-epoch (--max-steps), 3 ranks finish that epoch."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    args = ["--store", str(real_path("pbmc68k"))]
+    with Daemon(args) as first, Daemon(args) as second:
+        address = "ipv4:" + ",".join(d.address for d in (first, second))
+
+        def torchrun(ranks: int, name: str, *flags: str) -> list[np.ndarray]:
+            out = tmp_path / name
+            out.mkdir()
+            command = [
+                *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+                *(f"--nproc_per_node={ranks}", str(ROOT / "examples" / "train_ddp.py")),
+                *("--address", address, "--label-key", "bulk_labels", "--epochs", "1"),
+                *("--seed", str(SEED), "--batch-size", str(BATCH_SIZE), "--chunk-size", "16"),
+                *("--preload-nchunks", "8", "--index-dir", str(out)),
+                *("--checkpoint", str(checkpoint), *flags),
+            ]
+            returncode, output = run_bounded(command, TRAIN_TIMEOUT)
+            assert returncode == 0, output
+            return [np.load(out / f"rank{r}-epoch0.npy") for r in range(ranks)]
+
+        before = torchrun(2, "before", "--max-steps", "3")
+        assert torch.load(checkpoint, weights_only=True)["loader"]["batch"] == 3
+        after = torchrun(3, "after", "--resume", str(checkpoint))
+    assert [len(p) for p in before] == [3 * BATCH_SIZE] * 2  # preempted after 3 steps
+    assert len({len(p) for p in after}) == 1  # the rest in equal shards
+    consumed, rest = np.concatenate(before), np.concatenate(after)
+    assert len(np.unique(consumed)) == len(consumed)
+    assert not np.isin(rest, consumed).any()  # nothing the old world saw is seen again
+    np.testing.assert_array_equal(np.union1d(consumed, rest), np.arange(N_OBS))  # every row
+    assert len(rest) - len(np.unique(rest)) < 3  # only the 3-rank world's padding repeats
+    state = torch.load(checkpoint, weights_only=True)["loader"]
+    assert (state["epoch"], state["batch"], state["earlier_worlds"]) == (1, 0, [])
