@@ -234,6 +234,8 @@ class EpochStats:
 
     Attributes
     ----------
+    batches
+        Batches streamed.
     cells
         Cells streamed (train and held out).
     train_cells
@@ -248,6 +250,7 @@ class EpochStats:
         Wall time of the epoch, seconds.
     """
 
+    batches: int
     cells: int
     train_cells: int
     train_loss: float
@@ -282,10 +285,11 @@ def run_epoch(
     """
     if not resume:
         loader.set_epoch(epoch)
-    cells = train_cells = held_cells = 0
+    batches = cells = train_cells = held_cells = 0
     loss_sum = score_sum = 0.0
     start = time.perf_counter()
-    for batches, batch in enumerate(loader, 1):
+    for batch in loader:
+        batches += 1
         index = batch["index"]
         assert isinstance(index, torch.Tensor)
         cells += len(index)
@@ -312,6 +316,7 @@ def run_epoch(
     seconds = time.perf_counter() - start
     nan = float("nan")
     return EpochStats(
+        batches,
         cells,
         train_cells,
         loss_sum / train_cells if train_cells else nan,

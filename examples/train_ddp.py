@@ -192,7 +192,7 @@ def fit(args: argparse.Namespace, device: torch.device | None) -> None:
         if rank == 0 and args.checkpoint is not None:
             save_checkpoint(args.checkpoint, checkpoint_state(task, optimizer, loader))
         if steps_left is not None:
-            steps_left -= -(-stats.cells // args.batch_size)
+            steps_left -= stats.batches
             if steps_left <= 0:
                 break
 
