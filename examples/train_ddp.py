@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs <= 0:
         print(f"train_ddp: --epochs must be positive, got {args.epochs}", file=sys.stderr)
         return 2
+    if args.max_steps is not None and args.max_steps <= 0:
+        print(f"train_ddp: --max-steps must be positive, got {args.max_steps}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
     device = None
