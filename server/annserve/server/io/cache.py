@@ -15,7 +15,9 @@ Chunks are kept narrowed where that loses nothing: values of an unsigned 16-bit 
 held as float32 or int32 (integer counts, gene indices) are kept as uint16, which
 halves the memory for the usual single-cell counts; a chunk that does not narrow
 bit-exactly (fractions, negatives, NaN, ``-0.0``) is kept as stored. Reads return the
-store's dtype.
+store's dtype. The reading thread narrows the chunks it decoded before it returns:
+narrowing is cheaper than the first touch of the memory it saves, which on some
+virtual machines costs ~10 ms per MB (pages the guest gave back to its host).
 
 Entries are keyed by a key space per reader (:meth:`ChunkCache.key_space`, unique for
 the life of the cache) and the chunk number, so two arrays or stores never share an
@@ -34,7 +36,7 @@ import itertools
 import logging
 import os
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -73,11 +75,6 @@ ENTRY_OVERHEAD = 256
 NARROW = np.dtype(np.uint16)
 #: Values narrowed and compared at a time (temporaries stay in the CPU cache).
 BLOCK = 1 << 15
-#: Reads whose decoded chunks may wait for the fill thread at once; more are cached by
-#: the reading thread itself.
-MAX_PENDING_READS = 2
-#: Seconds the fill thread waits for work before it ends (the next fill starts it again).
-FILL_IDLE_S = 1.0
 
 _active: ContextVar[ChunkCache | None] = ContextVar("annserve_chunk_cache", default=None)
 
@@ -167,12 +164,6 @@ class ChunkCache:
     outside it (entries are never written once cached, so a reader may hold one while
     another thread evicts it).
 
-    Chunks handed to :meth:`fill` are narrowed and inserted by a fill thread, off the
-    reading thread's path (numpy releases the GIL for the copies), and are found by
-    lookups meanwhile; a reader whose fills would queue behind :data:`MAX_PENDING_READS`
-    others inserts its own. The decoded chunks waiting (at most that many reads' worth)
-    are not counted in the bound.
-
     Parameters
     ----------
     max_bytes
@@ -195,11 +186,6 @@ class ChunkCache:
         self._nbytes = 0
         self._hits = self._misses = self._evictions = 0
         self._spaces = itertools.count()
-        self._pending: dict[tuple[int, int], np.ndarray] = {}
-        self._fills: deque[tuple[int, list[tuple[int, np.ndarray]]]] = deque()
-        self._filling = threading.Condition(self._lock)
-        self._busy = 0  # fills queued or being inserted
-        self._filler: threading.Thread | None = None
 
     def key_space(self) -> int:
         """Return a number no other caller of this cache gets: one reader's key space."""
@@ -217,61 +203,10 @@ class ChunkCache:
                 if entry is not None:
                     self._entries.move_to_end((space, k))
                     found[k] = entry
-                elif (entry := self._pending.get((space, k))) is not None:
-                    found[k] = entry
                 else:
                     self._misses += 1
             self._hits += len(found)
         return found
-
-    def fill(self, space: int, chunks: list[tuple[int, np.ndarray]]) -> None:
-        """Cache freshly decoded chunks ``(number, values)``, narrowed (:func:`narrowed`).
-
-        The values must not be written afterwards; they are found by lookups until
-        their narrowed copies are inserted, by the fill thread or, when
-        :data:`MAX_PENDING_READS` fills are waiting, by the caller.
-        """
-        with self._lock:
-            inline = self._busy >= MAX_PENDING_READS
-            if not inline:
-                self._pending.update(((space, k), v) for k, v in chunks)
-                self._fills.append((space, chunks))
-                self._busy += 1
-                if self._filler is None:
-                    self._filler = threading.Thread(
-                        target=self._fill_loop, name="annserve-cache-fill", daemon=True
-                    )
-                    self._filler.start()
-                self._filling.notify_all()
-        if inline:
-            self.put_many(space, [(k, narrowed(v)) for k, v in chunks])
-
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Wait up to ``timeout`` seconds until every :meth:`fill` so far is inserted.
-
-        Returns
-        -------
-        Whether they all were.
-        """
-        with self._filling:
-            return self._filling.wait_for(lambda: self._busy == 0, timeout)
-
-    def _fill_loop(self) -> None:
-        """Narrow and insert queued fills; end after :data:`FILL_IDLE_S` without any."""
-        while True:
-            with self._filling:
-                if not self._filling.wait_for(lambda: bool(self._fills), FILL_IDLE_S):
-                    self._filler = None
-                    return
-                space, chunks = self._fills.popleft()
-            try:
-                self.put_many(space, [(k, narrowed(v)) for k, v in chunks])
-            finally:
-                with self._filling:
-                    for k, _ in chunks:
-                        self._pending.pop((space, k), None)
-                    self._busy -= 1
-                    self._filling.notify_all()
 
     def put_many(self, space: int, chunks: Iterable[tuple[int, np.ndarray]]) -> None:
         """Cache decoded chunks ``(number, values)`` of key space ``space``.
@@ -449,6 +384,6 @@ class CachedRanges:
         for k in missing:
             n = min(self._length, (k + 1) * c) - k * c
             found[k] = scratch[offset : offset + n]  # this read copies from the scratch
-            decoded.append((k, found[k]))
+            decoded.append((k, narrowed(found[k])))
             offset += n
-        self._cache.fill(self._space, decoded)
+        self._cache.put_many(self._space, decoded)
