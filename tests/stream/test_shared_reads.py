@@ -133,6 +133,8 @@ def test_identical_streams_read_each_buffer_once(store, n):
     _round_robin(streams)
     for s in streams:
         assert s.got == want  # bit-exact, every frame, in order
+    for frames in zip(*(s.got for s in streams), strict=True):
+        assert all(f is frames[0] for f in frames)  # each frame encoded once for all
     assert len(store.reads) == pieces
     assert set(store.reads.values()) == {1}  # each buffer read once for all n streams
     assert sum(s.sub.reads for s in streams) == pieces
@@ -155,6 +157,8 @@ def test_streams_differing_only_in_framing_share(store):
     assert [s.got for s in streams] == wants
     assert set(store.reads.values()) == {1}
     assert len(store.reads) == _n_pieces(store)
+    encoded = [{id(f) for f in s.got} for s in streams]  # s.got keeps each id unique
+    assert not set.intersection(*encoded)  # other framing: each stream encodes its own
 
 
 @pytest.mark.parametrize(

@@ -28,11 +28,12 @@ from annserve.server.stream.encode import (
     raw_rows,
     select_columns,
 )
+from annserve.server.stream.shared import frame_key
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import encode_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Hashable, Iterator
 
     from annserve.server.io.store import Store
     from annserve.server.plan.request import StreamPlan
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 
     #: Serializes one frame, ``pack(header, arrays)``, as :func:`annserve.wire.encode_frame`.
     Pack = Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], bytes]
+    #: A read piece of a preload buffer, as :func:`_read_ahead` yields it.
+    Prepared = tuple[
+        np.ndarray, np.ndarray, WireRows, dict[str, WireRows], dict[tuple[Hashable, int], "Frame"]
+    ]
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
 MAX_FRAME_ROWS = 1024
@@ -124,7 +129,9 @@ def epoch_frames(
     shared
         The stream's membership of the streams reading the same buffers
         (:mod:`annserve.server.stream.shared`): each piece of a buffer is read once for
-        all of them; None reads every buffer for this stream alone.
+        all of them, and without ``pack`` each frame is encoded once for the streams
+        that frame alike (:func:`~annserve.server.stream.shared.frame_key`); None reads
+        and encodes every buffer for this stream alone.
 
     Yields
     ------
@@ -139,6 +146,8 @@ def epoch_frames(
     emitted = todo.start - span.start
     per_row = _row_extra_bytes(store, plan)
     whole_batches = pack is not None
+    # frames in the gRPC stream are plain bytes: streams sharing a piece share them too
+    framing = frame_key(plan) if shared is not None and pack is None else None
     if pack is None:
         pack = functools.partial(
             encode_frame, compression=plan.compression, level=plan.compression_level
@@ -151,7 +160,7 @@ def epoch_frames(
         name=f"{threading.current_thread().name}-read",
     )
     try:
-        for rows, positions, wire, obsm in buffers:
+        for rows, positions, wire, obsm, encoded in buffers:
             step = (
                 plan.batch_size
                 if whole_batches
@@ -162,17 +171,22 @@ def epoch_frames(
                 batch, row_start = divmod(emitted, plan.batch_size)
                 batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
                 n = min(step, batch_rows - row_start, len(rows) - start)
-                header = pb.BatchHeader(
-                    batch=batch,
-                    batch_rows=batch_rows,
-                    row_start=row_start,
-                    n_rows=n,
-                    n_vars=plan.n_vars,
-                    sparse=wire.sparse,
-                )
-                at = slice(start, start + n)
-                arrays = _frame_arrays(header, wire, obsm, positions[at], rows[at], plan, store)
-                yield Frame(header, pack(header, arrays))
+                frame = encoded.get((framing, emitted)) if framing is not None else None
+                if frame is None:
+                    header = pb.BatchHeader(
+                        batch=batch,
+                        batch_rows=batch_rows,
+                        row_start=row_start,
+                        n_rows=n,
+                        n_vars=plan.n_vars,
+                        sparse=wire.sparse,
+                    )
+                    at = slice(start, start + n)
+                    arrays = _frame_arrays(header, wire, obsm, positions[at], rows[at], plan, store)
+                    frame = Frame(header, pack(header, arrays))
+                    if framing is not None:
+                        encoded[framing, emitted] = frame
+                yield frame
                 start += n
                 emitted += n
     finally:
@@ -188,13 +202,15 @@ def _read_ahead(
     on_read: Callable[[float], None] | None,
     cancelled: threading.Event | None,
     shared: Subscription | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]]:
+) -> Iterator[Prepared]:
     """Yield each preload buffer's piece of ``spans`` (epoch positions), read and prepared.
 
-    Yields ``(rows, positions, wire, obsm)``: the buffer's rows in yield order, each
-    row's position in ``wire``, the prepared buffer (rows sorted, each once) and the
-    requested obsm arrays at the same rows (as stored, by key). With ``shared`` a piece
-    another stream of the group has read (or is reading) is taken from it, not read.
+    Yields ``(rows, positions, wire, obsm, encoded)``: the buffer's rows in yield order,
+    each row's position in ``wire``, the prepared buffer (rows sorted, each once), the
+    requested obsm arrays at the same rows (as stored, by key), and the piece's frames
+    encoded so far by ``(frame_key, first row's epoch position)`` (empty: streams that
+    share the piece fill it). With ``shared`` a piece another stream of the group has
+    read (or is reading) is taken from it, not read.
     """
     if shared is None:
         for rows in rows_in_spans(sampler, plan.epoch, spans, cancelled):
@@ -215,7 +231,7 @@ def _read_rows(
     rows: np.ndarray,
     pool: BufferPool,
     on_read: Callable[[float], None] | None,
-) -> tuple[np.ndarray, np.ndarray, WireRows, dict[str, WireRows]]:
+) -> Prepared:
     """Read and prepare one piece of a preload buffer; see :func:`_read_ahead`."""
     unique_rows, positions = _distinct(rows)
     started = time.perf_counter()
@@ -226,7 +242,7 @@ def _read_rows(
     if plan.columns is not None:
         block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
     wire = prepare(block, plan.encoding, plan.n_vars, pool.empty, plan.value_dtype)
-    return rows, positions, wire, obsm
+    return rows, positions, wire, obsm, {}
 
 
 def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

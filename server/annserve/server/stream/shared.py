@@ -5,8 +5,10 @@ hyperparameter sweep, or DDP ranks whose shards meet in a buffer) visit the same
 preload buffers. They join one *group* of a :class:`SharedReads` registry, keyed by
 everything that decides what a buffer read holds (:func:`read_key`); the first stream
 to need a piece of a buffer reads and prepares it, the others that need the same piece
-wait for that read and get the very same arrays. Each stream still frames its own
-batches from them, so what it sends is bit for bit what it would send alone.
+wait for that read and get the very same arrays. Streams that also frame alike (equal
+:func:`frame_key`: a sweep's identical trainers) share the serialized frames of a
+piece too: the first to need a frame encodes it, the others send the same bytes. What
+each stream sends is bit for bit what it would send alone.
 
 Memory stays bounded: a group keeps a buffer while an attached stream may still ask for
 it (its next piece is not past it) and at most :data:`BUFFERS_PER_STREAM` buffers per
@@ -83,6 +85,16 @@ def read_key(store: Store, plan: StreamPlan) -> Hashable:
         if f.name not in FRAMING_FIELDS
     )
     return (id(store), fields)
+
+
+def frame_key(plan: StreamPlan) -> Hashable:
+    """Return what, besides :func:`read_key`, decides the frames cut from a piece.
+
+    The :data:`FRAMING_FIELDS` of ``plan``: streams of one group with equal keys cut
+    equal frames from a piece whenever they reach it at the same position of their
+    epochs (which the shard, ``start_batch`` and ``earlier_worlds`` fix).
+    """
+    return tuple((name, _hashable(getattr(plan, name))) for name in sorted(FRAMING_FIELDS))
 
 
 def _hashable(value: object) -> Hashable:
