@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,11 @@ if TYPE_CHECKING:
     Pack = Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], bytes]
     #: A read piece of a preload buffer, as :func:`_read_ahead` yields it.
     Prepared = tuple[
-        np.ndarray, np.ndarray, WireRows, dict[str, WireRows], dict[tuple[Hashable, int], "Frame"]
+        np.ndarray,
+        np.ndarray,
+        WireRows,
+        dict[str, WireRows],
+        dict[tuple[Hashable, int], "Future[Frame]"],
     ]
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
@@ -171,26 +176,65 @@ def epoch_frames(
                 batch, row_start = divmod(emitted, plan.batch_size)
                 batch_rows = min(plan.batch_size, n_emit - batch * plan.batch_size)
                 n = min(step, batch_rows - row_start, len(rows) - start)
-                frame = encoded.get((framing, emitted)) if framing is not None else None
-                if frame is None:
-                    header = pb.BatchHeader(
-                        batch=batch,
-                        batch_rows=batch_rows,
-                        row_start=row_start,
-                        n_rows=n,
-                        n_vars=plan.n_vars,
-                        sparse=wire.sparse,
-                    )
-                    at = slice(start, start + n)
-                    arrays = _frame_arrays(header, wire, obsm, positions[at], rows[at], plan, store)
-                    frame = Frame(header, pack(header, arrays))
-                    if framing is not None:
-                        encoded[framing, emitted] = frame
-                yield frame
+                header = pb.BatchHeader(
+                    batch=batch,
+                    batch_rows=batch_rows,
+                    row_start=row_start,
+                    n_rows=n,
+                    n_vars=plan.n_vars,
+                    sparse=wire.sparse,
+                )
+                at = slice(start, start + n)
+                make = functools.partial(
+                    _frame, pack, header, wire, obsm, positions[at], rows[at], plan, store
+                )
+                yield make() if framing is None else _once(encoded, (framing, emitted), make)
                 start += n
                 emitted += n
     finally:
         buffers.close()
+
+
+def _frame(
+    pack: Pack,
+    header: pb.BatchHeader,
+    wire: WireRows,
+    obsm: dict[str, WireRows],
+    positions: np.ndarray,
+    global_rows: np.ndarray,
+    plan: StreamPlan,
+    store: Store,
+) -> Frame:
+    """Gather and serialize one frame (``header`` gets its text obs and obs_names)."""
+    arrays = _frame_arrays(header, wire, obsm, positions, global_rows, plan, store)
+    return Frame(header, pack(header, arrays))
+
+
+def _once(
+    encoded: dict[tuple[Hashable, int], Future[Frame]],
+    key: tuple[Hashable, int],
+    make: Callable[[], Frame],
+) -> Frame:
+    """Return the frame ``key`` of a shared piece, made by the first stream that needs it.
+
+    That stream claims the frame with a future; streams reaching it meanwhile wait for
+    it (streams in lock step would otherwise all encode it). If making it fails, the
+    error is the claiming stream's: each waiting stream makes the frame itself.
+    """
+    mine: Future[Frame] = Future()
+    claimed = encoded.setdefault(key, mine)  # atomic: one stream claims each frame
+    if claimed is not mine:
+        try:
+            return claimed.result()
+        except Exception:  # noqa: BLE001  (the claiming stream raises it)
+            return make()
+    try:
+        frame = make()
+    except BaseException as e:
+        mine.set_exception(e)
+        raise
+    mine.set_result(frame)
+    return frame
 
 
 def _read_ahead(
@@ -208,9 +252,9 @@ def _read_ahead(
     Yields ``(rows, positions, wire, obsm, encoded)``: the buffer's rows in yield order,
     each row's position in ``wire``, the prepared buffer (rows sorted, each once), the
     requested obsm arrays at the same rows (as stored, by key), and the piece's frames
-    encoded so far by ``(frame_key, first row's epoch position)`` (empty: streams that
-    share the piece fill it). With ``shared`` a piece another stream of the group has
-    read (or is reading) is taken from it, not read.
+    claimed so far, by ``(frame_key, first row's epoch position)`` (empty: streams that
+    share the piece fill it, :func:`_once`). With ``shared`` a piece another stream of
+    the group has read (or is reading) is taken from it, not read.
     """
     if shared is None:
         for rows in rows_in_spans(sampler, plan.epoch, spans, cancelled):
