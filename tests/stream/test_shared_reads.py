@@ -9,6 +9,7 @@ through a real daemon on 127.0.0.1. Store reads are counted by wrapping the stor
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import grpc
@@ -307,6 +308,37 @@ def test_slow_stream_does_not_pin_memory(store):
     assert registry.groups() == 0
 
 
+def test_a_stream_briefly_behind_is_waited_for_not_detached(store):
+    """A fast stream that needs room waits for one a buffer or two behind (lag_wait)."""
+    want = _alone(store)
+    pieces = _n_pieces(store)
+    registry = SharedReads(buffers_per_stream=2, lag_wait=JOIN_S)
+    fast, slow = _Stream(store, registry), _Stream(store, registry)
+    store.reads.clear()
+    attached = []
+
+    def run(stream: _Stream, pause: float) -> None:
+        while stream.step():
+            attached.append(stream.sub.attached)
+            time.sleep(pause)
+
+    threads = [
+        threading.Thread(target=run, args=(fast, 0.0)),
+        threading.Thread(target=run, args=(slow, 0.01)),  # 10 ms per frame: always behind
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=JOIN_S)
+    assert not any(t.is_alive() for t in threads)
+    assert fast.got == want
+    assert slow.got == want
+    assert all(attached)  # neither was ever detached
+    assert len(store.reads) == pieces
+    assert set(store.reads.values()) == {1}  # every buffer read once for both
+    assert registry.groups() == 0
+
+
 def test_daemon_streams_share_reads(store, monkeypatch):
     """Three concurrent StreamBatches calls on a daemon: own frames, fewer store reads, metric."""
     # a 512-row buffer is 8 frames; the frame queue lets a stream run ~2 buffers ahead
@@ -349,3 +381,12 @@ def test_daemon_streams_share_reads(store, monkeypatch):
     assert reads - lone_reads + shared == 3 * pieces
     assert reads - lone_reads < 2 * pieces  # one read served at least two streams mostly
     assert shared_module.REGISTRY.groups() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"buffers_per_stream": 0}, "buffers_per_stream"), ({"lag_wait": -1}, "lag_wait")],
+)
+def test_bad_registry_settings_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SharedReads(**kwargs)

@@ -13,9 +13,11 @@ each stream sends is bit for bit what it would send alone.
 Memory stays bounded: a group keeps a buffer while an attached stream may still ask for
 it (its next piece is not past it) and at most :data:`BUFFERS_PER_STREAM` buffers per
 attached stream, about what each would hold reading its own (``--stream-memory-mb``
-budgets a stream at about two buffers). A new buffer that would exceed that detaches
-the streams furthest behind: they read their own buffers from then on (and rejoin if
-they catch up with a buffer the group holds) instead of pinning memory without bound.
+budgets a stream at about two buffers). A new buffer that would exceed that first waits
+up to :data:`LAG_WAIT_S` for the streams a few buffers behind to move on (identical
+trainers drift apart by a buffer or two and back), then detaches those furthest
+behind: they read their own buffers from then on (and rejoin if they catch up with a
+buffer the group holds) instead of pinning memory without bound.
 Shared buffers come from the group's own :class:`~annserve.buffers.BufferPool`, which
 reuses a buffer only once no array of any stream views it.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -59,6 +62,8 @@ FRAMING_FIELDS = frozenset(
         "earlier_worlds",
     }
 )
+#: Seconds a stream that needs room waits for the streams close behind it to move on.
+LAG_WAIT_S = 0.5
 _POLL_S = 0.1  # seconds between checks of a waiting stream's cancelled event
 _POOL_BUFFERS = 64  # a group pool keeps at most its peak of live buffers anyway
 _PART_REFS = 3
@@ -130,9 +135,10 @@ class _Entry(Generic[T]):
 class _Group:
     """The streams of one key, the buffers they share and the pool those come from."""
 
-    def __init__(self, key: Hashable, store: Store, per_stream: int) -> None:
+    def __init__(self, key: Hashable, store: Store, per_stream: int, lag_wait: float) -> None:
         self.key = key
         self.per_stream = per_stream
+        self.lag_wait = lag_wait
         self.store = store  # keeps id(store) in the key unique while the group lives
         self.cond = threading.Condition()
         self.entries: dict[tuple[int, int], _Entry] = {}
@@ -155,13 +161,19 @@ class _Group:
                 del self.entries[buffer]
 
     def make_room(self, sub: Subscription) -> bool:
-        """Detach the streams furthest behind until a new buffer fits (called locked).
+        """Wait for, then detach, the streams furthest behind until a new buffer fits.
 
-        A group holds at most ``per_stream`` buffers per attached stream. Return False
-        when ``sub`` itself is furthest behind: it is detached instead.
+        Called locked. A group holds at most ``per_stream`` buffers per attached
+        stream. Streams behind ``sub`` by at most as many buffers as the group holds (they
+        share its buffers; DDP ranks' shards are far apart) get ``lag_wait`` seconds to
+        move on; then those furthest behind are detached. Return False when ``sub``
+        itself is furthest behind, or was detached meanwhile: it reads alone.
         """
+        deadline = time.monotonic() + self.lag_wait
         self.prune(in_use=False)
         while len(self.entries) >= self.per_stream * len(self.positions):
+            if sub not in self.positions:  # detached while it waited
+                return False
             mine = self.positions[sub]
             others = [p for s, p in self.positions.items() if s is not sub]
             if not others:  # what others left, bounded by their share; sub uses it up
@@ -170,6 +182,13 @@ class _Group:
                 sub.detach()
                 return False
             low = min(others)
+            bound = self.per_stream * len(self.positions)
+            close = low[0] == mine[0] and mine[1] - low[1] <= bound  # near: shares buffers
+            left = deadline - time.monotonic()
+            if close and left > 0:
+                self.cond.wait(min(left, _POLL_S))
+                self.prune(in_use=False)
+                continue
             for s in [s for s, p in self.positions.items() if p == low and s is not sub]:
                 s.detach()
             self.prune(in_use=False)
@@ -242,6 +261,7 @@ class Subscription:
                 self.attached = True
                 g.positions[self] = piece.buffer
                 g.prune()
+                g.cond.notify_all()  # a stream waiting for room (make_room) may have it
             mine = False
             if not self.attached or (entry is not None and not same):
                 entry = None
@@ -315,13 +335,22 @@ class SharedReads:
     buffers_per_stream
         Buffers a group holds per attached stream, at most (> 0); more detach the
         streams furthest behind.
+    lag_wait
+        Seconds a stream that needs room waits for the streams close behind it
+        before detaching them (>= 0).
     """
 
-    def __init__(self, buffers_per_stream: int = BUFFERS_PER_STREAM) -> None:
+    def __init__(
+        self, buffers_per_stream: int = BUFFERS_PER_STREAM, lag_wait: float = LAG_WAIT_S
+    ) -> None:
         if buffers_per_stream < 1:
             msg = f"buffers_per_stream must be >= 1, got {buffers_per_stream}"
             raise ValueError(msg)
+        if lag_wait < 0:
+            msg = f"lag_wait must be >= 0, got {lag_wait}"
+            raise ValueError(msg)
         self.buffers_per_stream = buffers_per_stream
+        self.lag_wait = lag_wait
         self._lock = threading.Lock()
         self._groups: dict[Hashable, _Group] = {}
 
@@ -355,7 +384,9 @@ class SharedReads:
         with self._lock:
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(key, store, self.buffers_per_stream)
+                group = self._groups[key] = _Group(
+                    key, store, self.buffers_per_stream, self.lag_wait
+                )
             group.members += 1
         return Subscription(self, group, cancelled, counted)
 
