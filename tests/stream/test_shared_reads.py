@@ -144,6 +144,27 @@ def test_identical_streams_read_each_buffer_once(store, n):
     assert registry.buffers() == 0
 
 
+def _kept_frames(registry: SharedReads) -> int:
+    """Frames the registry's groups keep with their pieces (encoded for sharing)."""
+    groups = list(registry._groups.values())
+    return sum(len(e.value[4]) for g in groups for e in g.entries.values() if e.done)
+
+
+def test_only_streams_with_peers_keep_frames(store):
+    registry = SharedReads(buffers_per_stream=8)
+    lone = _Stream(store, registry)
+    for _ in range(5):
+        lone.step()
+    assert _kept_frames(registry) == 0  # alone: frames are sent, not kept
+    pair = [_Stream(store, registry, batch_size=64), _Stream(store, registry, batch_size=64)]
+    for _ in range(5):
+        for s in pair:
+            s.step()
+    assert _kept_frames(registry) > 0
+    for s in [lone, *pair]:
+        s.end()
+
+
 def test_streams_differing_only_in_framing_share(store):
     """batch_size, shards, start_batch, return_index, compression: same buffers, other frames."""
     variants: list[dict[str, int]] = [{}, {"return_index": False}, {"compression": 2}]

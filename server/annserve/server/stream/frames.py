@@ -135,8 +135,9 @@ def epoch_frames(
         The stream's membership of the streams reading the same buffers
         (:mod:`annserve.server.stream.shared`): each piece of a buffer is read once for
         all of them, and without ``pack`` each frame is encoded once for the streams
-        that frame alike (:func:`~annserve.server.stream.shared.frame_key`); None reads
-        and encodes every buffer for this stream alone.
+        that frame alike (:func:`~annserve.server.stream.shared.frame_key`) while others
+        are attached (a lone stream keeps no frames); None reads and encodes every
+        buffer for this stream alone.
 
     Yields
     ------
@@ -188,7 +189,8 @@ def epoch_frames(
                 make = functools.partial(
                     _frame, pack, header, wire, obsm, positions[at], rows[at], plan, store
                 )
-                yield make() if framing is None else _once(encoded, (framing, emitted), make)
+                alone = framing is None or shared is None or not shared.has_peers()
+                yield make() if alone else _once(encoded, (framing, emitted), make)
                 start += n
                 emitted += n
     finally:

@@ -228,6 +228,10 @@ class Subscription:
         with group.cond:  # until its first piece it may need any buffer of the epoch
             group.positions[self] = (0, 0)
 
+    def has_peers(self) -> bool:
+        """Return whether other streams are attached to the group now (no lock: a hint)."""
+        return len(self._group.positions) > (self in self._group.positions)
+
     def detach(self) -> None:
         """Leave the group's positions: read own buffers, pin none (called locked)."""
         self.attached = False
