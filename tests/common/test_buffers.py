@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,3 +55,24 @@ def test_pool_size_is_bounded():
 def test_malloc_thresholds_are_set_on_glibc():
     assert retain_freed_memory()
     assert retain_freed_memory()  # once per process, then cached
+
+
+@pytest.mark.parametrize(("env", "changed"), [({}, True), ({"NUMPY_MADVISE_HUGEPAGE": "1"}, False)])
+def test_numpy_huge_pages_are_turned_off_unless_numpy_is_told(env, changed):
+    # a fresh process: the setting is process-wide; numpy's switch returns the old value
+    script = (
+        "import numpy as np\n"
+        "from annserve.memory import avoid_huge_pages\n"
+        "changed = avoid_huge_pages()\n"
+        "before = np._core.multiarray._set_madvise_hugepage(True)\n"
+        "print(changed, before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"} | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert out == [str(changed), str(not changed)]

@@ -15,9 +15,9 @@ Chunks are kept narrowed where that loses nothing: values of an unsigned 16-bit 
 held as float32 or int32 (integer counts, gene indices) are kept as uint16, which
 halves the memory for the usual single-cell counts; a chunk that does not narrow
 bit-exactly (fractions, negatives, NaN, ``-0.0``) is kept as stored. Reads return the
-store's dtype. The reading thread narrows the chunks it decoded before it returns:
-narrowing is cheaper than the first touch of the memory it saves, which on some
-virtual machines costs ~10 ms per MB (pages the guest gave back to its host).
+store's dtype. The reading thread narrows the chunks it decoded before it returns (a
+fill thread of its own measured slower on 2 cores); the cache's first epoch is bound
+by first touches of the memory it fills (see :func:`annserve.memory.avoid_huge_pages`).
 
 Entries are keyed by a key space per reader (:meth:`ChunkCache.key_space`, unique for
 the life of the cache) and the chunk number, so two arrays or stores never share an

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import zarr
 
 from annserve.errors import AnnServeError, InvalidRequestError, StoreNotFoundError
-from annserve.memory import retain_freed_memory
+from annserve.memory import avoid_huge_pages, retain_freed_memory
 from annserve.server.convert import convert_main
 from annserve.server.io.cache import DEFAULT_MAX_GB, ChunkCache, caching, default_cache_bytes
 from annserve.server.io.ranges import ZARRS_PIPELINE
@@ -365,6 +365,7 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
         ``/metrics``. Only worker 0 listens on ``--unix`` and logs the address warnings.
     """
     retain_freed_memory()  # frames and preload buffers reuse freed memory: no page faults
+    avoid_huge_pages()  # first touches of new memory (the chunk cache's) stay cheap
     if args.zarr_pipeline == "zarrs":
         zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
     try:
