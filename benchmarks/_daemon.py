@@ -39,16 +39,12 @@ K = TypeVar("K", bound="Hashable")
 
 
 def passive_env() -> dict[str, str]:
-    """``os.environ`` with ``OMP_WAIT_POLICY=PASSIVE`` and ``NUMPY_MADVISE_HUGEPAGE=0`` unless set.
+    """``os.environ`` with ``OMP_WAIT_POLICY=PASSIVE`` unless set.
 
     torch's OpenMP threads then sleep between batches instead of spinning (spinning
-    takes a core from whatever loads the data: a daemon, zarrs' threads). numpy asks
-    for no transparent huge pages, as annserve's daemon and client do for themselves
-    (:func:`annserve.memory.avoid_huge_pages`): every loader, annbatch's included,
-    then pays the same for memory it touches first.
+    takes a core from whatever loads the data: a daemon, zarrs' threads).
     """
-    defaults = {"OMP_WAIT_POLICY": "PASSIVE", "NUMPY_MADVISE_HUGEPAGE": "0"}
-    return {**defaults, **os.environ}
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def process_tree(pid: int) -> list[int]:
