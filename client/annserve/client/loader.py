@@ -22,7 +22,7 @@ from annserve.client._shm import SharedMemorySession
 from annserve.client._torch import to_device, to_torch
 from annserve.client.options import Connection, Output, Sharding
 from annserve.errors import InvalidRequestError, ServerUnavailableError, quoted
-from annserve.memory import avoid_huge_pages, retain_freed_memory
+from annserve.memory import retain_freed_memory
 from annserve.prefetch import Prefetcher
 from annserve.sampling import Shard
 from annserve.shm import MAX_SLOTS, side_socket
@@ -652,7 +652,6 @@ class RemoteLoader(IterableDataset):
         if self._conn is None or self._conn_pid != os.getpid():
             if self.connection.retain_memory:  # before gRPC starts threads: one shared arena
                 retain_freed_memory()
-                avoid_huge_pages()
             self._conn = Channel(self.address, self.connection)
             self._conn_pid = os.getpid()
         return self._conn

@@ -279,10 +279,11 @@ class Connection:
         received frame is a fresh multi-MB ``bytes`` object, and without this each one
         is page-faulted in again, about half of the client's CPU (measured). The
         process then keeps up to 512 MiB of freed memory for reuse. No effect off glibc.
-        Also keeps numpy from asking for transparent huge pages
-        (:func:`annserve.memory.avoid_huge_pages`), which made first touches of new
-        arrays ~17x slower on the development VM, unless ``NUMPY_MADVISE_HUGEPAGE`` is
-        set.
+        numpy's use of transparent huge pages is left as it is: the daemon turns it off
+        for itself (:func:`annserve.memory.avoid_huge_pages`), but in a training process
+        it would slow numpy's random reads of large arrays (the in-memory bound of
+        ``benchmarks/bench_loaders.py`` ran at half speed without it); set
+        ``NUMPY_MADVISE_HUGEPAGE=0`` to trade that for cheaper first touches.
     token
         Bearer token for a server started with ``--token-file``, sent as
         ``authorization: Bearer <token>`` metadata on every call.
