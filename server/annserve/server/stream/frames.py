@@ -208,7 +208,16 @@ def _frame(
     store: Store,
 ) -> Frame:
     """Gather and serialize one frame (``header`` gets its text obs and obs_names)."""
-    arrays = _frame_arrays(header, wire, obsm, positions, global_rows, plan, store)
+    arrays = frame_arrays(wire, positions, plan.encoding)
+    for key, rows in obsm.items():
+        parts = frame_arrays(rows, positions, pb.ENCODING_RAW)
+        arrays += [(key if name == "X" else f"{key}/{name}", a) for name, a in parts]
+    obs, strings = obs_arrays(plan.obs, global_rows)
+    arrays += obs
+    header.string_obs.extend(strings)
+    header.obs_names.extend(store.obs_names[global_rows].tolist())
+    if plan.return_index:
+        arrays.append(("index", global_rows))
     return Frame(header, pack(header, arrays))
 
 
@@ -332,26 +341,3 @@ def _text_bytes(values: np.ndarray, sample: int = 1000) -> int:
 def _frame_rows(buffer_bytes: int, buffer_rows: int) -> int:
     per_row = max(1, buffer_bytes // max(1, buffer_rows))
     return int(np.clip(TARGET_FRAME_BYTES // per_row, 1, MAX_FRAME_ROWS))
-
-
-def _frame_arrays(
-    header: pb.BatchHeader,
-    wire: WireRows,
-    obsm: dict[str, WireRows],
-    positions: np.ndarray,
-    global_rows: np.ndarray,
-    plan: StreamPlan,
-    store: Store,
-) -> list[tuple[str, np.ndarray | Pieces]]:
-    """Gather one frame's arrays; fills the header's text obs and obs_names."""
-    arrays = frame_arrays(wire, positions, plan.encoding)
-    for key, rows in obsm.items():
-        parts = frame_arrays(rows, positions, pb.ENCODING_RAW)
-        arrays += [(key if name == "X" else f"{key}/{name}", a) for name, a in parts]
-    obs, strings = obs_arrays(plan.obs, global_rows)
-    arrays += obs
-    header.string_obs.extend(strings)
-    header.obs_names.extend(store.obs_names[global_rows].tolist())
-    if plan.return_index:
-        arrays.append(("index", global_rows))
-    return arrays
