@@ -156,13 +156,10 @@ def test_only_streams_with_peers_keep_frames(store):
     for _ in range(5):
         lone.step()
     assert _kept_frames(registry) == 0  # alone: frames are sent, not kept
-    pair = [_Stream(store, registry, batch_size=64), _Stream(store, registry, batch_size=64)]
-    for _ in range(5):
-        for s in pair:
-            s.step()
-    assert _kept_frames(registry) > 0
-    for s in [lone, *pair]:
-        s.end()
+    lone.end()
+    pair = [_Stream(store, registry), _Stream(store, registry)]
+    _round_robin(pair)
+    assert all(a is b for a, b in zip(pair[0].got, pair[1].got, strict=True))  # shared
 
 
 def test_streams_differing_only_in_framing_share(store):
