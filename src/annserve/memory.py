@@ -17,10 +17,11 @@ took 2k-74k faults per epoch, ~0.2 CPU-s at worst). One arena for the whole proc
 (``mallopt(M_ARENA_MAX, 1)``, as ``MALLOC_ARENA_MAX=1``) ends that: measured
 steady-state client faults fell below 1k per epoch and peak RSS by ~130 MiB.
 
-numpy is the third: it marks arrays of 4 MiB and more ``madvise(MADV_HUGEPAGE)``, and
-where the kernel's transparent-huge-page ``defrag`` setting is ``madvise`` (a common
-default) every first touch of such an array compacts memory to find a 2 MiB page.
-:func:`avoid_huge_pages` turns that off for the process.
+numpy is the third: it marks arrays of 4 MiB and more ``madvise(MADV_HUGEPAGE)``, so
+the first touch of such an array faults in whole 2 MiB pages, which on the development
+VM ran ~17x slower than small pages (the kernel counted no compaction stalls: the cost
+is in backing the huge pages, likely by the VM's host). :func:`avoid_huge_pages` turns
+that off for the process.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def retain_freed_memory() -> bool:
 def avoid_huge_pages() -> bool:
     """Keep numpy from asking for transparent huge pages for large arrays; once per process.
 
-    The first touch of memory numpy marked ``MADV_HUGEPAGE`` waits for the kernel to
-    compact a 2 MiB page where THP ``defrag`` is ``madvise``. Measured on the 2-core
+    The first touch of memory numpy marked ``MADV_HUGEPAGE`` faults in a whole 2 MiB
+    page (THP ``enabled`` and ``defrag`` are ``madvise`` there). Measured on the 2-core
     development VM, a fresh process first touched a 300 MB array at 107-113 MB/s with
     huge pages and at 1.9-2.0 GB/s without; the daemon's first epoch on annbatch's LZ4
     collection, which fills the decoded-chunk cache, cost it 27-74 against 31-39
