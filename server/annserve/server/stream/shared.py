@@ -84,12 +84,8 @@ def read_key(store: Store, plan: StreamPlan) -> Hashable:
     plan
         The validated request.
     """
-    fields = tuple(
-        (f.name, _hashable(getattr(plan, f.name)))
-        for f in dataclasses.fields(plan)
-        if f.name not in FRAMING_FIELDS
-    )
-    return (id(store), fields)
+    names = [f.name for f in dataclasses.fields(plan) if f.name not in FRAMING_FIELDS]
+    return (id(store), _fields(plan, names))
 
 
 def frame_key(plan: StreamPlan) -> Hashable:
@@ -99,7 +95,12 @@ def frame_key(plan: StreamPlan) -> Hashable:
     equal frames from a piece whenever they reach it at the same position of their
     epochs (which the shard, ``start_batch`` and ``earlier_worlds`` fix).
     """
-    return tuple((name, _hashable(getattr(plan, name))) for name in sorted(FRAMING_FIELDS))
+    return _fields(plan, sorted(FRAMING_FIELDS))
+
+
+def _fields(plan: StreamPlan, names: list[str]) -> tuple[tuple[str, Hashable], ...]:
+    """Return the named fields of ``plan`` as ``(name, hashable value)`` pairs, in order."""
+    return tuple((name, _hashable(getattr(plan, name))) for name in names)
 
 
 def _hashable(value: object) -> Hashable:
@@ -171,7 +172,7 @@ class _Group:
         """
         deadline = time.monotonic() + self.lag_wait
         self.prune(in_use=False)
-        while len(self.entries) >= self.per_stream * len(self.positions):
+        while len(self.entries) >= (bound := self.per_stream * len(self.positions)):
             if sub not in self.positions:  # detached while it waited
                 return False
             mine = self.positions[sub]
@@ -182,7 +183,6 @@ class _Group:
                 sub.detach()
                 return False
             low = min(others)
-            bound = self.per_stream * len(self.positions)
             close = low[0] == mine[0] and mine[1] - low[1] <= bound  # near: shares buffers
             left = deadline - time.monotonic()
             if close and left > 0:
