@@ -4,7 +4,9 @@ A daemon listening on a unix socket also listens on a ``SOCK_SEQPACKET`` socket 
 the same path + ``".shm"``. A client connects it and sends :func:`hello`; the daemon
 answers with a session token and one memfd per slot (``SCM_RIGHTS``). Frames of a
 stream naming the token are written into the slots, each write numbered; the client
-sends the write's number back (:func:`release`) when it no longer reads it. The memory belongs to no
+sends the write's number back (:func:`release`) when it no longer reads it. Frames shared
+by identical streams lie in memfds of their own, each sent once per stream with
+:func:`announce` before the first frame in it. The memory belongs to no
 file: the kernel frees it once both processes have closed the descriptors, so a
 process that dies leaves nothing behind. See the wire contract in ``annserve.proto``.
 """
@@ -15,6 +17,8 @@ import struct
 
 #: First bytes of the hello and of the daemon's answer.
 MAGIC = b"ASM1"
+#: First bytes of the daemon's announcement of a shared frame's memfd.
+SHARED = b"ASF1"
 #: First bytes of the daemon's answer when it refuses a session.
 REFUSED = b"ERR "
 #: Bytes of a session token.
@@ -26,6 +30,7 @@ SUFFIX = ".shm"
 
 _HELLO = struct.Struct("<4sI")
 _SEQ = struct.Struct("<Q")
+_ANNOUNCE = struct.Struct("<4sQ")
 #: Size of the largest message either side reads.
 MAX_MESSAGE = 4096
 
@@ -90,3 +95,22 @@ def parse_releases(message: bytes) -> list[int]:
         msg = f"not a slot release: {len(message)} bytes"
         raise ValueError(msg)
     return [s for (s,) in _SEQ.iter_unpack(message)]
+
+
+def announce(memfd_id: int) -> bytes:
+    """Return the daemon's message sent with a shared frame's memfd (its descriptor attached)."""
+    return _ANNOUNCE.pack(SHARED, memfd_id)
+
+
+def parse_announce(message: bytes) -> int:
+    """Return the id of the shared memfd a daemon's message announces.
+
+    Raises
+    ------
+    ValueError
+        If the message is not an announcement.
+    """
+    if len(message) != _ANNOUNCE.size or not message.startswith(SHARED):
+        msg = f"not a shared-frame announcement: {message[:16]!r} ({len(message)} bytes)"
+        raise ValueError(msg)
+    return _ANNOUNCE.unpack(message)[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -40,14 +41,15 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs L
 BOUND_S = 30.0
 
 
-def memfds(pid: int | str = "self") -> int:
-    """Descriptors and mappings of a process that are annserve's shared-memory slots."""
+def memfds(pid: int | str = "self", kind: str = "") -> int:
+    """Descriptors and mappings of a process that are annserve's memfds (``slot``, ``shared``)."""
+    name = f"memfd:annserve-{kind}"
     fd_dir = Path(f"/proc/{pid}/fd")
     fds = 0
     for fd in fd_dir.iterdir():
         with contextlib.suppress(OSError):  # closed meanwhile
-            fds += "memfd:annserve-slot" in os.readlink(fd)
-    maps = Path(f"/proc/{pid}/maps").read_text().count("memfd:annserve-slot")
+            fds += name in os.readlink(fd)
+    maps = Path(f"/proc/{pid}/maps").read_text().count(name)
     return fds + maps
 
 
@@ -220,6 +222,49 @@ def test_a_client_that_frees_no_slot_gets_deadline_exceeded(tmp_path):
             assert epoch_rows(loader) == loader.n_obs
         finally:
             session.close()
+
+
+def test_identical_streams_share_frames_written_once(unix_server):
+    """Three identical streams in lock step point to the same memfds; each gets its own bytes.
+
+    One stream keeps every frame as the view it arrived as (past its slots the session
+    copies): a memfd the daemon reused while a client still held it would change them.
+    """
+    path = shm.side_socket(unix_server)
+    fields = {"batch_size": 100, "return_index": True, "shm_shared_frames": True}
+    sessions = [SharedMemorySession(path, 4, BOUND_S) for _ in range(4)]
+    try:
+        with grpc.insecure_channel(unix_server) as channel:
+            method = channel.unary_stream("/annserve.v1.AnnServe/StreamBatches")
+
+            def call(session, headers):
+                request = _request(session.token, **fields).SerializeToString()
+                for message in method(request, timeout=BOUND_S):
+                    headers.append(pb.BatchFrame.FromString(message).header)
+                    yield message
+
+            lone_headers: list[pb.BatchHeader] = []
+            want = [bytes(f) for f in sessions[0].frames(call(sessions[0], lone_headers))]
+            headers: list[list[pb.BatchHeader]] = [[], [], []]
+            streams = [s.frames(call(s, h)) for s, h in zip(sessions[1:], headers, strict=True)]
+            kept, copied, other = [], [], []
+            for views in itertools.zip_longest(*streams):
+                kept.append(views[0])
+                copied.append(bytes(views[1]))
+                other.append(bytes(views[2]))
+                del views
+    finally:
+        for session in sessions:
+            session.close()
+    assert not any(h.shm_shared for h in lone_headers)  # alone: its own slots
+    assert [bytes(v) for v in kept] == copied == other == want  # bit-exact, every frame
+    ids = [{h[i].shm_shared for h in headers} for i in range(len(want))]
+    shared = [i.pop() for i in ids if len(i) == 1 and 0 not in i]  # same memfd for all three
+    assert len(shared) >= len(want) // 2
+    assert len(set(shared)) < len(shared)  # memfds reused from frame to frame
+    del kept
+    gc.collect()
+    wait_until(lambda: memfds(kind="shared") == 0, "no shared memfd left on either side")
 
 
 def _request(token: bytes, **fields) -> pb.StreamBatchesRequest:

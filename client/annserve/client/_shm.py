@@ -6,7 +6,9 @@ in a slot is handed on as a writable memoryview whose exporter releases the slot
 when the last array viewing it is gone, i.e. when the training loop drops the batch
 built from it. So that a loop keeping batches (``list(loader)``) cannot starve the
 daemon, a frame arriving while all other slots are held is copied out and its slot
-released at once.
+released at once. Frames that the daemon shares among identical streams arrive in
+memfds of their own, announced on the side socket: each is mapped once per stream and
+its descriptor closed at once (such a memfd never grows).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import ctypes
 import logging
 import mmap
 import os
+import select
 import socket
 import threading
 import weakref
@@ -80,6 +83,8 @@ class SharedMemorySession:
         self._sock = sock
         self._fds = fds
         self._maps: list[mmap.mmap | None] = [None] * n_slots
+        self._shared: dict[int, mmap.mmap] = {}  # this stream's shared memfds, by id
+        self._timeout = timeout
         self._held: set[int] = set()  # writes (shm_seq) handed on as views, not released
         self._lock = threading.Lock()
         self.busy = False  # a stream uses it
@@ -106,8 +111,10 @@ class SharedMemorySession:
         Raises
         ------
         FrameDecodeError
-            If a message does not parse or names a slot or size the session lacks.
+            If a message does not parse or names a slot or size the session lacks, or a
+            shared memfd the daemon does not announce within the session's timeout.
         """
+        self._shared.clear()  # the daemon announces each stream's shared memfds anew
         for message in messages:
             try:
                 header = pb.BatchFrame.FromString(message).header
@@ -117,16 +124,19 @@ class SharedMemorySession:
             if not header.shm_nbytes:
                 yield message
                 continue
-            yield self._frame(header.shm_slot, header.shm_nbytes, header.shm_seq)
+            if header.shm_shared:
+                mapping = self._shared_mapping(header.shm_shared, header.shm_nbytes)
+            else:
+                mapping = self._mapping(header.shm_slot, header.shm_nbytes)
+            yield self._frame(mapping, header.shm_nbytes, header.shm_seq)
 
     def held(self) -> list[int]:
         """Return the writes (``shm_seq``) whose slots batches still view."""
         with self._lock:
             return sorted(self._held)
 
-    def _frame(self, slot: int, nbytes: int, seq: int) -> bytearray | memoryview:
-        """Return bytes ``[0, nbytes)`` of a slot: a view that releases it, or a copy."""
-        mapping = self._mapping(slot, nbytes)
+    def _frame(self, mapping: mmap.mmap, nbytes: int, seq: int) -> bytearray | memoryview:
+        """Return bytes ``[0, nbytes)`` of a write: a view that releases it, or a copy."""
         view = _exporter(len(mapping)).from_buffer(mapping)
         with self._lock:
             copy = len(self._held) >= self.n_slots - 1
@@ -154,6 +164,38 @@ class SharedMemorySession:
             self._maps[slot] = mapping
         return mapping
 
+    def _shared_mapping(self, memfd_id: int, nbytes: int) -> mmap.mmap:
+        """Return the mapping of a shared memfd, taking announcements until it comes."""
+        while memfd_id not in self._shared:
+            self._take_announcement()
+        mapping = self._shared[memfd_id]
+        if nbytes < 0 or len(mapping) < nbytes:
+            msg = f"shared-memory frame of {nbytes} bytes in memfd {memfd_id} of {len(mapping)}"
+            raise FrameDecodeError(msg)
+        return mapping
+
+    def _take_announcement(self) -> None:
+        """Map the shared memfd of the daemon's next announcement on the side socket."""
+        if not select.select([self._sock], [], [], self._timeout)[0]:
+            msg = f"the daemon announced no shared memfd within {self._timeout:g} s"
+            raise FrameDecodeError(msg)
+        try:
+            message, fds, _, _ = socket.recv_fds(self._sock, shm.MAX_MESSAGE, 1)
+        except OSError as e:
+            msg = f"shared-memory side socket failed: {e}"
+            raise FrameDecodeError(msg) from e
+        try:
+            memfd_id = shm.parse_announce(message)
+            if len(fds) != 1:
+                msg = f"shared-frame announcement carries {len(fds)} descriptors, expected 1"
+                raise ValueError(msg)
+            self._shared[memfd_id] = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+        except (OSError, ValueError) as e:
+            raise FrameDecodeError(str(e)) from e
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def _release(self, seq: int) -> None:
         # under the lock: a request's held() lists a write, or its release was sent before
         with self._lock:
@@ -169,6 +211,7 @@ class SharedMemorySession:
         self._closer()
         self._fds = []
         self._maps = []
+        self._shared = {}
 
 
 def _close(sock: socket.socket, fds: list[int]) -> None:

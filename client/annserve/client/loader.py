@@ -640,6 +640,7 @@ class RemoteLoader(IterableDataset):
         if session is not None:
             request.shm_session = session.token
             request.shm_held[:] = session.held()
+            request.shm_shared_frames = True
             if request.encoding == pb.ENCODING_NATIVE:
                 request.value_dtype = self._value_dtype().str
         for option in (self.split, self.balance):

@@ -128,7 +128,7 @@ class StoreInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session", "shm_held", "store_fingerprint", "earlier_worlds")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session", "shm_held", "store_fingerprint", "earlier_worlds", "shm_shared_frames")
     class CategoryWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class StreamBatchesRequest(_message.Message):
     SHM_HELD_FIELD_NUMBER: _ClassVar[int]
     STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EARLIER_WORLDS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SHARED_FRAMES_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -206,7 +207,8 @@ class StreamBatchesRequest(_message.Message):
     shm_held: _containers.RepeatedScalarFieldContainer[int]
     store_fingerprint: str
     earlier_worlds: _containers.RepeatedCompositeFieldContainer[EarlierWorld]
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ..., shm_held: _Optional[_Iterable[int]] = ..., store_fingerprint: _Optional[str] = ..., earlier_worlds: _Optional[_Iterable[_Union[EarlierWorld, _Mapping]]] = ...) -> None: ...
+    shm_shared_frames: bool
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ..., shm_held: _Optional[_Iterable[int]] = ..., store_fingerprint: _Optional[str] = ..., earlier_worlds: _Optional[_Iterable[_Union[EarlierWorld, _Mapping]]] = ..., shm_shared_frames: _Optional[bool] = ...) -> None: ...
 
 class EarlierWorld(_message.Message):
     __slots__ = ("shard_count", "batches")
@@ -237,7 +239,7 @@ class StringColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes", "shm_seq")
+    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes", "shm_seq", "shm_shared")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +254,7 @@ class BatchHeader(_message.Message):
     SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     SHM_NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SHM_SHARED_FIELD_NUMBER: _ClassVar[int]
     batch: int
     batch_rows: int
     row_start: int
@@ -266,7 +269,8 @@ class BatchHeader(_message.Message):
     shm_slot: int
     shm_nbytes: int
     shm_seq: int
-    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ...) -> None: ...
+    shm_shared: int
+    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ..., shm_shared: _Optional[int] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
     __slots__ = ("header", "payload")

@@ -32,8 +32,14 @@ from annserve.server.plan.selection import make_sampler
 from annserve.server.rpc.describe import store_info
 from annserve.server.rpc.handlers import end_call, status_set
 from annserve.server.rpc.metrics import Metrics
-from annserve.server.stream.frames import epoch_frames, epoch_span
-from annserve.server.stream.shared import REGISTRY, SharedReads, Subscription
+from annserve.server.stream.frames import Sharing, epoch_frames, epoch_span
+from annserve.server.stream.shared import (
+    REGISTRY,
+    SharedReads,
+    Subscription,
+    frame_key,
+    read_key,
+)
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
     from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
-    from annserve.server.rpc.shm import Session, SharedMemoryListener
+    from annserve.server.rpc.shm import Session, SharedFrame, SharedMemoryListener
     from annserve.server.stream.frames import Frame, Pack
     from annserve.wire import Pieces
 
@@ -292,12 +298,17 @@ class AnnServeService:
             if session is not None:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
             pack = None if session is None else self._packer(session, cancelled)
+            sharing = None
             if self.shared_reads is not None:
                 reads = self.shared_reads.subscribe(
                     store, plan, cancelled, self.metrics.preload_buffers_of(name)
                 )
+                if session is not None and request.shm_shared_frames:
+                    sharing = self._sharing(session, cancelled, store, plan)
             frames = Prefetcher(
-                lambda: epoch_frames(store, sampler, plan, on_read, cancelled, pack, shared=reads),
+                lambda: epoch_frames(
+                    store, sampler, plan, on_read, cancelled, pack, reads, sharing
+                ),
                 FRAME_QUEUE,
                 name=f"annserve-stream-{stream_id}",
             )
@@ -412,6 +423,18 @@ class AnnServeService:
             return session.pack(header, arrays, self.stall_timeout, cancelled)
 
         return pack
+
+    def _sharing(
+        self, session: Session, cancelled: threading.Event, store: Store, plan: StreamPlan
+    ) -> Sharing:
+        """Return how a shared-memory stream shares frames: written once into its group's pool."""
+        assert self.shared_memory is not None
+        pool = self.shared_memory.frame_pool((read_key(store, plan), frame_key(plan)))
+
+        def send(frame: SharedFrame) -> bytes:
+            return session.point(frame, self.stall_timeout, cancelled)
+
+        return Sharing("shm", pool.write, send)
 
     # --- admission, stalls and shutdown ----------------------------------------------
     def _admit(self, context: grpc.ServicerContext) -> tuple[int, _OpenStream]:

@@ -7,17 +7,25 @@ are gathered from the preload buffer by that one copy, see
 :mod:`annserve.server.rpc.gather`; the daemon never maps the slots) and sends only
 the header over gRPC. The client's releases come back on the side socket and free
 slots; a stream waits for one (back-pressure).
+
+Identical streams (a sweep's trainers, :mod:`annserve.server.stream.shared`) share
+frames instead: a :class:`FramePool` of their group writes each frame once into a
+memfd of its own (:class:`SharedFrame`), and every session points to it
+(:meth:`Session.point`), sending the memfd over the side socket the first time a
+stream points to it. A session holds at most ``n_slots`` writes of either kind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -28,7 +36,7 @@ from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import frame_parts
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Hashable, Sequence
 
     import numpy as np
 
@@ -40,6 +48,104 @@ logger = logging.getLogger(__name__)
 _GROWTH = 1.25
 #: Seconds between checks of a stream's cancellation while it waits for a slot.
 _POLL_S = 0.1
+#: Released memfds a frame pool keeps for reuse; more are closed.
+POOL_KEEP = 8
+_memfd_ids = itertools.count(1)  # ids of shared memfds, unique in the daemon
+
+
+class SharedFrame:
+    """A frame written once into a memfd of a :class:`FramePool`, for every session.
+
+    The memfd goes back to its pool when this object is gone: no session holds the
+    write any more and no stream can point to it (the piece's frames were dropped).
+
+    Attributes
+    ----------
+    memfd_id
+        The memfd's id, unique in the daemon (``BatchHeader.shm_shared``).
+    fd
+        The memfd's descriptor (the pool's).
+    nbytes
+        Bytes of the frame, from offset 0.
+    header
+        The frame's header (batch number and rows, for each stream's pointer).
+    """
+
+    __slots__ = ("__weakref__", "fd", "header", "memfd_id", "nbytes")
+
+    def __init__(
+        self, pool: FramePool, memfd: tuple[int, int, int], nbytes: int, header: pb.BatchHeader
+    ) -> None:
+        self.memfd_id, self.fd, _ = memfd
+        self.nbytes = nbytes
+        self.header = header
+        weakref.finalize(self, pool.give_back, memfd)
+
+
+class FramePool:
+    """The memfds of one group of identical streams' shared frames, reused once released.
+
+    A memfd never grows (a client maps it once) and holds frames of this group only:
+    a session is only ever sent memory holding frames its own request asks for. Created
+    by :meth:`SharedMemoryListener.frame_pool`; the pool lives while a stream or frame
+    uses it, and closes its free memfds when it goes.
+
+    Parameters
+    ----------
+    keep
+        Released memfds kept for reuse, at most.
+    """
+
+    def __init__(self, keep: int = POOL_KEEP) -> None:
+        self._keep = keep
+        self._free: list[tuple[int, int, int]] = []  # (memfd_id, fd, capacity)
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_memfds, self._free)
+
+    def write(
+        self, header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray | Pieces]]
+    ) -> SharedFrame:
+        """Write a frame into a free memfd (a new one if none fits); see :meth:`Session.pack`.
+
+        Raises
+        ------
+        OSError
+            If no memfd can be created or written.
+        """
+        parts, nbytes = frame_parts(header, arrays)
+        memfd = self._take(nbytes)
+        try:
+            pwrite_parts(memfd[1], parts, 0)
+        except BaseException:
+            self.give_back(memfd)
+            raise
+        return SharedFrame(self, memfd, nbytes, header)
+
+    def _take(self, nbytes: int) -> tuple[int, int, int]:
+        with self._lock:
+            fits = [m for m in self._free if m[2] >= nbytes]
+            if fits:
+                memfd = min(fits, key=lambda m: m[2])
+                self._free.remove(memfd)
+                return memfd
+        capacity = int(nbytes * _GROWTH) + 4095 & ~4095
+        fd = os.memfd_create("annserve-shared", os.MFD_CLOEXEC)
+        os.ftruncate(fd, capacity)
+        return next(_memfd_ids), fd, capacity
+
+    def give_back(self, memfd: tuple[int, int, int]) -> None:
+        """Take a memfd back once no frame in it is held (kept, or closed past ``keep``)."""
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(memfd)
+                return
+        os.close(memfd[1])
+
+
+def _close_memfds(memfds: list[tuple[int, int, int]]) -> None:
+    for _, fd, _ in memfds:
+        os.close(fd)
+    memfds.clear()
 
 
 class Session:
@@ -59,7 +165,9 @@ class Session:
         self._fds = [os.memfd_create(f"annserve-slot-{i}", os.MFD_CLOEXEC) for i in range(n_slots)]
         self._sizes = [0] * n_slots
         self._free: deque[int] = deque(range(n_slots))
-        self._written: dict[int, int] = {}  # slot of each write the client holds, by seq
+        # slot (or shared frame) of each write the client holds, by seq
+        self._written: dict[int, int | SharedFrame] = {}
+        self._announced: set[int] = set()  # shared memfds sent to the client in this stream
         self._seq = 0  # writes so far
         self._cond = threading.Condition()
         self._closed = False  # the client left (or broke the protocol)
@@ -94,7 +202,7 @@ class Session:
         with self._cond:
             for seq in seqs:
                 slot = self._written.pop(seq, None)
-                if slot is not None:  # else taken back already (see begin)
+                if isinstance(slot, int):  # a shared frame's memfd is its pool's; None: taken back
                     self._free.append(slot)
             self._cond.notify_all()
 
@@ -123,7 +231,10 @@ class Session:
                 msg = f"shm_session: the shared-memory session is {state}"
                 raise InvalidRequestError(msg)
             for seq in [s for s in self._written if s not in keep]:
-                self._free.append(self._written.pop(seq))
+                slot = self._written.pop(seq)
+                if isinstance(slot, int):
+                    self._free.append(slot)
+            self._announced.clear()  # the client maps anew each stream's shared memfds
             self._busy = True
 
     def end(self) -> None:
@@ -160,7 +271,8 @@ class Session:
             If the client closed the session, or the stream was cancelled, meanwhile.
         """
         parts, nbytes = frame_parts(header, arrays)
-        slot, seq = self._take(timeout, cancelled)
+        seq, slot = self._take(timeout, cancelled)
+        assert isinstance(slot, int)
         fd = self._fds[slot]
         if nbytes > self._sizes[slot]:
             self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
@@ -171,11 +283,42 @@ class Session:
         )
         return pb.BatchFrame(header=pointer).SerializeToString()
 
-    def _take(self, timeout: float, cancelled: threading.Event) -> tuple[int, int]:
-        """Return a free slot and the number of the write into it, waiting for one."""
+    def point(self, frame: SharedFrame, timeout: float, cancelled: threading.Event) -> bytes:
+        """Return the gRPC message that points to a shared frame; the client holds it.
+
+        The frame's memfd is sent on the side socket first, once per stream. Waits and
+        raises as :meth:`pack` does (a shared frame counts as a slot while held).
+        """
+        seq, _ = self._take(timeout, cancelled, frame)
+        if frame.memfd_id not in self._announced:
+            try:
+                # never blocks: a client that reads no announcements fills its socket
+                socket.send_fds(
+                    self._conn, [shm.announce(frame.memfd_id)], [frame.fd], socket.MSG_DONTWAIT
+                )
+            except OSError as e:
+                msg = f"the client's shared-memory session takes no shared frame: {e}"
+                raise ServerUnavailableError(msg) from e
+            self._announced.add(frame.memfd_id)
+        pointer = pb.BatchHeader(
+            batch=frame.header.batch,
+            n_rows=frame.header.n_rows,
+            shm_nbytes=frame.nbytes,
+            shm_seq=seq,
+            shm_shared=frame.memfd_id,
+        )
+        return pb.BatchFrame(header=pointer).SerializeToString()
+
+    def _take(
+        self, timeout: float, cancelled: threading.Event, frame: SharedFrame | None = None
+    ) -> tuple[int, int | SharedFrame]:
+        """Return the number of a new write and what it holds: a free slot, or ``frame``.
+
+        Waits until the client holds fewer than ``n_slots`` writes (then a slot is free).
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self._free:
+            while len(self._written) >= self.n_slots:
                 if self._closed or cancelled.is_set():
                     msg = "the client closed its shared-memory session"
                     raise ServerUnavailableError(msg)
@@ -188,10 +331,10 @@ class Session:
                     )
                     raise StreamStalledError(msg)
                 self._cond.wait(min(left, _POLL_S))
-            slot = self._free.popleft()
+            held = self._free.popleft() if frame is None else frame
             self._seq += 1
-            self._written[self._seq] = slot
-            return slot, self._seq
+            self._written[self._seq] = held
+            return self._seq, held
 
     def _close_fds(self) -> None:
         for fd in self._fds:
@@ -217,6 +360,9 @@ class SharedMemoryListener:
     def __init__(self, path: str) -> None:
         self.path = path
         self._sessions: dict[bytes, Session] = {}
+        self._pools: weakref.WeakValueDictionary[Hashable, FramePool] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if os.path.exists(path):
@@ -240,6 +386,23 @@ class SharedMemoryListener:
             msg = "shm_session: no open shared-memory session has this token"
             raise InvalidRequestError(msg)
         return found
+
+    def frame_pool(self, key: Hashable) -> FramePool:
+        """Return the frame pool of a group of identical streams (made on first use).
+
+        Parameters
+        ----------
+        key
+            What makes streams identical: their shared-reads group and framing
+            (:func:`~annserve.server.stream.shared.read_key`,
+            :func:`~annserve.server.stream.shared.frame_key`). The pool lives while a
+            stream holds it or a frame uses it.
+        """
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = FramePool()
+            return pool
 
     def close(self) -> None:
         """Stop accepting sessions and remove the socket file (open sessions go on)."""

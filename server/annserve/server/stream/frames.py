@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -51,13 +51,36 @@ if TYPE_CHECKING:
         np.ndarray,
         WireRows,
         dict[str, WireRows],
-        dict[tuple[Hashable, int], "Future[Frame]"],
+        dict[tuple[Hashable, int], "Future[Any]"],
     ]
+
+T = TypeVar("T")
 
 #: Most rows in one frame; frames this size measured fastest on loopback.
 MAX_FRAME_ROWS = 1024
 #: Target payload of one frame, bytes; 1-4 MB messages measured fastest.
 TARGET_FRAME_BYTES = 2 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """How a stream shares the frames of a shared piece with the streams that frame alike.
+
+    Attributes
+    ----------
+    kind
+        Frames written by streams of one kind are interchangeable (``"grpc"`` bytes,
+        ``"shm"`` shared-memory frames; the two also cut different frames).
+    write
+        Serializes a frame once for all of them, as ``pack`` does: ``write(header,
+        arrays)`` returns what ``send`` takes.
+    send
+        Returns the message this stream sends for a written frame.
+    """
+
+    kind: str
+    write: Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], object]
+    send: Callable[[Any], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +125,7 @@ def epoch_frames(
     cancelled: threading.Event | None = None,
     pack: Pack | None = None,
     shared: Subscription | None = None,
+    sharing: Sharing | None = None,
 ) -> Iterator[Frame]:
     """Yield the serialized frames of one shard's epoch, from batch ``plan.start_batch`` on.
 
@@ -134,10 +158,12 @@ def epoch_frames(
     shared
         The stream's membership of the streams reading the same buffers
         (:mod:`annserve.server.stream.shared`): each piece of a buffer is read once for
-        all of them, and without ``pack`` each frame is encoded once for the streams
-        that frame alike (:func:`~annserve.server.stream.shared.frame_key`) while others
-        are attached (a lone stream keeps no frames); None reads and encodes every
-        buffer for this stream alone.
+        all of them; None reads and encodes every buffer for this stream alone.
+    sharing
+        With ``shared``, while other streams are attached, each frame is written once
+        for the streams that frame alike (:func:`~annserve.server.stream.shared.frame_key`)
+        and this kind of sharing; a lone stream keeps no frames. Without ``pack`` the
+        default shares the encoded bytes; None with ``pack``: no frame is shared.
 
     Yields
     ------
@@ -152,12 +178,13 @@ def epoch_frames(
     emitted = todo.start - span.start
     per_row = _row_extra_bytes(store, plan)
     whole_batches = pack is not None
-    # frames in the gRPC stream are plain bytes: streams sharing a piece share them too
-    framing = frame_key(plan) if shared is not None and pack is None else None
     if pack is None:
         pack = functools.partial(
             encode_frame, compression=plan.compression, level=plan.compression_level
         )
+        if sharing is None:  # frames in the gRPC stream are plain bytes: shared as they are
+            sharing = Sharing("grpc", pack, _same)
+    framing = None if shared is None or sharing is None else (sharing.kind, frame_key(plan))
     buffers = Prefetcher(
         lambda: _read_ahead(
             store, sampler, plan, left.positions(todo), pool, on_read, cancelled, shared
@@ -186,19 +213,28 @@ def epoch_frames(
                     sparse=wire.sparse,
                 )
                 at = slice(start, start + n)
-                make = functools.partial(
-                    _frame, pack, header, wire, obsm, positions[at], rows[at], plan, store
+                frame = functools.partial(
+                    _frame, header, wire, obsm, positions[at], rows[at], plan, store
                 )
-                alone = framing is None or shared is None or not shared.has_peers()
-                yield make() if alone else _once(encoded, (framing, emitted), make)
+                if framing is None or shared is None or not shared.has_peers():
+                    yield Frame(header, frame(pack))
+                else:
+                    assert sharing is not None
+                    written = _once(
+                        encoded, (framing, emitted), functools.partial(frame, sharing.write)
+                    )
+                    yield Frame(header, sharing.send(written))
                 start += n
                 emitted += n
     finally:
         buffers.close()
 
 
+def _same(written: bytes) -> bytes:
+    return written
+
+
 def _frame(
-    pack: Pack,
     header: pb.BatchHeader,
     wire: WireRows,
     obsm: dict[str, WireRows],
@@ -206,7 +242,8 @@ def _frame(
     global_rows: np.ndarray,
     plan: StreamPlan,
     store: Store,
-) -> Frame:
+    pack: Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], T],
+) -> T:
     """Gather and serialize one frame (``header`` gets its text obs and obs_names)."""
     arrays = frame_arrays(wire, positions, plan.encoding)
     for key, rows in obsm.items():
@@ -218,21 +255,21 @@ def _frame(
     header.obs_names.extend(store.obs_names[global_rows].tolist())
     if plan.return_index:
         arrays.append(("index", global_rows))
-    return Frame(header, pack(header, arrays))
+    return pack(header, arrays)
 
 
 def _once(
-    encoded: dict[tuple[Hashable, int], Future[Frame]],
+    encoded: dict[tuple[Hashable, int], Future[Any]],
     key: tuple[Hashable, int],
-    make: Callable[[], Frame],
-) -> Frame:
+    make: Callable[[], T],
+) -> T:
     """Return the frame ``key`` of a shared piece, made by the first stream that needs it.
 
     That stream claims the frame with a future; streams reaching it meanwhile wait for
     it (streams in lock step would otherwise all encode it). If making it fails, the
     error is the claiming stream's: each waiting stream makes the frame itself.
     """
-    mine: Future[Frame] = Future()
+    mine: Future[T] = Future()
     claimed = encoded.setdefault(key, mine)  # atomic: one stream claims each frame
     if claimed is not mine:
         try:
@@ -263,9 +300,10 @@ def _read_ahead(
     Yields ``(rows, positions, wire, obsm, encoded)``: the buffer's rows in yield order,
     each row's position in ``wire``, the prepared buffer (rows sorted, each once), the
     requested obsm arrays at the same rows (as stored, by key), and the piece's frames
-    claimed so far, by ``(frame_key, first row's epoch position)`` (empty: streams that
-    share the piece fill it, :func:`_once`). With ``shared`` a piece another stream of
-    the group has read (or is reading) is taken from it, not read.
+    claimed so far, by ``((sharing kind, frame_key), first row's epoch position)``
+    (empty: streams that share the piece fill it, :func:`_once`). With ``shared`` a
+    piece another stream of the group has read (or is reading) is taken from it, not
+    read.
     """
     if shared is None:
         for rows in rows_in_spans(sampler, plan.epoch, spans, cancelled):
