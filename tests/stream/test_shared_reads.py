@@ -357,6 +357,45 @@ def test_a_stream_briefly_behind_is_waited_for_not_detached(store):
     assert registry.groups() == 0
 
 
+def test_a_new_epochs_group_keeps_buffers_for_the_previous_epochs_streams(store):
+    """A trainer that starts the next epoch late takes even its first buffers from the group."""
+    want = _alone(store, epoch=3)
+    pieces = _n_pieces(store, epoch=3)
+    registry = SharedReads(buffers_per_stream=2)
+    first, second = _Stream(store, registry), _Stream(store, registry)  # epoch 2
+    _round_robin([first])
+    for _ in range(len(want) - 2):  # the second is two frames from its epoch's end
+        second.step()
+    ahead = _Stream(store, registry, epoch=3)
+    for _ in range(2):  # two buffers (a frame each) ahead, alone
+        ahead.step()
+    _round_robin([second])  # ends epoch 2
+    late = _Stream(store, registry, epoch=3)
+    _round_robin([ahead, late])
+    assert ahead.got == want
+    assert late.got == want
+    assert (ahead.sub.reads, late.sub.reads, late.sub.shared) == (pieces, 0, pieces)
+    assert registry.groups() == 0
+
+
+def test_a_stream_that_never_comes_holds_no_more_than_its_share(store):
+    """The expected stream never starts the new epoch: the group gives up its buffers."""
+    want = _alone(store, epoch=3)
+    registry = SharedReads(buffers_per_stream=2)
+    stays = _Stream(store, registry)  # epoch 2, never ends
+    stays.step()
+    alone = _Stream(store, registry, epoch=3)
+    held = []
+    while alone.step():
+        held.append(len(alone.sub._group.entries))
+    assert alone.got == want
+    assert max(held) <= 2 * 2  # two streams' worth: its own and the expected one's
+    assert held[-1] <= 2 + 1  # then its own (and one it still frames)
+    assert alone.sub.reads == _n_pieces(store, epoch=3)
+    stays.end()
+    assert registry.groups() == 0
+
+
 def test_daemon_streams_share_reads(store, monkeypatch):
     """Three concurrent StreamBatches calls on a daemon: own frames, fewer store reads, metric."""
     # a 512-row buffer is 8 frames; the frame queue lets a stream run ~2 buffers ahead

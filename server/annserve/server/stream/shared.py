@@ -20,6 +20,13 @@ behind: they read their own buffers from then on (and rejoin if they catch up wi
 buffer the group holds) instead of pinning memory without bound.
 Shared buffers come from the group's own :class:`~annserve.buffers.BufferPool`, which
 reuses a buffer only once no array of any stream views it.
+
+A sweep's trainers end an epoch a moment apart, and the first to start the next one
+would have read a buffer or two before the others join (the group keeps no buffer
+behind its streams). So a new group *expects* the streams still in the group of the
+previous epoch: for each of them it keeps the buffers from where a stream framing alike
+began, within the bound counted as if they were there, until they join or the group
+needs the room.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import dataclasses
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -144,19 +152,26 @@ class _Group:
         self.cond = threading.Condition()
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.positions: dict[Subscription, tuple[int, int]] = {}  # attached streams
-        self.members = 0
+        self.members: Counter[Hashable] = Counter()  # subscribed streams, by frame_key
+        self.expected: Counter[Hashable] = Counter()  # streams not yet here, by frame_key
+        self.first: dict[Hashable, tuple[int, int]] = {}  # where each frame_key began
         self.pool = BufferPool(max_buffers=_POOL_BUFFERS)
 
+    def bound(self) -> int:
+        """Buffers the group may hold: per stream attached or expected (called locked)."""
+        return self.per_stream * (len(self.positions) + self.expected.total())
+
     def prune(self, *, in_use: bool = True) -> None:
-        """Drop the buffers no attached stream will ask for again (called locked).
+        """Drop the buffers no attached or expected stream will ask for (called locked).
 
         With ``in_use``, one a stream still frames is kept (its memory is held anyway),
         for a stream that joins a moment later.
         """
-        if not self.positions:
+        held = [self.first[k] for k in +self.expected if k in self.first]
+        if not self.positions and not held:
             self.entries.clear()
             return
-        low = min(self.positions.values())
+        low = min([*self.positions.values(), *held])
         for buffer in [b for b in self.entries if b < low]:
             if not (in_use and _referenced(self.entries[buffer].value)):
                 del self.entries[buffer]
@@ -172,7 +187,11 @@ class _Group:
         """
         deadline = time.monotonic() + self.lag_wait
         self.prune(in_use=False)
-        while len(self.entries) >= (bound := self.per_stream * len(self.positions)):
+        while len(self.entries) >= (bound := self.bound()):
+            if self.expected.total():  # streams that have not come yet lose their buffers first
+                self.expected.clear()
+                self.prune(in_use=False)
+                continue
             if sub not in self.positions:  # detached while it waited
                 return False
             mine = self.positions[sub]
@@ -215,11 +234,13 @@ class Subscription:
         self,
         registry: SharedReads,
         group: _Group,
+        framing: Hashable,
         cancelled: threading.Event | None,
         counted: Callable[[str], None] | None,
     ) -> None:
         self._registry = registry
         self._group = group
+        self._framing = framing
         self._cancelled = cancelled
         self._counted = counted
         self.attached = True
@@ -264,6 +285,7 @@ class Subscription:
             if not self.closed and (self.attached or same):
                 self.attached = True
                 g.positions[self] = piece.buffer
+                g.first.setdefault(self._framing, piece.buffer)
                 g.prune()
                 g.cond.notify_all()  # a stream waiting for room (make_room) may have it
             mine = False
@@ -320,7 +342,7 @@ class Subscription:
                 return
             self.closed = True
             self.detach()
-        self._registry._left(self._group)
+        self._registry._left(self._group, self._framing)
 
     def __enter__(self) -> Subscription:
         return self
@@ -384,20 +406,28 @@ class SharedReads:
         -------
         The stream's subscription; close it when the stream ends.
         """
-        key = read_key(store, plan)
+        key, framing = read_key(store, plan), frame_key(plan)
         with self._lock:
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group(
                     key, store, self.buffers_per_stream, self.lag_wait
                 )
-            group.members += 1
-        return Subscription(self, group, cancelled, counted)
+                if plan.epoch > 0:  # the streams still in the previous epoch come next
+                    before = read_key(store, dataclasses.replace(plan, epoch=plan.epoch - 1))
+                    if before in self._groups:
+                        group.expected = +self._groups[before].members
+            else:
+                with group.cond:
+                    if group.expected[framing] > 0:  # one of them came
+                        group.expected[framing] -= 1
+            group.members[framing] += 1
+        return Subscription(self, group, framing, cancelled, counted)
 
-    def _left(self, group: _Group) -> None:
+    def _left(self, group: _Group, framing: Hashable) -> None:
         with self._lock:
-            group.members -= 1
-            if group.members == 0 and self._groups.get(group.key) is group:
+            group.members[framing] -= 1
+            if not +group.members and self._groups.get(group.key) is group:
                 del self._groups[group.key]
 
     def groups(self) -> int:
