@@ -25,8 +25,8 @@ A sweep's trainers end an epoch a moment apart, and the first to start the next 
 would have read a buffer or two before the others join (the group keeps no buffer
 behind its streams). So a new group *expects* the streams still in the group of the
 previous epoch: for each of them it keeps the buffers from where a stream framing alike
-began, within the bound counted as if they were there, until they join or the group
-needs the room.
+began, within the bound counted as if they were there, until they join or, once the
+group needs the room, :data:`LAG_WAIT_S` has passed.
 """
 
 from __future__ import annotations
@@ -179,8 +179,10 @@ class _Group:
     def make_room(self, sub: Subscription) -> bool:
         """Wait for, then detach, the streams furthest behind until a new buffer fits.
 
-        Called locked. A group holds at most ``per_stream`` buffers per attached
-        stream. Streams behind ``sub`` by at most as many buffers as the group holds (they
+        Called locked. A group holds at most ``per_stream`` buffers per attached or
+        expected stream; streams expected from the previous epoch get ``lag_wait``
+        seconds to come (each that comes, another ``lag_wait``), then are no longer
+        expected. Streams behind ``sub`` by at most as many buffers as the group holds (they
         share its buffers; DDP ranks' shards are far apart) get ``lag_wait`` seconds to
         move on; then those furthest behind are detached. Return False when ``sub``
         itself is furthest behind, or was detached meanwhile: it reads alone.
@@ -188,8 +190,14 @@ class _Group:
         deadline = time.monotonic() + self.lag_wait
         self.prune(in_use=False)
         while len(self.entries) >= (bound := self.bound()):
-            if self.expected.total():  # streams that have not come yet lose their buffers first
-                self.expected.clear()
+            if waiting := self.expected.total():  # for streams yet to come, then without them
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self.cond.wait(min(left, _POLL_S))
+                    if self.expected.total() < waiting:  # one came: it may catch up
+                        deadline = time.monotonic() + self.lag_wait
+                else:
+                    self.expected.clear()
                 self.prune(in_use=False)
                 continue
             if sub not in self.positions:  # detached while it waited
@@ -421,6 +429,7 @@ class SharedReads:
                 with group.cond:
                     if group.expected[framing] > 0:  # one of them came
                         group.expected[framing] -= 1
+                        group.cond.notify_all()  # a stream waiting for it (make_room)
             group.members[framing] += 1
         return Subscription(self, group, framing, cancelled, counted)
 
