@@ -23,6 +23,7 @@ import zarr
 from annserve.client import Connection, Output, RemoteLoader
 from annserve.errors import DataLossError
 from annserve.server import open_store
+from annserve.server.io import cache as cache_module
 from annserve.server.io.cache import (
     ENTRY_OVERHEAD,
     CachedRanges,
@@ -289,6 +290,34 @@ def test_a_read_caches_its_chunks_narrowed_before_it_returns(annbatch_collection
     assert all(e.flags.owndata for e in entries)
     assert not any(np.shares_memory(e, a) for e in entries for a in (x.data, x.indices))
     assert cache.get_many(cache.key_space(), [0]) == {}  # another key space
+
+
+class _Recording:
+    """A range reader that records how many elements each read asks for."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.sizes = reader, []
+
+    def read(self, ranges, out=None):
+        self.sizes.append(sum(b - a for a, b in ranges))
+        return self.reader.read(ranges, out)
+
+
+def test_missing_chunks_are_decoded_a_bounded_scratch_at_a_time(annbatch_collection, monkeypatch):  # noqa: F811
+    data = zarr.open_group(annbatch_collection.path, mode="r")["dataset_0/X/data"]
+    chunk = int(data.chunks[0])  # the inner chunk of a sharded array
+    plain = range_reader(data, complete=True)
+    recording = _Recording(plain)
+    monkeypatch.setattr(cache_module, "SCRATCH_BYTES", 2 * chunk * data.dtype.itemsize)
+    cached = CachedRanges(recording, ChunkCache(GB), chunk, data.shape[0], data.dtype)
+    assert data.shape[0] > 7 * chunk
+    ranges = [(5, 3 * chunk + 3), (5 * chunk + 1, 7 * chunk)]  # chunks 0-3 and 5-6
+    got = cached.read(ranges)
+    np.testing.assert_array_equal(got.view(np.uint8), plain.read(ranges).view(np.uint8))
+    assert recording.sizes == [2 * chunk] * 3  # 6 chunks, 2 at a time
+    recording.sizes.clear()
+    np.testing.assert_array_equal(cached.read(ranges), got)
+    assert recording.sizes == []  # all cached
 
 
 def test_default_bound_is_a_share_of_available_memory(tmp_path):

@@ -75,6 +75,8 @@ ENTRY_OVERHEAD = 256
 NARROW = np.dtype(np.uint16)
 #: Values narrowed and compared at a time (temporaries stay in the CPU cache).
 BLOCK = 1 << 15
+#: Bytes of decoded chunks one batched read of missing chunks holds at a time.
+SCRATCH_BYTES = 16 << 20
 
 _active: ContextVar[ChunkCache | None] = ContextVar("annserve_chunk_cache", default=None)
 
@@ -370,7 +372,17 @@ class CachedRanges:
         return out
 
     def _decode(self, missing: list[int], found: dict[int, np.ndarray]) -> None:
-        """Read the ``missing`` chunks (increasing) into ``found`` and cache them."""
+        """Read the ``missing`` chunks (increasing) into ``found`` and cache them.
+
+        :data:`SCRATCH_BYTES` of chunks at a time: a smaller scratch stays in the heap
+        (below glibc's mmap threshold, :func:`annserve.memory.retain_freed_memory`) and
+        is reused by the next batch without page faults.
+        """
+        step = max(1, SCRATCH_BYTES // (self._chunk * self._dtype.itemsize))
+        for i in range(0, len(missing), step):
+            self._decode_batch(missing[i : i + step], found)
+
+    def _decode_batch(self, missing: list[int], found: dict[int, np.ndarray]) -> None:
         c = self._chunk
         spans: list[tuple[int, int]] = []
         for k in missing:  # runs of consecutive chunks read as one range
@@ -383,7 +395,7 @@ class CachedRanges:
         decoded, offset = [], 0
         for k in missing:
             n = min(self._length, (k + 1) * c) - k * c
-            found[k] = scratch[offset : offset + n]  # this read copies from the scratch
-            decoded.append((k, narrowed(found[k])))
+            found[k] = narrowed(scratch[offset : offset + n])  # as a later read finds it
+            decoded.append((k, found[k]))
             offset += n
         self._cache.put_many(self._space, decoded)
