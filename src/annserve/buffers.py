@@ -15,6 +15,8 @@ import threading
 
 import numpy as np
 
+from annserve.memory import small_pages
+
 #: Buffers smaller than this come from malloc's own pools anyway, bytes.
 MIN_POOLED_BYTES = 1 << 20
 #: Headroom allocated beyond the request, so slightly larger batches fit later.
@@ -58,6 +60,7 @@ class BufferPool:
         if best is not None:
             return best
         buf = np.empty(int(nbytes * _GROWTH), np.uint8)
+        small_pages(buf)  # first written in a hurry (a first batch), then reused
         if len(self._buffers) < self._max:
             self._buffers.append(buf)
         return buf

@@ -21,7 +21,8 @@ numpy is the third: it marks arrays of 4 MiB and more ``madvise(MADV_HUGEPAGE)``
 the first touch of such an array faults in whole 2 MiB pages, which on the development
 VM ran ~17x slower than small pages (the kernel counted no compaction stalls: the cost
 is in backing the huge pages, likely by the VM's host). :func:`avoid_huge_pages` turns
-that off for the process.
+that off for the process; :func:`small_pages` for one array (the client's pooled batch
+buffers, leaving the training process's other arrays as numpy makes them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
+import sys
 from functools import cache
 from typing import Any
 
@@ -43,6 +46,8 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 #: Blocks up to this size come from the heap, bytes (glibc's upper limit on 64-bit).
 MMAP_THRESHOLD = 32 << 20
+#: Linux ``madvise`` advice (``<sys/mman.h>``): no transparent huge pages for a range.
+_MADV_NOHUGEPAGE = 15
 #: Freed memory at the top of a heap kept for reuse, bytes; :func:`trim_freed_memory`
 #: bounds the freed memory below the top with it too.
 TRIM_THRESHOLD = 512 << 20
@@ -131,6 +136,35 @@ def avoid_huge_pages() -> bool:
         return False
     setter(False)
     return True
+
+
+def small_pages(array: np.ndarray) -> bool:
+    """Have the kernel back a not yet touched array with small pages (``MADV_NOHUGEPAGE``).
+
+    For buffers written once and then reused (:class:`annserve.buffers.BufferPool`): their
+    first touch costs what :func:`avoid_huge_pages` describes, in the first batches of a
+    loader. The advice covers the whole pages inside the array; other arrays keep
+    numpy's setting.
+
+    Parameters
+    ----------
+    array
+        Any array; advice given to memory already touched changes nothing measurable.
+
+    Returns
+    -------
+    Whether the kernel took the advice: False off Linux, without libc's ``madvise``, or
+    for an array that spans no whole page.
+    """
+    madvise = _libc_function("madvise") if sys.platform == "linux" else None
+    if madvise is None:
+        return False
+    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop <= start:
+        return False
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise(start, stop - start, _MADV_NOHUGEPAGE) == 0
 
 
 def freed_heap_bytes() -> int | None:

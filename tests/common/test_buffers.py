@@ -4,13 +4,14 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from annserve.buffers import MIN_POOLED_BYTES, BufferPool
-from annserve.memory import retain_freed_memory
+from annserve.memory import retain_freed_memory, small_pages
 
 N = MIN_POOLED_BYTES  # float32 elements: 4x the pooling threshold
 
@@ -76,3 +77,29 @@ def test_numpy_huge_pages_are_turned_off_unless_numpy_is_told(env, changed):
         check=True,
     ).stdout.split()
     assert out == [str(changed), str(not changed)]
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of the mapping of this process that holds ``address``."""
+    lines = iter(Path("/proc/self/smaps").read_text().splitlines())
+    for line in lines:
+        span = line.split()[0]
+        if "-" in span and not span.endswith(":"):
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                for field in lines:
+                    if field.startswith("VmFlags:"):
+                        return field.split()[1:]
+    msg = f"no mapping holds {address:#x}"
+    raise AssertionError(msg)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_pooled_buffers_are_backed_by_small_pages():
+    # numpy marks arrays of 4 MiB and more for huge pages ("hg"); pooled buffers are not
+    huge = np.empty(8 << 20, np.uint8)
+    pooled = BufferPool().empty((8 << 20,), np.uint8)
+    middle = pooled.nbytes // 2
+    assert "nh" in _vm_flags(pooled.ctypes.data + middle)
+    assert "nh" not in _vm_flags(huge.ctypes.data + middle)
+    assert not small_pages(np.empty(16, np.uint8))  # within one page: nothing to advise
