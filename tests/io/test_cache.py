@@ -72,9 +72,17 @@ def assert_same_rows(got, want) -> None:
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=name)
 
 
-def cached_store(path, cache: ChunkCache):
+def cached_store(path, cache: ChunkCache, started: bool = True):
+    """The store at ``path`` read through ``cache``; ``started``: its first reads are done.
+
+    The first read of each array goes around the cache (CachedRanges); one read of every
+    100th row makes it for every group's arrays, so that the test's reads are cached.
+    """
     with caching(cache):
-        return open_store(path)
+        store = open_store(path)
+    if started:
+        store.read_rows(np.arange(0, store.n_obs, 100, dtype=np.int64))
+    return store
 
 
 def test_reads_through_the_cache_are_bit_exact(annbatch_collection):  # noqa: F811
@@ -126,6 +134,34 @@ def test_uncompressed_arrays_are_not_cached(tmp_path, real_adata):
     with caching(ChunkCache(GB)):
         store = open_store(path)
     assert not isinstance(store._groups[0].matrices["X"]._data, CachedRanges)
+
+
+class _Recording:
+    """A range reader that records how many elements each read asks for."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.sizes = reader, []
+
+    def read(self, ranges, out=None):
+        self.sizes.append(sum(b - a for a, b in ranges))
+        return self.reader.read(ranges, out)
+
+
+def test_the_first_read_of_an_array_decodes_only_what_it_needs(annbatch_collection):  # noqa: F811
+    data = zarr.open_group(annbatch_collection.path, mode="r")["dataset_0/X/data"]
+    chunk = int(data.chunks[0])  # the inner chunk of a sharded array
+    plain = range_reader(data, complete=True)
+    recording = _Recording(plain)
+    cache = ChunkCache(GB)
+    cached = CachedRanges(recording, cache, chunk, data.shape[0], data.dtype)
+    ranges = [(5, 40), (chunk + 3, chunk + 9)]
+    want = plain.read(ranges)
+    np.testing.assert_array_equal(cached.read(ranges), want)
+    assert recording.sizes == [35 + 6]  # the ranges themselves, not their chunks
+    assert cache.stats().entries == 0
+    np.testing.assert_array_equal(cached.read(ranges), want)
+    assert recording.sizes[1:] == [2 * chunk]  # then whole chunks, cached
+    assert cache.stats().entries == 2
 
 
 def test_second_reads_hit_the_cache(annbatch_collection):  # noqa: F811
@@ -292,17 +328,6 @@ def test_a_read_caches_its_chunks_narrowed_before_it_returns(annbatch_collection
     assert cache.get_many(cache.key_space(), [0]) == {}  # another key space
 
 
-class _Recording:
-    """A range reader that records how many elements each read asks for."""
-
-    def __init__(self, reader) -> None:
-        self.reader, self.sizes = reader, []
-
-    def read(self, ranges, out=None):
-        self.sizes.append(sum(b - a for a, b in ranges))
-        return self.reader.read(ranges, out)
-
-
 def test_missing_chunks_are_decoded_a_bounded_scratch_at_a_time(annbatch_collection, monkeypatch):  # noqa: F811
     data = zarr.open_group(annbatch_collection.path, mode="r")["dataset_0/X/data"]
     chunk = int(data.chunks[0])  # the inner chunk of a sharded array
@@ -310,6 +335,8 @@ def test_missing_chunks_are_decoded_a_bounded_scratch_at_a_time(annbatch_collect
     recording = _Recording(plain)
     monkeypatch.setattr(cache_module, "SCRATCH_BYTES", 2 * chunk * data.dtype.itemsize)
     cached = CachedRanges(recording, ChunkCache(GB), chunk, data.shape[0], data.dtype)
+    cached.read([(4 * chunk, 4 * chunk + 1)])  # the first read (not cached)
+    recording.sizes.clear()
     assert data.shape[0] > 7 * chunk
     ranges = [(5, 3 * chunk + 3), (5 * chunk + 1, 7 * chunk)]  # chunks 0-3 and 5-6
     got = cached.read(ranges)
