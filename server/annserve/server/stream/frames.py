@@ -90,7 +90,8 @@ class Frame:
     Attributes
     ----------
     header
-        The frame's ``BatchHeader`` (batch number, rows, payload layout), for counting.
+        The frame's ``BatchHeader``, for counting (batch number and rows; the payload
+        layout too where this stream serialized the frame itself).
     data
         The serialized ``BatchFrame`` message, bytes, sent as is.
     """
