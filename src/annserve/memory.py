@@ -32,7 +32,6 @@ import ctypes.util
 import logging
 import mmap
 import os
-import sys
 from functools import cache
 from typing import Any
 
@@ -46,8 +45,6 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 #: Blocks up to this size come from the heap, bytes (glibc's upper limit on 64-bit).
 MMAP_THRESHOLD = 32 << 20
-#: Linux ``madvise`` advice (``<sys/mman.h>``): no transparent huge pages for a range.
-_MADV_NOHUGEPAGE = 15
 #: Freed memory at the top of a heap kept for reuse, bytes; :func:`trim_freed_memory`
 #: bounds the freed memory below the top with it too.
 TRIM_THRESHOLD = 512 << 20
@@ -156,7 +153,8 @@ def small_pages(array: np.ndarray) -> bool:
     Whether the kernel took the advice: False off Linux, without libc's ``madvise``, or
     for an array that spans no whole page.
     """
-    madvise = _libc_function("madvise") if sys.platform == "linux" else None
+    advice = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only
+    madvise = _libc_function("madvise") if advice is not None else None
     if madvise is None:
         return False
     start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -164,7 +162,7 @@ def small_pages(array: np.ndarray) -> bool:
     if stop <= start:
         return False
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return madvise(start, stop - start, _MADV_NOHUGEPAGE) == 0
+    return madvise(start, stop - start, advice) == 0
 
 
 def freed_heap_bytes() -> int | None:
