@@ -364,7 +364,7 @@ def test_a_new_epochs_group_keeps_buffers_for_the_previous_epochs_streams(store)
     registry = SharedReads(buffers_per_stream=2)
     first, second = _Stream(store, registry), _Stream(store, registry)  # epoch 2
     _round_robin([first])
-    for _ in range(len(want) - 2):  # the second is two frames from its epoch's end
+    for _ in range(len(want) - 4):  # the second is 4 buffers (frames) from its epoch's end
         second.step()
     ahead = _Stream(store, registry, epoch=3)
     for _ in range(2):  # two buffers (a frame each) ahead, alone
@@ -375,6 +375,20 @@ def test_a_new_epochs_group_keeps_buffers_for_the_previous_epochs_streams(store)
     assert ahead.got == want
     assert late.got == want
     assert (ahead.sub.reads, late.sub.reads, late.sub.shared) == (pieces, 0, pieces)
+    assert registry.groups() == 0
+
+
+def test_a_stream_past_its_last_piece_is_not_expected(store):
+    """A lone trainer's previous stream, still ending, is not waited for in the next epoch."""
+    registry = SharedReads(buffers_per_stream=2)
+    before = _Stream(store, registry)
+    frames = list(before.frames)  # every piece read and framed; the stream not closed yet
+    assert frames
+    assert not before.sub.closed
+    after = _Stream(store, registry, epoch=3)
+    assert after.sub._group.expected.total() == 0
+    before.end()
+    after.end()
     assert registry.groups() == 0
 
 

@@ -317,6 +317,7 @@ def _read_ahead(
         if item is None:  # cancelled while another stream read the piece
             return
         yield item
+    shared.finish()
 
 
 def _read_rows(

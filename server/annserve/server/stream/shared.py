@@ -23,10 +23,11 @@ reuses a buffer only once no array of any stream views it.
 
 A sweep's trainers end an epoch a moment apart, and the first to start the next one
 would have read a buffer or two before the others join (the group keeps no buffer
-behind its streams). So a new group *expects* the streams still in the group of the
-previous epoch: for each of them it keeps the buffers from where a stream framing alike
-began, within the bound counted as if they were there, until they join or, once the
-group needs the room, :data:`LAG_WAIT_S` has passed.
+behind its streams). So a new group *expects* the streams of the previous epoch's group
+that have not got their last piece yet (a trainer's own previous stream may still be
+ending when it starts the next epoch): for each of them it keeps the buffers from
+where a stream framing alike began, within the bound counted as if they were there,
+until they join or, once the group needs the room, :data:`LAG_WAIT_S` has passed.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class _Group:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.positions: dict[Subscription, tuple[int, int]] = {}  # attached streams
         self.members: Counter[Hashable] = Counter()  # subscribed streams, by frame_key
+        self.reading: Counter[Hashable] = Counter()  # members not past their last piece
         self.expected: Counter[Hashable] = Counter()  # streams not yet here, by frame_key
         self.first: dict[Hashable, tuple[int, int]] = {}  # where each frame_key began
         self.pool = BufferPool(max_buffers=_POOL_BUFFERS)
@@ -253,6 +255,7 @@ class Subscription:
         self._counted = counted
         self.attached = True
         self.closed = False
+        self.finished = False  # past its last piece (see finish)
         self.reads = self.shared = 0  # pieces this stream read / took from another's read
         with group.cond:  # until its first piece it may need any buffer of the epoch
             group.positions[self] = (0, 0)
@@ -343,6 +346,16 @@ class Subscription:
             g.cond.notify_all()
         return value
 
+    def finish(self) -> None:
+        """Say the stream has got its last piece: the next epoch's group expects it no more.
+
+        Its trainer is then about to start that epoch itself (a stream still reading is
+        another trainer's, a moment behind). Idempotent; :meth:`close` calls it.
+        """
+        if not self.finished:
+            self.finished = True
+            self._registry._finished(self._group, self._framing)
+
     def close(self) -> None:
         """Unsubscribe: release the buffers this stream pinned; idempotent."""
         with self._group.cond:
@@ -350,6 +363,7 @@ class Subscription:
                 return
             self.closed = True
             self.detach()
+        self.finish()
         self._registry._left(self._group, self._framing)
 
     def __enter__(self) -> Subscription:
@@ -423,15 +437,20 @@ class SharedReads:
                 )
                 if plan.epoch > 0:  # the streams still in the previous epoch come next
                     before = read_key(store, dataclasses.replace(plan, epoch=plan.epoch - 1))
-                    if before in self._groups:
-                        group.expected = +self._groups[before].members
+                    if before in self._groups:  # not a stream that has read its epoch
+                        group.expected = +self._groups[before].reading
             else:
                 with group.cond:
                     if group.expected[framing] > 0:  # one of them came
                         group.expected[framing] -= 1
                         group.cond.notify_all()  # a stream waiting for it (make_room)
             group.members[framing] += 1
+            group.reading[framing] += 1
         return Subscription(self, group, framing, cancelled, counted)
+
+    def _finished(self, group: _Group, framing: Hashable) -> None:
+        with self._lock:
+            group.reading[framing] -= 1
 
     def _left(self, group: _Group, framing: Hashable) -> None:
         with self._lock:
