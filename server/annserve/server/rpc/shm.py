@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import mmap
 import os
 import secrets
 import socket
@@ -128,7 +129,7 @@ class FramePool:
                 memfd = min(fits, key=lambda m: m[2])
                 self._free.remove(memfd)
                 return memfd
-        capacity = int(nbytes * _GROWTH) + 4095 & ~4095
+        capacity = _capacity(nbytes)
         fd = os.memfd_create("annserve-shared", os.MFD_CLOEXEC)
         os.ftruncate(fd, capacity)
         return next(_memfd_ids), fd, capacity
@@ -140,6 +141,11 @@ class FramePool:
                 self._free.append(memfd)
                 return
         os.close(memfd[1])
+
+
+def _capacity(nbytes: int) -> int:
+    """Bytes to give a memfd for a frame of ``nbytes``: room to grow, whole pages."""
+    return -(-int(nbytes * _GROWTH) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _close_memfds(memfds: list[tuple[int, int, int]]) -> None:
@@ -201,10 +207,13 @@ class Session:
     def _released(self, seqs: list[int]) -> None:
         with self._cond:
             for seq in seqs:
-                slot = self._written.pop(seq, None)
-                if isinstance(slot, int):  # a shared frame's memfd is its pool's; None: taken back
-                    self._free.append(slot)
+                self._take_back(self._written.pop(seq, None))  # None: taken back already
             self._cond.notify_all()
+
+    def _take_back(self, slot: int | SharedFrame | None) -> None:
+        """Free a write's slot (called locked); a shared frame's memfd is its pool's."""
+        if isinstance(slot, int):
+            self._free.append(slot)
 
     def begin(self, held: Sequence[int], wait: float) -> None:
         """Reserve the session for one stream; take back the slots the client does not hold.
@@ -231,9 +240,7 @@ class Session:
                 msg = f"shm_session: the shared-memory session is {state}"
                 raise InvalidRequestError(msg)
             for seq in [s for s in self._written if s not in keep]:
-                slot = self._written.pop(seq)
-                if isinstance(slot, int):
-                    self._free.append(slot)
+                self._take_back(self._written.pop(seq))
             self._announced.clear()  # the client maps anew each stream's shared memfds
             self._busy = True
 
@@ -275,7 +282,7 @@ class Session:
         assert isinstance(slot, int)
         fd = self._fds[slot]
         if nbytes > self._sizes[slot]:
-            self._sizes[slot] = int(nbytes * _GROWTH) + 4095 & ~4095
+            self._sizes[slot] = _capacity(nbytes)
             os.ftruncate(fd, self._sizes[slot])
         pwrite_parts(fd, parts, 0)
         pointer = pb.BatchHeader(
