@@ -51,6 +51,12 @@ logger = logging.getLogger("annserve")
 EXIT_BIND = 4
 EXIT_SECURITY = 5
 
+#: Seconds between the main thread's looks at SIGTERM/SIGINT. The kernel may hand a
+#: process-directed signal to any thread; Python runs the handler only once the main
+#: thread next executes bytecode, which an untimed ``Event.wait`` never does (a daemon
+#: under load stayed SERVING after SIGTERM until killed).
+SIGNAL_POLL_S = 0.2
+
 #: Prefix of the environment variables giving flag defaults.
 ENV_PREFIX = "ANNSERVE_"
 
@@ -442,7 +448,8 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
     # what startup loaded (stores' obs/var, zarr, anndata, gRPC) lives as long as the daemon:
     # keep it out of the cyclic GC, whose full passes over it cost ~50 ms per epoch streamed
     gc.freeze()
-    stop.wait()
+    while not stop.wait(SIGNAL_POLL_S):
+        continue
     logger.info(
         "shutting down: health NOT_SERVING, no new streams; %d in flight get %.1f s",
         server.service.open_streams(),
