@@ -86,6 +86,19 @@ def store_path(store_format, zarr_stores):
     return path
 
 
+#: Seconds a test server gets to stop once its calls are cancelled.
+STOP_TIMEOUT_S = 10.0
+
+
+def stop_now(server: grpc.Server, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Cancel the server's calls and wait up to ``timeout`` s for it to stop; fail if not.
+
+    ``server.stop(None)`` waits for the shutdown itself, without bound; a grace of 0
+    cancels the calls at once too (on a thread of grpc's), and the wait is ours.
+    """
+    assert server.stop(0).wait(timeout), f"server not stopped {timeout:g} s after cancelling"
+
+
 @pytest.fixture
 def serve():
     """Start real servers on 127.0.0.1 with ephemeral ports; yields ``start(*paths) -> address``."""
@@ -101,7 +114,7 @@ def serve():
         yield start
     finally:
         for server in servers:
-            server.stop(grace=None).wait(timeout=10)
+            stop_now(server)
 
 
 def raw_stream(address: str, timeout: float = 30.0, **fields) -> list[bytes]:

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
+from conftest import stop_now
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -375,4 +376,4 @@ def start():
         yield start_server
     finally:
         for server in servers:
-            server.server.stop(None).wait(10)
+            stop_now(server.server)

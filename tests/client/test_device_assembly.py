@@ -28,7 +28,7 @@ from annserve.errors import FrameDecodeError, InvalidRequestError
 from annserve.server import create_server, open_store
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import Frame
-from conftest import real_path
+from conftest import real_path, stop_now
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 #: sparse real stores: uint16 counts and genes (pbmc3k, wu2020), uint8/uint16 (mouse10x)
@@ -46,7 +46,7 @@ def unix_server(tmp_path):
     try:
         yield f"unix:{sock}"
     finally:
-        server.stop(grace=None).wait(timeout=10)
+        stop_now(server)
 
 
 def assert_same_batch(cpu: dict, dev: dict) -> None:

@@ -18,6 +18,7 @@ from annserve.errors import ServerUnavailableError
 from annserve.server import open_store
 from annserve.server.rpc.app import build_server
 from annserve.server.rpc.security import TLSConfig
+from conftest import stop_now
 from ops_support import make_pki, write_tiny_store
 
 TIMEOUT = 8.0  # Connection.timeout of the loaders, seconds
@@ -109,4 +110,4 @@ def test_a_server_starting_while_the_loader_waits_is_found(tiny):
     finally:
         starter.join(timeout=TIMEOUT)
         for server in servers:
-            server.server.stop(None).wait(TIMEOUT)
+            stop_now(server.server, TIMEOUT)

@@ -15,7 +15,7 @@ from annserve.errors import InvalidRequestError
 from annserve.server import create_server, open_store
 from annserve.server.rpc.cli import main as cli_main
 from collection_stores import annbatch_collection  # noqa: F401 (a fixture)
-from conftest import as_scipy, raw_stream, real_path
+from conftest import as_scipy, raw_stream, real_path, stop_now
 
 SPLITS = (0, 70, 71, 200)  # wu2020 in three groups, one of a single cell
 
@@ -165,7 +165,7 @@ def test_several_named_stores(real_adata):
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        server.stop(grace=None).wait(timeout=10)
+        stop_now(server)
 
 
 def test_cli_rejects_duplicate_store_names(capsys):

@@ -20,6 +20,7 @@ from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import MAX_REQUEST_BYTES, build_server
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
+from conftest import stop_now
 from ops_support import GoodClient, write_tiny_store
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def server(tmp_path_factory):
     try:
         yield started
     finally:
-        started.server.stop(None).wait(10)
+        stop_now(started.server)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from annserve.errors import InvalidRequestError, ResourceExhaustedError, ServerU
 from annserve.server import create_server, open_store
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
-from conftest import real_path
+from conftest import real_path, stop_now
 from ops_support import Daemon
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
@@ -69,7 +69,7 @@ def unix_server(tmp_path):
     try:
         yield f"unix:{sock}"
     finally:
-        server.stop(grace=None).wait(timeout=10)
+        stop_now(server)
 
 
 def epoch_rows(batches) -> int:
@@ -339,7 +339,7 @@ def test_transport_choices(unix_server, tmp_path):
         with pytest.raises(ServerUnavailableError, match="shared-memory"):
             next(iter(forced))
     finally:
-        plain.server.stop(grace=None).wait(timeout=10)
+        stop_now(plain.server)
 
 
 _CLIENT = textwrap.dedent(
@@ -422,7 +422,7 @@ def test_slots_count_against_the_stream_memory_budget(tmp_path):
         small = RemoteLoader(f"unix:{sock}", **{**kw, "batch_size": 300})
         assert epoch_rows(small) == small.n_obs
     finally:
-        server.server.stop(grace=None).wait(timeout=10)
+        stop_now(server.server)
 
 
 def test_dataloader_workers_each_open_their_own_session(unix_server):

@@ -25,7 +25,7 @@ from annserve.client import CSRArrays, Output, RemoteLoader
 from annserve.errors import InvalidRequestError
 from annserve.server import create_server, open_store
 from annserve.server.convert.pipeline import convert
-from conftest import real_path
+from conftest import real_path, stop_now
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -192,7 +192,7 @@ def conformance(tmp_path_factory):
     try:
         yield f"127.0.0.1:{port}", references
     finally:
-        server.stop(grace=None).wait(timeout=10)
+        stop_now(server)
 
 
 def _epoch(address: str, store: str, **kwargs) -> list[dict]:

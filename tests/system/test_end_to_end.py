@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from annserve.client import Connection, CSRArrays, Output, RemoteLoader
-from conftest import as_scipy
+from conftest import as_scipy, stop_now
 
 OBS_KEYS = {
     "pbmc3k": ["barcode"],
@@ -226,4 +226,4 @@ def test_unix_socket_address(tmp_path, real_adata):
         rows = np.concatenate([check_batch(b, real_adata("wu2020"), []) for b in loader])
         np.testing.assert_array_equal(np.sort(rows), np.arange(200))
     finally:
-        server.stop(grace=None).wait(timeout=10)
+        stop_now(server)
