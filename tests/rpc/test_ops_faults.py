@@ -6,14 +6,17 @@ Measured figures are printed (``pytest -s`` shows them).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -93,7 +96,7 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
         ) as reply:
             assert "annserve_active_streams 2.0" in reply.read().decode()
         began = time.monotonic()
-        daemon.proc.send_signal(__import__("signal").SIGTERM)
+        daemon.proc.send_signal(signal.SIGTERM)
         sigterm.set()
         code = daemon.proc.wait(timeout=30)
         took = time.monotonic() - began
@@ -119,6 +122,36 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
     # the slow stream ends UNAVAILABLE from our drain, or CANCELLED when grpc's own hard stop
     # closes it first (the client sees UNAVAILABLE "Cancelling all calls" then): a race
     assert statuses in (["OK", "UNAVAILABLE"], ["CANCELLED", "OK"]), statuses
+
+
+def _threads_taking(pid: int, sig: int) -> list[int]:
+    """Thread ids of process ``pid`` that do not block ``sig`` (``SigBlk`` in /proc)."""
+    tids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        if not blocked & (1 << (sig - 1)):
+            tids.append(int(task.name))
+    return tids
+
+
+def test_sigterm_to_another_thread_stops_the_daemon():
+    """The kernel may hand SIGTERM to any thread; the daemon still drains and exits 0.
+
+    tgkill sends it to one of the daemon's other threads: Python's C handler runs there,
+    and the Python handler only once the main thread runs bytecode again (an untimed
+    wait of the main thread never returned).
+    """
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill  # glibc >= 2.30
+    with Daemon(["--store", str(real_path("pbmc3k"))]) as daemon:
+        pid = daemon.proc.pid
+        others = [t for t in _threads_taking(pid, signal.SIGTERM) if t != pid]
+        assert others, "no thread of the daemon besides its main thread takes SIGTERM"
+        assert tgkill(pid, others[0], signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+        code = daemon.proc.wait(timeout=10)
+        log = daemon.text()
+    assert code == 0, log
+    assert "shutting down" in log
 
 
 # --- a client that vanishes ----------------------------------------------------------------
