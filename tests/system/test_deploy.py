@@ -30,6 +30,7 @@ import yaml
 from annserve.server.rpc.cli import build_parser, env_var
 from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import decode_frame
+from ops_support import annserve_command
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -401,12 +402,6 @@ def test_dockerfile_healthcheck_uses_the_grpc_health_probe(dockerfile):
     command = healthcheck_command(dockerfile)
     assert command[0] == "annserve-health"
     assert (ROOT / "pyproject.toml").read_text().count('annserve-health = "') == 1
-
-
-def annserve_command() -> list[str]:
-    """The ``annserve`` console script next to this interpreter, or its module."""
-    script = Path(sys.executable).with_name("annserve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "annserve.server.rpc.cli"]
 
 
 def console_script(name: str) -> list[str]:
