@@ -6,6 +6,7 @@ In-process servers on 127.0.0.1 and ephemeral ports.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ SETTLE = 20.0  # seconds for every watch to get its first answer (2 busy cores)
 SERVING = "SERVING"
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.name
 WATCH = "/grpc.health.v1.Health/Watch"
+CHURNERS = 8  # threads opening and closing Watch streams
+CHURN_SECONDS = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +154,31 @@ def test_a_watch_follows_the_status_and_frees_its_slot(start, tiny):
 def test_the_limit_is_positive(start, tiny):
     with pytest.raises(ValueError, match="at least 1"):
         start({"tiny": open_store(tiny)}, max_unauthenticated_calls=0)
+
+
+def test_watches_opened_and_closed_at_once_leave_the_server_serving(start, tiny):
+    """Watch streams that open while others close must not wedge the server.
+
+    grpc runs a closing stream's callback on its one completion-queue thread, and
+    grpc_health's took the servicer's lock there while an opening Watch held it during
+    its first send: the server answered nothing after this churn (3 of 3 runs of 5 s).
+    """
+    _, address = start({"tiny": open_store(tiny)})
+    until = time.monotonic() + CHURN_SECONDS
+
+    def churn() -> None:
+        while time.monotonic() < until:
+            with grpc.insecure_channel(address) as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(), timeout=SHORT
+                )
+                with contextlib.suppress(grpc.RpcError):  # a stalled server shows below
+                    next(watch)
+
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(CHURNERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(CHURN_SECONDS + 2 * SHORT)
+    assert check(address) == SERVING
+    assert streamed_rows(address) == 200

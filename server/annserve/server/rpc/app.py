@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from annserve.errors import InvalidRequestError
 from annserve.server.plan.limits import Limits
+from annserve.server.rpc.health_service import HealthServicer
 from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
 from annserve.server.rpc.security import (
     MAX_UNAUTHENTICATED_CALLS,
@@ -80,7 +81,7 @@ class AnnServer:
         server: grpc.Server,
         ports: list[int],
         service: AnnServeService,
-        health_servicer: health.HealthServicer,
+        health_servicer: HealthServicer,
     ) -> None:
         self.server, self.ports, self.service = server, ports, service
         self.health = health_servicer
@@ -233,7 +234,7 @@ def build_server(
             *_keepalive_options(keepalive),
         ],
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
