@@ -6,7 +6,7 @@ A shared-memory frame is a preload buffer's rows gathered into a memfd slot
 CPU seconds per buffer (medians of ``--reps``):
 
 * the gather alone, from the buffer in memory:
-  ``pwritev`` (what the daemon does: iovecs built with numpy, libc ``pwritev``),
+  ``pwritev`` (the daemon's own ``pwrite_parts``: iovecs built with numpy, libc ``pwritev``),
   ``process_vm_writev`` into the memfd mapped here, ``np.concatenate`` of one view per
   piece into that mapping;
 * the buffer's whole trip from a file in the page cache: ``preadv + pwritev`` (the
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annserve.wire import IOV_MAX
+from annserve.server.rpc.gather import iovecs, pwrite_parts
+from annserve.wire import IOV_MAX, Pieces
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,9 +53,9 @@ class Gather:
 
     def __init__(self, pieces: int, directory: str, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        self.lengths = rng.integers(1000, 4000, size=pieces).astype(np.uint64)
+        self.lengths = rng.integers(1000, 4000, size=pieces)
         self.total = int(self.lengths.sum())
-        offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.uint64)
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         order = rng.permutation(pieces)
         self.starts, self.lengths = offsets[order], self.lengths[order]
         self.source = rng.integers(0, 255, size=self.total, dtype=np.uint8)
@@ -67,7 +68,6 @@ class Gather:
         self.target = np.frombuffer(self.mapping, np.uint8)
         self.target[:] = 0  # every page backed before timing
         self.buffer = np.zeros(self.total, np.uint8)  # a pooled preload buffer, reused
-        self._pwritev = _libc("pwritev", ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long)
         self._pvw = _libc(
             "process_vm_writev",
             ctypes.c_int,
@@ -81,25 +81,19 @@ class Gather:
     def close(self) -> None:
         os.unlink(self.path)
 
-    def _iov(self, base: int) -> np.ndarray:
-        iov = np.empty((len(self.starts), 2), np.uint64)
-        iov[:, 0] = base + self.starts
-        iov[:, 1] = self.lengths
-        return iov
+    def _rows(self, values: np.ndarray) -> Pieces:
+        return Pieces(values, self.starts, self.starts + self.lengths, self.total)
 
-    def _gather(self, base: int) -> None:
-        iov, offset = self._iov(base), 0
-        for i in range(0, len(iov), IOV_MAX):
-            block = iov[i : i + IOV_MAX]
-            n = self._pwritev(self.fd, block.ctypes.data, len(block), offset)
-            assert n == int(block[:, 1].sum()), ctypes.get_errno()
-            offset += n
+    def _gather(self, values: np.ndarray) -> None:
+        """The daemon's own gather (``pwrite_parts``) of the rows of ``values``."""
+        assert pwrite_parts(self.fd, [self._rows(values)], 0) == self.total
 
     def pwritev(self) -> None:
-        self._gather(self.source.ctypes.data)
+        self._gather(self.source)
 
     def process_vm_writev(self) -> None:
-        iov, offset, pid = self._iov(self.source.ctypes.data), 0, os.getpid()
+        iov, _ = iovecs([self._rows(self.source)])  # the daemon's iovecs; source stays alive
+        offset, pid = 0, os.getpid()
         for i in range(0, len(iov), IOV_MAX):
             block = iov[i : i + IOV_MAX]
             size = int(block[:, 1].sum())
@@ -121,13 +115,13 @@ class Gather:
             for lo, hi in itertools.pairwise(bounds):  # one range per sampler chunk
                 view = memoryview(self.buffer[lo:hi])
                 assert os.preadv(f.fileno(), [view], lo) == hi - lo
-        self._gather(self.buffer.ctypes.data)
+        self._gather(self.buffer)
 
     def pwritev_from_mmap(self) -> None:
         with open(self.path, "rb", buffering=0) as f:
             mapped = mmap.mmap(f.fileno(), self.total, prot=mmap.PROT_READ, flags=_POPULATE)
         try:
-            self._gather(np.frombuffer(mapped, np.uint8).ctypes.data)
+            self._gather(np.frombuffer(mapped, np.uint8))
         finally:
             mapped.close()
 

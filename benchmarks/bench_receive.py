@@ -36,31 +36,39 @@ GRPC_VARIANTS: dict[str, list[tuple[str, int]]] = {
 }
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
-_GRPC_RECEIVER = """
-import grpc, json, resource, sys, time
-address, options = sys.argv[1], [tuple(o) for o in json.loads(sys.argv[2])]
-with grpc.insecure_channel(address, options=options) as channel:
-    call = channel.unary_stream("/bench.Receive/Stream")
-    start, r0, n = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), 0
-    for message in call(b""):
-        n += len(message)
-    wall, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+#: A receiver's body: ``received()`` yields the byte count of each read; the script
+#: around it times them (wall and its own CPU) and prints JSON.
+_TIMED = """
+import json, resource, sys, time
+{setup}
+start, r0, n = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), 0
+for k in received():
+    n += k
+wall, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
 cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-print(json.dumps({"bytes": n, "wall": wall, "cpu": cpu}))
+print(json.dumps({{"bytes": n, "wall": wall, "cpu": cpu}}))
 """
-
-_SOCKET_RECEIVER = """
-import json, resource, socket, sys, time
+_GRPC_RECEIVER = _TIMED.format(
+    setup="""
+import grpc
+address, options = sys.argv[1], [tuple(o) for o in json.loads(sys.argv[2])]
+channel = grpc.insecure_channel(address, options=options)
+def received():
+    for message in channel.unary_stream("/bench.Receive/Stream")(b""):
+        yield len(message)
+"""
+)
+_SOCKET_RECEIVER = _TIMED.format(
+    setup="""
+import socket
 host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 buffer = memoryview(bytearray(size))
-with socket.create_connection((host, port)) as s:
-    start, r0, n = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), 0
-    while k := s.recv_into(buffer):
-        n += k
-    wall, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-print(json.dumps({"bytes": n, "wall": wall, "cpu": cpu}))
+conn = socket.create_connection((host, port))
+def received():
+    while k := conn.recv_into(buffer):
+        yield k
 """
+)
 
 
 def _receive(code: str, *args: str) -> dict[str, float]:
