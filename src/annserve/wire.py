@@ -138,13 +138,43 @@ class Pieces:
             ]
 
 
+@dataclass(frozen=True, slots=True)
+class Iovecs:
+    """A 1-d array sent as the concatenation of memory ranges that only the kernel reads.
+
+    E.g. rows in the page cache of a store's files, mapped read-only: a gathering
+    writer (``pwritev``) copies them, and a file that shrinks under its mapping makes
+    that write fail (``EFAULT``), where touching the memory from Python would kill the
+    process (``SIGBUS``). :func:`encode_frame` therefore refuses them.
+
+    Attributes
+    ----------
+    iov
+        Shape ``(n, 2)``, uint64, C-contiguous: each range's address and length in
+        bytes, in wire order (the layout of Linux's ``struct iovec``).
+    dtype
+        The elements' dtype, little-endian.
+    length
+        Total elements of the ranges.
+    owners
+        What keeps the ranges' memory mapped while this object lives.
+    """
+
+    iov: np.ndarray
+    dtype: np.dtype
+    length: int
+    owners: tuple[object, ...]
+
+
+#: One array of a frame, as :func:`frame_parts` takes it.
+FrameArray = np.ndarray | Pieces | Iovecs
 #: A part of a serialized frame: a buffer, or pieces gathered when the frame is written.
-Part = bytes | memoryview | np.ndarray | Pieces
+Part = bytes | memoryview | np.ndarray | Pieces | Iovecs
 
 
 def encode_frame(
     header: pb.BatchHeader,
-    arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+    arrays: Sequence[tuple[str, FrameArray]],
     compression: pb.Compression = pb.COMPRESSION_NONE,
     level: int = 0,
 ) -> bytes:
@@ -173,7 +203,7 @@ def encode_frame(
 
 def frame_parts(
     header: pb.BatchHeader,
-    arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+    arrays: Sequence[tuple[str, FrameArray]],
     compression: pb.Compression = pb.COMPRESSION_NONE,
     level: int = 0,
 ) -> tuple[list[Part], int]:
@@ -191,7 +221,7 @@ def frame_parts(
         if pad:
             parts.append(bytes(pad))
             offset += pad
-        if isinstance(array, Pieces):
+        if isinstance(array, Pieces | Iovecs):
             dtype, shape, nbytes = array.dtype, (array.length,), array.length * array.dtype.itemsize
             parts.append(array)
         else:
@@ -215,9 +245,17 @@ def frame_buffers(parts: Sequence[Part], size: int = IOV_MAX) -> Iterator[Sequen
 
     :class:`Pieces` are cut into byte memoryviews one list at a time (see
     :meth:`Pieces.views`); other parts are passed on as they are.
+
+    Raises
+    ------
+    TypeError
+        For :class:`Iovecs`, which only a gathering writer may copy.
     """
     run: list[Buffer] = []
     for part in parts:
+        if isinstance(part, Iovecs):
+            msg = "Iovecs are copied only by a gathering writer (pwritev), never from Python"
+            raise TypeError(msg)
         if isinstance(part, Pieces) or len(run) == size:
             if run:
                 yield run

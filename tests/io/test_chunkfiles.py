@@ -1,8 +1,10 @@
-"""Range reads straight from uncompressed zarr chunk files and HDF5 files, against numpy."""
+"""Range reads and mapped gathers straight from uncompressed zarr and HDF5 files, against numpy."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -10,10 +12,15 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-from annserve.errors import StoreFormatError
+from annserve.errors import DataLossError, StoreFormatError
 from annserve.server.io import chunkfiles
 from annserve.server.io.chunkfiles import ChunkFileRanges
 from annserve.server.io.ranges import range_reader
+from annserve.server.rpc.gather import pwrite_parts
+from annserve.wire import Iovecs
+
+if TYPE_CHECKING:
+    from annserve.server.io.mapped import RowIovecs
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +199,58 @@ def test_a_layout_read_wrongly_falls_back_to_the_library(tmp_path, counts, monke
     assert not isinstance(reader, ChunkFileRanges)
     assert "layout not understood" in caplog.text
     _check_reads(reader, counts)
+
+
+def _gathered(rows: RowIovecs, positions: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """What the kernel gathers from ``rows`` at ``positions``: ``pwritev`` into a memfd."""
+    iov = rows.take(positions)
+    nbytes = int(iov[:, 1].sum())
+    fd = os.memfd_create("mapped-test")
+    try:
+        part = Iovecs(iov, np.dtype(dtype), nbytes // np.dtype(dtype).itemsize, rows.owners)
+        assert pwrite_parts(fd, [part], 0) == nbytes
+        return np.frombuffer(os.pread(fd, nbytes, 0), dtype)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, *H5_LAYOUTS])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_mapped_rows_gather_like_numpy(tmp_path, counts, layout, dtype):
+    values = counts.astype(dtype)
+    reader = range_reader(_array(tmp_path / "a.zarr", values, layout))
+    assert isinstance(reader, ChunkFileRanges)
+    rng = np.random.default_rng(1)
+    for _ in range(5):  # rows cross chunk (and shard) boundaries; one is empty
+        ranges = np.array(_ranges(rng, len(values), int(rng.integers(1, 60))), np.int64)
+        rows = reader.mapped().iovecs(ranges[:, 0], ranges[:, 1])
+        positions = rng.permutation(len(ranges))
+        expected = np.concatenate([values[a:b] for a, b in ranges[positions]])
+        np.testing.assert_array_equal(_gathered(rows, positions, values.dtype), expected)
+    assert len(rows.offsets) == len(ranges) + 1
+
+
+@pytest.mark.parametrize(
+    ("layout", "file", "named"),
+    [("chunks", "a.zarr/c/1", "chunk c/1 "), ("h5-contiguous", "a.h5", "chunk 0 ")],
+)
+def test_a_file_truncated_before_rows_are_located_is_refused_by_chunk(
+    tmp_path, counts, layout, file, named
+):
+    reader = range_reader(_array(tmp_path / "a.zarr", counts, layout))
+    assert isinstance(reader, ChunkFileRanges)
+    os.truncate(tmp_path / file, 100)  # before the rows [750, 800) (or the dataset's end)
+    n = len(counts)
+    with pytest.raises(DataLossError, match=f"{named}is cut short: its file is truncated"):
+        reader.mapped().iovecs(np.array([750, n - 10]), np.array([800, n]))
+
+
+def test_a_file_truncated_under_located_rows_fails_their_write_not_the_daemon(tmp_path, counts):
+    reader = range_reader(_array(tmp_path / "a", counts, "h5-contiguous"))
+    assert isinstance(reader, ChunkFileRanges)
+    rows = reader.mapped().iovecs(np.array([0, 20_000]), np.array([100, 30_000]))
+    gathered = _gathered(rows, np.arange(2), counts.dtype)
+    np.testing.assert_array_equal(gathered, np.r_[counts[:100], counts[20_000:30_000]])
+    os.truncate(tmp_path / "a.h5", 8192)  # the kernel's copy past the end fails: EFAULT
+    with pytest.raises(DataLossError, match="shrank while its rows were being sent"):
+        _gathered(rows, np.arange(2), counts.dtype)

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,8 +29,14 @@ import torch
 from annserve import shm
 from annserve.client import Connection, RemoteLoader
 from annserve.client._shm import SharedMemorySession
-from annserve.errors import InvalidRequestError, ResourceExhaustedError, ServerUnavailableError
+from annserve.errors import (
+    DataLossError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+)
 from annserve.server import create_server, open_store
+from annserve.server.convert import convert
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path, stop_now
@@ -125,6 +132,70 @@ def test_bit_exact_against_grpc_every_row_once(unix_server, store, encoding):
         np.testing.assert_array_equal(np.sort(rows), np.arange(shm_loader.n_obs))
     assert shm_loader._shm is not None
     assert shm_loader._shm.alive()
+
+
+@pytest.fixture(scope="module")
+def narrow_pbmc3k(tmp_path_factory):
+    """pbmc3k as ``annserve convert --compression none`` writes it: uint16 plain bytes."""
+    path = tmp_path_factory.mktemp("narrow") / "pbmc3k.zarr"
+    convert([real_path("pbmc3k")], path, compression="none", progress=False)
+    return path
+
+
+def _serve_spied(path: Path, sock: Path) -> tuple[grpc.Server, list[str]]:
+    """Serve one store on ``sock``; return the server and the matrices read into buffers."""
+    store = open_store(path)
+    read_rows, reads = store.read_rows, []
+
+    def spied(rows, key="X", pool=None):
+        reads.append(key)
+        return read_rows(rows, key, pool)
+
+    store.read_rows = spied
+    server, _ = create_server({"n": store}, [f"unix:{sock}"])
+    return server, reads
+
+
+@pytest.mark.parametrize("encoding", ["compact", "raw"])
+def test_rows_gathered_from_the_store_files_are_bit_exact(tmp_path, narrow_pbmc3k, encoding):
+    server, reads = _serve_spied(narrow_pbmc3k, tmp_path / "s.sock")
+    address = f"unix:{tmp_path / 's.sock'}"
+    kw = dict(store="n", batch_size=300, seed=3, return_index=True)
+    try:
+        grpc_loader, shm_loader = (
+            RemoteLoader(address, **kw, connection=Connection(transport=t, encoding=encoding))
+            for t in ("grpc", "shm")
+        )
+        for _ in range(2):  # the second epoch reuses the session and the mapped files
+            reads.clear()
+            expected = epoch(grpc_loader)
+            assert "X" in reads  # the gRPC stream reads preload buffers
+            reads.clear()
+            got = epoch(shm_loader)
+            assert reads == []  # X stayed in the store's files: the kernel gathered each frame
+            same_batches(expected, got)
+            rows = np.concatenate([b["index"].numpy() for b in got])
+            np.testing.assert_array_equal(np.sort(rows), np.arange(shm_loader.n_obs))
+    finally:
+        stop_now(server)
+
+
+def test_a_file_truncated_while_served_from_its_mapping_ends_the_stream(tmp_path, narrow_pbmc3k):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(narrow_pbmc3k, copy)
+    server, _ = _serve_spied(copy, tmp_path / "s.sock")
+    try:
+        loader = RemoteLoader(
+            f"unix:{tmp_path / 's.sock'}", store="n", connection=Connection(transport="shm")
+        )
+        assert epoch_rows(loader) == loader.n_obs  # mapped and served
+        (shard,) = (copy / "dataset_0" / "X" / "data" / "c").iterdir()
+        os.truncate(shard, 4096)
+        with pytest.raises(DataLossError, match="X/data: chunk .* is cut short"):
+            epoch_rows(loader)
+        assert RemoteLoader(loader.address, store="n").n_obs == loader.n_obs  # still serving
+    finally:
+        stop_now(server)
 
 
 def test_native_batches_view_shared_memory_and_free_it_when_dropped(unix_server):

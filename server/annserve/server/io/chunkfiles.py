@@ -24,6 +24,7 @@ import numpy as np
 
 from annserve.errors import DataLossError
 from annserve.server.io._zarr import MISSING, chunk_file_layout, chunk_label
+from annserve.server.io.mapped import MappedArray
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 _MAX_PATHS = 1 << 14
 
 
-class _ChunkFiles(Protocol):
+class ChunkFiles(Protocol):
     """Where each chunk of a 1-d array lies: a file and a byte offset."""
 
     #: Elements per chunk.
@@ -77,7 +78,7 @@ class ChunkFileRanges:
 
     def __init__(
         self,
-        chunks: _ChunkFiles,
+        chunks: ChunkFiles,
         dtype: np.dtype,
         fill_value: object,
         name: str,
@@ -89,6 +90,8 @@ class ChunkFileRanges:
         self._name = name
         self._complete = complete
         self._from_disk = True  # whether the last read went to the disk (first: assume so)
+        self._mapped: MappedArray | None = None
+        self._mapping = threading.Lock()
 
     @classmethod
     def open(
@@ -101,7 +104,7 @@ class ChunkFileRanges:
         """
         if not (hasattr(os, "preadv") and hasattr(resource, "RUSAGE_THREAD")):
             return None
-        chunks: _ChunkFiles | None
+        chunks: ChunkFiles | None
         if isinstance(array, h5py.Dataset):
             chunks = _H5Chunks.of(array)
             fill = array.fillvalue
@@ -125,6 +128,13 @@ class ChunkFileRanges:
             type(array).__module__.split(".")[0],
         )
         return False
+
+    def mapped(self) -> MappedArray:
+        """Return the array mapped from the same files (made on first use, then kept)."""
+        with self._mapping:
+            if self._mapped is None:
+                self._mapped = MappedArray(self._chunks, self._dtype, self._name)
+            return self._mapped
 
     def read(self, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
         """Return the ranges concatenated, in the given order (``out`` receives them if given).

@@ -10,7 +10,9 @@ import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError
+from annserve.server.io.chunkfiles import ChunkFileRanges
 from annserve.server.io.elements import array_at, attr_ints, is_array
+from annserve.server.io.mapped import RowIovecs
 from annserve.server.io.ranges import check_stored, range_reader, row_runs
 
 if TYPE_CHECKING:
@@ -35,6 +37,50 @@ class CSRRows:
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedCSR:
+    """CSR rows left in the store's files, mapped: where each row's non-zeros lie.
+
+    What :meth:`CSRMatrix.locate_rows` gives instead of reading rows into memory;
+    only the kernel may copy them (:class:`annserve.wire.Iovecs`).
+
+    Attributes
+    ----------
+    lengths
+        Non-zeros of each row, shape ``(n_rows,)``, int64.
+    indices, data
+        Where each row's column indices and values lie (the store's dtypes).
+    index_dtype, dtype
+        The stored dtypes of ``indices`` and ``data``.
+    """
+
+    lengths: np.ndarray
+    indices: RowIovecs
+    data: RowIovecs
+    index_dtype: np.dtype
+    dtype: np.dtype
+    sparse = True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' indices and values."""
+        return int(self.lengths.sum()) * (self.index_dtype.itemsize + self.dtype.itemsize)
+
+    @staticmethod
+    def concat(parts: list[LocatedCSR]) -> LocatedCSR | None:
+        """Return the rows of ``parts`` one after the other; None if their dtypes differ."""
+        first = parts[0]
+        if any(p.index_dtype != first.index_dtype or p.dtype != first.dtype for p in parts):
+            return None
+        return LocatedCSR(
+            np.concatenate([p.lengths for p in parts]),
+            RowIovecs.concat([p.indices for p in parts]),
+            RowIovecs.concat([p.data for p in parts]),
+            first.index_dtype,
+            first.dtype,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +155,36 @@ class CSRMatrix:
             indptr,
             self._indices.read(runs, None if out is None else out.indices),
             self._data.read(runs, None if out is None else out.data),
+        )
+
+    def locate_rows(self, rows: np.ndarray) -> LocatedCSR | None:
+        """Locate rows in the mapped files of ``indices`` and ``data`` instead of reading them.
+
+        Parameters
+        ----------
+        rows
+            Row indices, shape ``(n,)``, int64, strictly increasing.
+
+        Returns
+        -------
+        The rows, in order; None unless both arrays are read straight from their
+        files (uncompressed, local: :class:`~annserve.server.io.chunkfiles.ChunkFileRanges`).
+
+        Raises
+        ------
+        DataLossError
+            If a chunk the rows use is absent, or its file is truncated or cannot be opened.
+        """
+        indices, data = self._indices, self._data
+        if not (isinstance(indices, ChunkFileRanges) and isinstance(data, ChunkFileRanges)):
+            return None
+        starts, stops = self._indptr[rows], self._indptr[rows + 1]
+        return LocatedCSR(
+            stops - starts,
+            indices.mapped().iovecs(starts, stops),
+            data.mapped().iovecs(starts, stops),
+            self.index_dtype,
+            self.dtype,
         )
 
 

@@ -26,7 +26,14 @@ from annserve.errors import StoreFormatError, StoreNotFoundError
 from annserve.server.format import MANIFEST_KEY
 from annserve.server.io.elements import element_at, group_at
 from annserve.server.io.legacy import is_legacy, reencoded
-from annserve.server.io.matrix import CSRMatrix, CSRRows, DenseMatrix, DenseRows, open_matrix
+from annserve.server.io.matrix import (
+    CSRMatrix,
+    CSRRows,
+    DenseMatrix,
+    DenseRows,
+    LocatedCSR,
+    open_matrix,
+)
 from annserve.server.io.obs import concat_obs, obs_column
 
 if TYPE_CHECKING:
@@ -130,11 +137,15 @@ class MatrixSpec:
         CSR (True) or dense.
     n_cols
         Columns: genes for X, layers and raw X; the array's width for obsm.
+    index_dtype
+        dtype of the column indices of every group's CSR matrix; None when dense, or
+        when the groups' differ.
     """
 
     dtype: np.dtype
     sparse: bool
     n_cols: int
+    index_dtype: np.dtype | None = None
 
 
 class Store:
@@ -220,7 +231,10 @@ class Store:
                 logger.info("%s: %s is not in every group alike; not served", self.path, key)
                 continue
             ((sparse, n_cols),) = shapes
-            out[key] = MatrixSpec(np.result_type(*(m.dtype for m in present)), sparse, n_cols)
+            index_dtypes = {m.index_dtype for m in present if isinstance(m, CSRMatrix)}
+            index_dtype = index_dtypes.pop() if len(index_dtypes) == 1 else None
+            dtype = np.result_type(*(m.dtype for m in present))
+            out[key] = MatrixSpec(dtype, sparse, n_cols, index_dtype)
         return out
 
     def mean_row_bytes(self, key: str = "X") -> float:
@@ -247,9 +261,44 @@ class Store:
         -------
         The rows in the given order, CSR or dense as stored.
         """
-        bounds = np.searchsorted(rows, self.group_offsets)
         if self._gene_maps is not None and _in_gene_space(key):
+            bounds = np.searchsorted(rows, self.group_offsets)
             return self._read_union(rows, key, bounds, pool.empty if pool else np.empty)
+        return _read_pieces(self._pieces(rows, key), pool.empty if pool is not None else np.empty)
+
+    def locate_rows(self, rows: np.ndarray, key: str = "X") -> LocatedCSR | None:
+        """Locate rows of a CSR matrix in the store's mapped files instead of reading them.
+
+        Parameters
+        ----------
+        rows, key
+            As for :meth:`read_rows`.
+
+        Returns
+        -------
+        The rows in the given order, as stored (:meth:`CSRMatrix.locate_rows`); None
+        where they must be read: a dense matrix, arrays read through zarr or h5py
+        (compressed, remote), groups of different dtypes, or X and layers of groups
+        with different genes (renumbered into the union's columns).
+
+        Raises
+        ------
+        DataLossError
+            If a chunk the rows use is absent, or its file is truncated or cannot be opened.
+        """
+        if self._gene_maps is not None and _in_gene_space(key):
+            return None
+        parts = []
+        for matrix, local in self._pieces(rows, key):
+            located = matrix.locate_rows(local) if isinstance(matrix, CSRMatrix) else None
+            if located is None:
+                return None
+            parts.append(located)
+        return LocatedCSR.concat(parts)
+
+    def _pieces(self, rows: np.ndarray, key: str) -> list[Piece]:
+        """Split sorted global rows by group: each group's matrix and its rows in it."""
+        bounds = np.searchsorted(rows, self.group_offsets)
         pieces = [
             (g.matrices[key], rows[a:b] - offset)
             for g, a, b, offset in zip(
@@ -257,9 +306,7 @@ class Store:
             )
             if b > a
         ]
-        if not pieces:
-            pieces = [(self._groups[0].matrices[key], rows)]
-        return _read_pieces(pieces, pool.empty if pool is not None else np.empty)
+        return pieces or [(self._groups[0].matrices[key], rows)]
 
     def _read_union(
         self, rows: np.ndarray, key: str, bounds: np.ndarray, empty: Callable[..., np.ndarray]

@@ -91,6 +91,11 @@ class StreamPlan:
         The split the epoch draws from; None for all rows.
     balance
         Weighted sampling; None for the chunk sampler.
+    mapped
+        Leave X's rows in the store's mapped files where they can stay
+        (:meth:`~annserve.server.io.store.Store.locate_rows`) instead of reading them
+        into preload buffers: set for shared-memory streams, whose frames only the
+        kernel gathers (:func:`annserve.server.stream.frames.stays_mapped`).
     """
 
     batch_size: int
@@ -115,6 +120,7 @@ class StreamPlan:
     earlier_worlds: tuple[EarlierWorld, ...]
     split: Split | None
     balance: Balance | None
+    mapped: bool = False
 
 
 def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:

@@ -11,13 +11,15 @@ through ctypes, ``IOV_MAX`` at a time. The daemon's own memory is only read.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annserve.wire import IOV_MAX, Pieces
+from annserve.errors import DataLossError
+from annserve.wire import IOV_MAX, Iovecs, Pieces
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -34,7 +36,7 @@ def _libc_pwritev() -> Callable[[int, int, int, int], int]:
     return pwritev
 
 
-def iovecs(parts: Sequence[Part]) -> tuple[np.ndarray, list[np.ndarray]]:
+def iovecs(parts: Sequence[Part]) -> tuple[np.ndarray, list[object]]:
     """Return the ``struct iovec`` array of ``parts``, in order, and what owns its memory.
 
     Parameters
@@ -48,11 +50,15 @@ def iovecs(parts: Sequence[Part]) -> tuple[np.ndarray, list[np.ndarray]]:
         Shape ``(n, 2)``, uint64, C-contiguous: each buffer's address and length
         (bytes), the layout of Linux's ``struct iovec``.
     owners
-        The arrays whose memory ``iov`` points into; they must stay alive while it is used.
+        What owns the memory ``iov`` points into; it must stay alive while ``iov`` is used.
     """
-    owners: list[np.ndarray] = []
+    owners: list[object] = []
     blocks: list[np.ndarray] = []
     for part in parts:
+        if isinstance(part, Iovecs):
+            owners.append(part.owners)
+            blocks.append(part.iov)
+            continue
         if isinstance(part, Pieces):
             values, size = part.values, part.values.dtype.itemsize
             block = np.empty((len(part.starts), 2), np.uint64)
@@ -80,8 +86,11 @@ def pwrite_parts(fd: int, parts: Sequence[Part], offset: int) -> int:
 
     Raises
     ------
+    DataLossError
+        If a source range cannot be read (``EFAULT``): a store file mapped for
+        :class:`~annserve.wire.Iovecs` was truncated while its rows were gathered.
     OSError
-        If ``pwritev`` fails, or writes nothing while bytes remain.
+        If ``pwritev`` fails otherwise, or writes nothing while bytes remain.
     """
     pwritev = _libc_pwritev()
     iov, owners = iovecs(parts)
@@ -91,6 +100,9 @@ def pwrite_parts(fd: int, parts: Sequence[Part], offset: int) -> int:
         n = pwritev(fd, block.ctypes.data, len(block), offset + written)
         if n < 0:
             err = ctypes.get_errno()
+            if err == errno.EFAULT:
+                msg = "a store file shrank while its rows were being sent (truncated?)"
+                raise DataLossError(msg)
             raise OSError(err, os.strerror(err))
         if n == 0 and block[:, 1].any():
             msg = f"pwritev wrote nothing at byte {offset + written} of fd {fd}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -32,7 +33,7 @@ from annserve.server.plan.selection import make_sampler
 from annserve.server.rpc.describe import store_info
 from annserve.server.rpc.handlers import end_call, status_set
 from annserve.server.rpc.metrics import Metrics
-from annserve.server.stream.frames import Sharing, epoch_frames, epoch_span
+from annserve.server.stream.frames import Sharing, epoch_frames, epoch_span, stays_mapped
 from annserve.server.stream.shared import (
     REGISTRY,
     SharedReads,
@@ -46,15 +47,13 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
     from pathlib import Path
 
-    import numpy as np
-
     from annserve.server.io.store import Store
     from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
     from annserve.server.rpc.shm import Session, SharedFrame, SharedMemoryListener
     from annserve.server.stream.frames import Frame, Pack
-    from annserve.wire import Pieces
+    from annserve.wire import FrameArray
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +296,7 @@ class AnnServeService:
             session = self._session(request.shm_session, request.shm_held)
             if session is not None:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
+                plan = dataclasses.replace(plan, mapped=stays_mapped(store, plan))
             pack = None if session is None else self._packer(session, cancelled)
             sharing = None
             if self.shared_reads is not None:
@@ -419,7 +419,7 @@ class AnnServeService:
     def _packer(self, session: Session, cancelled: threading.Event) -> Pack:
         """Return the frame writer of a shared-memory stream (waits up to the stall timeout)."""
 
-        def pack(header: pb.BatchHeader, arrays: list[tuple[str, np.ndarray | Pieces]]) -> bytes:
+        def pack(header: pb.BatchHeader, arrays: list[tuple[str, FrameArray]]) -> bytes:
             return session.pack(header, arrays, self.stall_timeout, cancelled)
 
         return pack

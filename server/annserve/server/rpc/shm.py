@@ -39,9 +39,7 @@ from annserve.wire import frame_parts
 if TYPE_CHECKING:
     from collections.abc import Hashable, Sequence
 
-    import numpy as np
-
-    from annserve.wire import Pieces
+    from annserve.wire import FrameArray
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class FramePool:
         weakref.finalize(self, _close_memfds, self._free)
 
     def write(
-        self, header: pb.BatchHeader, arrays: Sequence[tuple[str, np.ndarray | Pieces]]
+        self, header: pb.BatchHeader, arrays: Sequence[tuple[str, FrameArray]]
     ) -> SharedFrame:
         """Write a frame into a free memfd (a new one if none fits); see :meth:`Session.pack`.
 
@@ -255,7 +253,7 @@ class Session:
     def pack(
         self,
         header: pb.BatchHeader,
-        arrays: Sequence[tuple[str, np.ndarray | Pieces]],
+        arrays: Sequence[tuple[str, FrameArray]],
         timeout: float,
         cancelled: threading.Event,
     ) -> bytes:

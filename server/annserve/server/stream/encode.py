@@ -14,13 +14,14 @@ import numpy as np
 
 from annserve.server.format import NARROW_UINTS, lossless_cast, smallest_uint
 from annserve.server.format import cast_into as _cast
-from annserve.server.io.matrix import CSRRows, DenseRows
+from annserve.server.io.matrix import CSRRows, DenseRows, LocatedCSR
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import Pieces
+from annserve.wire import FrameArray, Iovecs, Pieces
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from annserve.server.io.mapped import RowIovecs
     from annserve.server.io.obs import ObsColumnData
 
     #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
@@ -132,8 +133,8 @@ class WireDense:
         return self.values.nbytes
 
 
-#: A preload buffer in wire dtypes.
-WireRows = WireCSR | WireDense
+#: A preload buffer in wire dtypes (rows left in the store's mapped files: ``LocatedCSR``).
+WireRows = WireCSR | WireDense | LocatedCSR
 
 
 def prepare(
@@ -165,11 +166,37 @@ def prepare(
         return raw_rows(block)
     if isinstance(block, DenseRows):
         return WireDense(compact_values(block.values, empty))
-    index_dtype = np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
+    index_dtype = _compact_index_dtype(n_vars)
     indices = block.indices
     if indices.dtype != index_dtype:
         indices = _cast(indices, index_dtype, empty)
     return WireCSR(block.indptr, indices, compact_values(block.data, empty))
+
+
+def sent_as_stored(
+    index_dtype: np.dtype,
+    dtype: np.dtype,
+    encoding: int,
+    n_vars: int,
+    value_dtype: np.dtype | None = None,
+) -> bool:
+    """Whether :func:`prepare` sends CSR rows of these stored dtypes unconverted.
+
+    Only such rows may stay in the store's files (:class:`LocatedCSR`): ``raw`` sends
+    rows as stored; ``compact`` when the indices already are its uint16/uint32 and the
+    values uint8/uint16 (``annserve convert``'s counts); ``native`` when the indices
+    are int32 and the values ``value_dtype`` (or it is None). Parameters as for
+    :func:`prepare`; ``index_dtype`` and ``dtype`` are the stored indices' and values'.
+    """
+    if encoding == pb.ENCODING_COMPACT:
+        return index_dtype == _compact_index_dtype(n_vars) and dtype in NARROW_UINTS[:2]
+    if encoding == pb.ENCODING_NATIVE:
+        return index_dtype == np.int32 and (value_dtype is None or dtype == value_dtype)
+    return True
+
+
+def _compact_index_dtype(n_vars: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vars <= 1 << 16 else np.uint32)
 
 
 def _native(block: CSRRows | DenseRows, value_dtype: np.dtype | None, empty: Empty) -> WireRows:
@@ -195,7 +222,7 @@ def raw_rows(block: CSRRows | DenseRows) -> WireRows:
 
 def frame_arrays(
     rows: WireRows, positions: np.ndarray, encoding: int
-) -> list[tuple[str, np.ndarray | Pieces]]:
+) -> list[tuple[str, FrameArray]]:
     """Gather the X arrays of one frame.
 
     Parameters
@@ -214,20 +241,23 @@ def frame_arrays(
     ``[("X", dense)]`` or ``[("indptr" | "row_nnz", ...), ("indices", ...), ("data", ...)]``;
     ``indices`` and ``data`` as :class:`~annserve.wire.Pieces`, one slice of the
     buffer per row, gathered when the frame is written (:func:`annserve.wire.encode_frame`,
-    or :func:`annserve.server.rpc.gather.pwrite_parts` into shared memory).
+    or :func:`annserve.server.rpc.gather.pwrite_parts` into shared memory); rows left
+    in the store's files (:class:`~annserve.server.io.matrix.LocatedCSR`) as
+    :class:`~annserve.wire.Iovecs`, which only ``pwrite_parts`` gathers.
     """
     if isinstance(rows, WireDense):
         return [("X", rows.values[positions])]
+    if isinstance(rows, LocatedCSR):
+        lengths = rows.lengths[positions]
+        nnz = int(lengths.sum())
+        return [
+            _row_part(lengths, encoding, rows.index_dtype),
+            ("indices", _iovecs(rows.indices, positions, rows.index_dtype, nnz)),
+            ("data", _iovecs(rows.data, positions, rows.dtype, nnz)),
+        ]
     starts = rows.indptr[positions]
     lengths = rows.indptr[positions + 1] - starts
-    if encoding == pb.ENCODING_COMPACT:
-        max_len = int(lengths.max()) if len(lengths) else 0
-        row_part = ("row_nnz", lengths.astype(smallest_uint(max_len) or np.uint64))
-    else:
-        indptr = np.r_[np.int64(0), np.cumsum(lengths)]
-        if encoding == pb.ENCODING_NATIVE:
-            indptr = indptr.astype(rows.indices.dtype)
-        row_part = ("indptr", indptr)
+    row_part = _row_part(lengths, encoding, rows.indices.dtype)
     # each row is a contiguous run: copying slices (once, into the frame) is several
     # times faster than a fancy-index gather through a per-non-zero index array
     # (measured ~6x: np.repeat + np.take, 13-17 us/cell against 2.4 for slices + pwritev)
@@ -238,6 +268,20 @@ def frame_arrays(
         ("indices", _pieces(rows.indices, starts, stops, nnz)),
         ("data", _pieces(rows.values, starts, stops, nnz)),
     ]
+
+
+def _row_part(lengths: np.ndarray, encoding: int, index_dtype: np.dtype) -> tuple[str, np.ndarray]:
+    """Return a frame's row lengths as its encoding sends them (``row_nnz`` or ``indptr``)."""
+    if encoding == pb.ENCODING_COMPACT:
+        max_len = int(lengths.max()) if len(lengths) else 0
+        return ("row_nnz", lengths.astype(smallest_uint(max_len) or np.uint64))
+    indptr = np.r_[np.int64(0), np.cumsum(lengths)]
+    return ("indptr", indptr.astype(index_dtype) if encoding == pb.ENCODING_NATIVE else indptr)
+
+
+def _iovecs(rows: RowIovecs, positions: np.ndarray, dtype: np.dtype, length: int) -> Iovecs:
+    """Send the mapped ranges of rows ``positions``, gathered by the kernel when written."""
+    return Iovecs(rows.take(positions), dtype, length, rows.owners)
 
 
 def _pieces(values: np.ndarray, starts: np.ndarray, stops: np.ndarray, length: int) -> Pieces:

@@ -28,6 +28,7 @@ from annserve.server.stream.encode import (
     prepare,
     raw_rows,
     select_columns,
+    sent_as_stored,
 )
 from annserve.server.stream.shared import frame_key
 from annserve.v1 import annserve_pb2 as pb
@@ -41,10 +42,10 @@ if TYPE_CHECKING:
     from annserve.server.plan.sampler import Sampler
     from annserve.server.stream.encode import WireRows
     from annserve.server.stream.shared import Subscription
-    from annserve.wire import Pieces
+    from annserve.wire import FrameArray
 
     #: Serializes one frame, ``pack(header, arrays)``, as :func:`annserve.wire.encode_frame`.
-    Pack = Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], bytes]
+    Pack = Callable[[pb.BatchHeader, list[tuple[str, FrameArray]]], bytes]
     #: A read piece of a preload buffer, as :func:`_read_ahead` yields it.
     Prepared = tuple[
         np.ndarray,
@@ -79,7 +80,7 @@ class Sharing:
     """
 
     kind: str
-    write: Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], object]
+    write: Callable[[pb.BatchHeader, list[tuple[str, FrameArray]]], object]
     send: Callable[[Any], bytes]
 
 
@@ -243,7 +244,7 @@ def _frame(
     global_rows: np.ndarray,
     plan: StreamPlan,
     store: Store,
-    pack: Callable[[pb.BatchHeader, list[tuple[str, np.ndarray | Pieces]]], T],
+    pack: Callable[[pb.BatchHeader, list[tuple[str, FrameArray]]], T],
 ) -> T:
     """Gather and serialize one frame (``header`` gets its text obs and obs_names)."""
     arrays = frame_arrays(wire, positions, plan.encoding)
@@ -330,14 +331,37 @@ def _read_rows(
     """Read and prepare one piece of a preload buffer; see :func:`_read_ahead`."""
     unique_rows, positions = _distinct(rows)
     started = time.perf_counter()
-    block = store.read_rows(unique_rows, plan.matrix, pool)
+    located = store.locate_rows(unique_rows, plan.matrix) if plan.mapped else None
+    block = store.read_rows(unique_rows, plan.matrix, pool) if located is None else None
     obsm = {k: raw_rows(store.read_rows(unique_rows, k)) for k in plan.obsm}
     if on_read is not None:
         on_read(time.perf_counter() - started)
+    if block is None:
+        assert located is not None
+        return rows, positions, located, obsm, {}
     if plan.columns is not None:
         block = select_columns(block, plan.columns, store.matrices[plan.matrix].n_cols)
     wire = prepare(block, plan.encoding, plan.n_vars, pool.empty, plan.value_dtype)
     return rows, positions, wire, obsm, {}
+
+
+def stays_mapped(store: Store, plan: StreamPlan) -> bool:
+    """Whether a stream's X rows may stay in the store's mapped files (``StreamPlan.mapped``).
+
+    They may when frames are sent as stored: CSR, all genes, and dtypes the
+    encoding sends unconverted (:func:`~annserve.server.stream.encode.sent_as_stored`).
+    Where the store's arrays must be read through zarr or h5py,
+    :meth:`~annserve.server.io.store.Store.locate_rows` still says no, buffer by buffer.
+    """
+    spec = store.matrices[plan.matrix]
+    return (
+        spec.sparse
+        and plan.columns is None
+        and spec.index_dtype is not None
+        and sent_as_stored(
+            spec.index_dtype, spec.dtype, plan.encoding, plan.n_vars, plan.value_dtype
+        )
+    )
 
 
 def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
