@@ -254,3 +254,15 @@ def test_a_file_truncated_under_located_rows_fails_their_write_not_the_daemon(tm
     os.truncate(tmp_path / "a.h5", 8192)  # the kernel's copy past the end fails: EFAULT
     with pytest.raises(DataLossError, match="shrank while its rows were being sent"):
         _gathered(rows, np.arange(2), counts.dtype)
+
+
+@pytest.mark.parametrize("layout", ["chunks", "shards"])
+def test_mapped_rows_in_an_absent_chunk_are_lost_data(tmp_path, counts, layout):
+    values = counts.copy()
+    values[:9000] = 7  # zarr writes no chunk (or shard) holding only the fill value
+    reader = range_reader(_array(tmp_path / "a.zarr", values, layout, fill_value=7))
+    assert isinstance(reader, ChunkFileRanges)
+    rows = reader.mapped().iovecs(np.array([9000]), np.array([9500]))  # stored: fine
+    np.testing.assert_array_equal(_gathered(rows, np.arange(1), values.dtype), values[9000:9500])
+    with pytest.raises(DataLossError, match=r"chunk c/0.* is missing from the store"):
+        reader.mapped().iovecs(np.array([100, 9000]), np.array([200, 9500]))

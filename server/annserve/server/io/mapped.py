@@ -22,7 +22,6 @@ import mmap
 import os
 import resource
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,8 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Files one array keeps mapped (and open) at most; the least recently used go first.
-MAX_MAPPED_FILES = 64
+#: Files one array keeps mapped at most; the least recently used go first.
+MAX_MAPPED_FILES = 1024
+_MISSING = "is missing from the store (deleted?); its values are lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,23 +87,26 @@ class RowIovecs:
 
 
 class _Mapping:
-    """One file, open and mapped read-only; unmapped and closed once nothing uses it."""
+    """One file mapped read-only; unmapped once nothing uses it (its descriptor is closed)."""
 
-    __slots__ = ("__weakref__", "_view", "address", "fd", "size")
+    __slots__ = ("_mm", "_view", "address", "size")
 
     def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, fd)
-        self.fd = fd
-        size = os.fstat(fd).st_size
-        self.size = size
-        # the view holds the mapping (unmapped when the view goes); mmap refuses empty files
-        self._view = (
-            np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), np.uint8)
-            if size
-            else np.empty(0, np.uint8)
-        )
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            # mmap refuses empty files; an empty one holds nothing to gather anyway
+            self._mm = (
+                mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_READ) if self.size else None
+            )
+        # the view holds the mapping, as every buffer built from its addresses holds this
+        self._view = np.frombuffer(self._mm, np.uint8) if self._mm else np.empty(0, np.uint8)
         self.address = int(self._view.ctypes.data)
+
+    def prefetch(self, start: int, length: int) -> None:
+        """Ask the kernel to read bytes ``[start, start + length)`` now (``MADV_WILLNEED``)."""
+        if self._mm is not None and length > 0:
+            page = start - start % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_WILLNEED, page, min(length + start - page, self.size - page))
 
 
 class MappedArray:
@@ -129,9 +132,14 @@ class MappedArray:
         self.dtype = np.dtype(dtype)
         self._name = name
         self._max_files = max_files
-        self._maps: OrderedDict[str, _Mapping] = OrderedDict()
+        # per chunk, learnt on first use: its file (index into _paths; -1 not yet
+        # located) and byte offset in it (-1: absent from the store)
+        self._file_of = np.empty(0, np.int64)
+        self._base = np.empty(0, np.int64)
+        self._paths: list[str] = []
+        self._path_ids: dict[str, int] = {}
+        self._maps: OrderedDict[int, _Mapping] = OrderedDict()
         self._lock = threading.Lock()
-        self._blocks = -1  # the process's blocks read from disk at the last call; -1: none yet
 
     def iovecs(self, starts: np.ndarray, stops: np.ndarray) -> RowIovecs:
         """Return where elements ``[starts[i], stops[i])`` lie, for each row ``i``.
@@ -153,77 +161,108 @@ class MappedArray:
         np.cumsum(count, out=offsets[1:])
         row = np.repeat(np.arange(len(starts)), count)
         k = starts[row] // c + (np.arange(offsets[-1]) - offsets[row])
-        begin = np.maximum(starts[row], k * c)
-        end = np.minimum(stops[row], (k + 1) * c)
-        ks, inverse = np.unique(k, return_inverse=True)
+        begin = np.maximum(starts[row], k * c) - k * c  # elements, from the chunk's first
+        end = np.minimum(stops[row], (k + 1) * c) - k * c
         with self._lock:
-            bases, maps = self._locate(ks.tolist(), inverse, (end - ks[inverse] * c) * size)
-            self._advise(bases, maps)
-        addresses = np.array([m.address for m in maps], np.uint64)[inverse]
+            self._learn(k)
+            files, bases = self._file_of[k], self._base[k]
+            if np.any(bases < 0):
+                missing = int(k[np.argmax(bases < 0)])
+                raise self._lost(missing, _MISSING)
+            maps = self._checked(k, files, bases + end * size)
+        addresses = np.zeros(len(self._paths), np.uint64)
+        for f, mapping in maps.items():
+            addresses[f] = mapping.address
         iov = np.empty((len(k), 2), np.uint64)
-        iov[:, 0] = addresses + (bases[inverse] + (begin - k * c) * size).astype(np.uint64)
+        iov[:, 0] = addresses[files] + (bases + begin * size).astype(np.uint64)
         iov[:, 1] = ((end - begin) * size).astype(np.uint64)
-        return RowIovecs(iov, offsets, tuple(dict.fromkeys(maps)))
+        return RowIovecs(iov, offsets, tuple(maps.values()))
 
-    def _locate(
-        self, ks: list[int], inverse: np.ndarray, piece_ends: np.ndarray
-    ) -> tuple[np.ndarray, list[_Mapping]]:
-        """Return each chunk's byte offset in its file and the file's mapping, checked.
+    def _learn(self, k: np.ndarray) -> None:
+        """Locate the chunks in ``k`` not located yet (called locked)."""
+        if len(k) and k.max() >= len(self._base):
+            grow = int(k.max()) + 1 - len(self._base)
+            self._file_of = np.r_[self._file_of, np.full(grow, -1, np.int64)]
+            self._base = np.r_[self._base, np.full(grow, -1, np.int64)]
+        for chunk in np.unique(k[self._file_of[k] < 0]).tolist():
+            path, base = self._chunks.locate(chunk)
+            if path not in self._path_ids:
+                self._path_ids[path] = len(self._paths)
+                self._paths.append(path)
+            self._file_of[chunk] = self._path_ids[path]
+            self._base[chunk] = -1 if base is None else base
 
-        ``piece_ends`` gives, per piece (``inverse`` its chunk), the byte after its last
-        element, counted from its chunk's first: each file must hold the chunks that far.
+    def _checked(self, k: np.ndarray, files: np.ndarray, ends: np.ndarray) -> dict[int, _Mapping]:
+        """Return the mapping of each file the pieces use, each checked to hold them.
+
+        ``ends`` gives, per piece (in chunk ``k``, file ``files``), the byte after it in
+        its file (called locked). The first use of each file, and any use while the
+        process reads from disk, also asks the kernel to fetch the pieces' chunks.
         """
-        need = np.zeros(len(ks), np.int64)
-        np.maximum.at(need, inverse, piece_ends)
-        bases = np.empty(len(ks), np.int64)
-        maps = []
-        for i, k in enumerate(ks):
-            path, base = self._chunks.locate(k)
-            if base is None:
-                raise self._lost(
-                    k, path, "is missing from the store (deleted?); its values are lost"
-                )
-            mapping = self._mapping(path, k)
-            end = base + int(need[i])
-            if end > mapping.size or end > os.fstat(mapping.fd).st_size:
-                raise self._lost(k, path, "is cut short: its file is truncated")
-            bases[i] = base
-            maps.append(mapping)
-        return bases, maps
+        need = np.zeros(len(self._paths), np.int64)
+        np.maximum.at(need, files, ends)
+        maps = {}
+        for f in np.unique(files).tolist():
+            mapping, fresh = self._mapping(f, int(k[np.argmax(files == f)]))
+            size = min(mapping.size, _size(self._paths[f]))
+            if need[f] > size:
+                short = int(k[np.argmax((files == f) & (ends > size))])
+                raise self._lost(short, "is cut short: its file is truncated")
+            if fresh or _reading_disk():
+                self._prefetch(mapping, np.unique(k[files == f]))
+            maps[f] = mapping
+        return maps
 
-    def _mapping(self, path: str, k: int) -> _Mapping:
-        """Return the mapping of ``path``, mapping it first if need be (called locked)."""
-        mapping = self._maps.get(path)
+    def _mapping(self, f: int, k: int) -> tuple[_Mapping, bool]:
+        """Return the mapping of file ``f`` and whether it is new (called locked).
+
+        ``k`` is a chunk in the file, named if it cannot be mapped.
+        """
+        mapping = self._maps.get(f)
         if mapping is not None:
-            self._maps.move_to_end(path)
-            return mapping
+            self._maps.move_to_end(f)
+            return mapping, False
         try:
-            mapping = self._maps[path] = _Mapping(path)
+            mapping = self._maps[f] = _Mapping(self._paths[f])
+        except FileNotFoundError as e:
+            raise self._lost(k, _MISSING) from e
         except OSError as e:
-            raise self._lost(k, path, f"cannot be opened ({e.strerror})") from e
+            raise self._lost(k, f"cannot be opened ({e.strerror})") from e
         if len(self._maps) > self._max_files:
             self._maps.popitem(last=False)  # unmapped once no buffer uses it
-        return mapping
+        return mapping, True
 
-    def _advise(self, bases: np.ndarray, maps: list[_Mapping]) -> None:
-        """Ask the kernel to fetch the chunks now (``POSIX_FADV_WILLNEED``) while reads reach disk.
+    def _prefetch(self, mapping: _Mapping, chunks: np.ndarray) -> None:
+        """Ask the kernel to read whole chunks of one file now, many at a time.
 
-        The gathers then fault in pages that are already being read, many at a time.
-        Whether the disk is still read is judged from the process's blocks read since
-        the last call (``getrusage``), as hints cost CPU when the data is cached.
+        The gathers then find pages already read or being read instead of faulting
+        them in one by one (as ``ChunkFileRanges`` advises its reads).
         """
-        blocks = resource.getrusage(resource.RUSAGE_SELF).ru_inblock
-        from_disk = self._blocks < 0 or blocks > self._blocks
-        self._blocks = blocks
-        if not from_disk:
-            return
         nbytes = self._chunks.chunk * self.dtype.itemsize
-        for base, mapping in zip(bases.tolist(), maps, strict=True):
-            length = max(0, min(nbytes, mapping.size - base))
-            os.posix_fadvise(mapping.fd, base, length, os.POSIX_FADV_WILLNEED)
+        for base in self._base[chunks].tolist():
+            mapping.prefetch(base, nbytes)
 
-    def _lost(self, k: int, path: str, what: str) -> DataLossError:
+    def _lost(self, k: int, what: str) -> DataLossError:
         """Return the error naming the array and chunk ``k``, ``what`` saying why."""
         msg = f"{self._name}: chunk {self._chunks.describe(k)} {what}"
+        path = self._paths[self._file_of[k]] if k < len(self._file_of) else "?"
         logger.error("%s (file %s)", msg, path)
         return DataLossError(msg)
+
+
+def _size(path: str) -> int:
+    """Return the file's size now, bytes (0 if it is gone)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+_last_blocks = [-1]  # the process's blocks read from disk when last asked
+
+
+def _reading_disk() -> bool:
+    """Whether the process has read from disk since the last call (``getrusage``)."""
+    blocks = resource.getrusage(resource.RUSAGE_SELF).ru_inblock
+    reading, _last_blocks[0] = blocks > _last_blocks[0], blocks
+    return reading
