@@ -28,14 +28,14 @@ buffers, leaving the training process's other arrays as numpy makes them).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
 from functools import cache
-from typing import Any
 
 import numpy as np
+
+from annserve import libc
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ class _MallInfo2(ctypes.Structure):
 
 
 @cache
-def _libc_function(symbol: str) -> Any:
-    """Return a function of the C library, or None where it has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), symbol)
-    except (OSError, AttributeError, TypeError):
-        logger.debug("no %s in the C library %r; malloc left as it is", symbol, name)
-        return None
-
-
-@cache
 def retain_freed_memory() -> bool:
     """Make glibc's malloc reuse freed blocks of up to 32 MiB in one arena; once per process.
 
@@ -92,7 +81,7 @@ def retain_freed_memory() -> bool:
     Whether the thresholds were set: False where the C library is not glibc
     (musl, macOS), which is then left as it is.
     """
-    mallopt = _libc_function("mallopt")
+    mallopt = libc.function("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -154,7 +143,7 @@ def small_pages(array: np.ndarray) -> bool:
     for an array that spans no whole page.
     """
     advice = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux only
-    madvise = _libc_function("madvise") if advice is not None else None
+    madvise = libc.function("madvise") if advice is not None else None
     if madvise is None:
         return False
     start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -167,7 +156,7 @@ def small_pages(array: np.ndarray) -> bool:
 
 def freed_heap_bytes() -> int | None:
     """Return the bytes malloc holds freed in its heaps, or None without glibc >= 2.33."""
-    mallinfo2 = _libc_function("mallinfo2")
+    mallinfo2 = libc.function("mallinfo2")
     if mallinfo2 is None:
         return None
     mallinfo2.restype = _MallInfo2
@@ -193,7 +182,7 @@ def trim_freed_memory(keep: int = 0) -> bool:
     Whether memory was trimmed: False at or below ``keep``, and where the C library
     is not glibc (with ``keep`` > 0: glibc < 2.33).
     """
-    malloc_trim = _libc_function("malloc_trim")
+    malloc_trim = libc.function("malloc_trim")
     if malloc_trim is None or keep and (freed_heap_bytes() or 0) <= keep:
         return False
     malloc_trim(0)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annserve import libc
 from annserve.errors import DataLossError
 from annserve.wire import IOV_MAX, Iovecs, Pieces
 
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _libc_pwritev() -> Callable[[int, int, int, int], int]:
-    """Return libc's ``pwritev(fd, iov, iovcnt, offset)``, loaded on first use."""
-    pwritev = ctypes.CDLL(None, use_errno=True).pwritev
+    """Return libc's ``pwritev(fd, iov, iovcnt, offset)``, typed, loaded on first use."""
+    pwritev = libc.function("pwritev")
+    if pwritev is None:
+        msg = "the C library has no pwritev"
+        raise OSError(msg)
     pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
     pwritev.restype = ctypes.c_ssize_t
     return pwritev

@@ -35,7 +35,6 @@ same-host trainers on the unix socket are served by one process; TCP clients use
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import multiprocess
 
+from annserve import libc
 from annserve.server.rpc.metrics import Metrics, multiprocess_registry, serve_registry
 
 if TYPE_CHECKING:
@@ -174,11 +174,9 @@ class Worker:
 
 def _die_with_parent(parent: int) -> None:
     """Get SIGTERM when the supervisor ``parent`` is gone, however it ended."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl: the watch below alone
-        pass
+    prctl = libc.function("prctl")
+    if prctl is not None:  # else the watch below alone
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # it died before prctl
         os.kill(os.getpid(), signal.SIGTERM)
     sentinel = multiprocessing.parent_process()
