@@ -113,6 +113,7 @@ class AnnServer:
         # finished handler's last frames may still be on their way (stop returns once
         # every call is done: 0 would cancel them)
         self.server.stop(STOP_SLACK_S).wait()
+        self.health.close()
         if self.service.shared_memory is not None:
             self.service.shared_memory.close()
         return finished

@@ -61,3 +61,7 @@ class HealthServicer(health.HealthServicer):
         # duck-typed: every other attribute is the real context's
         proxy = cast("grpc.ServicerContext", _CallbacksElsewhere(context, self._closes))
         return super().Watch(request, proxy, send_response_callback)
+
+    def close(self) -> None:
+        """Let the close callbacks' thread end; call once the server has stopped."""
+        self._closes.shutdown(wait=False)
