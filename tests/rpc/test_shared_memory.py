@@ -134,11 +134,14 @@ def test_bit_exact_against_grpc_every_row_once(unix_server, store, encoding):
     assert shm_loader._shm.alive()
 
 
-@pytest.fixture(scope="module")
-def narrow_pbmc3k(tmp_path_factory):
-    """pbmc3k as ``annserve convert --compression none`` writes it: uint16 plain bytes."""
+@pytest.fixture(scope="module", params=[False, True], ids=["uint16-counts", "float32-counts"])
+def narrow_pbmc3k(tmp_path_factory, request):
+    """pbmc3k as ``annserve convert --compression none`` writes it: plain bytes, uint16
+    genes, and uint16 counts (or float32 with ``--keep-dtype``, as annbatch stores them)."""
     path = tmp_path_factory.mktemp("narrow") / "pbmc3k.zarr"
-    convert([real_path("pbmc3k")], path, compression="none", progress=False)
+    convert(
+        [real_path("pbmc3k")], path, compression="none", progress=False, keep_dtype=request.param
+    )
     return path
 
 
