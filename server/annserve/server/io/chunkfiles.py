@@ -24,7 +24,7 @@ import numpy as np
 
 from annserve.errors import DataLossError
 from annserve.server.io._zarr import MISSING, chunk_file_layout, chunk_label
-from annserve.server.io.mapped import MappedArray
+from annserve.server.io.mapped import ABSENT, TRUNCATED, MappedArray, chunk_lost
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -91,7 +91,7 @@ class ChunkFileRanges:
         self._complete = complete
         self._from_disk = True  # whether the last read went to the disk (first: assume so)
         self._mapped: MappedArray | None = None
-        self._mapping = threading.Lock()
+        self._mapped_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -131,7 +131,7 @@ class ChunkFileRanges:
 
     def mapped(self) -> MappedArray:
         """Return the array mapped from the same files (made on first use, then kept)."""
-        with self._mapping:
+        with self._mapped_lock:
             if self._mapped is None:
                 self._mapped = MappedArray(self._chunks, self._dtype, self._name)
             return self._mapped
@@ -227,14 +227,12 @@ class ChunkFileRanges:
 
     def _lost(self, piece: _Piece, what: str) -> DataLossError:
         """Return the error naming the array and the chunk of ``piece``, ``what`` saying why."""
-        msg = f"{self._name}: chunk {self._chunks.describe(piece.k)} {what}"
-        logger.error("%s (file %s)", msg, piece.path)
-        return DataLossError(msg)
+        return chunk_lost(self._name, self._chunks.describe(piece.k), piece.path, what)
 
     def _absent(self, piece: _Piece) -> None:
         """Raise :class:`DataLossError` for an absent chunk when the array must be complete."""
         if self._complete:
-            raise self._lost(piece, "is missing from the store (deleted?); its values are lost")
+            raise self._lost(piece, ABSENT)
 
     def _open(self, piece: _Piece) -> int:
         """Open the chunk file of ``piece`` read-only; -1 if the store has none."""
@@ -256,7 +254,7 @@ class ChunkFileRanges:
         if n != len(into):
             size = self._dtype.itemsize
             short = next(p for p in run if (p.at + p.stop - p.start - first.at) * size > n)
-            raise self._lost(short, "is cut short: its file is truncated")
+            raise self._lost(short, TRUNCATED)
 
 
 class _Piece(NamedTuple):

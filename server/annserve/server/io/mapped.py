@@ -37,7 +37,29 @@ logger = logging.getLogger(__name__)
 
 #: Files one array keeps mapped at most; the least recently used go first.
 MAX_MAPPED_FILES = 1024
-_MISSING = "is missing from the store (deleted?); its values are lost"
+#: Why a chunk cannot be served, as both readers of chunk files say it (this module's
+#: and :class:`~annserve.server.io.chunkfiles.ChunkFileRanges`).
+ABSENT = "is missing from the store (deleted?); its values are lost"
+TRUNCATED = "is cut short: its file is truncated"
+
+
+def chunk_lost(name: str, chunk: str, path: str, what: str) -> DataLossError:
+    """Return the error naming array ``name``'s ``chunk`` (``what`` says why); log its file.
+
+    Parameters
+    ----------
+    name
+        The array, e.g. ``"store.zarr: X/data"``.
+    chunk
+        The chunk, relative to its array (``c/3``, ``chunk 3 of shard c/0``).
+    path
+        The file holding it, logged (not sent: it is the server's path).
+    what
+        Why, e.g. :data:`ABSENT` or :data:`TRUNCATED`.
+    """
+    msg = f"{name}: chunk {chunk} {what}"
+    logger.error("%s (file %s)", msg, path)
+    return DataLossError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +190,8 @@ class MappedArray:
             files, bases = self._file_of[k], self._base[k]
             if np.any(bases < 0):
                 missing = int(k[np.argmax(bases < 0)])
-                raise self._lost(missing, _MISSING)
-            maps = self._checked(k, files, bases + end * size)
+                raise self._lost(missing, ABSENT)
+            maps = self._checked(k, files, bases + end * size, _reading_disk())
         addresses = np.zeros(len(self._paths), np.uint64)
         for f, mapping in maps.items():
             addresses[f] = mapping.address
@@ -192,24 +214,30 @@ class MappedArray:
             self._file_of[chunk] = self._path_ids[path]
             self._base[chunk] = -1 if base is None else base
 
-    def _checked(self, k: np.ndarray, files: np.ndarray, ends: np.ndarray) -> dict[int, _Mapping]:
+    def _checked(
+        self, k: np.ndarray, files: np.ndarray, ends: np.ndarray, from_disk: bool
+    ) -> dict[int, _Mapping]:
         """Return the mapping of each file the pieces use, each checked to hold them.
 
         ``ends`` gives, per piece (in chunk ``k``, file ``files``), the byte after it in
-        its file (called locked). The first use of each file, and any use while the
-        process reads from disk, also asks the kernel to fetch the pieces' chunks.
+        its file (called locked). Each file's first use, and any use while the process
+        reads from disk (``from_disk``), also asks the kernel to fetch the chunks.
         """
         need = np.zeros(len(self._paths), np.int64)
         np.maximum.at(need, files, ends)
+        chunks = np.unique(k)
+        chunk_files = self._file_of[chunks]
+        order = np.argsort(chunk_files, kind="stable")
+        file_ids, first = np.unique(chunk_files[order], return_index=True)
         maps = {}
-        for f in np.unique(files).tolist():
-            mapping, fresh = self._mapping(f, int(k[np.argmax(files == f)]))
+        for f, mine in zip(file_ids.tolist(), np.split(chunks[order], first[1:]), strict=True):
+            mapping, fresh = self._mapping(f, int(mine[0]))
             size = min(mapping.size, _size(self._paths[f]))
             if need[f] > size:
                 short = int(k[np.argmax((files == f) & (ends > size))])
-                raise self._lost(short, "is cut short: its file is truncated")
-            if fresh or _reading_disk():
-                self._prefetch(mapping, np.unique(k[files == f]))
+                raise self._lost(short, TRUNCATED)
+            if fresh or from_disk:
+                self._prefetch(mapping, mine)
             maps[f] = mapping
         return maps
 
@@ -225,7 +253,7 @@ class MappedArray:
         try:
             mapping = self._maps[f] = _Mapping(self._paths[f])
         except FileNotFoundError as e:
-            raise self._lost(k, _MISSING) from e
+            raise self._lost(k, ABSENT) from e
         except OSError as e:
             raise self._lost(k, f"cannot be opened ({e.strerror})") from e
         if len(self._maps) > self._max_files:
@@ -243,11 +271,9 @@ class MappedArray:
             mapping.prefetch(base, nbytes)
 
     def _lost(self, k: int, what: str) -> DataLossError:
-        """Return the error naming the array and chunk ``k``, ``what`` saying why."""
-        msg = f"{self._name}: chunk {self._chunks.describe(k)} {what}"
-        path = self._paths[self._file_of[k]] if k < len(self._file_of) else "?"
-        logger.error("%s (file %s)", msg, path)
-        return DataLossError(msg)
+        """Return the error naming the array and chunk ``k`` (located), ``what`` saying why."""
+        path = self._paths[self._file_of[k]]
+        return chunk_lost(self._name, self._chunks.describe(k), path, what)
 
 
 def _size(path: str) -> int:
