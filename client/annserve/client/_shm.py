@@ -30,7 +30,7 @@ from annserve.errors import FrameDecodeError, ServerUnavailableError
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,19 @@ logger = logging.getLogger(__name__)
 def _exporter(nbytes: int) -> type[ctypes.Array[ctypes.c_char]]:
     """Return a ctypes array type of ``nbytes``: instances export a mapping, take weakrefs."""
     return type(f"Slot{nbytes}", (ctypes.c_char * nbytes,), {})
+
+
+def released_view(
+    buffer: mmap.mmap | bytearray, nbytes: int, release: Callable[[], None]
+) -> memoryview:
+    """Return bytes ``[0, nbytes)`` of ``buffer``, calling ``release()`` once no view is left.
+
+    The view's exporter is a ctypes array over ``buffer``; arrays built from the view
+    (numpy, torch) keep it alive, so ``release`` runs when the last of them is gone.
+    """
+    view = _exporter(len(buffer)).from_buffer(buffer)
+    weakref.finalize(view, release)
+    return memoryview(view).cast("B")[:nbytes]
 
 
 class SharedMemorySession:
@@ -96,6 +109,12 @@ class SharedMemorySession:
         """Slots of the session."""
         return len(self._fds)
 
+    def apply(self, request: pb.StreamBatchesRequest) -> None:
+        """Name this session, the writes it still holds and shared frames in a request."""
+        request.shm_session = self.token
+        request.shm_held[:] = self.held()
+        request.shm_shared_frames = True
+
     def alive(self) -> bool:
         """Return whether the daemon still holds the session (its socket is open)."""
         try:
@@ -137,18 +156,15 @@ class SharedMemorySession:
 
     def _frame(self, mapping: mmap.mmap, nbytes: int, seq: int) -> bytearray | memoryview:
         """Return bytes ``[0, nbytes)`` of a write: a view that releases it, or a copy."""
-        view = _exporter(len(mapping)).from_buffer(mapping)
         with self._lock:
             copy = len(self._held) >= self.n_slots - 1
             if not copy:
                 self._held.add(seq)
         if copy:  # the daemon must keep a slot to write into
-            out = bytearray(memoryview(view).cast("B")[:nbytes])
-            del view
+            out = bytearray(memoryview(mapping)[:nbytes])
             self._send_release(seq)
             return out
-        weakref.finalize(view, self._release, seq)
-        return memoryview(view).cast("B")[:nbytes]
+        return released_view(mapping, nbytes, lambda: self._release(seq))
 
     def _mapping(self, slot: int, nbytes: int) -> mmap.mmap:
         if not 0 <= slot < self.n_slots or nbytes < 0:

@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from annserve.buffers import BufferPool
 from annserve.client._assemble import BatchAssembler
+from annserve.client._bulk import BulkConnection, bulk_host
 from annserve.client._device import DeviceDelivery, DeviceStage, HostRing, new_ring
 from annserve.client._rpc import Channel, frames_of, grpc_target, several_replicas
 from annserve.client._shm import SharedMemorySession
@@ -251,6 +252,14 @@ class RemoteLoader(IterableDataset):
         if connection.transport == "shm" and side_socket(self.address) is None:
             msg = f"transport='shm' needs a unix:PATH address, got {quoted(address)}"
             raise InvalidRequestError(msg)
+        if connection.transport == "bulk" and not _bulk_possible(self.address, connection):
+            msg = (
+                "transport='bulk' needs one server's host:port address, no TLS (the bulk "
+                "channel is plaintext) and no compression, got "
+                f"{quoted(address)}, secure={connection.secure}, "
+                f"compression={connection.compression!r}"
+            )
+            raise InvalidRequestError(msg)
         self.rank, self.world_size = _resolve_rank(sharding)
         self.device = torch.device(output.device) if output.device is not None else None
         self._pool: BufferPool | None = None
@@ -263,6 +272,7 @@ class RemoteLoader(IterableDataset):
         self._shm: SharedMemorySession | None = None  # reused by the epochs of this process
         self._shm_pid = os.getpid()
         self._no_shm = False  # the daemon offered no session: stream over gRPC
+        self._no_bulk = False  # its bulk channel could not be reached: stream over gRPC
         self._conn_pid = os.getpid()
         self._info = self._connection().describe(store)
         len(self)  # the server checks the whole configuration now, not at the first epoch
@@ -466,7 +476,7 @@ class RemoteLoader(IterableDataset):
         conn = self._connection()
         stage, delivery = self._device_assembly()
         assembler = self._assembler(pool, stage)
-        session = self._take_session()
+        session = self._take_session() or self._open_bulk()
         request = self._request(self._epoch, self._shard(), self._batch, session)
         call = conn.stream(request)
         output = self.output
@@ -565,12 +575,46 @@ class RemoteLoader(IterableDataset):
             self._shm, self._shm_pid = session, os.getpid()
         return session
 
-    def _give_back(self, session: SharedMemorySession | None) -> None:
+    def _open_bulk(self) -> BulkConnection | None:
+        """Return a connection to the daemon's bulk channel for the next stream, or None.
+
+        None streams frames inside the gRPC messages: ``transport="grpc"``, TLS,
+        compression, a ``unix:`` address or several replicas, a daemon that offers no
+        bulk channel, or (with ``transport="auto"``) one that could not be reached.
+
+        Raises
+        ------
+        ServerUnavailableError
+            With ``transport="bulk"``, if the daemon offers none or it cannot be reached.
+        """
+        transport = self.connection.transport
+        if transport not in ("auto", "bulk") or not _bulk_possible(self.address, self.connection):
+            return None
+        port = self._info.bulk_port
+        if not port or self._no_bulk:
+            if transport == "bulk":
+                msg = f"the daemon at {self.address} offers no bulk channel (--no-bulk, TLS)"
+                raise ServerUnavailableError(msg)
+            return None
+        depth = self.output.prefetch + 1
+        try:
+            return BulkConnection(
+                str(bulk_host(self.address)), port, self.connection.timeout, depth
+            )
+        except ServerUnavailableError as e:
+            if transport == "bulk":
+                raise
+            logger.info("%s; streaming over gRPC", e)
+            self._no_bulk = True
+            return None
+
+    def _give_back(self, session: SharedMemorySession | BulkConnection | None) -> None:
         if session is None:
             return
-        session.busy = False
         if session is not self._shm:
             session.close()
+        else:
+            session.busy = False
 
     def _assembler(self, pool: BufferPool, stage: DeviceStage | None = None) -> BatchAssembler:
         """Return the assembler of this loader's batches, with the dtypes they take."""
@@ -611,7 +655,7 @@ class RemoteLoader(IterableDataset):
         epoch: int,
         shard: Shard,
         start_batch: int,
-        session: SharedMemorySession | None = None,
+        session: SharedMemorySession | BulkConnection | None = None,
     ) -> pb.StreamBatchesRequest:
         request = pb.StreamBatchesRequest(
             store=self.store,
@@ -637,10 +681,8 @@ class RemoteLoader(IterableDataset):
             earlier_worlds=[pb.EarlierWorld(shard_count=n, batches=b) for n, b in self._earlier],
         )
         self.connection.apply(request)
-        if session is not None:
-            request.shm_session = session.token
-            request.shm_held[:] = session.held()
-            request.shm_shared_frames = True
+        if session is not None:  # frames of whole batches
+            session.apply(request)
             if request.encoding == pb.ENCODING_NATIVE:
                 request.value_dtype = self._value_dtype().str
         for option in (self.split, self.balance):
@@ -680,6 +722,11 @@ def _close_stream(call: grpc.Call, batches: Prefetcher[dict[str, Any]]) -> None:
     """Cancel a stream's call, then stop its decoding thread (which the cancel wakes)."""
     call.cancel()
     batches.close(_CLOSE_TIMEOUT_S)
+
+
+def _bulk_possible(address: str, connection: Connection) -> bool:
+    """Whether frames may take the bulk channel: one server's TCP address, plaintext, raw."""
+    return bulk_host(address) is not None and not connection.secure and not connection.compression
 
 
 def _resolve_rank(sharding: Sharding) -> tuple[int, int]:

@@ -27,7 +27,7 @@ _ENCODINGS = {
     "raw": pb.ENCODING_RAW,
     "native": pb.ENCODING_NATIVE,
 }
-_TRANSPORTS = ("auto", "shm", "grpc")
+_TRANSPORTS = ("auto", "shm", "bulk", "grpc")
 _COMPRESSIONS = {
     None: pb.COMPRESSION_NONE,
     "zstd": pb.COMPRESSION_ZSTD,
@@ -250,11 +250,16 @@ class Connection:
         included; then it raises the ``ServerUnavailableError``.
     transport
         ``"auto"`` (default): batches travel through shared memory when ``address`` is
-        a ``unix:`` socket path of a daemon offering it (``annserve --unix``), else in
-        the gRPC stream; ``"shm"``: shared memory or an error; ``"grpc"``: always the
+        a ``unix:`` socket path of a daemon offering it (``annserve --unix``); on the
+        bulk channel when it is one server's ``host:port`` without TLS and the daemon
+        offers one (``--bulk-port``); else in the gRPC stream. ``"shm"``: shared memory
+        or an error; ``"bulk"``: the bulk channel or an error; ``"grpc"``: always the
         gRPC stream. Over shared memory the daemon writes each batch into a memfd slot
         mapped by this process, and X is viewed there without a copy; the slot is
-        reused once the batch is dropped (see :mod:`annserve.shm`).
+        reused once the batch is dropped (see :mod:`annserve.shm`). On the bulk channel
+        each batch arrives on a plain TCP connection beside the gRPC stream, read into
+        a reused buffer with one copy (see :mod:`annserve.bulk`): Python gRPC's
+        receive costs several times that.
     encoding
         Wire encoding: ``"compact"`` (default: lossless narrow types, widened once
         here), ``"raw"`` (the store's dtypes) or ``"native"`` (int32 indices, values in

@@ -98,7 +98,7 @@ class ObsmInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., n_cols: _Optional[int] = ..., sparse: _Optional[bool] = ...) -> None: ...
 
 class StoreInfo(_message.Message):
-    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers", "matrices", "raw_var_names", "obsm", "obs_index_name", "fingerprint")
+    __slots__ = ("name", "n_obs", "n_vars", "var_names", "obs_columns", "x_sparse", "x_dtype", "layers", "matrices", "raw_var_names", "obsm", "obs_index_name", "fingerprint", "bulk_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     N_OBS_FIELD_NUMBER: _ClassVar[int]
     N_VARS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class StoreInfo(_message.Message):
     OBSM_FIELD_NUMBER: _ClassVar[int]
     OBS_INDEX_NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     n_obs: int
     n_vars: int
@@ -125,10 +126,11 @@ class StoreInfo(_message.Message):
     obsm: _containers.RepeatedCompositeFieldContainer[ObsmInfo]
     obs_index_name: str
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, name: _Optional[str] = ..., n_obs: _Optional[int] = ..., n_vars: _Optional[int] = ..., var_names: _Optional[_Iterable[str]] = ..., obs_columns: _Optional[_Iterable[_Union[ObsColumn, _Mapping]]] = ..., x_sparse: _Optional[bool] = ..., x_dtype: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., matrices: _Optional[_Iterable[_Union[MatrixInfo, _Mapping]]] = ..., raw_var_names: _Optional[_Iterable[str]] = ..., obsm: _Optional[_Iterable[_Union[ObsmInfo, _Mapping]]] = ..., obs_index_name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session", "shm_held", "store_fingerprint", "earlier_worlds", "shm_shared_frames")
+    __slots__ = ("store", "batch_size", "chunk_size", "preload_nchunks", "shuffle", "drop_last", "seed", "epoch", "obs_keys", "return_index", "encoding", "compression", "compression_level", "layer", "var_names", "shard_index", "shard_count", "uneven_shards", "start_batch", "sampler", "balance_by", "category_weights", "num_samples", "split", "split_fractions", "split_by", "split_seed", "obsm_keys", "use_raw", "missing_genes", "value_dtype", "shm_session", "shm_held", "store_fingerprint", "earlier_worlds", "shm_shared_frames", "bulk_session")
     class CategoryWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +174,7 @@ class StreamBatchesRequest(_message.Message):
     STORE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EARLIER_WORLDS_FIELD_NUMBER: _ClassVar[int]
     SHM_SHARED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BULK_SESSION_FIELD_NUMBER: _ClassVar[int]
     store: str
     batch_size: int
     chunk_size: int
@@ -208,7 +211,8 @@ class StreamBatchesRequest(_message.Message):
     store_fingerprint: str
     earlier_worlds: _containers.RepeatedCompositeFieldContainer[EarlierWorld]
     shm_shared_frames: bool
-    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ..., shm_held: _Optional[_Iterable[int]] = ..., store_fingerprint: _Optional[str] = ..., earlier_worlds: _Optional[_Iterable[_Union[EarlierWorld, _Mapping]]] = ..., shm_shared_frames: _Optional[bool] = ...) -> None: ...
+    bulk_session: bytes
+    def __init__(self, store: _Optional[str] = ..., batch_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., preload_nchunks: _Optional[int] = ..., shuffle: _Optional[bool] = ..., drop_last: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., obs_keys: _Optional[_Iterable[str]] = ..., return_index: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., layer: _Optional[str] = ..., var_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., uneven_shards: _Optional[bool] = ..., start_batch: _Optional[int] = ..., sampler: _Optional[_Union[SamplerKind, str]] = ..., balance_by: _Optional[str] = ..., category_weights: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., split: _Optional[str] = ..., split_fractions: _Optional[_Iterable[float]] = ..., split_by: _Optional[str] = ..., split_seed: _Optional[int] = ..., obsm_keys: _Optional[_Iterable[str]] = ..., use_raw: _Optional[bool] = ..., missing_genes: _Optional[_Union[MissingGenes, str]] = ..., value_dtype: _Optional[str] = ..., shm_session: _Optional[bytes] = ..., shm_held: _Optional[_Iterable[int]] = ..., store_fingerprint: _Optional[str] = ..., earlier_worlds: _Optional[_Iterable[_Union[EarlierWorld, _Mapping]]] = ..., shm_shared_frames: _Optional[bool] = ..., bulk_session: _Optional[bytes] = ...) -> None: ...
 
 class EarlierWorld(_message.Message):
     __slots__ = ("shard_count", "batches")
@@ -239,7 +243,7 @@ class StringColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes", "shm_seq", "shm_shared")
+    __slots__ = ("batch", "batch_rows", "row_start", "n_rows", "n_vars", "sparse", "arrays", "string_obs", "compression", "payload_nbytes", "obs_names", "shm_slot", "shm_nbytes", "shm_seq", "shm_shared", "bulk_nbytes")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +259,7 @@ class BatchHeader(_message.Message):
     SHM_NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_SEQ_FIELD_NUMBER: _ClassVar[int]
     SHM_SHARED_FIELD_NUMBER: _ClassVar[int]
+    BULK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     batch: int
     batch_rows: int
     row_start: int
@@ -270,7 +275,8 @@ class BatchHeader(_message.Message):
     shm_nbytes: int
     shm_seq: int
     shm_shared: int
-    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ..., shm_shared: _Optional[int] = ...) -> None: ...
+    bulk_nbytes: int
+    def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ..., shm_shared: _Optional[int] = ..., bulk_nbytes: _Optional[int] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
     __slots__ = ("header", "payload")

@@ -198,6 +198,12 @@ def _check_wire(request: pb.StreamBatchesRequest) -> None:
     if request.shm_session and request.compression != pb.COMPRESSION_NONE:
         msg = "compression must be COMPRESSION_NONE on a shared-memory stream (shm_session)"
         raise InvalidRequestError(msg)
+    if request.bulk_session and request.compression != pb.COMPRESSION_NONE:
+        msg = "compression must be COMPRESSION_NONE on a bulk-channel stream (bulk_session)"
+        raise InvalidRequestError(msg)
+    if request.bulk_session and request.shm_session:
+        msg = "bulk_session and shm_session: a stream takes one transport, not both"
+        raise InvalidRequestError(msg)
 
 
 def _value_dtype(request: pb.StreamBatchesRequest) -> np.dtype | None:

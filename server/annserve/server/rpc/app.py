@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from annserve.errors import InvalidRequestError
 from annserve.server.plan.limits import Limits
+from annserve.server.rpc.bulk import BulkListener
 from annserve.server.rpc.health_service import HealthServicer
 from annserve.server.rpc.metrics import Metrics, MetricsInterceptor
 from annserve.server.rpc.security import (
@@ -116,6 +118,8 @@ class AnnServer:
         self.health.close()
         if self.service.shared_memory is not None:
             self.service.shared_memory.close()
+        if self.service.bulk is not None:
+            self.service.bulk.close()
         return finished
 
 
@@ -135,6 +139,7 @@ def build_server(
     slots: StreamSlots | None = None,
     shared_memory: bool = True,
     shared_reads: bool = True,
+    bulk_port: int | None = 0,
 ) -> AnnServer:
     """Create and start a server for ``stores``, with health checking and reflection.
 
@@ -183,6 +188,11 @@ def build_server(
         Streams that read the same preload buffers (same store, genes, sampling and
         epoch) read each once, through the process's
         :data:`~annserve.server.stream.shared.REGISTRY`; False reads per stream.
+    bulk_port
+        Port of the bulk channel of remote streams
+        (:class:`~annserve.server.rpc.bulk.BulkListener`), bound on the host of the
+        first TCP address; 0 picks a free one, None offers none. Never with ``tls``:
+        the channel is plaintext.
 
     Raises
     ------
@@ -253,11 +263,32 @@ def build_server(
     unix = [a for a in addresses if side_socket(a) is not None]
     if shared_memory and unix:
         service.shared_memory = SharedMemoryListener(str(side_socket(unix[0])))
+    tcp = [a for a in addresses if not a.startswith("unix")]
+    if bulk_port is not None and tls is None and tcp:
+        host = tcp[0].rsplit(":", 1)[0]
+        try:
+            service.bulk = BulkListener(host, bulk_port)
+        except OSError as e:
+            msg = f"cannot bind the bulk channel on {host}:{bulk_port}: {e}"
+            raise OSError(msg) from e
+        logger.info("bulk channel of remote streams on %s:%d", host, service.bulk.port)
     server.start()
+    if service.bulk is not None:  # also for servers stopped without shutdown()
+        threading.Thread(
+            target=_close_when_stopped,
+            args=(server, service.bulk),
+            name="annserve-bulk-close",
+            daemon=True,
+        ).start()
     # the stores are open (the service holds them): ready
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return AnnServer(server, ports, service, health_servicer)
+
+
+def _close_when_stopped(server: grpc.Server, listener: BulkListener) -> None:
+    server.wait_for_termination()
+    listener.close()
 
 
 def _keepalive_options(keepalive: float) -> list[tuple[str, int]]:

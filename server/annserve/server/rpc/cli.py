@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         "at PATH.shm hands out memfd slots; gRPC carries only headers)",
     )
     parser.add_argument(
+        "--bulk-port",
+        type=int,
+        default=_env("--bulk-port", 0),
+        help="TCP port of the bulk channel: remote trainers get each frame on a plain TCP "
+        "connection (gRPC carries only headers), which spares their CPU Python gRPC's "
+        "receive copies; 0 picks a free one, announced by DescribeStore; worker i of "
+        "--workers binds PORT + i (default %(default)s). Never with --tls-cert",
+    )
+    parser.add_argument(
+        "--no-bulk",
+        action="store_true",
+        default=_env("--no-bulk", "0") not in ("0", "false", "no", ""),
+        help="offer no bulk channel: remote trainers get frames inside gRPC messages",
+    )
+    parser.add_argument(
         "--no-shared-reads",
         action="store_true",
         default=_env("--no-shared-reads", "0") not in ("0", "false", "no", ""),
@@ -357,6 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, limits)
 
 
+def _bulk_port(args: argparse.Namespace, worker: Worker | None) -> int | None:
+    """Return the bulk channel's port of this process (``--bulk-port``), None for none."""
+    if args.no_bulk:
+        return None
+    if args.bulk_port and worker is not None:
+        return args.bulk_port + worker.index
+    return args.bulk_port
+
+
 def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None) -> int:
     """Serve until SIGTERM or SIGINT in this process; return the exit code.
 
@@ -419,6 +443,7 @@ def serve(args: argparse.Namespace, limits: Limits, worker: Worker | None = None
             slots=worker.slots if worker is not None else None,
             shared_memory=not args.no_shared_memory,
             shared_reads=not args.no_shared_reads,
+            bulk_port=_bulk_port(args, worker),
         )
     except OSError as e:
         print(f"annserve: {e}", file=sys.stderr)

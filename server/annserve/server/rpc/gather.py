@@ -1,11 +1,13 @@
-"""Write a serialized frame's parts into a file with ``pwritev``, iovecs built by numpy.
+"""Write a serialized frame's parts with ``pwritev`` or ``writev``, iovecs built by numpy.
 
 A shared-memory frame is the header followed by one slice of the preload buffer per
 row and array: ~8k pieces per batch of 4,096 rows. ``os.pwritev`` takes Python
 buffers, so each piece would first become a numpy view (~0.2 us each, about as much
 CPU as copying its bytes); here the ``(address, length)`` pairs of the whole frame
 are computed in a few vectorized numpy operations and handed to libc's ``pwritev``
-through ctypes, ``IOV_MAX`` at a time. The daemon's own memory is only read.
+through ctypes, ``IOV_MAX`` at a time: into a memfd slot (:func:`pwrite_parts`) or
+onto a bulk connection's socket (:func:`send_parts`). The daemon's own memory is
+only read.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ if TYPE_CHECKING:
 
 
 @functools.cache
-def _libc_pwritev() -> Callable[[int, int, int, int], int]:
-    """Return libc's ``pwritev(fd, iov, iovcnt, offset)``, typed, loaded on first use."""
-    pwritev = libc.function("pwritev")
-    if pwritev is None:
-        msg = "the C library has no pwritev"
+def _libc_writer(name: str) -> Callable[..., int]:
+    """Return libc's ``pwritev(fd, iov, iovcnt, offset)`` or ``writev(fd, iov, iovcnt)``, typed."""
+    write = libc.function(name)
+    if write is None:
+        msg = f"the C library has no {name}"
         raise OSError(msg)
-    pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
-    pwritev.restype = ctypes.c_ssize_t
-    return pwritev
+    args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    write.argtypes = [*args, ctypes.c_long] if name == "pwritev" else args
+    write.restype = ctypes.c_ssize_t
+    return write
 
 
 def iovecs(parts: Sequence[Part]) -> tuple[np.ndarray, list[object]]:
@@ -96,20 +99,71 @@ def pwrite_parts(fd: int, parts: Sequence[Part], offset: int) -> int:
     OSError
         If ``pwritev`` fails otherwise, or writes nothing while bytes remain.
     """
-    pwritev = _libc_pwritev()
+    pwritev = _libc_writer("pwritev")
+
+    def write(block: np.ndarray, written: int) -> int:
+        return _written(pwritev(fd, block.ctypes.data, len(block), offset + written))
+
+    return _write_all(write, parts, fd)
+
+
+def send_parts(fd: int, parts: Sequence[Part], wait_writable: Callable[[], None]) -> int:
+    """Send the concatenation of ``parts`` on a non-blocking socket; return the bytes sent.
+
+    Parameters
+    ----------
+    fd
+        A connected stream socket's descriptor, in non-blocking mode.
+    parts
+        As for :func:`pwrite_parts`.
+    wait_writable
+        Called whenever the socket's buffer is full; returns once it may take more,
+        or raises (e.g. when the peer reads nothing for too long).
+
+    Raises
+    ------
+    DataLossError, OSError
+        As :func:`pwrite_parts` does (``EPIPE`` or ``ECONNRESET`` when the peer left);
+        and whatever ``wait_writable`` raises.
+    """
+    writev = _libc_writer("writev")
+
+    def write(block: np.ndarray, _: int) -> int:
+        while True:
+            n = writev(fd, block.ctypes.data, len(block))
+            err = ctypes.get_errno() if n < 0 else 0
+            if err == errno.EAGAIN:
+                wait_writable()
+            elif err != errno.EINTR:
+                return _written(n)
+
+    return _write_all(write, parts, fd)
+
+
+def _written(n: int) -> int:
+    """Return a ``writev``/``pwritev`` result, raising for a failure (-1 and ``errno``)."""
+    if n >= 0:
+        return n
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        msg = "a store file shrank while its rows were being sent (truncated?)"
+        raise DataLossError(msg)
+    raise OSError(err, os.strerror(err))
+
+
+def _write_all(write: Callable[[np.ndarray, int], int], parts: Sequence[Part], fd: int) -> int:
+    """Write the iovecs of ``parts`` with ``write(block, written)``, ``IOV_MAX`` at a time.
+
+    ``write`` takes at most ``IOV_MAX`` iovecs and the bytes written before them, and
+    returns how many it wrote; a short write is resumed where it stopped.
+    """
     iov, owners = iovecs(parts)
     written, i = 0, 0
     while i < len(iov):
         block = iov[i : i + IOV_MAX]
-        n = pwritev(fd, block.ctypes.data, len(block), offset + written)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err == errno.EFAULT:
-                msg = "a store file shrank while its rows were being sent (truncated?)"
-                raise DataLossError(msg)
-            raise OSError(err, os.strerror(err))
+        n = write(block, written)
         if n == 0 and block[:, 1].any():
-            msg = f"pwritev wrote nothing at byte {offset + written} of fd {fd}"
+            msg = f"nothing written at byte {written} of a frame to fd {fd}"
             raise OSError(msg)
         written += n
         i += len(block) if n == int(block[:, 1].sum()) else _advance(block, n)
@@ -121,7 +175,7 @@ def _advance(block: np.ndarray, n: int) -> int:
     """Consume ``n`` written bytes from the front of ``block``; return the entries done.
 
     An entry written in part is shrunk in place to its rest (``block`` is a view of
-    the frame's iovec array), so the next ``pwritev`` starts with it.
+    the frame's iovec array), so the next write starts with it.
     """
     ends = np.cumsum(block[:, 1])
     done = int(np.searchsorted(ends, n, side="right"))

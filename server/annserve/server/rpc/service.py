@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
+    from annserve.server.rpc.bulk import BulkConnection, BulkListener
     from annserve.server.rpc.shm import Session, SharedFrame, SharedMemoryListener
     from annserve.server.stream.frames import Frame, Pack
     from annserve.wire import FrameArray
@@ -156,6 +157,10 @@ class AnnServeService:
     shared_memory
         Side socket of the same-host shared-memory transport; None: requests naming
         an ``shm_session`` are refused.
+    bulk
+        Listener of the bulk channel of remote streams, whose port ``DescribeStore``
+        announces; None: no port is announced, and requests naming a ``bulk_session``
+        stream inline.
     shared_reads
         Where streams that read the same preload buffers share one read
         (:mod:`annserve.server.stream.shared`); default the daemon's registry, None
@@ -176,6 +181,7 @@ class AnnServeService:
         slots: StreamSlots | None = None,
         shared_memory: SharedMemoryListener | None = None,
         shared_reads: SharedReads | None = REGISTRY,
+        bulk: BulkListener | None = None,
     ) -> None:
         if not stores:
             msg = "at least one store is required"
@@ -186,6 +192,7 @@ class AnnServeService:
         self.stall_timeout = stall_timeout
         self._slots = slots
         self.shared_memory = shared_memory
+        self.bulk = bulk
         self.shared_reads = shared_reads
         self._stores = dict(stores)
         self._fingerprints = {name: fingerprint(store) for name, store in self._stores.items()}
@@ -217,7 +224,9 @@ class AnnServeService:
         except AnnServeError as e:
             context.abort(status_of(e), str(e))
         name = request.store or self._default
-        return store_info(store, name, self._fingerprints[name])
+        info = store_info(store, name, self._fingerprints[name])
+        info.bulk_port = self.bulk.port if self.bulk is not None else 0
+        return info
 
     def _plan(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
@@ -283,6 +292,7 @@ class AnnServeService:
         stream_id, entry = self._admit(context)
         frames: Prefetcher[Frame] | None = None
         session: Session | None = None
+        connection: BulkConnection | None = None
         reads: Subscription | None = None
         cancelled = threading.Event()  # stops the read-ahead, also while it skips ahead
         status = "OK"
@@ -296,8 +306,10 @@ class AnnServeService:
             session = self._session(request.shm_session, request.shm_held)
             if session is not None:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
+            connection = self._bulk_connection(request.bulk_session, stream_id)
+            if session is not None or connection is not None:
                 plan = dataclasses.replace(plan, mapped=stays_mapped(store, plan))
-            pack = None if session is None else self._packer(session, cancelled)
+            pack = self._packer(session or connection, cancelled)
             sharing = None
             if self.shared_reads is not None:
                 reads = self.shared_reads.subscribe(
@@ -382,6 +394,8 @@ class AnnServeService:
                 reads.close()
             if session is not None:
                 session.end()
+            if connection is not None:
+                connection.close()
             self._release(stream_id, started)
             if meter is not None:
                 logger.info(
@@ -416,11 +430,35 @@ class AnnServeService:
         session.begin(held, SESSION_WAIT_S)
         return session
 
-    def _packer(self, session: Session, cancelled: threading.Event) -> Pack:
-        """Return the frame writer of a shared-memory stream (waits up to the stall timeout)."""
+    def _bulk_connection(self, token: bytes, stream_id: int) -> BulkConnection | None:
+        """Claim the bulk connection a request names; None for a stream sent inline.
+
+        A token this daemon does not hold (its connection reached another replica or
+        worker) gets the frames inline rather than an error: the client reads both.
+        """
+        if not token:
+            return None
+        connection = self.bulk.claim(token) if self.bulk is not None else None
+        if connection is None:
+            logger.info(
+                "stream %d names a bulk connection this daemon does not hold; frames go inline",
+                stream_id,
+                extra={"stream_id": stream_id},
+            )
+        return connection
+
+    def _packer(
+        self, writer: Session | BulkConnection | None, cancelled: threading.Event
+    ) -> Pack | None:
+        """Return the frame writer of a shared-memory or bulk stream, None for a plain one.
+
+        It waits for the client up to the stall timeout.
+        """
+        if writer is None:
+            return None
 
         def pack(header: pb.BatchHeader, arrays: list[tuple[str, FrameArray]]) -> bytes:
-            return session.pack(header, arrays, self.stall_timeout, cancelled)
+            return writer.pack(header, arrays, self.stall_timeout, cancelled)
 
         return pack
 
