@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import grpc
@@ -41,11 +40,9 @@ from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path, stop_now
 from ops_support import Daemon
+from transport_support import BOUND_S, epoch, epoch_rows, same_batches, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
-
-#: Seconds any wait in these tests may take.
-BOUND_S = 30.0
 
 
 def memfds(pid: int | str = "self", kind: str = "") -> int:
@@ -60,13 +57,6 @@ def memfds(pid: int | str = "self", kind: str = "") -> int:
     return fds + maps
 
 
-def wait_until(condition, what: str, timeout: float = BOUND_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def unix_server(tmp_path):
     """A server on a unix socket (and TCP) serving pbmc3k; yields its unix address."""
@@ -77,38 +67,6 @@ def unix_server(tmp_path):
         yield f"unix:{sock}"
     finally:
         stop_now(server)
-
-
-def epoch_rows(batches) -> int:
-    """Rows of X in an iterable of batches."""
-    return sum(int(b["X"].shape[0]) for b in batches)
-
-
-def epoch(loader: RemoteLoader) -> list[dict]:
-    return [dict(b) for b in loader]
-
-
-def same_batches(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x["index"], y["index"])
-        same_tensor(x["X"], y["X"])
-        assert x["obs"].equals(y["obs"])
-        assert x.keys() == y.keys()
-        for key in x.get("obsm", {}):
-            same_tensor(x["obsm"][key], y["obsm"][key])
-
-
-def same_tensor(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Equal values, dtype and layout; CSR index dtypes may differ (int32 or int64)."""
-    assert x.layout == y.layout
-    assert x.dtype == y.dtype
-    if x.layout != torch.sparse_csr:
-        assert torch.equal(x, y)
-        return
-    assert torch.equal(x.crow_indices().long(), y.crow_indices().long())
-    assert torch.equal(x.col_indices().long(), y.col_indices().long())
-    assert torch.equal(x.values(), y.values())
 
 
 STORES = {

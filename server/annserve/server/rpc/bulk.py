@@ -192,17 +192,22 @@ class BulkListener:
             if hello != bulk.HELLO:
                 msg = f"not a bulk hello: {hello[:32]!r}"
                 raise ValueError(msg)
-            token = secrets.token_bytes(bulk.TOKEN_BYTES)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sendall(bulk.HELLO + token)
         except (OSError, ValueError) as e:
             logger.warning("refused a bulk connection: %s", e)
             conn.close()
             return
-        with self._lock:
+        token = secrets.token_bytes(bulk.TOKEN_BYTES)
+        answer = bulk.HELLO + token
+        connection = BulkConnection(conn)  # non-blocking from here on
+        with self._lock:  # held before the client has the token, so before it can stream
             expired = self._expired(time.monotonic() - UNCLAIMED_S)
-            self._pending[token] = BulkConnection(conn)
-        for connection in expired:
+            self._pending[token] = connection
+        for old in expired:
+            old.close()
+        if conn.send(answer) != len(answer):  # an empty socket buffer takes 20 bytes
+            with self._lock:
+                self._pending.pop(token, None)
             connection.close()
 
     def _expired(self, before: float) -> list[BulkConnection]:
