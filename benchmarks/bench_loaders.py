@@ -75,7 +75,8 @@ class Row:
     store
         Key of :data:`STORES` the row reads.
     transport
-        ``shm`` (unix socket, shared memory) or ``tcp`` for remote rows, else empty.
+        ``shm`` (unix socket, shared memory), ``tcp`` (the gRPC stream) or ``bulk``
+        (TCP, frames on the bulk channel) for remote rows, else empty.
     epoch
         The measured epoch of the trainer process (2: one epoch consumed unmeasured
         first, against the same daemon).
@@ -95,19 +96,24 @@ class Row:
 
 
 SHM = "RemoteLoader same-host (unix, shared memory)"
-TCP = "RemoteLoader TCP (compact)"
+TCP = "RemoteLoader TCP, gRPC stream (compact)"
+BULK = "RemoteLoader TCP, bulk channel (compact)"
 ROWS = (
     Row("annbatch-lz4", "annbatch Loader (in-process)", "annbatch", "lz4"),
     Row("shm-lz4", SHM, "remote", "lz4", "shm"),
     Row("tcp-lz4", TCP, "remote", "lz4", "tcp"),
+    Row("bulk-lz4", BULK, "remote", "lz4", "bulk"),
     Row("annbatch-lz4-e2", "annbatch Loader (in-process)", "annbatch", "lz4", epoch=2),
     Row("shm-lz4-e2", SHM, "remote", "lz4", "shm", epoch=2),
     Row("tcp-lz4-e2", TCP, "remote", "lz4", "tcp", epoch=2),
+    Row("bulk-lz4-e2", BULK, "remote", "lz4", "bulk", epoch=2),
     Row("annbatch-none", "annbatch Loader (in-process)", "annbatch", "none"),
     Row("shm-none", SHM, "remote", "none", "shm"),
     Row("tcp-none", TCP, "remote", "none", "tcp"),
+    Row("bulk-none", BULK, "remote", "none", "bulk"),
     Row("shm-annserve", SHM, "remote", "annserve", "shm"),
     Row("tcp-annserve", TCP, "remote", "annserve", "tcp"),
+    Row("bulk-annserve", BULK, "remote", "annserve", "bulk"),
     Row("sampler", "daemon pipeline in-process (no gRPC)", "sampler", "annserve"),
     Row("bound", "whole X in memory, scipy (the bound)", "scipy", "annserve"),
 )
@@ -204,12 +210,12 @@ def worker_cmd(row: Row, args: argparse.Namespace, seed: int, daemon: Daemon | N
     ]
     if row.kind == "remote":
         assert daemon is not None
-        shm = row.transport == "shm"
+        transport = {"shm": "shm", "tcp": "grpc", "bulk": "bulk"}[row.transport]
         return cmd + [
             "--address",
-            daemon.addresses[row.transport],
+            daemon.addresses["shm" if transport == "shm" else "tcp"],
             "--transport",
-            "shm" if shm else "grpc",
+            transport,
             "--encoding",
             "compact",
             "--server-pid",
@@ -531,6 +537,7 @@ _COLOURS = {
     "annbatch": "#7f7f7f",
     "shm": "#1f77b4",
     "tcp": "#ff7f0e",
+    "bulk": "#d62728",
     "sampler": "#2ca02c",
     "scipy": "#9467bd",
 }
@@ -589,7 +596,8 @@ def write_chart(results: list[RowResult], path: Path, title: str) -> None:
     legend = [
         Patch(color=_COLOURS["annbatch"], label="annbatch Loader (in-process)"),
         Patch(color=_COLOURS["shm"], label="RemoteLoader same-host (shared memory)"),
-        Patch(color=_COLOURS["tcp"], label="RemoteLoader TCP (compact)"),
+        Patch(color=_COLOURS["tcp"], label="RemoteLoader TCP, gRPC stream (compact)"),
+        Patch(color=_COLOURS["bulk"], label="RemoteLoader TCP, bulk channel (compact)"),
         Patch(color=_COLOURS["sampler"], label="daemon pipeline in-process"),
         Patch(color=_COLOURS["scipy"], label="whole X in memory (bound)"),
     ]

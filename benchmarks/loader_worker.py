@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--transport",
         default="grpc",
-        choices=["auto", "shm", "grpc"],
+        choices=["auto", "shm", "bulk", "grpc"],
         help="Connection(transport=...): shm needs a unix: address (remote)",
     )
     p.add_argument(

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Most seconds to connect and be greeted: a port a firewall drops must not hold the
+#: first batch for long (the stream then goes over gRPC).
+CONNECT_TIMEOUT_S = 2.0
 #: Seconds between the reader's checks that its connection was closed, queue full.
 _POLL_S = 0.1
 #: Free buffers the connection keeps for the next records; more are dropped.
@@ -72,8 +75,8 @@ class BulkConnection:
     host, port
         The daemon's host (:func:`bulk_host`) and bulk port (``StoreInfo.bulk_port``).
     timeout
-        Seconds to connect and be greeted, and to wait for a record once the message
-        pointing to it arrived.
+        Seconds to wait for a record once the message pointing to it arrived; to
+        connect and be greeted, at most :data:`CONNECT_TIMEOUT_S` of them.
     depth
         Records read ahead of the loop, at most.
 
@@ -85,7 +88,7 @@ class BulkConnection:
 
     def __init__(self, host: str, port: int, timeout: float, depth: int) -> None:
         try:
-            sock = socket.create_connection((host, port), timeout)
+            sock = socket.create_connection((host, port), min(timeout, CONNECT_TIMEOUT_S))
         except OSError as e:
             msg = f"no bulk channel at {host}:{port}: {e}"
             raise ServerUnavailableError(msg) from e

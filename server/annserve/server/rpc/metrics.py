@@ -155,10 +155,11 @@ class StreamMeter:
         header = frame.header
         self.frames += 1
         self.cells += header.n_rows
-        self.nbytes += len(frame.data)
+        nbytes = len(frame.data) + frame.beside  # also payloads beside the message
+        self.nbytes += nbytes
         self._frames.inc()
         self._cells.inc(header.n_rows)
-        self._bytes.inc(len(frame.data))
+        self._bytes.inc(nbytes)
         if header.row_start + header.n_rows == header.batch_rows:
             self._batches.inc()
 

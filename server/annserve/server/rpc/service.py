@@ -472,7 +472,7 @@ class AnnServeService:
         def send(frame: SharedFrame) -> bytes:
             return session.point(frame, self.stall_timeout, cancelled)
 
-        return Sharing("shm", pool.write, send)
+        return Sharing("shm", pool.write, send, lambda frame: frame.header.payload_nbytes)
 
     # --- admission, stalls and shutdown ----------------------------------------------
     def _admit(self, context: grpc.ServicerContext) -> tuple[int, _OpenStream]:

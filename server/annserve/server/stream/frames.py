@@ -77,11 +77,14 @@ class Sharing:
         arrays)`` returns what ``send`` takes.
     send
         Returns the message this stream sends for a written frame.
+    beside
+        Payload bytes of a written frame that travel beside the message (0: inside it).
     """
 
     kind: str
     write: Callable[[pb.BatchHeader, list[tuple[str, FrameArray]]], object]
     send: Callable[[Any], bytes]
+    beside: Callable[[Any], int] = lambda _: 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +98,14 @@ class Frame:
         layout too where this stream serialized the frame itself).
     data
         The serialized ``BatchFrame`` message, bytes, sent as is.
+    beside
+        Payload bytes that travel beside the message: in a shared-memory slot or
+        memfd, or as a bulk record (0: the payload is in ``data``).
     """
 
     header: pb.BatchHeader
     data: bytes
+    beside: int = 0
 
 
 def epoch_span(sampler: Sampler, plan: StreamPlan) -> tuple[Unconsumed, Span]:
@@ -219,13 +226,14 @@ def epoch_frames(
                     _frame, header, wire, obsm, positions[at], rows[at], plan, store
                 )
                 if framing is None or shared is None or not shared.has_peers():
-                    yield Frame(header, frame(pack))
+                    data = frame(pack)  # fills header
+                    yield Frame(header, data, header.payload_nbytes if whole_batches else 0)
                 else:
                     assert sharing is not None
                     written = _once(
                         encoded, (framing, emitted), functools.partial(frame, sharing.write)
                     )
-                    yield Frame(header, sharing.send(written))
+                    yield Frame(header, sharing.send(written), sharing.beside(written))
                 start += n
                 emitted += n
     finally:
