@@ -1,18 +1,18 @@
 """The client's side of the bulk channel of remote streams (see :mod:`annserve.bulk`).
 
 A :class:`BulkConnection` serves one stream: a reader thread takes each record off
-the socket with ``recv_into`` a reused buffer, at most ``depth`` records ahead of the
-loop, so a full queue stops reading and TCP's window holds the daemon back. Each
-gRPC message then names its record's size, and the record is handed on as a view
-whose buffer goes back to the connection's pool once the batch built from it is
-dropped. The reader must run ahead: the daemon writes a record before the message
-that points to it, and a whole-batch record is larger than the socket's buffers.
+the socket with ``recv_into`` a buffer of the loader's pool, at most ``depth`` records
+ahead of the loop, so a full queue stops reading and TCP's window holds the daemon
+back. Each gRPC message then names its record's size, and the record is handed on as a
+view of that buffer, which the pool reuses once the batch built from it is dropped
+(from epoch to epoch: a stream's connection is new, its buffers are not). The reader
+must run ahead: the daemon writes a record before the message that points to it, and
+a whole-batch record is larger than the socket's buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import ipaddress
 import logging
 import queue
@@ -20,14 +20,17 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from annserve import bulk
 from annserve.client._rpc import several_replicas
-from annserve.client._shm import released_view
 from annserve.errors import FrameDecodeError, ServerUnavailableError
 from annserve.v1 import annserve_pb2 as pb
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from annserve.buffers import BufferPool
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +39,6 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 2.0
 #: Seconds between the reader's checks that its connection was closed, queue full.
 _POLL_S = 0.1
-#: Free buffers the connection keeps for the next records; more are dropped.
-_KEEP_BUFFERS = 4
-#: A new buffer is this much larger than its record, so that later ones fit it too.
-_GROWTH = 1.25
 
 
 def bulk_host(target: str) -> str | None:
@@ -79,6 +78,8 @@ class BulkConnection:
         connect and be greeted, at most :data:`CONNECT_TIMEOUT_S` of them.
     depth
         Records read ahead of the loop, at most.
+    pool
+        Where the records' buffers come from (the loader's, kept across epochs).
 
     Raises
     ------
@@ -86,7 +87,7 @@ class BulkConnection:
         If the port cannot be reached, or does not answer as a bulk channel.
     """
 
-    def __init__(self, host: str, port: int, timeout: float, depth: int) -> None:
+    def __init__(self, host: str, port: int, timeout: float, depth: int, pool: BufferPool) -> None:
         try:
             sock = socket.create_connection((host, port), min(timeout, CONNECT_TIMEOUT_S))
         except OSError as e:
@@ -104,8 +105,7 @@ class BulkConnection:
         self._sock = sock
         self._timeout = timeout
         self._records: queue.Queue[memoryview | BaseException | None] = queue.Queue(depth)
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
+        self._pool = pool
         self._closed = threading.Event()
         self._reader = threading.Thread(target=self._read, name="annserve-bulk", daemon=True)
         self._reader.start()
@@ -166,11 +166,10 @@ class BulkConnection:
         prefix = bytearray(bulk.PREFIX_BYTES)
         try:
             while _receive_into(self._sock, memoryview(prefix), eof_ok=True):
-                nbytes = bulk.parse_prefix(prefix)
-                buffer = self._buffer(nbytes)
-                _receive_into(self._sock, memoryview(buffer)[:nbytes])
-                give_back = functools.partial(self._give_back, buffer)
-                self._hand_on(released_view(buffer, nbytes, give_back))
+                buffer = self._pool.empty((bulk.parse_prefix(prefix),), np.uint8)
+                record = memoryview(buffer.data)
+                _receive_into(self._sock, record)
+                self._hand_on(record)
             self._hand_on(None)
         except (OSError, ValueError) as e:
             self._hand_on(None if self._closed.is_set() else e)
@@ -183,21 +182,6 @@ class BulkConnection:
                 return
             except queue.Full:
                 continue
-
-    def _buffer(self, nbytes: int) -> bytearray:
-        """Return a free buffer of at least ``nbytes`` bytes (a new one if none fits)."""
-        with self._lock:
-            fits = [b for b in self._free if len(b) >= nbytes]
-            if fits:
-                buffer = min(fits, key=len)
-                self._free.remove(buffer)
-                return buffer
-        return bytearray(int(nbytes * _GROWTH))
-
-    def _give_back(self, buffer: bytearray) -> None:
-        with self._lock:
-            if len(self._free) < _KEEP_BUFFERS:
-                self._free.append(buffer)
 
 
 def _receive(sock: socket.socket, nbytes: int) -> bytes:
@@ -223,7 +207,7 @@ def _receive_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False
     """
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)  # one wakeup, not one a packet
         if n == 0:
             if eof_ok and got == 0:
                 return False

@@ -418,8 +418,10 @@ class RemoteLoader(IterableDataset):
         """
         if self._pool is None:  # kept across epochs: later epochs reuse the first one's buffers
             # batches alive at once: the training loop's, the queued ones, the one being
-            # assembled; each holds two pooled arrays (indices and data, or dense X)
-            self._pool = BufferPool(max_buffers=2 * (self.output.prefetch + 2))
+            # assembled; each holds two pooled arrays (indices and data, or dense X); and
+            # the bulk channel's records: those read ahead and the one being assembled
+            prefetch = self.output.prefetch
+            self._pool = BufferPool(max_buffers=2 * (prefetch + 2) + _bulk_depth(prefetch) + 1)
         pool = self._pool
         attempt, deadline = 0, 0.0  # reconnections of the current outage; when it must end
         while True:
@@ -476,7 +478,7 @@ class RemoteLoader(IterableDataset):
         conn = self._connection()
         stage, delivery = self._device_assembly()
         assembler = self._assembler(pool, stage)
-        session = self._take_session() or self._open_bulk()
+        session = self._take_session() or self._open_bulk(pool)
         request = self._request(self._epoch, self._shard(), self._batch, session)
         call = conn.stream(request)
         output = self.output
@@ -575,7 +577,7 @@ class RemoteLoader(IterableDataset):
             self._shm, self._shm_pid = session, os.getpid()
         return session
 
-    def _open_bulk(self) -> BulkConnection | None:
+    def _open_bulk(self, pool: BufferPool) -> BulkConnection | None:
         """Return a connection to the daemon's bulk channel for the next stream, or None.
 
         None streams frames inside the gRPC messages: ``transport="grpc"``, TLS,
@@ -596,10 +598,10 @@ class RemoteLoader(IterableDataset):
                 msg = f"the daemon at {self.address} offers no bulk channel (--no-bulk, TLS)"
                 raise ServerUnavailableError(msg)
             return None
-        depth = self.output.prefetch + 1
+        depth = _bulk_depth(self.output.prefetch)
         try:
             return BulkConnection(
-                str(bulk_host(self.address)), port, self.connection.timeout, depth
+                str(bulk_host(self.address)), port, self.connection.timeout, depth, pool
             )
         except ServerUnavailableError as e:
             if transport == "bulk":
@@ -722,6 +724,11 @@ def _close_stream(call: grpc.Call, batches: Prefetcher[dict[str, Any]]) -> None:
     """Cancel a stream's call, then stop its decoding thread (which the cancel wakes)."""
     call.cancel()
     batches.close(_CLOSE_TIMEOUT_S)
+
+
+def _bulk_depth(prefetch: int) -> int:
+    """Return the records the bulk channel reads ahead: one beyond the batches decoded ahead."""
+    return prefetch + 1
 
 
 def _bulk_possible(address: str, connection: Connection) -> bool:

@@ -308,7 +308,8 @@ class AnnServeService:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
             connection = self._bulk_connection(request.bulk_session, stream_id)
             if session is not None or connection is not None:
-                plan = dataclasses.replace(plan, mapped=stays_mapped(store, plan))
+                mapped = stays_mapped(store, plan, remote=connection is not None)
+                plan = dataclasses.replace(plan, mapped=mapped)
             pack = self._packer(session or connection, cancelled)
             sharing = None
             if self.shared_reads is not None:

@@ -179,23 +179,27 @@ def sent_as_stored(
     encoding: int,
     n_vars: int,
     value_dtype: np.dtype | None = None,
+    *,
+    remote: bool = False,
 ) -> bool:
     """Whether CSR rows of these stored dtypes may be sent as stored, from the store's files.
 
-    Where they may, a shared-memory stream's rows stay in the store's mapped files
-    (:class:`LocatedCSR`) and the kernel gathers them; elsewhere :func:`prepare`
+    Where they may, a shared-memory or bulk stream's rows stay in the store's mapped
+    files (:class:`LocatedCSR`) and the kernel gathers them; elsewhere :func:`prepare`
     converts a preload buffer. ``raw`` sends rows as stored; ``native`` when the
     indices are int32 and the values ``value_dtype`` (or it is None); ``compact``
-    when the indices already are its uint16/uint32, with the values as stored: its
-    narrowing of integer counts saves wire bytes, but on the same host it would cost
-    the daemon a read into a buffer and a pass over it, more than gathering the wider
-    values (annbatch's uncompressed collection, float32 counts, shared memory: 181-194k
-    against 125-139k cells/s, daemon 4.4 against 7.0-8.0 us/cell, trainer alike).
-    Parameters as for :func:`prepare`; ``index_dtype`` and ``dtype`` are the stored
-    indices' and values'.
+    when the indices already are its uint16/uint32, and on a ``remote`` link (the bulk
+    channel) the values its uint8/uint16 too. On the same host it sends any values as
+    stored: narrowing integer counts saves bytes, but it would cost the daemon a read
+    into a buffer and a pass over it, more than gathering the wider values (annbatch's
+    uncompressed collection, float32 counts, shared memory: 181-194k against 125-139k
+    cells/s, daemon 4.4 against 7.0-8.0 us/cell, trainer alike). Over a link the bytes
+    weigh more: the trainer's receive and the link's bandwidth. Parameters as for
+    :func:`prepare`; ``index_dtype`` and ``dtype`` are the stored indices' and values'.
     """
     if encoding == pb.ENCODING_COMPACT:
-        return index_dtype == _compact_index_dtype(n_vars)
+        narrow = not remote or dtype in (np.uint8, np.uint16)
+        return narrow and index_dtype == _compact_index_dtype(n_vars)
     if encoding == pb.ENCODING_NATIVE:
         return index_dtype == np.int32 and (value_dtype is None or dtype == value_dtype)
     return True

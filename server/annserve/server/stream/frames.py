@@ -353,11 +353,12 @@ def _read_rows(
     return rows, positions, wire, obsm, {}
 
 
-def stays_mapped(store: Store, plan: StreamPlan) -> bool:
+def stays_mapped(store: Store, plan: StreamPlan, *, remote: bool = False) -> bool:
     """Whether a stream's X rows may stay in the store's mapped files (``StreamPlan.mapped``).
 
     They may when frames are sent as stored: CSR, all genes, and dtypes the
-    encoding sends unconverted (:func:`~annserve.server.stream.encode.sent_as_stored`).
+    encoding sends unconverted over the stream's link, ``remote`` for the bulk channel
+    (:func:`~annserve.server.stream.encode.sent_as_stored`).
     Where the store's arrays must be read through zarr or h5py,
     :meth:`~annserve.server.io.store.Store.locate_rows` still says no, buffer by buffer.
     """
@@ -367,7 +368,12 @@ def stays_mapped(store: Store, plan: StreamPlan) -> bool:
         and plan.columns is None
         and spec.index_dtype is not None
         and sent_as_stored(
-            spec.index_dtype, spec.dtype, plan.encoding, plan.n_vars, plan.value_dtype
+            spec.index_dtype,
+            spec.dtype,
+            plan.encoding,
+            plan.n_vars,
+            plan.value_dtype,
+            remote=remote,
         )
     )
 
