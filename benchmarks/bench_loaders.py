@@ -11,11 +11,12 @@ Three stores of one atlas (see README.md), each named in every row:
     counts and gene indices, uncompressed).
 
 Rows: annbatch's ``Loader`` in-process on ``lz4`` and ``none``; ``RemoteLoader``
-same-host (unix socket, shared memory) and over TCP, both compact, on
-each of the three stores; on ``lz4`` also each loader's second epoch (the daemon's
-decoded-chunk cache warm); the daemon's pipeline in-process (no gRPC) and the whole X
-in memory (the bound) on ``annserve``. Ratios compare a row only with annbatch on the
-same store and epoch (on ``annserve``'s store, with the in-memory bound).
+same-host (unix socket, shared memory) and over TCP, on the gRPC stream and on the bulk
+channel, all compact, on each of the three stores; on ``lz4`` also each loader's
+second epoch (the daemon's decoded-chunk cache warm); the daemon's pipeline in-process
+(no gRPC) and the whole X in memory (the bound) on ``annserve``. Ratios compare a row
+only with annbatch on the same store and epoch (on ``annserve``'s store, with the
+in-memory bound).
 
 Every repetition runs in a fresh trainer process; rows are interleaved within each
 round (order rotated each round) so that machine noise hits all rows alike, and the

@@ -40,6 +40,8 @@ _POLL_S = 0.1
 UNCLAIMED_S = 60.0
 #: Seconds a client has to send the hello.
 HELLO_TIMEOUT_S = 5.0
+#: Connections greeted and not yet claimed, at most; more are refused.
+MAX_PENDING = 1024
 
 
 class BulkConnection:
@@ -202,9 +204,15 @@ class BulkListener:
         connection = BulkConnection(conn)  # non-blocking from here on
         with self._lock:  # held before the client has the token, so before it can stream
             expired = self._expired(time.monotonic() - UNCLAIMED_S)
-            self._pending[token] = connection
+            full = len(self._pending) >= MAX_PENDING
+            if not full:
+                self._pending[token] = connection
         for old in expired:
             old.close()
+        if full:
+            logger.warning("refused a bulk connection: %d wait for their streams", MAX_PENDING)
+            connection.close()
+            return
         if conn.send(answer) != len(answer):  # an empty socket buffer takes 20 bytes
             with self._lock:
                 self._pending.pop(token, None)

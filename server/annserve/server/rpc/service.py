@@ -298,6 +298,8 @@ class AnnServeService:
         status = "OK"
         meter = None
         try:
+            # claimed first: a refused request's connection is closed with the call
+            connection = self._bulk_connection(request.bulk_session, stream_id)
             store, plan, sampler = self._plan(request, context)
             name = request.store or self._default
             meter = self.metrics.stream(name)
@@ -306,7 +308,6 @@ class AnnServeService:
             session = self._session(request.shm_session, request.shm_held)
             if session is not None:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
-            connection = self._bulk_connection(request.bulk_session, stream_id)
             if session is not None or connection is not None:
                 mapped = stays_mapped(store, plan, remote=connection is not None)
                 plan = dataclasses.replace(plan, mapped=mapped)
