@@ -19,6 +19,7 @@ import textwrap
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from annserve import bulk
 from annserve.client import Connection, RemoteLoader
@@ -261,3 +262,24 @@ def test_transport_choices_without_a_bulk_channel():
 )
 def test_bulk_host(target, host):
     assert bulk_host(target) == host
+
+
+def _every_row_once_through_workers(address: str, context: str) -> None:
+    forced = Connection(transport="bulk")
+    loader = RemoteLoader(address, batch_size=256, seed=5, return_index=True, connection=forced)
+    workers = torch.utils.data.DataLoader(
+        loader, batch_size=None, num_workers=2, multiprocessing_context=context, timeout=BOUND_S
+    )
+    for _ in range(2):  # a second epoch: new connections, buffers of the workers' pools
+        rows = np.concatenate([b["index"].numpy() for b in workers])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(loader.n_obs))
+
+
+def test_dataloader_workers_each_open_their_own_connections(tcp_server):
+    _every_row_once_through_workers(_address(tcp_server), "spawn")
+
+
+def test_forked_dataloader_workers_each_open_their_own_connections():
+    # a daemon of its own: a process serving gRPC in-process must not fork (gRPC's rule)
+    with Daemon(["--store", str(real_path("pbmc3k"))]) as daemon:
+        _every_row_once_through_workers(daemon.address, "fork")

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 2.0
 #: Seconds between the reader's checks that its connection was closed, queue full.
 _POLL_S = 0.1
+#: Seconds :meth:`BulkConnection.close` waits for the reader thread to end.
+_CLOSE_TIMEOUT_S = 5.0
 
 
 def bulk_host(target: str) -> str | None:
@@ -145,7 +147,7 @@ class BulkConnection:
         self._closed.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._reader.join()
+        self._reader.join(_CLOSE_TIMEOUT_S)  # shutdown woke its recv; a full queue is polled
         self._sock.close()
 
     def _next_record(self) -> memoryview:
