@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from annserve.client._bulk import BulkConnection, bulk_host
 from annserve.errors import InvalidRequestError, ServerUnavailableError
 from annserve.server import open_store
 from annserve.server.convert import convert
+from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path, stop_now
@@ -169,6 +171,42 @@ def test_bad_requests_name_the_field(tcp_server):
                 assert field in info.value.details()
     finally:
         sock.close()
+
+
+def _waiting_for_close(port: int) -> int:
+    """Count this process's connections on ``port`` that their client closed, not the daemon."""
+    close_wait = "08"  # /proc/net/tcp's state of a socket whose peer closed it
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    fields = [line.split() for line in lines]
+    return sum(f[3] == close_wait and int(f[1].rsplit(":", 1)[1], 16) == port for f in fields)
+
+
+def test_a_connection_its_client_closed_unclaimed_is_closed_at_once(tcp_server):
+    port = tcp_server.service.bulk.port
+    for _ in range(3):
+        sock, _ = _hello(port)
+        sock.close()  # e.g. a trainer killed before its stream reached the daemon
+    wait_until(lambda: _waiting_for_close(port) == 0, "the daemon closes its ends", 5.0)
+
+
+def test_a_refused_stream_closes_its_connection(narrow_pbmc3k):
+    server = build_server(
+        {"narrow": open_store(narrow_pbmc3k)}, ["127.0.0.1:0"], limits=Limits(max_streams=1)
+    )
+    try:
+        with grpc.insecure_channel(_address(server)) as channel:
+            stream = channel.unary_stream(_STREAM)
+            held = stream(_request(b"", batch_size=10), timeout=BOUND_S)
+            next(held)  # the one slot is taken
+            sock, token = _hello(server.service.bulk.port)
+            with sock:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stream(_request(token, batch_size=10), timeout=BOUND_S))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert sock.recv(1) == b""  # closed by the daemon: no record, no wait
+            held.cancel()
+    finally:
+        stop_now(server.server)
 
 
 @pytest.mark.parametrize("hello", [b"", b"ABK", b"junk"], ids=["empty", "short", "junk"])

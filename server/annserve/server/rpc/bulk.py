@@ -13,6 +13,7 @@ timeout ends the stream.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import select
@@ -57,6 +58,10 @@ class BulkConnection:
         conn.setblocking(False)
         self._conn = conn
         self.opened = time.monotonic()
+
+    def fileno(self) -> int:
+        """Return the socket's file descriptor (for ``poll``)."""
+        return self._conn.fileno()
 
     def pack(
         self,
@@ -119,13 +124,17 @@ class BulkConnection:
 
     def close(self) -> None:
         """Close the connection (the client then reads the end of its records)."""
-        with contextlib.suppress(OSError):
-            self._conn.shutdown(socket.SHUT_RDWR)
-        self._conn.close()
+        _hang_up(self._conn)
 
 
 class BulkListener:
     """Accepts bulk connections on a TCP port of the daemon's host.
+
+    One thread polls the port, the connections still owing their hello, and those
+    greeted and waiting for their stream: a waiting connection the client closed (its
+    stream was refused, or never sent) is closed at once, one no stream claimed within
+    :data:`UNCLAIMED_S` after it; a hello not sent within :data:`HELLO_TIMEOUT_S` ends
+    its connection.
 
     Parameters
     ----------
@@ -153,10 +162,14 @@ class BulkListener:
         self._sock = socket.create_server(
             (host, port), family=family, backlog=64, dualstack_ipv6=dualstack
         )
+        self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
-        self._pending: dict[bytes, BulkConnection] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closing = threading.Event()
+        self._pending: dict[bytes, BulkConnection] = {}  # claimed by streams' threads
+        self._greeting: dict[int, _Greeting] = {}  # the poll thread's own
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, name="annserve-bulk", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="annserve-bulk", daemon=True)
         self._thread.start()
 
     def claim(self, token: bytes) -> BulkConnection | None:
@@ -169,56 +182,133 @@ class BulkListener:
             return self._pending.pop(token, None)
 
     def close(self) -> None:
-        """Stop accepting, and close the connections no stream claimed."""
+        """Stop accepting, and close the connections no stream claimed (safe to repeat)."""
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        """Poll the port and the unclaimed connections until closed (the poll thread)."""
+        try:
+            while not self._closing.is_set():
+                with self._lock:
+                    waiting = {c.fileno(): (token, c) for token, c in self._pending.items()}
+                greeting = dict(self._greeting)
+                poller = select.poll()
+                # a waiting connection turns readable when its client closes it
+                for fd in [self._sock.fileno(), self._wake_r.fileno(), *greeting, *waiting]:
+                    poller.register(fd, select.POLLIN)
+                events = {fd for fd, _ in poller.poll(self._timeout_ms(waiting, greeting))}
+                for fd in events & greeting.keys():
+                    self._read_hello(greeting[fd])
+                for fd in events & waiting.keys():
+                    self._drop(*waiting[fd])
+                if self._sock.fileno() in events:  # last: it may reuse a closed one's fd
+                    self._accept()
+                self._expire(time.monotonic())
+        finally:
+            self._shut()
+
+    @staticmethod
+    def _timeout_ms(
+        waiting: dict[int, tuple[bytes, BulkConnection]], greeting: dict[int, _Greeting]
+    ) -> float | None:
+        """Return the ms until the next hello or claim is overdue; None if none can be."""
+        deadlines = [g.deadline for g in greeting.values()]
+        deadlines += [c.opened + UNCLAIMED_S for _, c in waiting.values()]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic()) * 1000 + 1
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:  # the client gave up meanwhile
+            return
+        with self._lock:
+            full = len(self._pending) + len(self._greeting) >= MAX_PENDING
+        if full:
+            logger.warning("refused a bulk connection: %d wait for their streams", MAX_PENDING)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._greeting[conn.fileno()] = _Greeting(conn, time.monotonic() + HELLO_TIMEOUT_S)
+
+    def _read_hello(self, greeting: _Greeting) -> None:
+        """Take the bytes of a hello that arrived; once whole, answer it."""
+        try:
+            received = greeting.conn.recv(len(bulk.HELLO) - len(greeting.hello))
+        except BlockingIOError:  # woken for nothing: wait on
+            return
+        except OSError as e:
+            self._refuse(greeting, str(e))
+            return
+        greeting.hello += received
+        if not received or not bulk.HELLO.startswith(greeting.hello):
+            self._refuse(greeting, f"not a bulk hello: {greeting.hello[:32]!r}")
+        elif len(greeting.hello) == len(bulk.HELLO):
+            del self._greeting[greeting.conn.fileno()]
+            self._answer(greeting.conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Hand a greeted connection its token; it waits for its stream from then on."""
+        token = secrets.token_bytes(bulk.TOKEN_BYTES)
+        with self._lock:  # held before the client has the token, so before it can stream
+            self._pending[token] = BulkConnection(conn)
+        with contextlib.suppress(OSError):  # a client gone meanwhile: its end drops it
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.send(bulk.HELLO + token)  # an empty socket buffer takes 20 bytes
+
+    def _refuse(self, greeting: _Greeting, why: str) -> None:
+        logger.warning("refused a bulk connection: %s", why)
+        del self._greeting[greeting.conn.fileno()]
+        _hang_up(greeting.conn)
+
+    def _drop(self, token: bytes, connection: BulkConnection) -> None:
+        """Close a waiting connection, unless a stream claimed it meanwhile."""
+        with self._lock:
+            if self._pending.get(token) is not connection:
+                return
+            del self._pending[token]
+        connection.close()
+
+    def _expire(self, now: float) -> None:
+        """Close the hellos overdue and the connections no stream claimed in time."""
+        for greeting in [g for g in self._greeting.values() if g.deadline < now]:
+            self._refuse(greeting, f"no hello within {HELLO_TIMEOUT_S:g} s")
+        with self._lock:
+            old = [t for t, c in self._pending.items() if c.opened < now - UNCLAIMED_S]
+            expired = [self._pending.pop(token) for token in old]
+        for connection in expired:
+            connection.close()
+
+    def _shut(self) -> None:
+        """Close the port and every connection no stream claimed."""
         self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for connection in pending:
             connection.close()
+        for greeting in self._greeting.values():
+            _hang_up(greeting.conn)
+        self._greeting.clear()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(
-                target=self._greet, args=(conn,), name="annserve-bulk-hello", daemon=True
-            ).start()
 
-    def _greet(self, conn: socket.socket) -> None:
-        """Read the hello, answer with a token and keep the connection until claimed."""
-        conn.settimeout(HELLO_TIMEOUT_S)
-        try:
-            hello = conn.recv(len(bulk.HELLO), socket.MSG_WAITALL)
-            if hello != bulk.HELLO:
-                msg = f"not a bulk hello: {hello[:32]!r}"
-                raise ValueError(msg)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, ValueError) as e:
-            logger.warning("refused a bulk connection: %s", e)
-            conn.close()
-            return
-        token = secrets.token_bytes(bulk.TOKEN_BYTES)
-        answer = bulk.HELLO + token
-        connection = BulkConnection(conn)  # non-blocking from here on
-        with self._lock:  # held before the client has the token, so before it can stream
-            expired = self._expired(time.monotonic() - UNCLAIMED_S)
-            full = len(self._pending) >= MAX_PENDING
-            if not full:
-                self._pending[token] = connection
-        for old in expired:
-            old.close()
-        if full:
-            logger.warning("refused a bulk connection: %d wait for their streams", MAX_PENDING)
-            connection.close()
-            return
-        if conn.send(answer) != len(answer):  # an empty socket buffer takes 20 bytes
-            with self._lock:
-                self._pending.pop(token, None)
-            connection.close()
+@dataclasses.dataclass
+class _Greeting:
+    """A connection accepted whose hello has not all arrived."""
 
-    def _expired(self, before: float) -> list[BulkConnection]:
-        """Drop the connections opened before ``before`` (monotonic s) and no stream claimed."""
-        old = [token for token, c in self._pending.items() if c.opened < before]
-        return [self._pending.pop(token) for token in old]
+    conn: socket.socket
+    deadline: float  # monotonic s
+    hello: bytes = b""
+
+
+def _hang_up(conn: socket.socket) -> None:
+    """Shut a connection down both ways and close it."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+    conn.close()

@@ -289,17 +289,27 @@ class AnnServeService:
         A client that takes no frame for ``stall_timeout`` seconds gets ``DEADLINE_EXCEEDED``.
         """
         started = time.monotonic()
-        stream_id, entry = self._admit(context)
+        # claimed first: the connection of a refused stream closes with its call
+        connection = self._bulk_connection(request.bulk_session)
+        try:
+            stream_id, entry = self._admit(context)
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            raise
         frames: Prefetcher[Frame] | None = None
         session: Session | None = None
-        connection: BulkConnection | None = None
         reads: Subscription | None = None
         cancelled = threading.Event()  # stops the read-ahead, also while it skips ahead
         status = "OK"
         meter = None
         try:
-            # claimed first: a refused request's connection is closed with the call
-            connection = self._bulk_connection(request.bulk_session, stream_id)
+            if request.bulk_session and connection is None:
+                logger.info(
+                    "stream %d names a bulk connection this daemon does not hold: inline",
+                    stream_id,
+                    extra={"stream_id": stream_id},
+                )
             store, plan, sampler = self._plan(request, context)
             name = request.store or self._default
             meter = self.metrics.stream(name)
@@ -432,22 +442,15 @@ class AnnServeService:
         session.begin(held, SESSION_WAIT_S)
         return session
 
-    def _bulk_connection(self, token: bytes, stream_id: int) -> BulkConnection | None:
+    def _bulk_connection(self, token: bytes) -> BulkConnection | None:
         """Claim the bulk connection a request names; None for a stream sent inline.
 
         A token this daemon does not hold (its connection reached another replica or
         worker) gets the frames inline rather than an error: the client reads both.
         """
-        if not token:
+        if not token or self.bulk is None:
             return None
-        connection = self.bulk.claim(token) if self.bulk is not None else None
-        if connection is None:
-            logger.info(
-                "stream %d names a bulk connection this daemon does not hold; frames go inline",
-                stream_id,
-                extra={"stream_id": stream_id},
-            )
-        return connection
+        return self.bulk.claim(token)
 
     def _packer(
         self, writer: Session | BulkConnection | None, cancelled: threading.Event

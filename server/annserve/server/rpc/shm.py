@@ -410,8 +410,16 @@ class SharedMemoryListener:
             return pool
 
     def close(self) -> None:
-        """Stop accepting sessions and remove the socket file (open sessions go on)."""
+        """Stop accepting sessions and remove the socket file (open sessions go on).
+
+        The accept thread has ended when it returns: on Linux only ``shutdown`` wakes a
+        thread blocked in ``accept``, ``close`` does not.
+        """
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
         if os.path.exists(self.path):
             os.unlink(self.path)
 
