@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import mmap
 import os
 import platform
 import subprocess
@@ -97,9 +98,10 @@ def _vm_flags(address: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_pooled_buffers_are_backed_by_small_pages():
     # numpy marks arrays of 4 MiB and more for huge pages ("hg"); pooled buffers are not
-    huge = np.empty(8 << 20, np.uint8)
     pooled = BufferPool().empty((8 << 20,), np.uint8)
     middle = pooled.nbytes // 2
     assert "nh" in _vm_flags(pooled.ctypes.data + middle)
-    assert "nh" not in _vm_flags(huge.ctypes.data + middle)
+    with mmap.mmap(-1, 8 << 20) as fresh:  # a mapping never advised (the heap may have been)
+        address = np.frombuffer(fresh, np.uint8).ctypes.data
+        assert "nh" not in _vm_flags(address + middle)
     assert not small_pages(np.empty(16, np.uint8))  # within one page: nothing to advise
