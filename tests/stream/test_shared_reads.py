@@ -23,7 +23,7 @@ from annserve.server.plan.selection import make_sampler
 from annserve.server.rpc.app import build_server
 from annserve.server.stream import shared as shared_module
 from annserve.server.stream.frames import epoch_frames, epoch_span
-from annserve.server.stream.shared import SharedReads, Subscription, read_key
+from annserve.server.stream.shared import SharedReads, Subscription, read_key, sweep_key
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path
 from ops_support import stream_call
@@ -178,6 +178,15 @@ def test_streams_differing_only_in_framing_share(store):
     assert len(store.reads) == _n_pieces(store)
     encoded = [{id(f) for f in s.got} for s in streams]  # s.got keeps each id unique
     assert not set.intersection(*encoded)  # other framing: each stream encodes its own
+
+
+def test_a_sweeps_frames_have_one_key_in_every_epoch(store):
+    """Frame pools are kept across epochs: the key of each epoch's group leaves it out."""
+    key = sweep_key(store, _plan(store)[0])
+    assert sweep_key(store, _plan(store, epoch=3)[0]) == key
+    assert read_key(store, _plan(store, epoch=3)[0]) != read_key(store, _plan(store)[0])
+    for other in ({"seed": 8}, {"shard_count": 2}, {"batch_size": 64}, {"chunk_size": 16}):
+        assert sweep_key(store, _plan(store, **other)[0]) != key, other
 
 
 @pytest.mark.parametrize(
@@ -389,6 +398,27 @@ def test_a_stream_past_its_last_piece_is_not_expected(store):
     assert after.sub._group.expected.total() == 0
     before.end()
     after.end()
+    assert registry.groups() == 0
+
+
+def test_a_sweeps_trainers_done_reading_are_expected_in_the_next_epoch(store):
+    """Two trainers read all of epoch 2 (frames still queued); the later one's epoch 3 shares."""
+    want = _alone(store, epoch=3)
+    pieces = _n_pieces(store, epoch=3)
+    registry = SharedReads(buffers_per_stream=2)
+    before = [_Stream(store, registry), _Stream(store, registry)]
+    for stream in before:  # past its last piece, not closed: a read-ahead long before its trainer
+        assert list(stream.frames)
+    ahead = _Stream(store, registry, epoch=3)
+    assert ahead.sub._group.expected.total() == 1  # the other trainer; not its own
+    for _ in range(2):
+        ahead.step()
+    late = _Stream(store, registry, epoch=3)
+    _round_robin([ahead, late])
+    assert ahead.got == late.got == want
+    assert (late.sub.reads, late.sub.shared) == (0, pieces)
+    for stream in before:
+        stream.end()
     assert registry.groups() == 0
 
 

@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 _GROWTH = 1.25
 #: Seconds between checks of a stream's cancellation while it waits for a slot.
 _POLL_S = 0.1
-#: Released memfds a frame pool keeps for reuse; more are closed.
-POOL_KEEP = 8
 _memfd_ids = itertools.count(1)  # ids of shared memfds, unique in the daemon
 
 
@@ -87,16 +85,13 @@ class FramePool:
     A memfd never grows (a client maps it once) and holds frames of this group only:
     a session is only ever sent memory holding frames its own request asks for. Created
     by :meth:`SharedMemoryListener.frame_pool`; the pool lives while a stream or frame
-    uses it, and closes its free memfds when it goes.
-
-    Parameters
-    ----------
-    keep
-        Released memfds kept for reuse, at most.
+    uses it, and closes its free memfds when it goes. It keeps every released memfd,
+    so it holds as many as its peak of frames held at once (bounded by the sessions'
+    slots and the streams' read-ahead): closing one and making another later cost
+    the allocation and zeroing of each of its pages again.
     """
 
-    def __init__(self, keep: int = POOL_KEEP) -> None:
-        self._keep = keep
+    def __init__(self) -> None:
         self._free: list[tuple[int, int, int]] = []  # (memfd_id, fd, capacity)
         self._lock = threading.Lock()
         weakref.finalize(self, _close_memfds, self._free)
@@ -133,12 +128,9 @@ class FramePool:
         return next(_memfd_ids), fd, capacity
 
     def give_back(self, memfd: tuple[int, int, int]) -> None:
-        """Take a memfd back once no frame in it is held (kept, or closed past ``keep``)."""
+        """Take a memfd back once no frame in it is held."""
         with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(memfd)
-                return
-        os.close(memfd[1])
+            self._free.append(memfd)
 
 
 def _capacity(nbytes: int) -> int:
@@ -398,9 +390,8 @@ class SharedMemoryListener:
         Parameters
         ----------
         key
-            What makes streams identical: their shared-reads group and framing
-            (:func:`~annserve.server.stream.shared.read_key`,
-            :func:`~annserve.server.stream.shared.frame_key`). The pool lives while a
+            What makes streams identical in every epoch
+            (:func:`~annserve.server.stream.shared.sweep_key`). The pool lives while a
             stream holds it or a frame uses it.
         """
         with self._lock:

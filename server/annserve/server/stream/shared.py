@@ -23,9 +23,10 @@ reuses a buffer only once no array of any stream views it.
 
 A sweep's trainers end an epoch a moment apart, and the first to start the next one
 would have read a buffer or two before the others join (the group keeps no buffer
-behind its streams). So a new group *expects* the streams of the previous epoch's group
-that have not got their last piece yet (a trainer's own previous stream may still be
-ending when it starts the next epoch): for each of them it keeps the buffers from
+behind its streams). So a new group *expects* the previous epoch's trainers: as many
+streams of each framing as the previous epoch's group had at most, less the one that
+came (a trainer's own previous stream may still be ending when it starts the next
+epoch), and at least those still reading it. For each it keeps the buffers from
 where a stream framing alike began, within the bound counted as if they were there,
 until they join or, once the group needs the room, :data:`LAG_WAIT_S` has passed.
 """
@@ -107,6 +108,17 @@ def frame_key(plan: StreamPlan) -> Hashable:
     return _fields(plan, sorted(FRAMING_FIELDS))
 
 
+def sweep_key(store: Store, plan: StreamPlan) -> Hashable:
+    """Return what identical streams of every epoch have in common: both keys, epoch left out.
+
+    Equal for a sweep's trainers in any epoch: their frames hold the same rows of the
+    same arrays, encoded alike, so memory written with one epoch's frames may carry
+    the next epoch's (a frame pool's memfds, :meth:`~annserve.server.rpc.shm.
+    SharedMemoryListener.frame_pool`).
+    """
+    return (read_key(store, dataclasses.replace(plan, epoch=0)), frame_key(plan))
+
+
 def _fields(plan: StreamPlan, names: list[str]) -> tuple[tuple[str, Hashable], ...]:
     """Return the named fields of ``plan`` as ``(name, hashable value)`` pairs, in order."""
     return tuple((name, _hashable(getattr(plan, name))) for name in names)
@@ -155,6 +167,7 @@ class _Group:
         self.positions: dict[Subscription, tuple[int, int]] = {}  # attached streams
         self.members: Counter[Hashable] = Counter()  # subscribed streams, by frame_key
         self.reading: Counter[Hashable] = Counter()  # members not past their last piece
+        self.peak: Counter[Hashable] = Counter()  # most members at once, by frame_key
         self.expected: Counter[Hashable] = Counter()  # streams not yet here, by frame_key
         self.first: dict[Hashable, tuple[int, int]] = {}  # where each frame_key began
         self.pool = BufferPool(max_buffers=_POOL_BUFFERS)
@@ -435,16 +448,17 @@ class SharedReads:
                 group = self._groups[key] = _Group(
                     key, store, self.buffers_per_stream, self.lag_wait
                 )
-                if plan.epoch > 0:  # the streams still in the previous epoch come next
+                if plan.epoch > 0:  # the previous epoch's streams come next
                     before = read_key(store, dataclasses.replace(plan, epoch=plan.epoch - 1))
-                    if before in self._groups:  # not a stream that has read its epoch
-                        group.expected = +self._groups[before].reading
+                    if before in self._groups:
+                        group.expected = _successors(self._groups[before], framing)
             else:
                 with group.cond:
                     if group.expected[framing] > 0:  # one of them came
                         group.expected[framing] -= 1
                         group.cond.notify_all()  # a stream waiting for it (make_room)
             group.members[framing] += 1
+            group.peak[framing] = max(group.peak[framing], group.members[framing])
             group.reading[framing] += 1
         return Subscription(self, group, framing, cancelled, counted)
 
@@ -472,6 +486,18 @@ class SharedReads:
             with g.cond:
                 total += len(g.entries)
         return total
+
+
+def _successors(before: _Group, framing: Hashable) -> Counter[Hashable]:
+    """Return the streams a new epoch's group expects, by frame_key, once ``framing``'s came.
+
+    Each of the previous epoch's trainers (its group's peak of members) comes, less the
+    one here, and at least those still reading it. Whether a stream has got its last
+    piece says little: its read-ahead gets there a queue of frames before its trainer
+    is done (four trainers started an epoch ~150 ms apart, and each but the first read
+    its first three buffers itself).
+    """
+    return (before.peak - Counter({framing: 1})) | before.reading
 
 
 #: The daemon's registry.
