@@ -401,14 +401,22 @@ def test_a_stream_past_its_last_piece_is_not_expected(store):
     assert registry.groups() == 0
 
 
-def test_a_sweeps_trainers_done_reading_are_expected_in_the_next_epoch(store):
-    """Two trainers read all of epoch 2 (frames still queued); the later one's epoch 3 shares."""
+@pytest.mark.parametrize("ended", [False, True], ids=["frames-queued", "streams-ended"])
+def test_a_sweeps_trainers_done_reading_are_expected_in_the_next_epoch(store, ended):
+    """Two trainers read all of epoch 2; the later one's epoch 3 shares the first one's reads.
+
+    Their epoch-2 streams are past their last piece (a read-ahead is, long before its
+    trainer), or ended (trainers in lock step end an epoch together).
+    """
     want = _alone(store, epoch=3)
     pieces = _n_pieces(store, epoch=3)
     registry = SharedReads(buffers_per_stream=2)
     before = [_Stream(store, registry), _Stream(store, registry)]
-    for stream in before:  # past its last piece, not closed: a read-ahead long before its trainer
+    for stream in before:
         assert list(stream.frames)
+        if ended:
+            stream.end()
+    assert registry.groups() == (0 if ended else 1)
     ahead = _Stream(store, registry, epoch=3)
     assert ahead.sub._group.expected.total() == 1  # the other trainer; not its own
     for _ in range(2):
@@ -420,6 +428,26 @@ def test_a_sweeps_trainers_done_reading_are_expected_in_the_next_epoch(store):
     for stream in before:
         stream.end()
     assert registry.groups() == 0
+
+
+def test_a_trainer_an_epoch_start_behind_is_waited_for(store):
+    """Epochs of 4 buffers, room for all: the next epoch's first stream waits for the other."""
+    fields = {"preload_nchunks": 80}  # 2,560-row buffers: 4 per epoch
+    pieces = _n_pieces(store, **fields, epoch=3)
+    assert pieces == 4
+    registry = SharedReads(buffers_per_stream=2, lag_wait=JOIN_S)
+    for stream in [_Stream(store, registry, **fields), _Stream(store, registry, **fields)]:
+        _round_robin([stream])  # epoch 2 ended; the group's count is remembered
+    ahead = _Stream(store, registry, **fields, epoch=3)
+    thread = threading.Thread(target=_round_robin, args=([ahead],))
+    thread.start()
+    time.sleep(0.3)  # without the wait, ahead's whole epoch is over meanwhile
+    late = _Stream(store, registry, **fields, epoch=3)
+    _round_robin([late])
+    thread.join(timeout=JOIN_S)
+    assert not thread.is_alive()
+    assert ahead.got == late.got == _alone(store, **fields, epoch=3)
+    assert (ahead.sub.reads, late.sub.reads) == (pieces, 0)
 
 
 def test_a_stream_that_never_comes_holds_no_more_than_its_share(store):

@@ -26,9 +26,13 @@ would have read a buffer or two before the others join (the group keeps no buffe
 behind its streams). So a new group *expects* the previous epoch's trainers: as many
 streams of each framing as the previous epoch's group had at most, less the one that
 came (a trainer's own previous stream may still be ending when it starts the next
-epoch), and at least those still reading it. For each it keeps the buffers from
-where a stream framing alike began, within the bound counted as if they were there,
-until they join or, once the group needs the room, :data:`LAG_WAIT_S` has passed.
+epoch), and at least those still reading it (trainers in lock step may all have
+ended that epoch's streams first: an ended group's count is kept :data:`REMEMBER_S`).
+For each it keeps the buffers from where a stream framing alike began, within the
+bound counted as if they were there, until they join or, once the group needs the
+room, :data:`LAG_WAIT_S` has passed. A stream that leads the group's first buffer by
+its share of buffers also waits up to :data:`LAG_WAIT_S` for them: a trainer that fell
+an epoch behind would otherwise find every later epoch's group gone and read alone.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ FRAMING_FIELDS = frozenset(
 )
 #: Seconds a stream that needs room waits for the streams close behind it to move on.
 LAG_WAIT_S = 0.5
+#: Seconds the registry remembers how many streams an ended group had, for the next
+#: epoch's group to expect them.
+REMEMBER_S = 5.0
 _POLL_S = 0.1  # seconds between checks of a waiting stream's cancelled event
 _POOL_BUFFERS = 64  # a group pool keeps at most its peak of live buffers anyway
 _PART_REFS = 3
@@ -202,6 +209,7 @@ class _Group:
         move on; then those furthest behind are detached. Return False when ``sub``
         itself is furthest behind, or was detached meanwhile: it reads alone.
         """
+        self.wait_for_expected(sub)
         deadline = time.monotonic() + self.lag_wait
         self.prune(in_use=False)
         while len(self.entries) >= (bound := self.bound()):
@@ -235,6 +243,31 @@ class _Group:
                 s.detach()
             self.prune(in_use=False)
         return True
+
+    def wait_for_expected(self, sub: Subscription) -> None:
+        """Wait for the expected streams while ``sub`` leads the group's start by its share.
+
+        Called locked. A sweep's trainer that fell an epoch behind would otherwise find
+        each epoch's group gone and read alone for good; the one that leads waits up to
+        ``lag_wait`` for it (each that comes, another ``lag_wait``), then expects no one.
+        """
+        deadline = time.monotonic() + self.lag_wait
+        while (waiting := self.expected.total()) and self._leads(sub):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.expected.clear()
+                return
+            self.cond.wait(min(left, _POLL_S))
+            if self.expected.total() < waiting:  # one came
+                deadline = time.monotonic() + self.lag_wait
+
+    def _leads(self, sub: Subscription) -> bool:
+        """Whether ``sub`` is ``per_stream`` buffers or more past the group's first one."""
+        mine = self.positions.get(sub)
+        if mine is None or not self.first:
+            return False
+        start = min(self.first.values())
+        return mine[0] > start[0] or mine[1] - start[1] >= self.per_stream
 
 
 def _referenced(value: object) -> bool:
@@ -316,8 +349,13 @@ class Subscription:
             if not self.attached or (entry is not None and not same):
                 entry = None
             elif entry is None and g.make_room(self):
-                entry = g.entries[piece.buffer] = _Entry(piece.start, piece.stop)
-                mine = True
+                # make_room may have waited, unlocked: another stream may have claimed it
+                entry = g.entries.get(piece.buffer)
+                if entry is None:
+                    entry = g.entries[piece.buffer] = _Entry(piece.start, piece.stop)
+                    mine = True
+                elif (entry.start, entry.stop) != (piece.start, piece.stop):
+                    entry = None
             elif not same:
                 entry = None
         if entry is None:
@@ -414,6 +452,7 @@ class SharedReads:
         self.lag_wait = lag_wait
         self._lock = threading.Lock()
         self._groups: dict[Hashable, _Group] = {}
+        self._ended: dict[Hashable, tuple[Counter[Hashable], float]] = {}  # peak, when
 
     def subscribe(
         self,
@@ -450,8 +489,7 @@ class SharedReads:
                 )
                 if plan.epoch > 0:  # the previous epoch's streams come next
                     before = read_key(store, dataclasses.replace(plan, epoch=plan.epoch - 1))
-                    if before in self._groups:
-                        group.expected = _successors(self._groups[before], framing)
+                    group.expected = self._successors(before, framing)
             else:
                 with group.cond:
                     if group.expected[framing] > 0:  # one of them came
@@ -466,11 +504,34 @@ class SharedReads:
         with self._lock:
             group.reading[framing] -= 1
 
+    def _successors(self, before: Hashable, framing: Hashable) -> Counter[Hashable]:
+        """Return the streams a new epoch's group expects, by frame_key (called locked).
+
+        Each of the previous epoch's trainers (its group's peak of members) comes, less
+        the one here (``framing``'s), and at least those still reading it. Whether a
+        stream has got its last piece says little: its read-ahead gets there a queue of
+        frames before its trainer is done (four trainers started an epoch ~150 ms
+        apart, and each but the first read its first three buffers itself). Trainers
+        in lock step may all have ended the previous epoch's streams before the first
+        starts the next: an ended group's peak counts for :data:`REMEMBER_S`.
+        """
+        here = Counter({framing: 1})
+        group = self._groups.get(before)
+        if group is not None:
+            return (group.peak - here) | group.reading
+        peak, ended = self._ended.get(before, (Counter(), 0.0))
+        return peak - here if ended > time.monotonic() - REMEMBER_S else Counter()
+
     def _left(self, group: _Group, framing: Hashable) -> None:
         with self._lock:
             group.members[framing] -= 1
             if not +group.members and self._groups.get(group.key) is group:
                 del self._groups[group.key]
+                now = time.monotonic()
+                old = [k for k, (_, ended) in self._ended.items() if ended < now - REMEMBER_S]
+                for key in old:
+                    del self._ended[key]
+                self._ended[group.key] = (group.peak, now)
 
     def groups(self) -> int:
         """Return the number of groups with a subscribed stream."""
@@ -486,18 +547,6 @@ class SharedReads:
             with g.cond:
                 total += len(g.entries)
         return total
-
-
-def _successors(before: _Group, framing: Hashable) -> Counter[Hashable]:
-    """Return the streams a new epoch's group expects, by frame_key, once ``framing``'s came.
-
-    Each of the previous epoch's trainers (its group's peak of members) comes, less the
-    one here, and at least those still reading it. Whether a stream has got its last
-    piece says little: its read-ahead gets there a queue of frames before its trainer
-    is done (four trainers started an epoch ~150 ms apart, and each but the first read
-    its first three buffers itself).
-    """
-    return (before.peak - Counter({framing: 1})) | before.reading
 
 
 #: The daemon's registry.
