@@ -447,7 +447,8 @@ def test_a_trainer_an_epoch_start_behind_is_waited_for(store):
     thread.join(timeout=JOIN_S)
     assert not thread.is_alive()
     assert ahead.got == late.got == _alone(store, **fields, epoch=3)
-    assert (ahead.sub.reads, late.sub.reads) == (pieces, 0)
+    # Each piece is read once; which of the two reads it is up to the threads' timing.
+    assert ahead.sub.reads + late.sub.reads == pieces
 
 
 def test_a_stream_that_never_comes_holds_no_more_than_its_share(store):
