@@ -1,14 +1,18 @@
-"""Helpers of the transport tests (shared memory, bulk channel): epochs and comparisons."""
+"""Helpers of the transport tests (shared memory, bulk channel): epochs, comparisons, kills."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from annserve.client import RemoteLoader
 
@@ -21,6 +25,26 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = BOUND_
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def sigkilled_client(script: str, address: str, ready: str) -> Iterator[subprocess.Popen]:
+    """Run ``python -c script address``; yield it once it prints ``ready``; SIGKILL it at exit."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", script, address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == ready
+        yield client
+        client.send_signal(signal.SIGKILL)
+        client.wait(timeout=BOUND_S)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(timeout=BOUND_S)
+        assert client.stdout is not None
+        client.stdout.close()
 
 
 def epoch_rows(batches) -> int:

@@ -325,6 +325,29 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> Frame:
     return Frame(header, {spec.name: _array_view(spec, payload) for spec in header.arrays})
 
 
+def pointer_header(message: bytes, transport: str) -> pb.BatchHeader:
+    """Return the header of a stream message that may point to a frame sent out of band.
+
+    Parameters
+    ----------
+    message
+        One serialized ``BatchFrame`` of a shared-memory or bulk stream: its header
+        points to the frame (``shm_*`` or ``bulk_nbytes``), or it is an inline frame.
+    transport
+        The transport's name, for the error message (e.g. ``"bulk"``).
+
+    Raises
+    ------
+    FrameDecodeError
+        If the message does not parse.
+    """
+    try:
+        return pb.BatchFrame.FromString(message).header
+    except Exception as e:  # protobuf's DecodeError
+        msg = f"{transport} frame pointer does not parse: {e}"
+        raise FrameDecodeError(msg) from e
+
+
 def _decompress(header: pb.BatchHeader, payload: memoryview) -> memoryview:
     try:
         codec = payload_codec(header.compression)

@@ -10,10 +10,7 @@ without it (``bulk_port=None``), and what each transport choice does then.
 from __future__ import annotations
 
 import re
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -33,7 +30,14 @@ from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path, stop_now
 from ops_support import Daemon
-from transport_support import BOUND_S, epoch, epoch_rows, same_batches, wait_until
+from transport_support import (
+    BOUND_S,
+    epoch,
+    epoch_rows,
+    same_batches,
+    sigkilled_client,
+    wait_until,
+)
 
 _STREAM = "/annserve.v1.AnnServe/StreamBatches"
 
@@ -248,17 +252,8 @@ _CLIENT = textwrap.dedent(
 
 def test_sigkill_of_the_client_ends_its_stream(tmp_path):
     with Daemon(["--store", str(real_path("pbmc3k"))]) as daemon:
-        client = subprocess.Popen(
-            [sys.executable, "-c", _CLIENT, daemon.address], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert client.stdout.readline().strip() == "reading"
-            client.send_signal(signal.SIGKILL)
-            client.wait(timeout=BOUND_S)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.stdout.close()
+        with sigkilled_client(_CLIENT, daemon.address, ready="reading") as client:
+            assert client.poll() is None  # mid-stream, its second batch held
         daemon.wait_for(re.compile(r"stream \d+ end: status="))
         loader = RemoteLoader(
             daemon.address, batch_size=1000, connection=Connection(transport="bulk")

@@ -15,8 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -40,7 +38,14 @@ from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
 from conftest import real_path, stop_now
 from ops_support import Daemon
-from transport_support import BOUND_S, epoch, epoch_rows, same_batches, wait_until
+from transport_support import (
+    BOUND_S,
+    epoch,
+    epoch_rows,
+    same_batches,
+    sigkilled_client,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs Linux memfd")
 
@@ -394,18 +399,8 @@ def test_sigkill_of_the_client_frees_the_daemons_slots(tmp_path):
     shm_before = set(os.listdir("/dev/shm"))
     with Daemon(["--store", str(real_path("pbmc3k")), "--unix", str(sock)]) as daemon:
         wait_until(lambda: Path(f"{sock}.shm").exists(), "side socket")
-        client = subprocess.Popen(
-            [sys.executable, "-c", _CLIENT, f"unix:{sock}"], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert client.stdout.readline().strip() == "holding"
+        with sigkilled_client(_CLIENT, f"unix:{sock}", ready="holding"):
             assert memfds(daemon.proc.pid) > 0
-            client.send_signal(signal.SIGKILL)
-            client.wait(timeout=BOUND_S)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.stdout.close()
         wait_until(lambda: memfds(daemon.proc.pid) == 0, "the daemon closes the session's memfds")
         loader = RemoteLoader(f"unix:{sock}", batch_size=1000)
         assert epoch_rows(loader) == loader.n_obs

@@ -25,12 +25,13 @@ import numpy as np
 from annserve import bulk
 from annserve.client._rpc import several_replicas
 from annserve.errors import FrameDecodeError, ServerUnavailableError
-from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import pointer_header
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from annserve.buffers import BufferPool
+    from annserve.v1 import annserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,7 @@ class BulkConnection:
             If the connection failed or ended before a record its message points to.
         """
         for message in messages:
-            try:
-                header = pb.BatchFrame.FromString(message).header
-            except Exception as e:  # protobuf's DecodeError
-                msg = f"bulk frame pointer does not parse: {e}"
-                raise FrameDecodeError(msg) from e
+            header = pointer_header(message, "bulk")
             if not header.bulk_nbytes:  # inline: the daemon holds no such connection
                 yield message
                 continue

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 from annserve import shm
 from annserve.errors import FrameDecodeError, ServerUnavailableError
-from annserve.v1 import annserve_pb2 as pb
+from annserve.wire import pointer_header
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from annserve.v1 import annserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +137,7 @@ class SharedMemorySession:
         """
         self._shared.clear()  # the daemon announces each stream's shared memfds anew
         for message in messages:
-            try:
-                header = pb.BatchFrame.FromString(message).header
-            except Exception as e:  # protobuf's DecodeError
-                msg = f"shared-memory frame pointer does not parse: {e}"
-                raise FrameDecodeError(msg) from e
+            header = pointer_header(message, "shared-memory")
             if not header.shm_nbytes:
                 yield message
                 continue

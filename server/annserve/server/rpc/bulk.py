@@ -70,25 +70,11 @@ class BulkConnection:
         timeout: float,
         cancelled: threading.Event,
     ) -> bytes:
-        """Send a frame as the connection's next record; return the gRPC message pointing to it.
+        """Send a frame as the connection's next record; return the message pointing to it.
 
-        Parameters
-        ----------
-        header, arrays
-            The frame, as for :func:`annserve.wire.encode_frame` (``header`` is filled).
-        timeout
-            Seconds the client may take no byte before the stream is stalled.
-        cancelled
-            Set when the stream is over; a wait for the client then ends.
-
-        Raises
-        ------
-        StreamStalledError
-            If the client takes no byte for ``timeout`` seconds.
-        ServerUnavailableError
-            If the client closed the connection, or the stream was cancelled, meanwhile.
-        DataLossError
-            If a mapped store file shrank under the frame's rows.
+        As :meth:`annserve.server.rpc.service.FrameWriter.pack`; ``timeout`` is how long the
+        client may take no byte. Also raises :class:`~annserve.errors.DataLossError` if a
+        mapped store file shrank under the frame's rows.
         """
         parts, nbytes = frame_parts(header, arrays)
         try:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from annserve.server.plan.epoch import Span
     from annserve.server.plan.request import StreamPlan
     from annserve.server.plan.sampler import Sampler
-    from annserve.server.rpc.bulk import BulkConnection, BulkListener
+    from annserve.server.rpc.bulk import BulkListener
     from annserve.server.rpc.shm import Session, SharedFrame, SharedMemoryListener
     from annserve.server.stream.frames import Frame, Pack
     from annserve.wire import FrameArray
@@ -111,6 +111,38 @@ class StreamSlots(Protocol):
 
     def release(self) -> None:
         """Give back a slot this process took."""
+
+
+class FrameWriter(Protocol):
+    """Where a stream's frames go out of band: a shared-memory session or a bulk connection."""
+
+    def pack(
+        self,
+        header: pb.BatchHeader,
+        arrays: Sequence[tuple[str, FrameArray]],
+        timeout: float,
+        cancelled: threading.Event,
+    ) -> bytes:
+        """Write a frame out of band; return the gRPC message that points to it.
+
+        Parameters
+        ----------
+        header, arrays
+            The frame, as for :func:`annserve.wire.encode_frame` (``header`` is filled).
+        timeout
+            Seconds the client may leave the writer waiting (for a free slot, or for
+            it to take a byte) before the stream is stalled.
+        cancelled
+            Set when the stream is over; a wait for the client then ends.
+
+        Raises
+        ------
+        StreamStalledError
+            If the client makes no room for ``timeout`` seconds.
+        ServerUnavailableError
+            If the client closed its session or connection, or the stream was
+            cancelled, meanwhile.
+        """
 
 
 @dataclass(eq=False, slots=True)
@@ -288,8 +320,9 @@ class AnnServeService:
         A client that takes no frame for ``stall_timeout`` seconds gets ``DEADLINE_EXCEEDED``.
         """
         started = time.monotonic()
-        # claimed first: the connection of a refused stream closes with its call
-        connection = self._bulk_connection(request.bulk_session)
+        # claimed first: the connection of a refused stream closes with its call; a
+        # token this daemon does not hold (another replica's or worker's) goes inline
+        connection = self.bulk.claim(request.bulk_session) if self.bulk is not None else None
         try:
             stream_id, entry = self._admit(context)
         except BaseException:
@@ -441,19 +474,7 @@ class AnnServeService:
         session.begin(held, SESSION_WAIT_S)
         return session
 
-    def _bulk_connection(self, token: bytes) -> BulkConnection | None:
-        """Claim the bulk connection a request names; None for a stream sent inline.
-
-        A token this daemon does not hold (its connection reached another replica or
-        worker) gets the frames inline rather than an error: the client reads both.
-        """
-        if not token or self.bulk is None:
-            return None
-        return self.bulk.claim(token)
-
-    def _packer(
-        self, writer: Session | BulkConnection | None, cancelled: threading.Event
-    ) -> Pack | None:
+    def _packer(self, writer: FrameWriter | None, cancelled: threading.Event) -> Pack | None:
         """Return the frame writer of a shared-memory or bulk stream, None for a plain one.
 
         It waits for the client up to the stall timeout.

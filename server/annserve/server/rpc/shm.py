@@ -249,23 +249,10 @@ class Session:
         timeout: float,
         cancelled: threading.Event,
     ) -> bytes:
-        """Write a frame into a free slot; return the gRPC message that points to it.
+        """Write a frame into a free slot; return the message that points to it.
 
-        Parameters
-        ----------
-        header, arrays
-            The frame, as for :func:`annserve.wire.encode_frame` (``header`` is filled).
-        timeout
-            Seconds to wait for the client to free a slot.
-        cancelled
-            Set when the stream is over; the wait then ends.
-
-        Raises
-        ------
-        StreamStalledError
-            If no slot is freed within ``timeout``.
-        ServerUnavailableError
-            If the client closed the session, or the stream was cancelled, meanwhile.
+        As :meth:`annserve.server.rpc.service.FrameWriter.pack`; ``timeout`` is how long to
+        wait for the client to free a slot.
         """
         parts, nbytes = frame_parts(header, arrays)
         seq, slot = self._take(timeout, cancelled)
