@@ -51,20 +51,28 @@ def stream_threads() -> list[threading.Thread]:
 
 
 # --- SIGTERM of the daemon mid-stream ---------------------------------------------------
-def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_adata):
-    """A fast reader gets its whole epoch within the grace, a slow one UNAVAILABLE; exit 0."""
+def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_adata, tmp_path):
+    """A fast reader gets its whole epoch within the grace, a slow one UNAVAILABLE; exit 0.
+
+    The slow reader streams a synthetic store of ~240 MB: pbmc3k's whole epoch (~17 MB)
+    fits in loopback socket buffers (``tcp_rmem`` grows to 32 MB here), so a slow reader of
+    it had been sent all but a few batches, and once all of them within the grace.
+    """
     path = real_path("pbmc3k")
     n_obs = real_adata("pbmc3k").n_obs
+    wide = write_wide_rows_store(tmp_path / "wide.h5ad", n_obs=20_000, n_vars=4_000, nnz=1_500)
     with Daemon(
-        ["--store", str(path), "--grace", "1.5", "--metrics-port", "0", "--log-format", "json"]
+        ["--store", str(path), "--store", f"wide={wide}", "--grace", "1.5"]
+        + ["--metrics-port", "0", "--log-format", "json"]
     ) as daemon:
         outcomes: dict[str, object] = {}
         paused = threading.Barrier(3)
         sigterm = threading.Event()
 
-        def client(name: str, pause: float) -> None:
+        def client(name: str, store: str, pause: float) -> None:
             loader = RemoteLoader(
                 daemon.address,
+                store=store,
                 batch_size=32,
                 chunk_size=16,
                 preload_nchunks=4,
@@ -85,9 +93,9 @@ def test_sigterm_mid_stream_gives_each_client_its_epoch_or_a_clear_status(real_a
                 outcomes[name] = e
 
         threads = [
-            threading.Thread(target=client, args=("fast", 0.0)),
-            threading.Thread(target=client, args=("slow", 0.1)),
-        ]  # 85 batches: 8.5 s
+            threading.Thread(target=client, args=("fast", "", 0.0)),
+            threading.Thread(target=client, args=("slow", "wide", 0.1)),
+        ]  # 625 batches: 62.5 s
         for t in threads:
             t.start()
         paused.wait(30)  # both streams are in flight
