@@ -356,10 +356,10 @@ class CountingStore:
         store.read_rows = self._count
         self.store = store
 
-    def _count(self, rows, layer=None, pool=None):
+    def _count(self, rows, key="X", pool=None, **options):
         self.reads += 1
         self.rows += len(rows)
-        return self._read(rows, layer, pool)
+        return self._read(rows, key, pool, **options)
 
 
 @pytest.fixture

@@ -98,6 +98,49 @@ def test_reads_through_the_cache_are_bit_exact(annbatch_collection):  # noqa: F8
     assert any(e.dtype == np.uint16 for e in cache._entries.values())
 
 
+def assert_same_values(got, want) -> None:
+    """``got`` holds ``want``'s rows, its ``indices`` and ``data`` perhaps narrower."""
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    for name in ("indices", "data"):
+        a, b = getattr(got, name), getattr(want, name)
+        np.testing.assert_array_equal(a.astype(b.dtype).view(np.uint8), b.view(np.uint8))
+
+
+def test_narrow_reads_come_back_as_the_cache_holds_them(annbatch_collection):  # noqa: F811
+    """What the compact encoding reads: uint16 straight from the narrowed chunks."""
+    path = annbatch_collection.path
+    plain, cache = open_store(path), ChunkCache(GB)
+    first = cached_store(path, cache, started=False)
+    rows = np.arange(0, first.n_obs, 7, dtype=np.int64)
+    assert_same_rows(first.read_rows(rows, narrow=True), plain.read_rows(rows))  # uncached
+    store = cached_store(path, cache)
+    for rows in row_sets(plain.n_obs):  # across the collection's three groups
+        got, want = store.read_rows(rows, narrow=True), plain.read_rows(rows)
+        assert (got.indices.dtype, got.data.dtype) == (np.uint16, np.uint16)
+        assert_same_values(got, want)
+
+
+def test_narrow_reads_of_chunks_that_do_not_narrow_are_as_stored(tmp_path, real_adata):
+    """log1p values stay float32; rows of both groups of a mixed collection widen."""
+    counts = real_adata("pbmc3k")[:400].copy()
+    counts.X = counts.X.astype(np.float32)
+    logged = real_adata("wu2020").copy()
+    logged.X = np.log1p(logged.X).astype(np.float32)
+    path = tmp_path / "mixed.zarr"
+    write_annbatch_collection(
+        path, [counts, logged], ["counts", "log1p"], dataset_size=400, shuffle=False
+    )
+    plain, store = open_store(path), cached_store(path, ChunkCache(GB))
+    for rows, dtype in [
+        (np.arange(0, 400, 3), np.uint16),  # counts only
+        (np.arange(400, plain.n_obs, 3), np.float32),  # log1p only
+        (np.arange(0, plain.n_obs, 3), np.float32),  # both: one dtype, the wider
+    ]:
+        got = store.read_rows(rows.astype(np.int64), narrow=True)
+        assert got.data.dtype == dtype
+        assert_same_values(got, plain.read_rows(rows.astype(np.int64)))
+
+
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, real_adata):
     """wu2020 written compressed by anndata in other layouts, with small chunks."""

@@ -113,9 +113,9 @@ def _serve_spied(path: Path, sock: Path) -> tuple[grpc.Server, list[str]]:
     store = open_store(path)
     read_rows, reads = store.read_rows, []
 
-    def spied(rows, key="X", pool=None):
+    def spied(rows, key="X", pool=None, **options):
         reads.append(key)
-        return read_rows(rows, key, pool)
+        return read_rows(rows, key, pool, **options)
 
     store.read_rows = spied
     server, _ = create_server({"n": store}, [f"unix:{sock}"])

@@ -49,11 +49,11 @@ def store():
     opened.reads = Counter()
     lock = threading.Lock()
 
-    def counting(rows, key="X", pool=None):
+    def counting(rows, key="X", pool=None, **options):
         if key == "X":
             with lock:
                 opened.reads[rows.tobytes()] += 1
-        return read_rows(rows, key, pool)
+        return read_rows(rows, key, pool, **options)
 
     opened.read_rows = counting
     return opened

@@ -10,12 +10,14 @@ import numpy as np
 import zarr
 
 from annserve.errors import StoreFormatError
+from annserve.server.io.cache import CachedRanges
 from annserve.server.io.chunkfiles import ChunkFileRanges
 from annserve.server.io.elements import array_at, attr_ints, is_array
 from annserve.server.io.mapped import RowIovecs
 from annserve.server.io.ranges import check_stored, range_reader, row_runs
 
 if TYPE_CHECKING:
+    from annserve.server.format import Empty
     from annserve.server.io.elements import ArrayNode, GroupNode
     from annserve.server.io.ranges import RangeReader
 
@@ -147,15 +149,40 @@ class CSRMatrix:
             Arrays to read ``indices`` and ``data`` into (their lengths :meth:`nnz`, the
             store's dtypes); its ``indptr`` is not used.
         """
-        starts, stops = self._indptr[rows], self._indptr[rows + 1]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(stops - starts, out=indptr[1:])
-        runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
+        indptr, runs = self._runs(rows)
         return CSRRows(
             indptr,
             self._indices.read(runs, None if out is None else out.indices),
             self._data.read(runs, None if out is None else out.data),
         )
+
+    def read_rows_narrow(self, rows: np.ndarray, empty: Empty = np.empty) -> CSRRows:
+        """Read rows as :meth:`read_rows`, ``indices`` and ``data`` uint16 where they are held so.
+
+        An array read through the decoded-chunk cache comes back uint16 when every
+        chunk the rows touch is cached narrowed
+        (:meth:`~annserve.server.io.cache.CachedRanges.read_narrow`): what the
+        ``compact`` encoding sends for counts and up to 65,536 genes, with no widening
+        in between. Other arrays come back in the store's dtypes.
+
+        Parameters
+        ----------
+        rows
+            Row indices, shape ``(n,)``, int64, strictly increasing.
+        empty
+            Allocates ``indices`` and ``data``, ``empty(shape, dtype)``.
+        """
+        indptr, runs = self._runs(rows)
+        indices = _read_narrow(self._indices, runs, self.index_dtype, empty)
+        return CSRRows(indptr, indices, _read_narrow(self._data, runs, self.dtype, empty))
+
+    def _runs(self, rows: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Return the rows' indptr, from 0, and the element ranges of their runs."""
+        starts, stops = self._indptr[rows], self._indptr[rows + 1]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(stops - starts, out=indptr[1:])
+        runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
+        return indptr, runs
 
     def locate_rows(self, rows: np.ndarray) -> LocatedCSR | None:
         """Locate rows in the mapped files of ``indices`` and ``data`` instead of reading them.
@@ -272,3 +299,12 @@ def open_matrix(elem: GroupNode | ArrayNode, where: str) -> CSRMatrix | DenseMat
         "(convert CSC to CSR first)"
     )
     raise StoreFormatError(msg)
+
+
+def _read_narrow(
+    reader: RangeReader, runs: list[tuple[int, int]], dtype: np.dtype, empty: Empty
+) -> np.ndarray:
+    """Read ``runs`` of a 1-d array of ``dtype`` as its cache holds them (uint16 where it can)."""
+    if isinstance(reader, CachedRanges):
+        return reader.read_narrow(runs, empty)
+    return reader.read(runs, empty((sum(b - a for a, b in runs),), dtype))

@@ -242,7 +242,12 @@ class Store:
         return sum(g.matrices[key].nbytes for g in self._groups) / max(1, self.n_obs)
 
     def read_rows(
-        self, rows: np.ndarray, key: str = "X", pool: BufferPool | None = None
+        self,
+        rows: np.ndarray,
+        key: str = "X",
+        pool: BufferPool | None = None,
+        *,
+        narrow: bool = False,
     ) -> CSRRows | DenseRows:
         """Read rows of a matrix.
 
@@ -256,15 +261,26 @@ class Store:
         pool
             Where the large arrays come from; a stream passes its own so that each
             preload buffer reuses the memory of one it has finished with.
+        narrow
+            CSR ``indices`` and ``data`` may come back uint16 where the decoded-chunk
+            cache holds them so (:meth:`CSRMatrix.read_rows_narrow`), for a consumer
+            that sends them so (the ``compact`` encoding). Dense matrices, and X and
+            layers of groups with different genes, are read as stored.
 
         Returns
         -------
         The rows in the given order, CSR or dense as stored.
         """
+        empty = pool.empty if pool is not None else np.empty
         if self._gene_maps is not None and _in_gene_space(key):
             bounds = np.searchsorted(rows, self.group_offsets)
-            return self._read_union(rows, key, bounds, pool.empty if pool else np.empty)
-        return _read_pieces(self._pieces(rows, key), pool.empty if pool is not None else np.empty)
+            return self._read_union(rows, key, bounds, empty)
+        pieces = self._pieces(rows, key)
+        sparse = [(m, r) for m, r in pieces if isinstance(m, CSRMatrix)]
+        if narrow and len(sparse) == len(pieces):
+            parts = [m.read_rows_narrow(r, empty) for m, r in sparse]
+            return parts[0] if len(parts) == 1 else _concat_csr(parts, empty)
+        return _read_pieces(pieces, empty)
 
     def locate_rows(self, rows: np.ndarray, key: str = "X") -> LocatedCSR | None:
         """Locate rows of a CSR matrix in the store's mapped files instead of reading them.
@@ -388,7 +404,7 @@ def _read_csr(
 ) -> CSRRows:
     first = pieces[0][0]
     if any(m.dtype != first.dtype or m.index_dtype != first.index_dtype for m, _ in pieces):
-        return _concat_csr([m.read_rows(r) for m, r in pieces])
+        return _concat_csr([m.read_rows(r) for m, r in pieces], empty)
     sizes = [m.nnz(r) for m, r in pieces]
     indices = empty((sum(sizes),), first.index_dtype)
     data = empty((sum(sizes),), first.dtype)
@@ -402,14 +418,20 @@ def _read_csr(
     return CSRRows(np.concatenate(indptrs), indices, data)
 
 
-def _concat_csr(parts: list[CSRRows]) -> CSRRows:
+def _concat_csr(parts: list[CSRRows], empty: Callable[..., np.ndarray] = np.empty) -> CSRRows:
+    """Concatenate CSR rows into arrays from ``empty``, of the parts' common dtypes."""
     nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]], dtype=np.int64)
     indptr = np.concatenate(
         [np.zeros(1, np.int64)] + [p.indptr[1:] + n for p, n in zip(parts, nnz, strict=True)]
     )
     return CSRRows(
-        indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.data for p in parts])
+        indptr, _joined([p.indices for p in parts], empty), _joined([p.data for p in parts], empty)
     )
+
+
+def _joined(arrays: list[np.ndarray], empty: Callable[..., np.ndarray]) -> np.ndarray:
+    out = empty((sum(len(a) for a in arrays),), np.result_type(*arrays))
+    return np.concatenate(arrays, out=out)
 
 
 def _read_annotations(root: GroupNode, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,13 +19,11 @@ from annserve.v1 import annserve_pb2 as pb
 from annserve.wire import FrameArray, Iovecs, Pieces
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
+    from annserve.server.format import Empty
     from annserve.server.io.mapped import RowIovecs
     from annserve.server.io.obs import ObsColumnData
-
-    #: Allocates an uninitialised array, ``empty(shape, dtype)``, like :func:`numpy.empty`.
-    Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
 def compact_values(values: np.ndarray, empty: Empty = np.empty) -> np.ndarray:

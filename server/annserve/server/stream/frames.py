@@ -340,7 +340,10 @@ def _read_rows(
     unique_rows, positions = _distinct(rows)
     started = time.perf_counter()
     located = store.locate_rows(unique_rows, plan.matrix) if plan.mapped else None
-    block = store.read_rows(unique_rows, plan.matrix, pool) if located is None else None
+    compact = plan.encoding == pb.ENCODING_COMPACT  # it narrows anyway: no widening first
+    block = (
+        store.read_rows(unique_rows, plan.matrix, pool, narrow=compact) if located is None else None
+    )
     obsm = {k: raw_rows(store.read_rows(unique_rows, k)) for k in plan.obsm}
     if on_read is not None:
         on_read(time.perf_counter() - started)
