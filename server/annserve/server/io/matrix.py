@@ -31,9 +31,10 @@ class CSRRows:
     indptr
         Row offsets into ``indices``/``data``, shape ``(n_rows + 1,)``, int64, starting at 0.
     indices
-        Column (gene) index of each non-zero, shape ``(nnz,)``, the store's integer dtype.
+        Column (gene) index of each non-zero, shape ``(nnz,)``, the store's integer dtype
+        (or uint16 from :meth:`CSRMatrix.read_rows_narrow`).
     data
-        Value of each non-zero, shape ``(nnz,)``, the store's dtype.
+        Value of each non-zero, shape ``(nnz,)``, the store's dtype (or uint16, likewise).
     """
 
     indptr: np.ndarray
