@@ -7,6 +7,7 @@ codec pipeline as the daemon reads them.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import subprocess
@@ -139,6 +140,57 @@ def test_narrow_reads_of_chunks_that_do_not_narrow_are_as_stored(tmp_path, real_
         got = store.read_rows(rows.astype(np.int64), narrow=True)
         assert got.data.dtype == dtype
         assert_same_values(got, plain.read_rows(rows.astype(np.int64)))
+
+
+def gathered(located) -> tuple[np.ndarray, np.ndarray]:
+    """The indices and values a kernel gather of ``located`` (a LocatedCSR) would write."""
+
+    def join(iovecs, dtype):
+        raw = b"".join(ctypes.string_at(int(a), int(n)) for a, n in iovecs.iov)
+        return np.frombuffer(raw, dtype)
+
+    return join(located.indices, located.index_dtype), join(located.data, located.dtype)
+
+
+def test_rows_are_located_in_the_cache_for_the_kernel_to_gather(annbatch_collection):  # noqa: F811
+    """Same-host compact frames gather from the cached chunks: no copy into a buffer."""
+    path = annbatch_collection.path
+    plain, cache = open_store(path), ChunkCache(GB)
+    first = cached_store(path, cache, started=False)
+    rows = np.arange(0, first.n_obs, 5, dtype=np.int64)
+    assert first.locate_rows(rows, narrow=True) is None  # the first read goes uncached
+    first.read_rows(rows)
+    assert cache.stats().entries == 0  # and locating did not take its turn
+    store = cached_store(path, cache)
+    for rows in row_sets(plain.n_obs):
+        located, want = store.locate_rows(rows, narrow=True), plain.read_rows(rows)
+        assert (located.index_dtype, located.dtype) == (np.uint16, np.uint16)
+        np.testing.assert_array_equal(located.lengths, np.diff(want.indptr))
+        indices, data = gathered(located)
+        np.testing.assert_array_equal(indices, want.indices)
+        np.testing.assert_array_equal(
+            data.astype(np.float32).view(np.uint8), want.data.view(np.uint8)
+        )
+    # the values are held narrowed: not the stored float32 a raw stream sends
+    assert store.locate_rows(rows) is None
+
+
+def test_rows_in_chunks_of_different_dtypes_are_not_located(tmp_path, real_adata):
+    counts = real_adata("pbmc3k")[:400].copy()
+    counts.X = counts.X.astype(np.float32)
+    logged = real_adata("wu2020").copy()
+    logged.X = np.log1p(logged.X).astype(np.float32)
+    path = tmp_path / "mixed.zarr"
+    write_annbatch_collection(
+        path, [counts, logged], ["counts", "log1p"], dataset_size=400, shuffle=False
+    )
+    plain, store = open_store(path), cached_store(path, ChunkCache(GB))
+    assert store.locate_rows(np.arange(0, plain.n_obs, 3, dtype=np.int64), narrow=True) is None
+    rows = np.arange(400, plain.n_obs, 3, dtype=np.int64)  # log1p: held as stored
+    located = store.locate_rows(rows, narrow=True)
+    assert located.dtype == np.float32
+    _, data = gathered(located)
+    np.testing.assert_array_equal(data.view(np.uint8), plain.read_rows(rows).data.view(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,10 @@ from annserve.errors import (
 )
 from annserve.server import create_server, open_store
 from annserve.server.convert import convert
+from annserve.server.io.cache import ChunkCache, caching
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
+from collection_stores import annbatch_collection  # noqa: F401
 from conftest import real_path, stop_now
 from ops_support import Daemon
 from transport_support import (
@@ -108,9 +110,12 @@ def narrow_pbmc3k(tmp_path_factory, request):
     return path
 
 
-def _serve_spied(path: Path, sock: Path) -> tuple[grpc.Server, list[str]]:
+def _serve_spied(
+    path: Path, sock: Path, cache: ChunkCache | None = None
+) -> tuple[grpc.Server, list[str]]:
     """Serve one store on ``sock``; return the server and the matrices read into buffers."""
-    store = open_store(path)
+    with caching(cache):
+        store = open_store(path)
     read_rows, reads = store.read_rows, []
 
     def spied(rows, key="X", pool=None, **options):
@@ -139,6 +144,32 @@ def test_rows_gathered_from_the_store_files_are_bit_exact(tmp_path, narrow_pbmc3
             reads.clear()
             got = epoch(shm_loader)
             assert reads == []  # X stayed in the store's files: the kernel gathered each frame
+            same_batches(expected, got)
+            rows = np.concatenate([b["index"].numpy() for b in got])
+            np.testing.assert_array_equal(np.sort(rows), np.arange(shm_loader.n_obs))
+    finally:
+        stop_now(server)
+
+
+@pytest.mark.parametrize("encoding", ["compact", "raw"])
+def test_rows_gathered_from_the_chunk_cache_are_bit_exact(tmp_path, annbatch_collection, encoding):  # noqa: F811
+    """annbatch's LZ4 collection, cached: compact frames gather from the cached chunks."""
+    sock = tmp_path / "s.sock"
+    server, reads = _serve_spied(annbatch_collection.path, sock, ChunkCache(10**9))
+    kw = dict(store="n", batch_size=300, seed=3, return_index=True)
+    try:
+        grpc_loader, shm_loader = (
+            RemoteLoader(
+                f"unix:{sock}", **kw, connection=Connection(transport=t, encoding=encoding)
+            )
+            for t in ("grpc", "shm")
+        )
+        for _ in range(2):
+            expected = epoch(grpc_loader)  # its first read is the store's first: uncached
+            reads.clear()
+            got = epoch(shm_loader)
+            # compact: uint16 chunks, sent as they are held; raw: float32, so read and widened
+            assert (reads == []) == (encoding == "compact")
             same_batches(expected, got)
             rows = np.concatenate([b["index"].numpy() for b in got])
             np.testing.assert_array_equal(np.sort(rows), np.arange(shm_loader.n_obs))

@@ -108,6 +108,43 @@ class RowIovecs:
         return RowIovecs(iov, offsets, tuple(o for p in parts for o in p.owners))
 
 
+def split_at_chunks(
+    starts: np.ndarray, stops: np.ndarray, chunk: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut element ranges ``[starts[i], stops[i])`` where chunks of ``chunk`` elements end.
+
+    Returns
+    -------
+    offsets
+        Shape ``(n + 1,)``, int64: range ``i``'s pieces are ``offsets[i]:offsets[i + 1]``.
+    k
+        Each piece's chunk number, int64.
+    begin, end
+        Each piece's elements within its chunk, ``[begin, end)``, int64.
+    """
+    c = chunk
+    count = np.where(stops > starts, (stops - 1) // c - starts // c + 1, 0)
+    offsets = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(count, out=offsets[1:])
+    row = np.repeat(np.arange(len(starts)), count)
+    k = starts[row] // c + (np.arange(offsets[-1]) - offsets[row])
+    begin = np.maximum(starts[row], k * c) - k * c
+    end = np.minimum(stops[row], (k + 1) * c) - k * c
+    return offsets, k, begin, end
+
+
+def iovec_array(bases: np.ndarray, begin: np.ndarray, end: np.ndarray, size: int) -> np.ndarray:
+    """Return ``struct iovec`` rows, shape ``(n, 2)``, uint64, for pieces of chunks.
+
+    ``bases`` is each piece's chunk address (uint64), ``[begin, end)`` its elements
+    there, ``size`` the bytes of one element.
+    """
+    iov = np.empty((len(bases), 2), np.uint64)
+    iov[:, 0] = bases + (begin * size).astype(np.uint64)
+    iov[:, 1] = ((end - begin) * size).astype(np.uint64)
+    return iov
+
+
 class _Mapping:
     """One file mapped read-only; unmapped once nothing uses it (its descriptor is closed)."""
 
@@ -177,14 +214,8 @@ class MappedArray:
             If a chunk the rows use is absent from the store, or its file cannot be
             opened or is shorter than the chunk (truncated).
         """
-        c, size = self._chunks.chunk, self.dtype.itemsize
-        count = np.where(stops > starts, (stops - 1) // c - starts // c + 1, 0)
-        offsets = np.zeros(len(starts) + 1, np.int64)
-        np.cumsum(count, out=offsets[1:])
-        row = np.repeat(np.arange(len(starts)), count)
-        k = starts[row] // c + (np.arange(offsets[-1]) - offsets[row])
-        begin = np.maximum(starts[row], k * c) - k * c  # elements, from the chunk's first
-        end = np.minimum(stops[row], (k + 1) * c) - k * c
+        size = self.dtype.itemsize
+        offsets, k, begin, end = split_at_chunks(starts, stops, self._chunks.chunk)
         with self._lock:
             self._learn(k)
             files, bases = self._file_of[k], self._base[k]
@@ -195,9 +226,7 @@ class MappedArray:
         addresses = np.zeros(len(self._paths), np.uint64)
         for f, mapping in maps.items():
             addresses[f] = mapping.address
-        iov = np.empty((len(k), 2), np.uint64)
-        iov[:, 0] = addresses[files] + (bases + begin * size).astype(np.uint64)
-        iov[:, 1] = ((end - begin) * size).astype(np.uint64)
+        iov = iovec_array(addresses[files] + bases.astype(np.uint64), begin, end, size)
         return RowIovecs(iov, offsets, tuple(maps.values()))
 
     def _learn(self, k: np.ndarray) -> None:

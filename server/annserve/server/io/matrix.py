@@ -185,35 +185,37 @@ class CSRMatrix:
         runs = [(int(self._indptr[a]), int(self._indptr[b])) for a, b in row_runs(rows)]
         return indptr, runs
 
-    def locate_rows(self, rows: np.ndarray) -> LocatedCSR | None:
-        """Locate rows in the mapped files of ``indices`` and ``data`` instead of reading them.
+    def locate_rows(self, rows: np.ndarray, narrow: bool = False) -> LocatedCSR | None:
+        """Locate rows in the memory ``indices`` and ``data`` lie in instead of reading them.
 
         Parameters
         ----------
         rows
             Row indices, shape ``(n,)``, int64, strictly increasing.
+        narrow
+            Chunks the decoded-chunk cache holds as uint16 may be located so (the
+            ``compact`` encoding's dtypes for counts and up to 65,536 genes).
 
         Returns
         -------
         The rows, in order; None unless both arrays are read straight from their
-        files (uncompressed, local: :class:`~annserve.server.io.chunkfiles.ChunkFileRanges`).
+        files (uncompressed, local: :class:`~annserve.server.io.chunkfiles.ChunkFileRanges`)
+        or lie in the decoded-chunk cache in one dtype each, the stored one unless
+        ``narrow`` (:meth:`~annserve.server.io.cache.CachedRanges.iovecs`; not before an
+        array's first read).
 
         Raises
         ------
         DataLossError
-            If a chunk the rows use is absent, or its file is truncated or cannot be opened.
+            If a chunk the rows use is absent, or its file is truncated or cannot be
+            opened, or a chunk to cache cannot be decoded.
         """
-        indices, data = self._indices, self._data
-        if not (isinstance(indices, ChunkFileRanges) and isinstance(data, ChunkFileRanges)):
-            return None
         starts, stops = self._indptr[rows], self._indptr[rows + 1]
-        return LocatedCSR(
-            stops - starts,
-            indices.mapped().iovecs(starts, stops),
-            data.mapped().iovecs(starts, stops),
-            self.index_dtype,
-            self.dtype,
-        )
+        indices = _locate(self._indices, self.index_dtype, starts, stops, narrow)
+        data = _locate(self._data, self.dtype, starts, stops, narrow) if indices else None
+        if indices is None or data is None:
+            return None
+        return LocatedCSR(stops - starts, indices[0], data[0], indices[1], data[1])
 
 
 class DenseMatrix:
@@ -309,3 +311,14 @@ def _read_narrow(
     if isinstance(reader, CachedRanges):
         return reader.read_narrow(runs, empty)
     return reader.read(runs, empty((sum(b - a for a, b in runs),), dtype))
+
+
+def _locate(
+    reader: RangeReader, dtype: np.dtype, starts: np.ndarray, stops: np.ndarray, narrow: bool
+) -> tuple[RowIovecs, np.dtype] | None:
+    """Where elements ``[starts[i], stops[i])`` of a 1-d array lie, and their dtype; or None."""
+    if isinstance(reader, ChunkFileRanges):
+        return reader.mapped().iovecs(starts, stops), dtype
+    if isinstance(reader, CachedRanges):
+        return reader.iovecs(starts, stops, narrow)
+    return None

@@ -282,20 +282,23 @@ class Store:
             return parts[0] if len(parts) == 1 else _concat_csr(parts, empty)
         return _read_pieces(pieces, empty)
 
-    def locate_rows(self, rows: np.ndarray, key: str = "X") -> LocatedCSR | None:
-        """Locate rows of a CSR matrix in the store's mapped files instead of reading them.
+    def locate_rows(
+        self, rows: np.ndarray, key: str = "X", *, narrow: bool = False
+    ) -> LocatedCSR | None:
+        """Locate rows of a CSR matrix in the store's mapped files or the decoded-chunk cache.
 
         Parameters
         ----------
-        rows, key
+        rows, key, narrow
             As for :meth:`read_rows`.
 
         Returns
         -------
-        The rows in the given order, as stored (:meth:`CSRMatrix.locate_rows`); None
-        where they must be read: a dense matrix, arrays read through zarr or h5py
-        (compressed, remote), groups of different dtypes, or X and layers of groups
-        with different genes (renumbered into the union's columns).
+        The rows in the given order, as stored, or uint16 where ``narrow`` allows
+        (:meth:`CSRMatrix.locate_rows`); None where they must be read: a dense
+        matrix, arrays read through zarr or h5py without the cache (or before their
+        first read), groups of different dtypes, or X and layers of groups with
+        different genes (renumbered into the union's columns).
 
         Raises
         ------
@@ -306,7 +309,7 @@ class Store:
             return None
         parts = []
         for matrix, local in self._pieces(rows, key):
-            located = matrix.locate_rows(local) if isinstance(matrix, CSRMatrix) else None
+            located = matrix.locate_rows(local, narrow) if isinstance(matrix, CSRMatrix) else None
             if located is None:
                 return None
             parts.append(located)

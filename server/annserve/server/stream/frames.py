@@ -339,8 +339,8 @@ def _read_rows(
     """Read and prepare one piece of a preload buffer; see :func:`_read_ahead`."""
     unique_rows, positions = _distinct(rows)
     started = time.perf_counter()
-    located = store.locate_rows(unique_rows, plan.matrix) if plan.mapped else None
     compact = plan.encoding == pb.ENCODING_COMPACT  # it narrows anyway: no widening first
+    located = store.locate_rows(unique_rows, plan.matrix, narrow=compact) if plan.mapped else None
     block = (
         store.read_rows(unique_rows, plan.matrix, pool, narrow=compact) if located is None else None
     )
@@ -363,7 +363,9 @@ def stays_mapped(store: Store, plan: StreamPlan, *, remote: bool = False) -> boo
     encoding sends unconverted over the stream's link, ``remote`` for the bulk channel
     (:func:`~annserve.server.stream.encode.sent_as_stored`).
     Where the store's arrays must be read through zarr or h5py,
-    :meth:`~annserve.server.io.store.Store.locate_rows` still says no, buffer by buffer.
+    :meth:`~annserve.server.io.store.Store.locate_rows` still says no, buffer by buffer,
+    unless their chunks lie in the decoded-chunk cache (compact streams take them as
+    uint16 there).
     """
     spec = store.matrices[plan.matrix]
     return (
