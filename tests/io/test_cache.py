@@ -121,17 +121,23 @@ def test_narrow_reads_come_back_as_the_cache_holds_them(annbatch_collection):  #
         assert_same_values(got, want)
 
 
-def test_narrow_reads_of_chunks_that_do_not_narrow_are_as_stored(tmp_path, real_adata):
-    """log1p values stay float32; rows of both groups of a mixed collection widen."""
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, real_adata):
+    """A collection of 400 pbmc3k cells (counts) then wu2020 as log1p (float32 fractions)."""
     counts = real_adata("pbmc3k")[:400].copy()
     counts.X = counts.X.astype(np.float32)
     logged = real_adata("wu2020").copy()
     logged.X = np.log1p(logged.X).astype(np.float32)
-    path = tmp_path / "mixed.zarr"
+    path = tmp_path_factory.mktemp("mixed") / "mixed.zarr"
     write_annbatch_collection(
         path, [counts, logged], ["counts", "log1p"], dataset_size=400, shuffle=False
     )
-    plain, store = open_store(path), cached_store(path, ChunkCache(GB))
+    return path
+
+
+def test_narrow_reads_of_chunks_that_do_not_narrow_are_as_stored(mixed):
+    """log1p values stay float32; rows of both groups of a mixed collection widen."""
+    plain, store = open_store(mixed), cached_store(mixed, ChunkCache(GB))
     for rows, dtype in [
         (np.arange(0, 400, 3), np.uint16),  # counts only
         (np.arange(400, plain.n_obs, 3), np.float32),  # log1p only
@@ -175,16 +181,8 @@ def test_rows_are_located_in_the_cache_for_the_kernel_to_gather(annbatch_collect
     assert store.locate_rows(rows) is None
 
 
-def test_rows_in_chunks_of_different_dtypes_are_not_located(tmp_path, real_adata):
-    counts = real_adata("pbmc3k")[:400].copy()
-    counts.X = counts.X.astype(np.float32)
-    logged = real_adata("wu2020").copy()
-    logged.X = np.log1p(logged.X).astype(np.float32)
-    path = tmp_path / "mixed.zarr"
-    write_annbatch_collection(
-        path, [counts, logged], ["counts", "log1p"], dataset_size=400, shuffle=False
-    )
-    plain, store = open_store(path), cached_store(path, ChunkCache(GB))
+def test_rows_in_chunks_of_different_dtypes_are_not_located(mixed):
+    plain, store = open_store(mixed), cached_store(mixed, ChunkCache(GB))
     assert store.locate_rows(np.arange(0, plain.n_obs, 3, dtype=np.int64), narrow=True) is None
     rows = np.arange(400, plain.n_obs, 3, dtype=np.int64)  # log1p: held as stored
     located = store.locate_rows(rows, narrow=True)
