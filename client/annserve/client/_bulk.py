@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import queue
 import socket
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -144,7 +145,11 @@ class BulkConnection:
         self._closed.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self._reader.join(_CLOSE_TIMEOUT_S)  # shutdown woke its recv; a full queue is polled
+        # shutdown woke its recv; a full queue is polled. Not while the interpreter
+        # finalizes (a loop's generator closed as its module is cleared): daemon threads
+        # run no more then, so the join could only wait out its timeout
+        if not sys.is_finalizing():
+            self._reader.join(_CLOSE_TIMEOUT_S)
         self._sock.close()
 
     def _next_record(self) -> memoryview:
