@@ -257,6 +257,36 @@ def test_the_first_read_of_an_array_decodes_only_what_it_needs(annbatch_collecti
     assert cache.stats().entries == 2
 
 
+class _InMemory:
+    """A range reader of an in-memory 1-d array (here: of a byte order zarr may store)."""
+
+    def __init__(self, values) -> None:
+        self.values = values
+
+    def read(self, ranges, out=None):
+        parts = [self.values[a:b] for a, b in ranges]
+        return np.concatenate(parts, out=out) if parts else out
+
+
+@pytest.mark.parametrize(
+    ("values", "located"), [(np.arange(600.0), True), (np.arange(600) / 7, False)]
+)
+def test_big_endian_chunks_are_located_only_once_narrowed(values, located):
+    """Frames carry little-endian bytes: big-endian fractions are read, not gathered."""
+    stored = values.astype(">f4")
+    cached = CachedRanges(_InMemory(stored), ChunkCache(GB), 100, len(stored), stored.dtype)
+    cached.read([(0, 1)])  # the first read, uncached
+    starts, stops = np.array([5, 150], np.int64), np.array([120, 460], np.int64)
+    got = cached.iovecs(starts, stops, narrow=True)
+    assert (got is not None) == located
+    if got is not None:
+        iovecs, dtype = got
+        raw = b"".join(ctypes.string_at(int(a), int(n)) for a, n in iovecs.iov)
+        want = np.concatenate([stored[5:120], stored[150:460]])
+        np.testing.assert_array_equal(np.frombuffer(raw, dtype), want)
+        assert dtype == np.uint16
+
+
 def test_second_reads_hit_the_cache(annbatch_collection):  # noqa: F811
     cache = ChunkCache(GB)
     store = cached_store(annbatch_collection.path, cache)

@@ -433,8 +433,8 @@ class CachedRanges:
         -------
         The rows' ranges (their owners: the chunks, kept alive while it lives) and the
         dtype they hold; None before the first read has been served (see the
-        module's notes), and where the chunks hold different dtypes, or a narrowed
-        dtype without ``narrow``: the caller reads the rows instead.
+        module's notes), and where the chunks hold different dtypes, a narrowed
+        dtype without ``narrow``, or big-endian values: the caller reads the rows instead.
 
         Raises
         ------
@@ -449,8 +449,8 @@ class CachedRanges:
         held = [found[j] for j in wanted.tolist()]
         dtypes = {v.dtype for v in held}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
-        if dtype is None or (dtype != self._dtype and not narrow):
-            return None
+        if dtype is None or (dtype != self._dtype and not narrow) or dtype.byteorder == ">":
+            return None  # frames carry little-endian bytes: a big-endian chunk is read
         bases = np.array([v.ctypes.data for v in held], np.uint64)
         iov = iovec_array(bases[np.searchsorted(wanted, k)], begin, end, dtype.itemsize)
         return RowIovecs(iov, offsets, tuple(held)), dtype
