@@ -370,13 +370,9 @@ class CachedRanges:
         DataLossError
             If a chunk not yet cached cannot be read or decoded (as ``reader`` raises it).
         """
-        ranges = [(a, b) for a, b in ranges if b > a]
         if out is None:
-            out = np.empty(sum(b - a for a, b in ranges), self._dtype)
-        found = self._chunks(ranges) if ranges else None
-        if found is None:
-            return self._reader.read(ranges, out) if ranges else out
-        return self._copy(ranges, found, out)
+            return self._serve(ranges, np.empty, narrow=False)
+        return self._serve(ranges, lambda _shape, _dtype: out, narrow=False)
 
     def read_narrow(self, ranges: Sequence[tuple[int, int]], empty: Empty = np.empty) -> np.ndarray:
         """Return the ranges concatenated, as the cache holds them: uint16 where it can.
@@ -403,14 +399,24 @@ class CachedRanges:
         DataLossError
             As :meth:`read`.
         """
+        return self._serve(ranges, empty, narrow=True)
+
+    def _serve(
+        self, ranges: Sequence[tuple[int, int]], empty: Empty, *, narrow: bool
+    ) -> np.ndarray:
+        """Serve a read into ``empty((n,), dtype)`` (:meth:`read`, :meth:`read_narrow`).
+
+        ``dtype`` is uint16 if ``narrow`` and every chunk the ranges touch is held so,
+        else the array's; the first read goes to the reader, uncached.
+        """
         ranges = [(a, b) for a, b in ranges if b > a]
         n = sum(b - a for a, b in ranges)
         found = self._chunks(ranges) if ranges else None
         if found is None:
             out = empty((n,), self._dtype)
             return self._reader.read(ranges, out) if ranges else out
-        narrow = all(v.dtype == NARROW for v in found.values())
-        return self._copy(ranges, found, empty((n,), NARROW if narrow else self._dtype))
+        held = narrow and all(v.dtype == NARROW for v in found.values())
+        return self._copy(ranges, found, empty((n,), NARROW if held else self._dtype))
 
     def iovecs(
         self, starts: np.ndarray, stops: np.ndarray, narrow: bool = False
@@ -445,8 +451,9 @@ class CachedRanges:
             return None
         offsets, k, begin, end = split_at_chunks(starts, stops, self._chunk)
         wanted = np.unique(k)
-        found = self._found(wanted.tolist())
-        held = [found[j] for j in wanted.tolist()]
+        chunks = wanted.tolist()
+        found = self._found(chunks)
+        held = [found[j] for j in chunks]
         dtypes = {v.dtype for v in held}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
         if dtype is None or (dtype != self._dtype and not narrow) or dtype.byteorder == ">":

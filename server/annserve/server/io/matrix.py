@@ -211,8 +211,9 @@ class CSRMatrix:
             opened, or a chunk to cache cannot be decoded.
         """
         starts, stops = self._indptr[rows], self._indptr[rows + 1]
-        indices = _locate(self._indices, self.index_dtype, starts, stops, narrow)
-        data = _locate(self._data, self.dtype, starts, stops, narrow) if indices else None
+        # values first: they are what the cache narrows, so what most often says no
+        data = _locate(self._data, self.dtype, starts, stops, narrow)
+        indices = _locate(self._indices, self.index_dtype, starts, stops, narrow) if data else None
         if indices is None or data is None:
             return None
         return LocatedCSR(stops - starts, indices[0], data[0], indices[1], data[1])

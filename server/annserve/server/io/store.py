@@ -276,9 +276,8 @@ class Store:
             bounds = np.searchsorted(rows, self.group_offsets)
             return self._read_union(rows, key, bounds, empty)
         pieces = self._pieces(rows, key)
-        sparse = [(m, r) for m, r in pieces if isinstance(m, CSRMatrix)]
-        if narrow and len(sparse) == len(pieces):
-            parts = [m.read_rows_narrow(r, empty) for m, r in sparse]
+        if narrow and all(isinstance(m, CSRMatrix) for m, _ in pieces):
+            parts = [m.read_rows_narrow(r, empty) for m, r in pieces if isinstance(m, CSRMatrix)]
             return parts[0] if len(parts) == 1 else _concat_csr(parts, empty)
         return _read_pieces(pieces, empty)
 
@@ -421,7 +420,7 @@ def _read_csr(
     return CSRRows(np.concatenate(indptrs), indices, data)
 
 
-def _concat_csr(parts: list[CSRRows], empty: Callable[..., np.ndarray] = np.empty) -> CSRRows:
+def _concat_csr(parts: list[CSRRows], empty: Callable[..., np.ndarray]) -> CSRRows:
     """Concatenate CSR rows into arrays from ``empty``, of the parts' common dtypes."""
     nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]], dtype=np.int64)
     indptr = np.concatenate(
