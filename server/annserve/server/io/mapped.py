@@ -113,6 +113,13 @@ def split_at_chunks(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cut element ranges ``[starts[i], stops[i])`` where chunks of ``chunk`` elements end.
 
+    Parameters
+    ----------
+    starts, stops
+        Shape ``(n,)``, int64, element positions in a 1-d array; ``stops >= starts``.
+    chunk
+        Elements per chunk.
+
     Returns
     -------
     offsets
@@ -134,10 +141,20 @@ def split_at_chunks(
 
 
 def iovec_array(bases: np.ndarray, begin: np.ndarray, end: np.ndarray, size: int) -> np.ndarray:
-    """Return ``struct iovec`` rows, shape ``(n, 2)``, uint64, for pieces of chunks.
+    """Return ``struct iovec`` rows (address, length in bytes) for pieces of chunks.
 
-    ``bases`` is each piece's chunk address (uint64), ``[begin, end)`` its elements
-    there, ``size`` the bytes of one element.
+    Parameters
+    ----------
+    bases
+        Shape ``(n,)``, uint64: the address of each piece's chunk.
+    begin, end
+        Shape ``(n,)``, int64: each piece's elements within its chunk, ``[begin, end)``.
+    size
+        Bytes of one element.
+
+    Returns
+    -------
+    Shape ``(n, 2)``, uint64.
     """
     iov = np.empty((len(bases), 2), np.uint64)
     iov[:, 0] = bases + (begin * size).astype(np.uint64)
