@@ -6,7 +6,7 @@ import pytest
 from annserve.errors import FrameDecodeError
 from annserve.server.stream.encode import compact_values
 from annserve.v1 import annserve_pb2 as pb
-from annserve.wire import decode_frame, encode_frame
+from annserve.wire import ALIGN, decode_frame, encode_frame
 
 ARRAYS = [
     ("row_nnz", np.array([3, 0, 2], dtype=np.uint16)),
@@ -43,7 +43,41 @@ def test_frame_is_a_valid_protobuf_message():
 
 def test_arrays_are_aligned_in_payload():
     for spec in pb.BatchFrame.FromString(frame()).header.arrays:
-        assert spec.offset % 8 == 0
+        assert spec.offset % ALIGN == 0
+
+
+def aligned_copy(buf: bytes) -> np.ndarray:
+    """``buf`` copied to a writable buffer starting at an ALIGN-byte aligned address."""
+    room = np.empty(len(buf) + ALIGN, np.uint8)
+    start = -room.ctypes.data % ALIGN
+    out = room[start : start + len(buf)]
+    out[:] = np.frombuffer(buf, np.uint8)
+    return out
+
+
+@pytest.mark.parametrize("n_names", [0, 1, 2, 3, 5, 8, 13, 40])
+def test_arrays_of_a_frame_in_aligned_memory_are_aligned(n_names):
+    # the header's length varies with its obs_names; the padding field absorbs it
+    header = pb.BatchHeader(batch=1, batch_rows=3, n_rows=3, obs_names=["c"] * n_names)
+    raw = encode_frame(header, ARRAYS)
+    decoded = decode_frame(aligned_copy(raw).data)
+    for name, array in ARRAYS:
+        got = decoded.arrays[name]
+        assert got.ctypes.data % ALIGN == 0, name
+        assert got.flags.aligned
+        np.testing.assert_array_equal(got, array)
+    padding = pb.BatchFrame.FromString(raw).padding
+    assert padding == bytes(len(padding))
+
+
+def test_a_frame_without_padding_still_decodes():
+    # a daemon from before BatchFrame.padding: payload right after the header
+    header = pb.BatchHeader(batch=1, batch_rows=3, n_rows=3)
+    arrays = decode_frame(frame()).header.arrays
+    header.arrays.extend(arrays)
+    payload = bytes(pb.BatchFrame.FromString(frame()).payload)
+    old = pb.BatchFrame(header=header, payload=payload).SerializeToString()
+    np.testing.assert_array_equal(decode_frame(old).arrays["X"], ARRAYS[-1][1])
 
 
 def test_big_endian_input_is_sent_little_endian():

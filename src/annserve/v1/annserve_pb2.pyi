@@ -279,9 +279,11 @@ class BatchHeader(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., batch_rows: _Optional[int] = ..., row_start: _Optional[int] = ..., n_rows: _Optional[int] = ..., n_vars: _Optional[int] = ..., sparse: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., string_obs: _Optional[_Iterable[_Union[StringColumn, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., payload_nbytes: _Optional[int] = ..., obs_names: _Optional[_Iterable[str]] = ..., shm_slot: _Optional[int] = ..., shm_nbytes: _Optional[int] = ..., shm_seq: _Optional[int] = ..., shm_shared: _Optional[int] = ..., bulk_nbytes: _Optional[int] = ...) -> None: ...
 
 class BatchFrame(_message.Message):
-    __slots__ = ("header", "payload")
+    __slots__ = ("header", "payload", "padding")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     header: BatchHeader
     payload: bytes
-    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., payload: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
