@@ -12,11 +12,13 @@ Three stores of one atlas (see README.md), each named in every row:
 
 Rows: annbatch's ``Loader`` in-process on ``lz4`` and ``none``; ``RemoteLoader``
 same-host (unix socket, shared memory) and over TCP, on the gRPC stream and on the bulk
-channel, all compact, on each of the three stores; on ``lz4`` also each loader's
-second epoch (the daemon's decoded-chunk cache warm); the daemon's pipeline in-process
-(no gRPC) and the whole X in memory (the bound) on ``annserve``. Ratios compare a row
-only with annbatch on the same store and epoch (on ``annserve``'s store, with the
-in-memory bound).
+channel, all compact, on each of the three stores; on ``lz4`` and ``none`` also each
+loader's second epoch in one trainer process (on ``lz4`` the daemon's decoded-chunk cache
+warm; on both the trainer's buffers and connections made: a long run's steady state);
+the daemon's pipeline in-process (no gRPC) and the whole X in memory (the bound) on
+``annserve``. Ratios (of cells/s, and of trainer CPU per cell) compare a row only with
+annbatch on the same store and epoch (on ``annserve``'s store, with the in-memory
+bound).
 
 Every repetition runs in a fresh trainer process; rows are interleaved within each
 round (order rotated each round) so that machine noise hits all rows alike, and the
@@ -112,6 +114,10 @@ ROWS = (
     Row("shm-none", SHM, "remote", "none", "shm"),
     Row("tcp-none", TCP, "remote", "none", "tcp"),
     Row("bulk-none", BULK, "remote", "none", "bulk"),
+    Row("annbatch-none-e2", "annbatch Loader (in-process)", "annbatch", "none", epoch=2),
+    Row("shm-none-e2", SHM, "remote", "none", "shm", epoch=2),
+    Row("tcp-none-e2", TCP, "remote", "none", "tcp", epoch=2),
+    Row("bulk-none-e2", BULK, "remote", "none", "bulk", epoch=2),
     Row("shm-annserve", SHM, "remote", "annserve", "shm"),
     Row("tcp-annserve", TCP, "remote", "annserve", "tcp"),
     Row("bulk-annserve", BULK, "remote", "annserve", "bulk"),
@@ -423,6 +429,7 @@ HEADER = (
     "trainer peak RSS MiB",
     "daemon peak RSS MiB",
     "same-store ratio",
+    "trainer CPU ratio",
 )
 
 
@@ -435,11 +442,12 @@ def table_rows(results: list[RowResult]) -> list[tuple[str, ...]]:
             out.append((*head, r.unavailable or "no result", *[""] * (len(HEADER) - 4)))
             continue
         ref, ref_name = reference(r, results)
-        ratio = (
-            f"{r.rate() / ref.rate():.2f}× {ref_name}"
-            if ref is not None and ref.reps
-            else ("reference" if r.row.kind in ("annbatch", "scipy") else "–")
-        )
+        if ref is not None and ref.reps:
+            ratio = f"{r.rate() / ref.rate():.2f}× {ref_name}"
+            cpu_ratio = fmt(r.per_cell_us("cpu_s") / ref.per_cell_us("cpu_s"), ".2f") + "×"
+        else:
+            ratio = "reference" if r.row.kind in ("annbatch", "scipy") else "–"
+            cpu_ratio = ""
         out.append(
             (
                 *head,
@@ -450,6 +458,7 @@ def table_rows(results: list[RowResult]) -> list[tuple[str, ...]]:
                 fmt(r.peak("rss_peak_mb"), ",.0f"),
                 fmt(r.peak("server_peak_mb"), ",.0f"),
                 ratio,
+                cpu_ratio,
             )
         )
     return out
@@ -582,6 +591,14 @@ def write_chart(results: list[RowResult], path: Path, title: str) -> None:
                 bottom.bar(
                     x, daemon, bottom=trainer, color=colour, alpha=0.45, hatch="//", width=0.8
                 )
+            if ref is not None and ref.reps:
+                bottom.annotate(
+                    f"{trainer / ref.per_cell_us('cpu_s'):.2f}×",
+                    (x, trainer + (0.0 if math.isnan(daemon) else daemon)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
             x += 1
         ticks.append((start + x - 1) / 2)
         names.append(store + ("" if epoch == 1 else f"\nepoch {epoch}"))
@@ -593,6 +610,7 @@ def write_chart(results: list[RowResult], path: Path, title: str) -> None:
         fontsize=9,
     )
     bottom.set_ylabel("CPU µs per cell")
+    bottom.set_title("above bars: trainer CPU per cell × the same reference's", fontsize=9)
     bottom.set_xticks(ticks, names)
     legend = [
         Patch(color=_COLOURS["annbatch"], label="annbatch Loader (in-process)"),
