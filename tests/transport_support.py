@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from annserve.client import RemoteLoader
+    from annserve.server.io.store import Store
 
 #: Seconds any wait in these tests may take.
 BOUND_S = 30.0
@@ -77,3 +78,19 @@ def same_tensor(x: torch.Tensor, y: torch.Tensor) -> None:
     assert torch.equal(x.crow_indices().long(), y.crow_indices().long())
     assert torch.equal(x.col_indices().long(), y.col_indices().long())
     assert torch.equal(x.values(), y.values())
+
+
+def spy_reads(store: Store) -> list[str]:
+    """Record the matrix of every ``store.read_rows`` call (a read into a preload buffer).
+
+    Returns the list the keys (``"X"``, ``"obsm/<name>"``...) are appended to, call by
+    call; rows a stream takes where they lie (:meth:`Store.locate_rows`) add nothing.
+    """
+    read_rows, reads = store.read_rows, []
+
+    def spied(rows, key="X", pool=None, **options):
+        reads.append(key)
+        return read_rows(rows, key, pool, **options)
+
+    store.read_rows = spied  # type: ignore[method-assign]
+    return reads

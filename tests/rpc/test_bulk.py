@@ -25,9 +25,11 @@ from annserve.client._bulk import BulkConnection, bulk_host
 from annserve.errors import InvalidRequestError, ServerUnavailableError
 from annserve.server import open_store
 from annserve.server.convert import convert
+from annserve.server.io.cache import ChunkCache, caching
 from annserve.server.plan.limits import Limits
 from annserve.server.rpc.app import build_server
 from annserve.v1 import annserve_pb2 as pb
+from collection_stores import annbatch_collection, write_annbatch_collection  # noqa: F401
 from conftest import real_path, stop_now
 from ops_support import Daemon
 from transport_support import (
@@ -36,6 +38,7 @@ from transport_support import (
     epoch_rows,
     same_batches,
     sigkilled_client,
+    spy_reads,
     wait_until,
 )
 
@@ -105,6 +108,61 @@ def test_bit_exact_against_grpc_every_row_once(tcp_server, monkeypatch, store, e
         rows = np.concatenate([b["index"].numpy() for b in got])
         np.testing.assert_array_equal(np.sort(rows), np.arange(forced.n_obs))
     wait_until(lambda: tcp_server.service.open_streams() == 0, "streams end")
+
+
+@pytest.mark.parametrize("encoding", ["compact", "raw"])
+def test_rows_sent_from_the_chunk_cache_are_bit_exact(annbatch_collection, encoding):  # noqa: F811
+    """annbatch's LZ4 collection (float32 counts), cached: compact records gather from
+    the cached uint16 chunks; raw ones, and compact ones before the cache holds the
+    chunks, are read into preload buffers."""
+    with caching(ChunkCache(10**9)):
+        store = open_store(annbatch_collection.path)
+    reads = spy_reads(store)
+    server = build_server({"n": store}, ["127.0.0.1:0"])
+    kw = dict(store="n", batch_size=300, seed=3, return_index=True)
+    plain, forced = (
+        RemoteLoader(_address(server), **kw, connection=Connection(transport=t, encoding=encoding))
+        for t in ("grpc", "bulk")
+    )
+    try:
+        for n_epoch in range(2):
+            expected = epoch(plain)  # its first read is the store's first: uncached
+            reads.clear()
+            got = epoch(forced)
+            assert (reads == []) == (encoding == "compact"), n_epoch
+            same_batches(expected, got)
+            rows = np.concatenate([b["index"].numpy() for b in got])
+            np.testing.assert_array_equal(np.sort(rows), np.arange(forced.n_obs))
+    finally:
+        stop_now(server.server)
+
+
+def test_cached_values_that_do_not_narrow_are_sent_as_the_cache_holds_them(tmp_path, real_adata):
+    """Halved counts stay float32 in the cache, what compact sends them as: a remote
+    stream's records gather them from the cached chunks too, bit-exact."""
+    adata = real_adata("pbmc3k")[:600].copy()
+    adata.X = adata.X * np.float32(0.5)
+    path = tmp_path / "halved.zarr"
+    write_annbatch_collection(path, [adata], [str(real_path("pbmc3k"))], dataset_size=300)
+    with caching(ChunkCache(10**9)):
+        store = open_store(path)
+    reads = spy_reads(store)
+    server = build_server({"n": store}, ["127.0.0.1:0"])
+    kw = dict(store="n", batch_size=200, seed=1, return_index=True)
+    plain, forced = (
+        RemoteLoader(_address(server), **kw, connection=Connection(transport=t))
+        for t in ("grpc", "bulk")
+    )
+    try:
+        expected = epoch(plain)  # the store's first read: uncached, then cached as float32
+        reads.clear()
+        got = epoch(forced)
+        assert reads == []
+        assert got[0]["X"].values().dtype == torch.float32
+        assert not torch.equal(got[0]["X"].values(), got[0]["X"].values().round())  # halves
+        same_batches(expected, got)
+    finally:
+        stop_now(server.server)
 
 
 def test_auto_takes_the_bulk_channel_on_tcp(tcp_server, monkeypatch):

@@ -46,6 +46,7 @@ from transport_support import (
     epoch_rows,
     same_batches,
     sigkilled_client,
+    spy_reads,
     wait_until,
 )
 
@@ -116,13 +117,7 @@ def _serve_spied(
     """Serve one store on ``sock``; return the server and the matrices read into buffers."""
     with caching(cache):
         store = open_store(path)
-    read_rows, reads = store.read_rows, []
-
-    def spied(rows, key="X", pool=None, **options):
-        reads.append(key)
-        return read_rows(rows, key, pool, **options)
-
-    store.read_rows = spied
+    reads = spy_reads(store)
     server, _ = create_server({"n": store}, [f"unix:{sock}"])
     return server, reads
 

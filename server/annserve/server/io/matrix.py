@@ -54,9 +54,11 @@ class LocatedCSR:
     lengths
         Non-zeros of each row, shape ``(n_rows,)``, int64.
     indices, data
-        Where each row's column indices and values lie (the store's dtypes).
+        Where each row's column indices and values lie: in the store's mapped files,
+        or in the decoded-chunk cache.
     index_dtype, dtype
-        The stored dtypes of ``indices`` and ``data``.
+        The dtypes of ``indices`` and ``data`` where they lie: the stored ones, or
+        uint16 where the cache holds them narrowed.
     """
 
     lengths: np.ndarray
@@ -134,6 +136,11 @@ class CSRMatrix:
         check_stored(indices, nnz, f"{where}/indices")
         self._indices = range_reader(indices, f"{where}/indices", complete=True)
         self._data = range_reader(data, f"{where}/data", complete=True)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the values are read through the decoded-chunk cache (compressed arrays)."""
+        return isinstance(self._data, CachedRanges)
 
     def nnz(self, rows: np.ndarray) -> int:
         """Non-zeros in the given rows (no data read)."""

@@ -281,6 +281,14 @@ class Store:
             return parts[0] if len(parts) == 1 else _concat_csr(parts, empty)
         return _read_pieces(pieces, empty)
 
+    def cached(self, key: str = "X") -> bool:
+        """Whether every group's ``key`` is CSR whose values the decoded-chunk cache serves.
+
+        Its rows may then be located in the cache (:meth:`locate_rows`), uint16 where
+        the cache narrowed the chunks they lie in.
+        """
+        return all(isinstance(m := g.matrices[key], CSRMatrix) and m.cached for g in self._groups)
+
     def locate_rows(
         self, rows: np.ndarray, key: str = "X", *, narrow: bool = False
     ) -> LocatedCSR | None:

@@ -356,31 +356,31 @@ def _read_rows(
     return rows, positions, wire, obsm, {}
 
 
-def stays_mapped(store: Store, plan: StreamPlan, *, remote: bool = False) -> bool:
-    """Whether a stream's X rows may stay in the store's mapped files (``StreamPlan.mapped``).
+def stays_mapped(store: Store, plan: StreamPlan) -> bool:
+    """Whether a stream's X rows may stay where they lie (``StreamPlan.mapped``).
 
-    They may when frames are sent as stored: CSR, all genes, and dtypes the
-    encoding sends unconverted over the stream's link, ``remote`` for the bulk channel
-    (:func:`~annserve.server.stream.encode.sent_as_stored`).
-    Where the store's arrays must be read through zarr or h5py,
-    :meth:`~annserve.server.io.store.Store.locate_rows` still says no, buffer by buffer,
-    unless their chunks lie in the decoded-chunk cache (compact streams take them as
-    uint16 there).
+    They may for CSR of all genes when either the stored dtypes may be sent as they
+    are over the stream's link (:func:`~annserve.server.stream.encode.sent_as_stored`,
+    ``plan.remote`` for the bulk channel), or the stream is compact and the store's X
+    values are read through the decoded-chunk cache: it holds each chunk in the dtype
+    compact sends it in (uint16 counts; float32 values that are not counts), or one of
+    the same width (uint16 for uint8, float32 for uint32), which the client reads alike.
+    :meth:`~annserve.server.io.store.Store.locate_rows` may still say no, buffer by
+    buffer: arrays read through zarr or h5py without the cache, chunks not yet cached,
+    cached chunks of different dtypes; such buffers are read.
     """
     spec = store.matrices[plan.matrix]
-    return (
-        spec.sparse
-        and plan.columns is None
-        and spec.index_dtype is not None
-        and sent_as_stored(
-            spec.index_dtype,
-            spec.dtype,
-            plan.encoding,
-            plan.n_vars,
-            plan.value_dtype,
-            remote=remote,
-        )
+    if not spec.sparse or plan.columns is not None:
+        return False
+    stored = spec.index_dtype is not None and sent_as_stored(
+        spec.index_dtype,
+        spec.dtype,
+        plan.encoding,
+        plan.n_vars,
+        plan.value_dtype,
+        remote=plan.remote,
     )
+    return stored or (plan.encoding == pb.ENCODING_COMPACT and store.cached(plan.matrix))
 
 
 def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
