@@ -604,6 +604,7 @@ def write_chart(results: list[RowResult], path: Path, title: str) -> None:
         names.append(store + ("" if epoch == 1 else f"\nepoch {epoch}"))
         x += 0.8
     top.set_ylabel("thousand cells/s")
+    top.set_ylim(0, 1.6 * max(r.rate() for r in done) / 1e3)  # room for the legend
     top.set_title(
         title + "\nabove bars: × annbatch on the same store and epoch "
         "(annserve's store: × the in-memory bound)",
