@@ -250,7 +250,11 @@ def frame_parts(
 
 
 def _padding(nbytes: int) -> bytes:
-    """Field 3 of ``BatchFrame``, sized so that the frame's first ``nbytes`` and it end aligned."""
+    """Field 3 of ``BatchFrame``: with ``nbytes`` more, a multiple of :data:`ALIGN` bytes.
+
+    ``nbytes`` counts the other bytes before the payload: the header field before the
+    padding, the payload's key and length after it; the payload then starts aligned.
+    """
     n = -(nbytes + len(_PADDING_KEY) + 1) % ALIGN  # its length takes one varint byte
     return _PADDING_KEY + _varint(n) + bytes(n)
 
