@@ -37,11 +37,12 @@ from annserve.server.io.matrix import (
 from annserve.server.io.obs import concat_obs, obs_column
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     import pandas as pd
 
     from annserve.buffers import BufferPool
+    from annserve.server.format import Empty
     from annserve.server.io.elements import ArrayNode, GroupNode
 
 logger = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ class Store:
         return pieces or [(self._groups[0].matrices[key], rows)]
 
     def _read_union(
-        self, rows: np.ndarray, key: str, bounds: np.ndarray, empty: Callable[..., np.ndarray]
+        self, rows: np.ndarray, key: str, bounds: np.ndarray, empty: Empty
     ) -> CSRRows | DenseRows:
         """Read rows of X or a layer of groups with different genes into the union's columns."""
         assert self._gene_maps is not None
@@ -383,7 +384,7 @@ def _in_gene_space(key: str) -> bool:
 Piece = tuple[CSRMatrix | DenseMatrix, np.ndarray]
 
 
-def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRows | DenseRows:
+def _read_pieces(pieces: list[Piece], empty: Empty) -> CSRRows | DenseRows:
     """Read rows of several groups into one buffer from ``empty`` (no concatenation copy).
 
     Groups of different dtypes are read one by one and concatenated instead.
@@ -396,9 +397,7 @@ def _read_pieces(pieces: list[Piece], empty: Callable[..., np.ndarray]) -> CSRRo
     return _read_dense(dense, empty) if dense else _read_csr(sparse, empty)
 
 
-def _read_dense(
-    pieces: list[tuple[DenseMatrix, np.ndarray]], empty: Callable[..., np.ndarray]
-) -> DenseRows:
+def _read_dense(pieces: list[tuple[DenseMatrix, np.ndarray]], empty: Empty) -> DenseRows:
     first = pieces[0][0]
     if any(m.dtype != first.dtype for m, _ in pieces):
         return DenseRows(np.concatenate([m.read_rows(r).values for m, r in pieces]))
@@ -409,9 +408,7 @@ def _read_dense(
     return DenseRows(values)
 
 
-def _read_csr(
-    pieces: list[tuple[CSRMatrix, np.ndarray]], empty: Callable[..., np.ndarray]
-) -> CSRRows:
+def _read_csr(pieces: list[tuple[CSRMatrix, np.ndarray]], empty: Empty) -> CSRRows:
     first = pieces[0][0]
     if any(m.dtype != first.dtype or m.index_dtype != first.index_dtype for m, _ in pieces):
         return _concat_csr([m.read_rows(r) for m, r in pieces], empty)
@@ -428,7 +425,7 @@ def _read_csr(
     return CSRRows(np.concatenate(indptrs), indices, data)
 
 
-def _concat_csr(parts: list[CSRRows], empty: Callable[..., np.ndarray]) -> CSRRows:
+def _concat_csr(parts: list[CSRRows], empty: Empty) -> CSRRows:
     """Concatenate CSR rows into arrays from ``empty``, of the parts' common dtypes."""
     nnz = np.cumsum([0] + [len(p.data) for p in parts[:-1]], dtype=np.int64)
     indptr = np.concatenate(
@@ -439,7 +436,7 @@ def _concat_csr(parts: list[CSRRows], empty: Callable[..., np.ndarray]) -> CSRRo
     )
 
 
-def _joined(arrays: list[np.ndarray], empty: Callable[..., np.ndarray]) -> np.ndarray:
+def _joined(arrays: list[np.ndarray], empty: Empty) -> np.ndarray:
     out = empty((sum(len(a) for a in arrays),), np.result_type(*arrays))
     return np.concatenate(arrays, out=out)
 

@@ -96,9 +96,6 @@ class StreamPlan:
         (:meth:`~annserve.server.io.store.Store.locate_rows`) instead of reading them
         into preload buffers: set for shared-memory and bulk streams, whose frames only
         the kernel gathers (:func:`annserve.server.stream.frames.stays_mapped`).
-    remote
-        The frames cross a link to another host (the bulk channel), where bytes weigh
-        more than on the same host: compact frames then narrow the values they can.
     """
 
     batch_size: int
@@ -124,7 +121,6 @@ class StreamPlan:
     split: Split | None
     balance: Balance | None
     mapped: bool = False
-    remote: bool = False
 
 
 def plan_stream(request: pb.StreamBatchesRequest, store: Store) -> StreamPlan:

@@ -351,8 +351,8 @@ class AnnServeService:
             if session is not None:
                 self.limits.check_shared_memory(plan, store, session.n_slots)
             if session is not None or connection is not None:
-                plan = dataclasses.replace(plan, remote=connection is not None)
-                plan = dataclasses.replace(plan, mapped=stays_mapped(store, plan))
+                mapped = stays_mapped(store, plan, remote=connection is not None)
+                plan = dataclasses.replace(plan, mapped=mapped)
             pack = self._packer(session or connection, cancelled)
             sharing = None
             if self.shared_reads is not None:

@@ -356,12 +356,12 @@ def _read_rows(
     return rows, positions, wire, obsm, {}
 
 
-def stays_mapped(store: Store, plan: StreamPlan) -> bool:
+def stays_mapped(store: Store, plan: StreamPlan, *, remote: bool = False) -> bool:
     """Whether a stream's X rows may stay where they lie (``StreamPlan.mapped``).
 
     They may for CSR of all genes when either the stored dtypes may be sent as they
     are over the stream's link (:func:`~annserve.server.stream.encode.sent_as_stored`,
-    ``plan.remote`` for the bulk channel), or the stream is compact and the store's X
+    ``remote`` for the bulk channel), or the stream is compact and the store's X
     values are read through the decoded-chunk cache: it holds each chunk in the dtype
     compact sends it in (uint16 counts; float32 values that are not counts), or one of
     the same width (uint16 for uint8, float32 for uint32), which the client reads alike.
@@ -378,7 +378,7 @@ def stays_mapped(store: Store, plan: StreamPlan) -> bool:
         plan.encoding,
         plan.n_vars,
         plan.value_dtype,
-        remote=plan.remote,
+        remote=remote,
     )
     return stored or (plan.encoding == pb.ENCODING_COMPACT and store.cached(plan.matrix))
 
